@@ -1,0 +1,69 @@
+"""Layer-attention strategy config and the factory the ResNet skeleton calls per block."""
+from dataclasses import dataclass
+from typing import Optional, Tuple, Type
+
+import torch.nn as nn
+
+from .kcla import KCLA
+from .mrla import MRLABase, MRLALight
+
+__all__ = ['LayerAttnCfg', 'create_layer_attn', 'LAYER_ATTN_TYPES']
+
+LAYER_ATTN_TYPES = ('kcla', 'mrla_light', 'mrla_base')
+
+
+@dataclass(frozen=True)
+class LayerAttnCfg:
+    """Which layer attention a ResNet uses and its per-network settings.
+
+    Attributes:
+        type: One of `LAYER_ATTN_TYPES`.
+        head_dim: Channels per attention head.
+        drop_path: Default drop-path rate of the attention branch (the model's `drop_path_rate` overrides).
+        rebuild_blocks: KCLA only: block indices (within every stage) whose cell re-summarises the
+            carried history. Official ImageNet code: `(0, 11)`; official CIFAR code: `(0,)`.
+    """
+    type: str
+    head_dim: int
+    drop_path: float = 0.
+    rebuild_blocks: Tuple[int, ...] = (0,)
+
+    def __post_init__(self):
+        if self.type not in LAYER_ATTN_TYPES:
+            raise ValueError(f'Unknown layer attention {self.type!r}, expected one of {LAYER_ATTN_TYPES}')
+
+
+def create_layer_attn(
+        cfg: Optional[LayerAttnCfg],
+        channels: int,
+        prev_channels: Optional[int],
+        block_idx: int,
+        stride: int,
+        drop_path: float,
+        norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+        device=None,
+        dtype=None,
+) -> Optional[nn.Module]:
+    """Build the attention module of one block.
+
+    Args:
+        cfg: Strategy config, `None` for a plain block.
+        channels: Block output width.
+        prev_channels: Output width of the previous block, `None` for the network's first block.
+        block_idx: Index of the block within its stage.
+        stride: Spatial stride of the block (1 when dilated).
+        drop_path: Drop-path rate of the attention branch.
+    """
+    if cfg is None:
+        return None
+    dd = dict(device=device, dtype=dtype)
+    if cfg.type == 'kcla':
+        rebuild = prev_channels is not None and block_idx in cfg.rebuild_blocks
+        return KCLA(
+            channels, head_dim=cfg.head_dim, in_channels=prev_channels, rebuild=rebuild,
+            history_stride=stride, drop_path=drop_path, norm_layer=norm_layer, **dd)
+    if cfg.type == 'mrla_light':
+        return MRLALight(channels, head_dim=cfg.head_dim, drop_path=drop_path, norm_layer=norm_layer, **dd)
+    return MRLABase(
+        channels, head_dim=cfg.head_dim, first_in_stage=block_idx == 0, drop_path=drop_path,
+        norm_layer=norm_layer, **dd)

@@ -1,0 +1,171 @@
+"""Key-Correlated Layer Attention (KCLA).
+
+Paper: `Enhancing Layer Interaction Using Key-Correlated Layer Attention` (official code: bgx666/KCLA).
+
+Every block output `x_t` joins a running, key-weighted average over all earlier block outputs of the
+network; the block receives a gated depth-wise projection of that average:
+
+    alpha_t = exp(min(||K_t|| / norm_d, 10))                 per sample and head
+    A_t     = sum_j alpha_j x_j / (sum_j alpha_j + 1e-3)      the normalised history
+    O_t     = DropPath(ReLU(BN(sigmoid(W_head e_t) * DW3(A_t))))   with e_t = <Q_t, K_t / ||K_t||>
+
+The official code carries `U = sum alpha x` and `Z = sum alpha`. This module carries the normalised
+history `A = U / (Z + eps)` itself (plus `Z`): one `lerp` per block updates it, `A` stays within the
+range of the activations (no `e^10`-scale sums, so it is safe in low precision), and no extra pass
+is needed to normalise it before the value convolution. `A` and `Z` are kept in float32.
+"""
+import math
+from typing import List, Optional, Tuple, Type
+
+import torch
+import torch.nn as nn
+from timm.layers import DropPath
+
+from ._common import ChannelConv1d, LayerAttnBase, per_channel
+
+__all__ = ['KCLA', 'kcla_temperatures']
+
+_HISTORY_EPS = 1e-3  # added to Z when normalising the history (official value)
+_MAX_LOG_WEIGHT = 10.  # upper clamp of the key-weight exponent (official value)
+_KEY_NORM_EPS = 1e-12  # guards <Q, K> / ||K|| for an all-zero key (official code divides by zero)
+
+
+def kcla_temperatures(num_heads: int, device=None) -> torch.Tensor:
+    """Per-head key-norm divisors `norm_d = 1 / s`, `s` log-uniform in [0.7, 1/0.7].
+
+    Computed with the official float32 op sequence so converted checkpoints hold identical values.
+    """
+    lo, hi = torch.log(torch.tensor(0.7)), torch.log(torch.tensor(1 / 0.7))
+    return torch.exp(torch.linspace(lo.item(), hi.item(), num_heads)).reciprocal().to(device)
+
+
+class KCLA(LayerAttnBase):
+    """KCLA cell attached to one residual block.
+
+    State: `[A, Z]` with `A` the normalised history `[B, C_prev, H_prev, W_prev]` and `Z` the weight sum
+    `[B, g_prev]`, both float32. A cell with `rebuild=True` first compresses an incoming history into a
+    single re-weighted token (the official "init layer"): `U / Z`, a grouped 1x1 projection when the
+    width changes, BatchNorm, then a weight from the token's own key.
+    """
+
+    def __init__(
+            self,
+            channels: int,
+            head_dim: int = 32,
+            in_channels: Optional[int] = None,
+            rebuild: bool = False,
+            history_stride: int = 2,
+            drop_path: float = 0.2,
+            norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+            device=None,
+            dtype=None,
+    ):
+        """
+        Args:
+            channels: Width `C` of the block output.
+            head_dim: Channels per head `d`; `g = C // d` heads.
+            in_channels: Width of the incoming history when it differs from `channels` (stage change).
+            rebuild: Re-summarise the incoming history before adding this block (official init cell).
+            history_stride: Spatial stride between the incoming history and this block (1 if dilated).
+            drop_path: Drop-path rate of the attention branch.
+            norm_layer: Norm for the branch output and the rebuilt history.
+        """
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        if channels % head_dim:
+            raise ValueError(f'KCLA: channels ({channels}) must be divisible by head_dim ({head_dim})')
+        self.channels = channels
+        self.head_dim = head_dim
+        self.num_heads = channels // head_dim
+        self.history_eps = _HISTORY_EPS
+        self.max_log_weight = _MAX_LOG_WEIGHT
+        self.key_norm_eps = _KEY_NORM_EPS
+
+        self.q = ChannelConv1d(channels, **dd)
+        self.k = ChannelConv1d(channels, **dd)
+        self.v = nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False, **dd)
+        self.head_gate = nn.Linear(self.num_heads, self.num_heads, bias=False, **dd)
+        self.norm = norm_layer(channels, **dd)
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.register_buffer('norm_d', kcla_temperatures(self.num_heads, device=device), persistent=True)
+
+        # History re-summary (only for cells that can receive a history: never the network's first).
+        if rebuild:
+            in_channels = in_channels or channels
+            if in_channels != channels:
+                if in_channels % self.num_heads:
+                    raise ValueError(f'KCLA: history width {in_channels} not divisible into {self.num_heads} groups')
+                self.hist_proj = nn.Conv2d(
+                    in_channels, channels, 1, stride=history_stride, groups=self.num_heads, bias=False, **dd)
+            else:
+                self.hist_proj = None
+            self.hist_k = ChannelConv1d(channels, **dd)
+            self.hist_norm = norm_layer(channels, **dd)
+        else:
+            self.hist_proj = None
+            self.hist_k = None
+            self.hist_norm = None
+        self.reset_parameters()
+
+    @torch.jit.ignore
+    def reset_parameters(self) -> None:
+        """Official init: xavier for the 1-D convs and the head gate (conv2d / BN are set by the model)."""
+        for m in (self.q, self.k, self.hist_k, self.head_gate):
+            if m is not None:
+                nn.init.xavier_uniform_(m.weight)
+
+    def _key_weight(self, key: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Per-head key norm `[B, g]` and float32 weight `exp(min(||k|| / norm_d, 10))`."""
+        key_norm = torch.linalg.vector_norm(key.view(-1, self.num_heads, self.head_dim), dim=-1)
+        weight = torch.exp(torch.clamp(key_norm.float() / self.norm_d.float(), max=self.max_log_weight))
+        return key_norm, weight
+
+    def _rebuild(self, hist: torch.Tensor, z: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Compress the incoming history `U / Z` into one token weighted by its own key."""
+        hist = hist * per_channel((z + self.history_eps) / z, self.head_dim)[:, :, None, None]
+        hist = hist.to(dtype)
+        if self.hist_proj is not None:
+            hist = self.hist_proj(hist)
+        assert self.hist_k is not None and self.hist_norm is not None
+        hist = self.hist_norm(hist)
+        _, beta = self._key_weight(self.hist_k(hist.mean((2, 3))))
+        hist = hist.float() * per_channel(beta / (beta + self.history_eps), self.head_dim)[:, :, None, None]
+        return hist, beta
+
+    def forward(
+            self,
+            x: torch.Tensor,
+            shortcut: torch.Tensor,
+            state: List[torch.Tensor],
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        d = self.head_dim
+        pooled = x.mean((2, 3))
+        q = self.q(pooled).view(-1, self.num_heads, d)
+        k = self.k(pooled).view(-1, self.num_heads, d)
+        key_norm, alpha = self._key_weight(k)
+
+        x32 = x.float()
+        if len(state) == 0:
+            z = alpha
+            hist = x32 * per_channel(alpha / (alpha + self.history_eps), d)[:, :, None, None]
+        else:
+            hist, z = state[0], state[1]
+            if self.hist_norm is not None:
+                hist, z = self._rebuild(hist, z, x.dtype)
+            z = z + alpha
+            # A' = (Z + eps) / (Z' + eps) * A + alpha / (Z' + eps) * x, a convex combination
+            hist = torch.lerp(hist, x32, per_channel(alpha / (z + self.history_eps), d)[:, :, None, None])
+
+        # Head gate from the projection of Q on the unit key direction.
+        score = (q * k).sum(-1) / key_norm.clamp_min(self.key_norm_eps)
+        gate = per_channel(torch.sigmoid(self.head_gate(score)), d)[:, :, None, None]
+
+        value = self.v(hist.to(x.dtype))
+        if self._can_fold_norm():
+            # relu(BN(gate * V)) == relu(gate * scale * V + shift) in inference
+            scale, shift = self._fold_norm()
+            out = torch.addcmul(shift[:, None, None], value, gate * scale[:, None, None]).relu_()
+            out = out.add_(x)
+        else:
+            out = x + self.drop_path(torch.relu(self.norm(value * gate)))
+        return out, [hist, z]

@@ -1,0 +1,582 @@
+"""ResNets with layer attention: KCLA, MRLA-light and MRLA-base on one ResNet skeleton.
+
+Papers:
+* `Enhancing Layer Interaction Using Key-Correlated Layer Attention` (KCLA) - code: github.com/bgx666/KCLA
+* `Cross-Layer Retrospective Retrieving via Layer Attention` (MRLA, ICLR 2023) - https://arxiv.org/abs/2302.03985,
+  code: github.com/joyfang1106/MRLA
+
+The skeleton is a torchvision/timm v1.5 ResNet (stride on the 3x3 conv, timm parameter names, so timm
+`resnet50` weights load into the trunk). Each block may own a layer-attention module; a list of tensors
+(the attention *state*) is threaded explicitly through every block and stage, which is what lets KCLA
+carry its history across stage boundaries and MRLA-base its key/value cache along a stage. Because of
+that carried state, features are built on `forward_intermediates` (timm's `getter` feature wrapper),
+never by re-running children one by one.
+"""
+import re
+from dataclasses import dataclass, replace
+from typing import Any, Dict, List, Optional, Tuple, Type, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import create_classifier, get_device_dtype
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from torch.utils.checkpoint import checkpoint
+
+from ..layers import LayerAttnCfg, create_layer_attn
+
+__all__ = ['ResNetLA', 'ResNetLACfg', 'LABottleneck', 'LABasicBlock', 'LAStage', 'checkpoint_filter_fn']
+
+State = List[torch.Tensor]
+
+
+class LABottleneck(nn.Module):
+    """ResNet v1.5 bottleneck whose output goes through an optional layer-attention module."""
+
+    def __init__(
+            self,
+            in_chs: int,
+            planes: int,
+            stride: int = 1,
+            downsample: Optional[nn.Module] = None,
+            dilation: int = 1,
+            first_dilation: Optional[int] = None,
+            expansion: int = 4,
+            layer_attn: Optional[nn.Module] = None,
+            act_layer: Type[nn.Module] = nn.ReLU,
+            norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+            device=None,
+            dtype=None,
+    ):
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        first_dilation = first_dilation or dilation
+        out_chs = planes * expansion
+        self.conv1 = nn.Conv2d(in_chs, planes, 1, bias=False, **dd)
+        self.bn1 = norm_layer(planes, **dd)
+        self.act1 = act_layer(inplace=True)
+        self.conv2 = nn.Conv2d(
+            planes, planes, 3, stride=stride, padding=first_dilation, dilation=first_dilation, bias=False, **dd)
+        self.bn2 = norm_layer(planes, **dd)
+        self.act2 = act_layer(inplace=True)
+        self.conv3 = nn.Conv2d(planes, out_chs, 1, bias=False, **dd)
+        self.bn3 = norm_layer(out_chs, **dd)
+        self.act3 = act_layer(inplace=True)
+        self.downsample = downsample
+        self.attn = layer_attn
+
+    def zero_init_last(self) -> None:
+        nn.init.zeros_(self.bn3.weight)
+
+    def forward(self, x: torch.Tensor, state: State) -> Tuple[torch.Tensor, State]:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.act2(self.bn2(self.conv2(x)))
+        x = self.act3(self.bn3(self.conv3(x)) + shortcut)
+        if self.attn is not None:
+            x, state = self.attn(x, shortcut, state)
+        return x, state
+
+
+class LABasicBlock(nn.Module):
+    """ResNet basic block (two 3x3 convs) with an optional layer-attention module on its output."""
+
+    def __init__(
+            self,
+            in_chs: int,
+            planes: int,
+            stride: int = 1,
+            downsample: Optional[nn.Module] = None,
+            dilation: int = 1,
+            first_dilation: Optional[int] = None,
+            expansion: int = 1,
+            layer_attn: Optional[nn.Module] = None,
+            act_layer: Type[nn.Module] = nn.ReLU,
+            norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+            device=None,
+            dtype=None,
+    ):
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        first_dilation = first_dilation or dilation
+        out_chs = planes * expansion
+        self.conv1 = nn.Conv2d(
+            in_chs, planes, 3, stride=stride, padding=first_dilation, dilation=first_dilation, bias=False, **dd)
+        self.bn1 = norm_layer(planes, **dd)
+        self.act1 = act_layer(inplace=True)
+        self.conv2 = nn.Conv2d(planes, out_chs, 3, padding=dilation, dilation=dilation, bias=False, **dd)
+        self.bn2 = norm_layer(out_chs, **dd)
+        self.act2 = act_layer(inplace=True)
+        self.downsample = downsample
+        self.attn = layer_attn
+
+    def zero_init_last(self) -> None:
+        nn.init.zeros_(self.bn2.weight)
+
+    def forward(self, x: torch.Tensor, state: State) -> Tuple[torch.Tensor, State]:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.act2(self.bn2(self.conv2(x)) + shortcut)
+        if self.attn is not None:
+            x, state = self.attn(x, shortcut, state)
+        return x, state
+
+
+def _checkpoint_block(block: nn.Module, x: torch.Tensor, state: State) -> Tuple[torch.Tensor, State]:
+    """Activation-checkpoint one block, passing the carried state through as extra tensor arguments."""
+    def run(x: torch.Tensor, *state: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        x, new_state = block(x, list(state))
+        return (x, *new_state)
+    out = checkpoint(run, x, *state, use_reentrant=False)
+    return out[0], list(out[1:])
+
+
+class LAStage(nn.Sequential):
+    """A stage: blocks run in order, each receiving and returning the carried attention state."""
+
+    def __init__(self, *blocks: nn.Module):
+        super().__init__(*blocks)
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor, state: State) -> Tuple[torch.Tensor, State]:
+        for block in self:
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x, state = _checkpoint_block(block, x, state)
+            else:
+                x, state = block(x, state)
+        return x, state
+
+
+_BLOCKS = {'bottleneck': (LABottleneck, 4), 'basic': (LABasicBlock, 1)}
+
+
+@dataclass(frozen=True)
+class ResNetLACfg:
+    """Architecture of a layer-attention ResNet.
+
+    Attributes:
+        layers: Blocks per stage.
+        channels: Bottleneck (inner) width per stage; block output width is `channels * expansion`.
+        block: 'bottleneck' or 'basic'.
+        expansion: Output width multiplier (default: 4 for bottleneck, 1 for basic).
+        stem_type: '' (7x7/2 conv + 3x3/2 max-pool), 'deep' (three 3x3 convs + max-pool, timm
+            `resnet50c` layout) or 'cifar' (one 3x3 conv, stride 1, no pooling).
+        stem_width: Stem output width ('deep': width of the first two convs; output is twice that).
+        attn: Layer attention, `None` for a plain ResNet.
+        zero_init_last: Zero-init the last BN of each block (official ImageNet code yes, CIFAR code no).
+    """
+    layers: Tuple[int, ...]
+    channels: Tuple[int, ...] = (64, 128, 256, 512)
+    block: str = 'bottleneck'
+    expansion: Optional[int] = None
+    stem_type: str = ''
+    stem_width: int = 64
+    attn: Optional[LayerAttnCfg] = None
+    zero_init_last: bool = True
+
+
+class ResNetLA(nn.Module):
+    """ResNet skeleton with a pluggable per-block layer-attention strategy."""
+
+    def __init__(
+            self,
+            cfg: ResNetLACfg,
+            num_classes: int = 1000,
+            in_chans: int = 3,
+            global_pool: str = 'avg',
+            output_stride: int = 32,
+            drop_rate: float = 0.,
+            drop_path_rate: Optional[float] = None,
+            head_dim: Optional[int] = None,
+            device=None,
+            dtype=None,
+    ):
+        """
+        Args:
+            cfg: Architecture.
+            num_classes: Classifier outputs (0 for no classifier).
+            in_chans: Input image channels.
+            global_pool: Global pooling type ('' for none).
+            output_stride: 32, 16 or 8 (ImageNet stem); later stages are dilated instead of strided.
+            drop_rate: Dropout before the classifier.
+            drop_path_rate: Drop-path rate of the layer-attention branch, constant over depth as in the
+                official models (the trunk residual is never dropped). `None`: the strategy's default
+                (KCLA 0.2, MRLA 0).
+            head_dim: Override the attention head dim (e.g. 64 for the released KCLA code's default).
+        """
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f'output_stride must be 8, 16 or 32, got {output_stride}')
+        attn_cfg = cfg.attn
+        if head_dim is not None:
+            if attn_cfg is None:
+                raise ValueError('head_dim is only valid for models with layer attention')
+            attn_cfg = replace(attn_cfg, head_dim=head_dim)
+        if drop_path_rate is None:
+            drop_path_rate = attn_cfg.drop_path if attn_cfg is not None else 0.
+        self.cfg = replace(cfg, attn=attn_cfg)
+        self._name = type(self).__name__
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+        self.grad_checkpointing = False
+        if not 3 <= len(cfg.layers) <= 4:
+            raise ValueError(f'{self._name} supports 3 or 4 stages, got {len(cfg.layers)}')
+        block_cls, default_expansion = _BLOCKS[cfg.block]
+        expansion = cfg.expansion or default_expansion
+        norm_layer = nn.BatchNorm2d
+
+        # Stem
+        cifar_stem = cfg.stem_type == 'cifar'
+        if cfg.stem_type == 'deep':
+            inplanes = cfg.stem_width * 2
+            self.conv1 = nn.Sequential(
+                nn.Conv2d(in_chans, cfg.stem_width, 3, stride=2, padding=1, bias=False, **dd),
+                norm_layer(cfg.stem_width, **dd),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(cfg.stem_width, cfg.stem_width, 3, padding=1, bias=False, **dd),
+                norm_layer(cfg.stem_width, **dd),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(cfg.stem_width, inplanes, 3, padding=1, bias=False, **dd),
+            )
+        elif cifar_stem:
+            inplanes = cfg.stem_width
+            self.conv1 = nn.Conv2d(in_chans, inplanes, 3, padding=1, bias=False, **dd)
+        elif cfg.stem_type == '':
+            inplanes = cfg.stem_width
+            self.conv1 = nn.Conv2d(in_chans, inplanes, 7, stride=2, padding=3, bias=False, **dd)
+        else:
+            raise ValueError(f'Unknown stem_type {cfg.stem_type!r}')
+        self.bn1 = norm_layer(inplanes, **dd)
+        self.act1 = nn.ReLU(inplace=True)
+        self.maxpool = nn.Identity() if cifar_stem else nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.feature_info = [dict(num_chs=inplanes, reduction=1 if cifar_stem else 2, module='act1')]
+
+        # Stages
+        net_stride = 1 if cifar_stem else 4
+        dilation = prev_dilation = 1
+        prev_chs: Optional[int] = None  # width of the previous block's output, None before the first block
+        self.stage_names: Tuple[str, ...] = tuple(f'layer{i + 1}' for i in range(len(cfg.layers)))
+        for stage_idx, (planes, depth) in enumerate(zip(cfg.channels, cfg.layers)):
+            stride = 1 if stage_idx == 0 else 2
+            if net_stride >= output_stride:
+                dilation *= stride
+                stride = 1
+            else:
+                net_stride *= stride
+            out_chs = planes * expansion
+            downsample = None
+            if stride != 1 or inplanes != out_chs:
+                downsample = nn.Sequential(
+                    nn.Conv2d(inplanes, out_chs, 1, stride=stride, bias=False, **dd),
+                    norm_layer(out_chs, **dd),
+                )
+            blocks = []
+            for block_idx in range(depth):
+                block_stride = stride if block_idx == 0 else 1
+                layer_attn = create_layer_attn(
+                    attn_cfg, out_chs, prev_chs, block_idx, block_stride, drop_path_rate, norm_layer=norm_layer, **dd)
+                blocks.append(block_cls(
+                    inplanes, planes, block_stride,
+                    downsample=downsample if block_idx == 0 else None,
+                    dilation=dilation,
+                    first_dilation=prev_dilation,
+                    expansion=expansion,
+                    layer_attn=layer_attn,
+                    norm_layer=norm_layer,
+                    **dd,
+                ))
+                prev_dilation = dilation
+                inplanes = prev_chs = out_chs
+            self.add_module(self.stage_names[stage_idx], LAStage(*blocks))
+            self.feature_info.append(dict(num_chs=out_chs, reduction=net_stride, module=self.stage_names[stage_idx]))
+
+        # Head
+        self.num_features = self.head_hidden_size = inplanes
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+
+        self.init_weights(zero_init_last=cfg.zero_init_last)
+
+    @torch.jit.ignore
+    def init_weights(self, zero_init_last: bool = True) -> None:
+        """Official init: kaiming fan-out for every Conv2d, BN 1/0, optionally zero last BN per block.
+
+        Attention-specific 1-D convs, linears and MRLA's lambda keep their own init.
+        """
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if zero_init_last:
+            for m in self.modules():
+                if isinstance(m, (LABottleneck, LABasicBlock)):
+                    m.zero_init_last()
+
+    @torch.jit.ignore
+    def stages(self) -> List[LAStage]:
+        return [getattr(self, n) for n in self.stage_names]
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        # A block's attention module lives inside the block, so `layerS.i` covers it.
+        return dict(stem=r'^conv1|bn1|maxpool', blocks=r'^layer(\d+)' if coarse else r'^layer(\d+)\.(\d+)')
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+        for stage in self.stages():
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self, name_only: bool = False) -> Union[str, nn.Module]:
+        return 'fc' if name_only else self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        dd = get_device_dtype(self)
+        self.num_classes = num_classes
+        if global_pool is None:
+            global_pool = self.global_pool.pool_type
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+        self.global_pool.train(self.training)
+        self.fc.train(self.training)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        # torch._assert stays traceable (fx) and scriptable; messages must not format traced values.
+        torch._assert(x.dim() == 4, f'{self._name} expects a 4-D input [B, {self.in_chans}, H, W]')
+        torch._assert(x.shape[1] == self.in_chans, f'{self._name} expects {self.in_chans} input channels')
+
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act1(self.bn1(self.conv1(x)))
+        return x
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Forward returning the stem output (index 0) and stage outputs (1..N) selected by `indices`."""
+        if output_fmt != 'NCHW':
+            raise ValueError(f'output_fmt must be NCHW, got {output_fmt!r}')
+        self._check_input(x)
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        intermediates = []
+        x = self.forward_stem(x)
+        if 0 in take_indices:
+            intermediates.append(x)
+        x = self.maxpool(x)
+        stages = self.stages()
+        if stop_early:
+            stages = stages[:max_index]
+        state: State = []
+        for idx, stage in enumerate(stages, start=1):
+            x, state = stage(x, state)
+            if idx in take_indices:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the stages (and head) that the selected intermediates do not need."""
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        for name in self.stage_names[max_index:]:
+            setattr(self, name, LAStage())
+        if max_index == 0:
+            self.maxpool = nn.Identity()
+        prune_end = max_index < len(self.stage_names)
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+        if prune_head or prune_end:
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        x = self.maxpool(self.forward_stem(x))
+        state: State = []
+        x, state = self.layer1(x, state)
+        x, state = self.layer2(x, state)
+        x, state = self.layer3(x, state)
+        if hasattr(self, 'layer4'):
+            x, state = self.layer4(x, state)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.global_pool(x)
+        if self.drop_rate:
+            x = F.dropout(x, p=float(self.drop_rate), training=self.training)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+# Official checkpoint layouts -> this package. Rules apply in order to every key (after `module.` stripping).
+# Trunk keys are shared with timm/torchvision except where the official code nests stages differently.
+_OFFICIAL_KEY_RULES: Tuple[Tuple[str, Any], ...] = (
+    # KCLA ImageNet: trunk and attention cells live in parallel containers of each stage.
+    (r'^(layer\d+)\.layers\.(\d+)\.', r'\1.\2.'),
+    (r'^(layer\d+)\.attention\.(\d+)\.', r'\1.\2.attn.'),
+    # KCLA CIFAR / MRLA-B (ImageNet and CIFAR): `stages.s.i` is `layer{s+1}.i`.
+    (r'^stages\.(\d+)\.', lambda m: f'layer{int(m.group(1)) + 1}.'),
+    (r'\.kcla\.', '.attn.'),
+    # MRLA: module `mrla` (holding `mrla.W*` and `lambda_t`) and `bn_mrla` in the block.
+    (r'\.mrla\.mrla\.W([qkv])\.', r'.attn.\1.'),
+    (r'\.mrla\.lambda_t$', '.attn.lambda_t'),
+    (r'\.bn_mrla\.', '.attn.norm.'),
+    # KCLA cell internals.
+    (r'\.attn\.W([qkv])\.', r'.attn.\1.'),
+    (r'\.attn\.head_att\.', '.attn.head_gate.'),
+    (r'\.attn\.bn_attention\.', '.attn.norm.'),
+    (r'\.attn\.adjust_channel\.', '.attn.hist_proj.'),
+    (r'\.attn\.u_Wk\.', '.attn.hist_k.'),
+    (r'\.attn\.u_bn\.', '.attn.hist_norm.'),
+)
+# Official modules that exist but never run (spec layer_attention.md Q3); dropped when the model lacks them.
+_OFFICIAL_UNUSED = re.compile(r'\.attn\.(hist_proj|hist_k|hist_norm)\.')
+
+
+def _is_official_layout(state_dict: Dict[str, torch.Tensor]) -> bool:
+    return any(re.search(r'(\.layers\.\d+\.|\.attention\.\d+\.|^stages\.|\.mrla\.|\.bn_mrla\.|\.kcla\.)', k)
+               for k in state_dict)
+
+
+def remap_official_keys(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Rename official KCLA / MRLA checkpoint keys to this package's layout (no other change)."""
+    out = {}
+    for k, v in state_dict.items():
+        for pattern, repl in _OFFICIAL_KEY_RULES:
+            k = re.sub(pattern, repl, k)
+        out[k] = v
+    return out
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Adapt a checkpoint to `model`: unwrap containers, strip `module.`, remap official layouts.
+
+    A checkpoint already in this package's layout passes through unchanged. Official KCLA / MRLA
+    checkpoints (training-script files) are renamed, `norm_d` is reshaped to its 1-D buffer form and
+    the official modules that never run (unused KCLA init-cell parts) are dropped.
+    """
+    for key in ('state_dict_ema', 'model_ema', 'state_dict', 'model'):
+        if key in state_dict and isinstance(state_dict[key], dict):
+            state_dict = state_dict[key]
+            break
+    state_dict = {(k[7:] if k.startswith('module.') else k): v for k, v in state_dict.items()}
+    if not _is_official_layout(state_dict):
+        return state_dict
+    model_sd = model.state_dict()
+    out = {}
+    for k, v in remap_official_keys(state_dict).items():
+        if k not in model_sd and _OFFICIAL_UNUSED.search(k):
+            continue
+        if k.endswith('.attn.norm_d'):
+            v = v.reshape(-1)
+        out[k] = v
+    return out
+
+
+def _create_resnet_la(variant: str, pretrained: bool = False, **kwargs) -> ResNetLA:
+    return build_model_with_cfg(
+        ResNetLA,
+        variant,
+        pretrained,
+        model_cfg=model_cfgs[variant],
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(feature_cls='getter'),
+        **kwargs,
+    )
+
+
+def _cfg(**kwargs) -> Dict[str, Any]:
+    return {
+        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+        'crop_pct': 0.875, 'interpolation': 'bilinear',
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'conv1', 'classifier': 'fc',
+        'license': 'apache-2.0',
+        **kwargs,
+    }
+
+
+def _kcla_cfg(**kwargs) -> Dict[str, Any]:
+    return _cfg(origin_url='https://github.com/bgx666/KCLA', **kwargs)
+
+
+def _mrla_cfg(**kwargs) -> Dict[str, Any]:
+    return _cfg(origin_url='https://github.com/joyfang1106/MRLA', paper_ids='arXiv:2302.03985', **kwargs)
+
+
+_KCLA = LayerAttnCfg('kcla', head_dim=32, drop_path=0.2, rebuild_blocks=(0, 11))
+_MRLA_L = LayerAttnCfg('mrla_light', head_dim=32)
+_MRLA_B = LayerAttnCfg('mrla_base', head_dim=16)
+
+model_cfgs = dict(
+    resnet50_kcla=ResNetLACfg(layers=(3, 4, 6, 3), attn=_KCLA),
+    resnet101_kcla=ResNetLACfg(layers=(3, 4, 23, 3), attn=_KCLA),
+    resnet50_mrlal=ResNetLACfg(layers=(3, 4, 6, 3), attn=_MRLA_L),
+    resnet101_mrlal=ResNetLACfg(layers=(3, 4, 23, 3), attn=_MRLA_L),
+    resnet50_mrlab=ResNetLACfg(layers=(3, 4, 6, 3), stem_type='deep', stem_width=32, attn=_MRLA_B),
+    resnet101_mrlab=ResNetLACfg(layers=(3, 4, 23, 3), stem_type='deep', stem_width=32, attn=_MRLA_B),
+)
+
+default_cfgs = generate_default_cfgs({
+    'resnet50_kcla.untrained': _kcla_cfg(),
+    'resnet101_kcla.untrained': _kcla_cfg(),
+    'resnet50_mrlal.untrained': _mrla_cfg(),
+    'resnet101_mrlal.untrained': _mrla_cfg(),
+    'resnet50_mrlab.untrained': _mrla_cfg(first_conv='conv1.0'),
+    'resnet101_mrlab.untrained': _mrla_cfg(first_conv='conv1.0'),
+})
+
+
+@register_model
+def resnet50_kcla(pretrained: bool = False, **kwargs) -> ResNetLA:
+    """ResNet-50 with Key-Correlated Layer Attention (head dim 32 as in the paper)."""
+    return _create_resnet_la('resnet50_kcla', pretrained, **kwargs)
+
+
+@register_model
+def resnet101_kcla(pretrained: bool = False, **kwargs) -> ResNetLA:
+    """ResNet-101 with Key-Correlated Layer Attention (head dim 32 as in the paper)."""
+    return _create_resnet_la('resnet101_kcla', pretrained, **kwargs)
+
+
+@register_model
+def resnet50_mrlal(pretrained: bool = False, **kwargs) -> ResNetLA:
+    """ResNet-50 with MRLA-light."""
+    return _create_resnet_la('resnet50_mrlal', pretrained, **kwargs)
+
+
+@register_model
+def resnet101_mrlal(pretrained: bool = False, **kwargs) -> ResNetLA:
+    """ResNet-101 with MRLA-light."""
+    return _create_resnet_la('resnet101_mrlal', pretrained, **kwargs)
+
+
+@register_model
+def resnet50_mrlab(pretrained: bool = False, **kwargs) -> ResNetLA:
+    """ResNet-50 (deep stem) with MRLA-base."""
+    return _create_resnet_la('resnet50_mrlab', pretrained, **kwargs)
+
+
+@register_model
+def resnet101_mrlab(pretrained: bool = False, **kwargs) -> ResNetLA:
+    """ResNet-101 (deep stem) with MRLA-base."""
+    return _create_resnet_la('resnet101_mrlab', pretrained, **kwargs)
