@@ -35,8 +35,10 @@ def kcla_temperatures(num_heads: int, device=None) -> torch.Tensor:
 
     Computed with the official float32 op sequence so converted checkpoints hold identical values.
     """
-    lo, hi = torch.log(torch.tensor(0.7)), torch.log(torch.tensor(1 / 0.7))
-    return torch.exp(torch.linspace(lo.item(), hi.item(), num_heads)).reciprocal().to(device)
+    cpu = torch.device('cpu')  # explicit, so a `with torch.device('meta')` context cannot intercept it
+    lo, hi = torch.log(torch.tensor(0.7, device=cpu)), torch.log(torch.tensor(1 / 0.7, device=cpu))
+    norm_d = torch.exp(torch.linspace(lo.item(), hi.item(), num_heads, device=cpu)).reciprocal()
+    return norm_d.to(torch.get_default_device() if device is None else device)
 
 
 class KCLA(LayerAttnBase):

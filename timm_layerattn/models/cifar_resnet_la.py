@@ -47,7 +47,7 @@ def _create_cifar_resnet_la(variant: str, pretrained: bool = False, **kwargs) ->
         pretrained,
         model_cfg=model_cfgs[variant],
         pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls='getter'),
+        feature_cfg=dict(feature_cls='getter', out_indices=(0, 1, 2, 3)),  # stem + 3 stages
         **kwargs,
     )
 

@@ -1,0 +1,50 @@
+# Newcomer entry points:  `make demo`  (set up + run the main job)  and  `make test`  (set up + run the tests).
+# Both create/refresh a virtual environment in .venv at the repository root.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+# PyTorch is pinned here (not in the package metadata, which accepts a range): these wheels come from
+# the machine's local wheel store; an unpinned torch would pull several GB.
+TORCH_PIN := torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?=
+
+.PHONY: all venv install install-test demo test bench list clean
+
+all: test
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+venv: $(BIN)/python
+
+# Core install (+ demo extras). Re-runs when the package metadata changes.
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(PIP) install -q $(TORCH_PIN)
+	$(PIP) install -q -e '.[demo]'
+	touch $@
+
+# Test extras on top of the core install.
+$(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
+	$(PIP) install -q -e '.[test,demo]'
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+demo: install
+	$(BIN)/timm-layerattn demo
+
+test: install-test
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+list: install
+	$(BIN)/timm-layerattn list
+
+bench: install
+	$(BIN)/timm-layerattn bench
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache
