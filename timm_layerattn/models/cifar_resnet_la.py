@@ -11,8 +11,8 @@ from typing import Any, Dict
 from timm.models import generate_default_cfgs, register_model
 
 from ..layers import LayerAttnCfg
+from ._builder import build_la_model
 from .resnet_la import ResNetLA, ResNetLACfg, checkpoint_filter_fn
-from timm.models import build_model_with_cfg
 
 __all__ = ['CIFAR_DEFAULT_MEAN', 'CIFAR_DEFAULT_STD']
 
@@ -41,15 +41,8 @@ model_cfgs = {
 
 
 def _create_cifar_resnet_la(variant: str, pretrained: bool = False, **kwargs) -> ResNetLA:
-    return build_model_with_cfg(
-        ResNetLA,
-        variant,
-        pretrained,
-        model_cfg=model_cfgs[variant],
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls='getter', out_indices=(0, 1, 2, 3)),  # stem + 3 stages
-        **kwargs,
-    )
+    return build_la_model(
+        ResNetLA, variant, pretrained, model_cfgs[variant], checkpoint_filter_fn, out_indices=(0, 1, 2, 3), **kwargs)
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:

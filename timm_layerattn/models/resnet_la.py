@@ -21,11 +21,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import create_classifier, get_device_dtype
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch.utils.checkpoint import checkpoint
 
 from ..layers import LayerAttnCfg, create_layer_attn
+from ._builder import build_la_model
 
 __all__ = ['ResNetLA', 'ResNetLACfg', 'LABottleneck', 'LABasicBlock', 'LAStage', 'checkpoint_filter_fn']
 
@@ -493,15 +494,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[s
 
 
 def _create_resnet_la(variant: str, pretrained: bool = False, **kwargs) -> ResNetLA:
-    return build_model_with_cfg(
-        ResNetLA,
-        variant,
-        pretrained,
-        model_cfg=model_cfgs[variant],
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls='getter'),
-        **kwargs,
-    )
+    return build_la_model(ResNetLA, variant, pretrained, model_cfgs[variant], checkpoint_filter_fn, **kwargs)
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:

@@ -1,0 +1,33 @@
+"""Model construction shared by every family module (one place for pretrained / feature handling)."""
+from typing import Any, Callable, Optional, Sequence, Type
+
+import torch.nn as nn
+from timm.models import build_model_with_cfg
+
+__all__ = ['build_la_model']
+
+
+def build_la_model(
+        model_cls: Type[nn.Module],
+        variant: str,
+        pretrained: bool,
+        model_cfg: Any,
+        filter_fn: Optional[Callable] = None,
+        out_indices: Sequence[int] = (0, 1, 2, 3, 4),
+        **kwargs,
+) -> nn.Module:
+    """`build_model_with_cfg` with our conventions.
+
+    Features always go through `forward_intermediates` (timm's `getter` wrapper): these nets carry
+    state between layers, which the default wrapper (re-running children one by one) would drop.
+    `out_indices` is the default feature selection (stem + every stage).
+    """
+    return build_model_with_cfg(
+        model_cls,
+        variant,
+        pretrained,
+        model_cfg=model_cfg,
+        pretrained_filter_fn=filter_fn,
+        feature_cfg=dict(feature_cls='getter', out_indices=tuple(out_indices)),
+        **kwargs,
+    )
