@@ -11,30 +11,46 @@ The skeleton is a torchvision/timm v1.5 ResNet (stride on the 3x3 conv, timm par
 carry its history across stage boundaries and MRLA-base its key/value cache along a stage. Because of
 that carried state, features are built on `forward_intermediates` (timm's `getter` feature wrapper),
 never by re-running children one by one.
+
+The same skeleton carries the other layer-interaction families of the package (each registered in its own
+module): residual-free "plain" blocks, option-A (parameter-free) shortcuts, LayerNorm-ended blocks, optional
+modules at a stage's entry / exit that follow the same `(x, state)` contract (CNNtention, AS_stages), a
+network-level module shared by the sites of several blocks (attention shortcuts: `ASBottleneck` blocks
+receive their width's projection group at call time, so shared tensors are owned exactly once), and an
+optional neck that reads every feature level (GradAttn's token encoder).
 """
 import re
+from collections import OrderedDict
 from dataclasses import dataclass, replace
-from typing import Any, Dict, List, Optional, Tuple, Type, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import create_classifier, get_device_dtype
+from timm.layers import DropPath, LayerNorm2d, create_classifier, get_device_dtype
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch.utils.checkpoint import checkpoint
 
 from ..layers import LayerAttnCfg, create_layer_attn
+from ..layers.shortcut import AttentionShortcut, ShortcutCfg, ShortcutProj, ShortcutProjections, create_shortcut_site
 from ._builder import build_la_model
 
-__all__ = ['ResNetLA', 'ResNetLACfg', 'LABottleneck', 'LABasicBlock', 'LAStage', 'checkpoint_filter_fn']
+__all__ = [
+    'ResNetLA', 'ResNetLACfg', 'LABottleneck', 'LABasicBlock', 'ASBottleneck', 'LAStage', 'PadShortcut',
+    'checkpoint_filter_fn',
+]
 
 State = List[torch.Tensor]
 
 
 class LABottleneck(nn.Module):
-    """ResNet v1.5 bottleneck whose output goes through an optional layer-attention module."""
+    """ResNet v1.5 bottleneck whose output goes through an optional layer-attention module.
+
+    Other families use it without the residual (`residual=False`: plain nets, attention shortcuts) and with a
+    LayerNorm over channels in place of the last BN (`last_norm='ln'`, module `ln3`: attention shortcuts).
+    """
 
     def __init__(
             self,
@@ -45,7 +61,12 @@ class LABottleneck(nn.Module):
             dilation: int = 1,
             first_dilation: Optional[int] = None,
             expansion: int = 4,
+            out_chs: Optional[int] = None,
             layer_attn: Optional[nn.Module] = None,
+            residual: bool = True,
+            last_norm: str = 'bn',
+            last_act: bool = True,
+            drop_path: float = 0.,
             act_layer: Type[nn.Module] = nn.ReLU,
             norm_layer: Type[nn.Module] = nn.BatchNorm2d,
             device=None,
@@ -54,7 +75,7 @@ class LABottleneck(nn.Module):
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
         first_dilation = first_dilation or dilation
-        out_chs = planes * expansion
+        out_chs = out_chs or planes * expansion
         self.conv1 = nn.Conv2d(in_chs, planes, 1, bias=False, **dd)
         self.bn1 = norm_layer(planes, **dd)
         self.act1 = act_layer(inplace=True)
@@ -63,26 +84,43 @@ class LABottleneck(nn.Module):
         self.bn2 = norm_layer(planes, **dd)
         self.act2 = act_layer(inplace=True)
         self.conv3 = nn.Conv2d(planes, out_chs, 1, bias=False, **dd)
-        self.bn3 = norm_layer(out_chs, **dd)
-        self.act3 = act_layer(inplace=True)
+        self.bn3, self.ln3 = _last_norm(last_norm, out_chs, norm_layer, dd)
+        self.act3 = act_layer(inplace=True) if last_act else nn.Identity()
         self.downsample = downsample
+        self.residual = residual
+        self.drop_path = DropPath(drop_path) if residual and drop_path > 0. else None
         self.attn = layer_attn
 
     def zero_init_last(self) -> None:
-        nn.init.zeros_(self.bn3.weight)
+        # Only a residual branch may start at zero; without the residual the block's output would be zero.
+        if self.residual and self.bn3 is not None:
+            nn.init.zeros_(self.bn3.weight)
 
     def forward(self, x: torch.Tensor, state: State) -> Tuple[torch.Tensor, State]:
         shortcut = x if self.downsample is None else self.downsample(x)
         x = self.act1(self.bn1(self.conv1(x)))
         x = self.act2(self.bn2(self.conv2(x)))
-        x = self.act3(self.bn3(self.conv3(x)) + shortcut)
+        x = self.conv3(x)
+        if self.bn3 is not None:
+            x = self.bn3(x)
+        if self.ln3 is not None:
+            x = self.ln3(x)
+        if self.residual:
+            if self.drop_path is not None:
+                x = self.drop_path(x)
+            x = x + shortcut
+        x = self.act3(x)
         if self.attn is not None:
             x, state = self.attn(x, shortcut, state)
         return x, state
 
 
 class LABasicBlock(nn.Module):
-    """ResNet basic block (two 3x3 convs) with an optional layer-attention module on its output."""
+    """ResNet basic block (two 3x3 convs) with an optional layer-attention module on its output.
+
+    `residual=False` gives the plain block of GradAttn; an option-A `PadShortcut` as `downsample` the
+    CIFAR ResNet of He et al. (CNNtention).
+    """
 
     def __init__(
             self,
@@ -93,7 +131,12 @@ class LABasicBlock(nn.Module):
             dilation: int = 1,
             first_dilation: Optional[int] = None,
             expansion: int = 1,
+            out_chs: Optional[int] = None,
             layer_attn: Optional[nn.Module] = None,
+            residual: bool = True,
+            last_norm: str = 'bn',
+            last_act: bool = True,
+            drop_path: float = 0.,
             act_layer: Type[nn.Module] = nn.ReLU,
             norm_layer: Type[nn.Module] = nn.BatchNorm2d,
             device=None,
@@ -102,43 +145,120 @@ class LABasicBlock(nn.Module):
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
         first_dilation = first_dilation or dilation
-        out_chs = planes * expansion
+        out_chs = out_chs or planes * expansion
         self.conv1 = nn.Conv2d(
             in_chs, planes, 3, stride=stride, padding=first_dilation, dilation=first_dilation, bias=False, **dd)
         self.bn1 = norm_layer(planes, **dd)
         self.act1 = act_layer(inplace=True)
         self.conv2 = nn.Conv2d(planes, out_chs, 3, padding=dilation, dilation=dilation, bias=False, **dd)
-        self.bn2 = norm_layer(out_chs, **dd)
-        self.act2 = act_layer(inplace=True)
+        self.bn2, self.ln2 = _last_norm(last_norm, out_chs, norm_layer, dd)
+        self.act2 = act_layer(inplace=True) if last_act else nn.Identity()
         self.downsample = downsample
+        self.residual = residual
+        self.drop_path = DropPath(drop_path) if residual and drop_path > 0. else None
         self.attn = layer_attn
 
     def zero_init_last(self) -> None:
-        nn.init.zeros_(self.bn2.weight)
+        if self.residual and self.bn2 is not None:
+            nn.init.zeros_(self.bn2.weight)
 
     def forward(self, x: torch.Tensor, state: State) -> Tuple[torch.Tensor, State]:
         shortcut = x if self.downsample is None else self.downsample(x)
         x = self.act1(self.bn1(self.conv1(x)))
-        x = self.act2(self.bn2(self.conv2(x)) + shortcut)
+        x = self.conv2(x)
+        if self.bn2 is not None:
+            x = self.bn2(x)
+        if self.ln2 is not None:
+            x = self.ln2(x)
+        if self.residual:
+            if self.drop_path is not None:
+                x = self.drop_path(x)
+            x = x + shortcut
+        x = self.act2(x)
         if self.attn is not None:
             x, state = self.attn(x, shortcut, state)
         return x, state
 
 
-def _checkpoint_block(block: nn.Module, x: torch.Tensor, state: State) -> Tuple[torch.Tensor, State]:
-    """Activation-checkpoint one block, passing the carried state through as extra tensor arguments."""
+def _last_norm(
+        kind: str,
+        chs: int,
+        norm_layer: Type[nn.Module],
+        dd: Dict[str, Any],
+) -> Tuple[Optional[nn.Module], Optional[nn.Module]]:
+    """`(bn, ln)` for a block's last norm: BatchNorm (timm names `bn2`/`bn3`) or LayerNorm over channels
+    (`ln2`/`ln3`, eps 1e-5 as PyTorch's LayerNorm; attention shortcuts D12/D13)."""
+    if kind == 'bn':
+        return norm_layer(chs, **dd), None
+    if kind == 'ln':
+        return None, LayerNorm2d(chs, eps=1e-5, **dd)
+    raise ValueError(f"last_norm must be 'bn' or 'ln', got {kind!r}")
+
+
+class ASBottleneck(LABottleneck):
+    """Attention-shortcut bottleneck (AS_out / AS_KV): `X_l = H_l(g_l(X_1, ..., X_{l-1}))`.
+
+    `attn_in` is the site g_l in front of the convs, holding what is its own (query, cache adapters). The
+    K/V/O projections it shares with every site of its width are owned by the network and passed in, so
+    they exist once in the state dict. H_l is the bottleneck without residual (built with `residual=False`,
+    `last_norm='ln'`: paper §4.1, D2, D12).
+    """
+
+    def __init__(self, *args, site: AttentionShortcut, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.attn_in = site
+
+    def forward(self, x: torch.Tensor, state: State, proj: ShortcutProj) -> Tuple[torch.Tensor, State]:
+        x, state = self.attn_in.forward_shared(x, state, proj)
+        x, _ = super().forward(x, [])
+        return x, state
+
+
+class PadShortcut(nn.Module):
+    """Option-A shortcut of He et al. (2016) for CIFAR: subsample with the stride, zero-pad the new channels
+    (half before, half after the input's). No parameters."""
+
+    def __init__(self, in_chs: int, out_chs: int, stride: int = 1):
+        super().__init__()
+        if out_chs < in_chs:
+            raise ValueError(f'PadShortcut cannot reduce channels ({in_chs} -> {out_chs})')
+        self.stride = stride
+        self.pad_before = (out_chs - in_chs) // 2
+        self.pad_after = out_chs - in_chs - self.pad_before
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride > 1:
+            x = x[:, :, ::self.stride, ::self.stride]
+        return F.pad(x, (0, 0, 0, 0, self.pad_before, self.pad_after))
+
+
+def _checkpoint_block(block: nn.Module, x: torch.Tensor, state: State, *args: Any) -> Tuple[torch.Tensor, State]:
+    """Activation-checkpoint one block, passing the carried state through as extra tensor arguments
+    (`args`: non-tensor call arguments, e.g. a shared projection group)."""
     def run(x: torch.Tensor, *state: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        x, new_state = block(x, list(state))
+        x, new_state = block(x, list(state), *args)
         return (x, *new_state)
     out = checkpoint(run, x, *state, use_reentrant=False)
     return out[0], list(out[1:])
 
 
 class LAStage(nn.Sequential):
-    """A stage: blocks run in order, each receiving and returning the carried attention state."""
+    """A stage: its units run in order, each receiving and returning the carried attention state.
 
-    def __init__(self, *blocks: nn.Module):
-        super().__init__(*blocks)
+    The units are the blocks (`0`, `1`, ...), optionally preceded by an entry module `attn_in` (AS_stages'
+    site between stages) and followed by an exit module `attn` (CNNtention's attention after the stage); both
+    follow the block contract `(x, state) -> (x, state)`, so they are checkpointed, pruned and scripted with
+    the stage.
+    """
+
+    def __init__(self, *blocks: nn.Module, pre: Optional[nn.Module] = None, post: Optional[nn.Module] = None):
+        units: 'OrderedDict[str, nn.Module]' = OrderedDict()
+        if pre is not None:
+            units['attn_in'] = pre
+        units.update((str(i), block) for i, block in enumerate(blocks))
+        if post is not None:
+            units['attn'] = post
+        super().__init__(units)
         self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor, state: State) -> Tuple[torch.Tensor, State]:
@@ -148,6 +268,22 @@ class LAStage(nn.Sequential):
             else:
                 x, state = block(x, state)
         return x, state
+
+
+def _forward_shared_stage(
+        stage: LAStage,
+        x: torch.Tensor,
+        state: State,
+        shared: ShortcutProjections,
+) -> Tuple[torch.Tensor, State]:
+    """Run a stage whose blocks take the network-level shared module group of their site as third argument."""
+    for block in stage:
+        proj = shared.select(block)
+        if stage.grad_checkpointing:
+            x, state = _checkpoint_block(block, x, state, proj)
+        else:
+            x, state = block(x, state, proj)
+    return x, state
 
 
 _BLOCKS = {'bottleneck': (LABottleneck, 4), 'basic': (LABasicBlock, 1)}
@@ -167,6 +303,20 @@ class ResNetLACfg:
         stem_width: Stem output width ('deep': width of the first two convs; output is twice that).
         attn: Layer attention, `None` for a plain ResNet.
         zero_init_last: Zero-init the last BN of each block (official ImageNet code yes, CIFAR code no).
+        out_channels: Block output width per stage, overriding `channels * expansion` (e.g. AS_out's common
+            width).
+        residual: 'proj' (identity, or 1x1 conv + BN projection where the shape changes; timm/torchvision),
+            'pad' (option A: parameter-free subsample + zero channel padding) or 'none' (no residual: plain
+            nets, attention shortcuts).
+        last_norm: 'bn' or 'ln' (LayerNorm over channels in place of each block's last BN).
+        last_act: Activation after the last norm (attention shortcuts' `act_after_ln`).
+        shortcut: Attention-shortcut strategy (`layers.shortcut.ShortcutCfg`): a site in front of every
+            block (needs `residual='none'`) or between stages.
+        stage_post: Builds the module run after each stage's blocks, `fn(stage_idx, channels, device, dtype)`
+            returning a module with the block contract or `None`.
+        neck: Builds the module that turns all feature levels into `forward_features`'s output,
+            `fn(feature_chs, device, dtype)`; it has `num_features` and returns an NCHW map.
+        stem_feat: Feature level 0: 'act' (stem activation, before the max-pool) or 'pool' (after it).
     """
     layers: Tuple[int, ...]
     channels: Tuple[int, ...] = (64, 128, 256, 512)
@@ -176,10 +326,36 @@ class ResNetLACfg:
     stem_width: int = 64
     attn: Optional[LayerAttnCfg] = None
     zero_init_last: bool = True
+    out_channels: Optional[Tuple[int, ...]] = None
+    residual: str = 'proj'
+    last_norm: str = 'bn'
+    last_act: bool = True
+    shortcut: Optional[ShortcutCfg] = None
+    stage_post: Optional[Callable[..., Optional[nn.Module]]] = None
+    neck: Optional[Callable[..., nn.Module]] = None
+    stem_feat: str = 'act'
+
+
+def _make_downsample(
+        kind: str,
+        in_chs: int,
+        out_chs: int,
+        stride: int,
+        norm_layer: Type[nn.Module],
+        dd: Dict[str, Any],
+) -> Optional[nn.Module]:
+    """The residual path of a stage's first block where the shape changes (`None`: identity or no residual)."""
+    if kind == 'none' or (stride == 1 and in_chs == out_chs):
+        return None
+    if kind == 'pad':
+        return PadShortcut(in_chs, out_chs, stride)
+    if kind == 'proj':
+        return nn.Sequential(nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False, **dd), norm_layer(out_chs, **dd))
+    raise ValueError(f"residual must be 'proj', 'pad' or 'none', got {kind!r}")
 
 
 class ResNetLA(nn.Module):
-    """ResNet skeleton with a pluggable per-block layer-attention strategy."""
+    """ResNet skeleton with pluggable layer-interaction strategies (per block, per stage, network-level)."""
 
     def __init__(
             self,
@@ -202,9 +378,10 @@ class ResNetLA(nn.Module):
             global_pool: Global pooling type ('' for none).
             output_stride: 32, 16 or 8 (ImageNet stem); later stages are dilated instead of strided.
             drop_rate: Dropout before the classifier.
-            drop_path_rate: Drop-path rate of the layer-attention branch, constant over depth as in the
-                official models (the trunk residual is never dropped). `None`: the strategy's default
-                (KCLA 0.2, MRLA 0).
+            drop_path_rate: With layer attention: drop-path rate of the attention branch, constant over depth
+                as in the official models (the trunk residual is never dropped); `None`: the strategy's
+                default (KCLA 0.2, MRLA 0). Without: stochastic depth of the residual branches, rising
+                linearly to this rate over the blocks (timm's rule); an error for nets without residuals.
             head_dim: Override the attention head dim (e.g. 64 for the released KCLA code's default).
         """
         super().__init__()
@@ -218,6 +395,14 @@ class ResNetLA(nn.Module):
             attn_cfg = replace(attn_cfg, head_dim=head_dim)
         if drop_path_rate is None:
             drop_path_rate = attn_cfg.drop_path if attn_cfg is not None else 0.
+        if drop_path_rate and attn_cfg is None and cfg.residual == 'none':
+            raise ValueError(f'drop_path_rate={drop_path_rate}: this model has no residual branch to drop')
+        block_sites = cfg.shortcut is not None and cfg.shortcut.placement == 'block'
+        if block_sites and (cfg.block != 'bottleneck' or cfg.residual != 'none' or attn_cfg is not None):
+            raise ValueError("attention shortcuts in front of blocks need block='bottleneck', residual='none' "
+                             "and no layer attention")
+        if cfg.stem_feat not in ('act', 'pool'):
+            raise ValueError(f"stem_feat must be 'act' or 'pool', got {cfg.stem_feat!r}")
         self.cfg = replace(cfg, attn=attn_cfg)
         self._name = type(self).__name__
         self.num_classes = num_classes
@@ -227,6 +412,8 @@ class ResNetLA(nn.Module):
         if not 3 <= len(cfg.layers) <= 4:
             raise ValueError(f'{self._name} supports 3 or 4 stages, got {len(cfg.layers)}')
         block_cls, default_expansion = _BLOCKS[cfg.block]
+        if block_sites:
+            block_cls = ASBottleneck
         expansion = cfg.expansion or default_expansion
         norm_layer = nn.BatchNorm2d
 
@@ -254,12 +441,19 @@ class ResNetLA(nn.Module):
         self.bn1 = norm_layer(inplanes, **dd)
         self.act1 = nn.ReLU(inplace=True)
         self.maxpool = nn.Identity() if cifar_stem else nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        self.feature_info = [dict(num_chs=inplanes, reduction=1 if cifar_stem else 2, module='act1')]
+        self.stem_pooled = cfg.stem_feat == 'pool'
+        stem_reduction = (1 if cifar_stem else 2) * (2 if self.stem_pooled and not cifar_stem else 1)
+        self.feature_info = [dict(
+            num_chs=inplanes, reduction=stem_reduction, module='maxpool' if self.stem_pooled else 'act1')]
 
         # Stages
         net_stride = 1 if cifar_stem else 4
         dilation = prev_dilation = 1
         prev_chs: Optional[int] = None  # width of the previous block's output, None before the first block
+        block_site: Optional[Tuple[int, int]] = None  # (input width, stride) of the previous block with a site
+        stage_site: Optional[Tuple[int, int]] = None  # (input width, stride) of the previous stage
+        site_dims: List[int] = []
+        total_blocks, block_id = sum(cfg.layers), 0
         self.stage_names: Tuple[str, ...] = tuple(f'layer{i + 1}' for i in range(len(cfg.layers)))
         for stage_idx, (planes, depth) in enumerate(zip(cfg.channels, cfg.layers)):
             stride = 1 if stage_idx == 0 else 2
@@ -268,35 +462,62 @@ class ResNetLA(nn.Module):
                 stride = 1
             else:
                 net_stride *= stride
-            out_chs = planes * expansion
-            downsample = None
-            if stride != 1 or inplanes != out_chs:
-                downsample = nn.Sequential(
-                    nn.Conv2d(inplanes, out_chs, 1, stride=stride, bias=False, **dd),
-                    norm_layer(out_chs, **dd),
-                )
+            out_chs = cfg.out_channels[stage_idx] if cfg.out_channels else planes * expansion
+            pre = None
+            if cfg.shortcut is not None and cfg.shortcut.placement == 'stage' and stage_idx > 0:
+                # Stage s's input is g(X_1 .. X_{s-1}) over the earlier stages' outputs (AS_stages, D16).
+                cache_dim, cache_stride = stage_site if stage_site is not None else (None, 1)
+                pre = create_shortcut_site(cfg.shortcut, inplanes, cache_dim, cache_stride, **dd)
+                stage_site = (inplanes, stride)
+            downsample = _make_downsample(cfg.residual, inplanes, out_chs, stride, norm_layer, dd)
             blocks = []
             for block_idx in range(depth):
                 block_stride = stride if block_idx == 0 else 1
                 layer_attn = create_layer_attn(
                     attn_cfg, out_chs, prev_chs, block_idx, block_stride, drop_path_rate, norm_layer=norm_layer, **dd)
+                block_kwargs: Dict[str, Any] = {}
+                if block_sites:
+                    cache_dim, cache_stride = block_site if block_site is not None else (None, 1)
+                    block_kwargs['site'] = create_shortcut_site(cfg.shortcut, inplanes, cache_dim, cache_stride, **dd)
+                    block_site = (inplanes, block_stride)
+                    site_dims.append(inplanes)
+                block_dpr = 0. if attn_cfg is not None else drop_path_rate * block_id / max(total_blocks - 1, 1)
                 blocks.append(block_cls(
                     inplanes, planes, block_stride,
                     downsample=downsample if block_idx == 0 else None,
                     dilation=dilation,
                     first_dilation=prev_dilation,
                     expansion=expansion,
+                    out_chs=out_chs,
                     layer_attn=layer_attn,
+                    residual=cfg.residual != 'none',
+                    last_norm=cfg.last_norm,
+                    last_act=cfg.last_act,
+                    drop_path=block_dpr,
                     norm_layer=norm_layer,
+                    **block_kwargs,
                     **dd,
                 ))
                 prev_dilation = dilation
                 inplanes = prev_chs = out_chs
-            self.add_module(self.stage_names[stage_idx], LAStage(*blocks))
+                block_id += 1
+            post = cfg.stage_post(stage_idx, out_chs, **dd) if cfg.stage_post is not None else None
+            self.add_module(self.stage_names[stage_idx], LAStage(*blocks, pre=pre, post=post))
             self.feature_info.append(dict(num_chs=out_chs, reduction=net_stride, module=self.stage_names[stage_idx]))
 
-        # Head
-        self.num_features = self.head_hidden_size = inplanes
+        # Network-level module shared by the blocks' sites: one K/V/O group per site width.
+        self.as_proj: Optional[ShortcutProjections] = None
+        if block_sites:
+            shared_q = cfg.shortcut.q_proj == 'shared'
+            queried = [site.attn_in.dim for stage in self.stages() for site in stage if site.attn_in.has_query]
+            self.as_proj = ShortcutProjections(site_dims, queried if shared_q else (), **dd)
+
+        # Neck (reads every feature level) and head
+        self.num_features = inplanes
+        self.neck: Optional[nn.Module] = None
+        if cfg.neck is not None:
+            self.neck = cfg.neck([f['num_chs'] for f in self.feature_info], **dd)
+            self.num_features = self.neck.num_features
         self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
         self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
 
@@ -306,7 +527,8 @@ class ResNetLA(nn.Module):
     def init_weights(self, zero_init_last: bool = True) -> None:
         """Official init: kaiming fan-out for every Conv2d, BN 1/0, optionally zero last BN per block.
 
-        Attention-specific 1-D convs, linears and MRLA's lambda keep their own init.
+        Attention-specific 1-D convs, linears and MRLA's lambda keep their own init; so do LayerNorms (1/0).
+        Residual-free blocks never zero their last norm (their output would be zero).
         """
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -319,14 +541,31 @@ class ResNetLA(nn.Module):
                 if isinstance(m, (LABottleneck, LABasicBlock)):
                     m.zero_init_last()
 
+    def __prepare_scriptable__(self) -> 'ResNetLA':
+        # Called by torch.jit.script: fail with a clear message rather than a compiler error deep inside.
+        if self.as_proj is not None:
+            arch = getattr(self, 'pretrained_cfg', {}).get('architecture') or self._name
+            raise RuntimeError(
+                f'{arch}: TorchScript is not supported for models whose blocks share a network-level module '
+                f'(block-placed attention shortcuts pass it to each block as an argument); use torch.compile '
+                f'or torch.fx instead')
+        return self
+
     @torch.jit.ignore
     def stages(self) -> List[LAStage]:
         return [getattr(self, n) for n in self.stage_names]
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        # A block's attention module lives inside the block, so `layerS.i` covers it.
-        return dict(stem=r'^conv1|bn1|maxpool', blocks=r'^layer(\d+)' if coarse else r'^layer(\d+)\.(\d+)')
+        # A block's attention module lives inside the block, so `layerS.i` covers it. A stage's entry module
+        # gets its own group before the stage's first block, its exit module joins the stage's last block;
+        # the network-level shared projections join the stem (the first site already uses them).
+        blocks = r'^layer(\d+)' if coarse else [
+            (r'^layer(\d+)\.attn_in\.', (-1,)),
+            (r'^layer(\d+)\.(\d+)', None),
+            (r'^layer(\d+)\.attn\.', (99999,)),  # timm's MATCH_PREV_GROUP
+        ]
+        return dict(stem=r'^conv1|bn1|maxpool|as_proj', blocks=blocks)
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -357,6 +596,12 @@ class ResNetLA(nn.Module):
         x = self.act1(self.bn1(self.conv1(x)))
         return x
 
+    @torch.jit.ignore
+    def _forward_stage(self, stage: LAStage, x: torch.Tensor, state: State) -> Tuple[torch.Tensor, State]:
+        if self.as_proj is None:
+            return stage(x, state)
+        return _forward_shared_stage(stage, x, state, self.as_proj)
+
     def forward_intermediates(
             self,
             x: torch.Tensor,
@@ -371,21 +616,25 @@ class ResNetLA(nn.Module):
             raise ValueError(f'output_fmt must be NCHW, got {output_fmt!r}')
         self._check_input(x)
         take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
-        intermediates = []
         x = self.forward_stem(x)
-        if 0 in take_indices:
-            intermediates.append(x)
+        if not self.stem_pooled:
+            stem = x
         x = self.maxpool(x)
+        if self.stem_pooled:
+            stem = x
+        feats = [stem]
         stages = self.stages()
         if stop_early:
             stages = stages[:max_index]
         state: State = []
-        for idx, stage in enumerate(stages, start=1):
-            x, state = stage(x, state)
-            if idx in take_indices:
-                intermediates.append(x)
+        for stage in stages:
+            x, state = self._forward_stage(stage, x, state)
+            feats.append(x)
+        intermediates = [feats[i] for i in take_indices]
         if intermediates_only:
             return intermediates
+        if self.neck is not None and len(stages) == len(self.stage_names):
+            x = self.neck(feats)
         return x, intermediates
 
     def prune_intermediate_layers(
@@ -394,13 +643,18 @@ class ResNetLA(nn.Module):
             prune_norm: bool = False,
             prune_head: bool = True,
     ) -> List[int]:
-        """Drop the stages (and head) that the selected intermediates do not need."""
+        """Drop the stages, neck and head that the selected intermediates do not need."""
         take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
         for name in self.stage_names[max_index:]:
             setattr(self, name, LAStage())
-        if max_index == 0:
+        if max_index == 0 and not self.stem_pooled:
             self.maxpool = nn.Identity()
+        if self.as_proj is not None:
+            self.as_proj.prune(block.attn_in for stage in self.stages() for block in stage)
         prune_end = max_index < len(self.stage_names)
+        if self.neck is not None and (prune_head or prune_end):
+            self.neck = None
+            self.num_features = self.head_hidden_size = self.feature_info[-1]['num_chs']
         if prune_end:
             self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
         if prune_head or prune_end:
@@ -409,13 +663,30 @@ class ResNetLA(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        x = self.maxpool(self.forward_stem(x))
+        x = self.forward_stem(x)
+        feats: List[torch.Tensor] = []
+        if not self.stem_pooled:
+            feats.append(x)
+        x = self.maxpool(x)
+        if self.stem_pooled:
+            feats.append(x)
         state: State = []
-        x, state = self.layer1(x, state)
-        x, state = self.layer2(x, state)
-        x, state = self.layer3(x, state)
-        if hasattr(self, 'layer4'):
-            x, state = self.layer4(x, state)
+        if torch.jit.is_scripting():
+            x, state = self.layer1(x, state)
+            feats.append(x)
+            x, state = self.layer2(x, state)
+            feats.append(x)
+            x, state = self.layer3(x, state)
+            feats.append(x)
+            if hasattr(self, 'layer4'):
+                x, state = self.layer4(x, state)
+                feats.append(x)
+        else:
+            for stage in self.stages():
+                x, state = self._forward_stage(stage, x, state)
+                feats.append(x)
+        if self.neck is not None:
+            x = self.neck(feats)
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
