@@ -4,6 +4,10 @@ from typing import List as _List
 
 from .resnet_la import *
 from .cifar_resnet_la import *
+from .resnet_as import *
+from .cifar_resnet_as import *
+from .cnntention import *
+from .gradattn import *
 
 # timm keys its registry by the last component of each family module's name.
 MODEL_MODULES = tuple(m.name for m in _pkgutil.iter_modules(__path__) if not m.name.startswith('_'))

@@ -1,0 +1,77 @@
+"""The attention-shortcut paper's CIFAR models: AS_out-Net-50, AS_KV-Net-50, AS_stages-ResNet-50 and the
+baselines ResNet-50, ResNet-50 0.5x and plain ResNet-50, all with the paper's 3x3 stem (no max-pool).
+
+Paper: `Introducing attention shortcuts in convolutional neural networks` (D. Erroz, M. Galar, AIMS 2025),
+Table 1 (architectures, parameter counts for 10 classes) and Table 2 (CIFAR-10/100 errors). The nets
+stride to 4x4 at 32 px. No zero-init of the last BN (the 2016 ResNet recipe the paper follows, D19).
+See `resnet_as` for the architecture and the model kwargs (`as_dim`, `as_heads`, `q_proj`, `kv_adapter`,
+`act_after_ln`, `pre_ln`).
+"""
+from typing import Any, Dict
+
+from timm.models import generate_default_cfgs, register_model
+
+from .cifar_resnet_la import CIFAR_DEFAULT_MEAN, CIFAR_DEFAULT_STD
+from .resnet_as import AS_PAPER, as_arch, create_as_model
+from .resnet_la import ResNetLA
+
+__all__ = []
+
+model_cfgs = {
+    f'cifar_resnet50{"_" + kind if kind else ""}': as_arch(kind, 50, stem_type='cifar', zero_init_last=False)
+    for kind in ('as_out', 'as_kv', 'as_stages', '', 'half', 'plain')
+}
+
+
+def _create_cifar_resnet_as(variant: str, pretrained: bool = False, **kwargs) -> ResNetLA:
+    return create_as_model(variant, model_cfgs[variant], pretrained, **kwargs)
+
+
+def _cfg(**kwargs) -> Dict[str, Any]:
+    return {
+        'num_classes': 10, 'input_size': (3, 32, 32), 'pool_size': (4, 4), 'min_input_size': (3, 8, 8),
+        'crop_pct': 1.0, 'interpolation': 'bilinear',
+        'mean': CIFAR_DEFAULT_MEAN, 'std': CIFAR_DEFAULT_STD,
+        'first_conv': 'conv1', 'classifier': 'fc',
+        'license': 'apache-2.0', 'paper_name': AS_PAPER,
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({f'{name}.untrained': _cfg() for name in model_cfgs})
+
+
+@register_model
+def cifar_resnet50_as_out(pretrained: bool = False, **kwargs) -> ResNetLA:
+    """AS_out-Net-50 (paper Table 1: 12.7M; common width 128, subsampled cache), CIFAR stem."""
+    return _create_cifar_resnet_as('cifar_resnet50_as_out', pretrained, **kwargs)
+
+
+@register_model
+def cifar_resnet50_as_kv(pretrained: bool = False, **kwargs) -> ResNetLA:
+    """AS_KV-Net-50 (paper Table 1: 16.2M; widths 1/4 of ResNet-50, K/V cache adapters), CIFAR stem."""
+    return _create_cifar_resnet_as('cifar_resnet50_as_kv', pretrained, **kwargs)
+
+
+@register_model
+def cifar_resnet50_as_stages(pretrained: bool = False, **kwargs) -> ResNetLA:
+    """AS_stages-ResNet-50 (ResNet-50 with attention over earlier stage outputs between stages), CIFAR stem."""
+    return _create_cifar_resnet_as('cifar_resnet50_as_stages', pretrained, **kwargs)
+
+
+@register_model
+def cifar_resnet50(pretrained: bool = False, **kwargs) -> ResNetLA:
+    """ResNet-50 (torchvision/timm v1.5 bottlenecks) with the CIFAR stem: the AS paper's baseline (23.5M)."""
+    return _create_cifar_resnet_as('cifar_resnet50', pretrained, **kwargs)
+
+
+@register_model
+def cifar_resnet50_half(pretrained: bool = False, **kwargs) -> ResNetLA:
+    """ResNet-50 0.5x (block output widths halved), CIFAR stem: the AS paper's reduced baseline."""
+    return _create_cifar_resnet_as('cifar_resnet50_half', pretrained, **kwargs)
+
+
+@register_model
+def cifar_resnet50_plain(pretrained: bool = False, **kwargs) -> ResNetLA:
+    """Plain ResNet-50 (no skip connections), CIFAR stem: the AS paper's no-shortcut baseline."""
+    return _create_cifar_resnet_as('cifar_resnet50_plain', pretrained, **kwargs)

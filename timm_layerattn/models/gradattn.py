@@ -1,0 +1,240 @@
+"""GradAttn: a residual-free ResNet-18 whose multi-scale features a small transformer encoder combines.
+
+Paper: `GradAttn: Replacing Fixed Residual Connections with Task-Modulated Attention Pathways`
+(S. Ghoshal, arXiv:2603.26756; Applied Sciences 2026, 16(11), 5252). Official code (MIT, © 2025 Soudeep
+Ghoshal): github.com/SoudeepGhoshal/GradAttn. Implemented from the project spec gradattn.md.
+
+Every shortcut of ResNet-18 is removed (`PlainBlock`: conv-BN-ReLU-conv-BN-ReLU). One token per depth is
+made from the globally pooled post-max-pool stem output and the four stage outputs (a Linear per level),
+the 5 tokens go through a 3-layer post-norm transformer encoder (d 256, 8 heads, FFN 512, dropout 0.1),
+and the classifier reads their mean. Variants: no positional information (`nope`), a learned positional
+embedding (`lpe`) or rotary embeddings over the depth index (`rope`).
+
+On the `ResNetLA` skeleton the token encoder is the *neck*: `forward_features` returns the encoded tokens as
+an NCHW map `[B, 256, 1, 5]`, so timm's standard head (global average pool = mean over tokens, then `fc`)
+is the paper's classifier. `features_only` gives the five taps (64/64/128/256/512 channels at reductions
+4/4/8/16/32) and prunes the neck.
+"""
+import re
+from dataclasses import replace
+from functools import partial
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import generate_default_cfgs, register_model
+
+from ._builder import build_la_model
+from .resnet_la import ResNetLA, ResNetLACfg
+from .resnet_la import checkpoint_filter_fn as _la_checkpoint_filter_fn
+
+__all__ = ['GradAttnNeck', 'TokenEncoderLayer', 'rotary_cos_sin', 'checkpoint_filter_fn']
+
+
+def rotary_cos_sin(
+        num_pos: int,
+        dim: int,
+        base: float = 10000.,
+        device: Optional[torch.device] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`cos`, `sin` `[num_pos, dim]` of rotary embeddings at positions 0..num_pos-1 (rotate-half pairing:
+    frequencies `base^(-2i/dim)` repeated as [f, f]), in float32 as the official module computes them."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, device=device).float() / dim))
+    freqs = torch.outer(torch.arange(num_pos, device=device).float(), inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+class TokenEncoderLayer(nn.Module):
+    """Post-norm transformer encoder layer (the `torch.nn.TransformerEncoderLayer` maths, ReLU FFN).
+
+    `rope=True` rotates queries and keys per head by their token index (the official RoPE layer, whose
+    q/k/v projections have no bias). Attention runs through `F.scaled_dot_product_attention`.
+    """
+
+    def __init__(
+            self,
+            dim: int = 256,
+            num_heads: int = 8,
+            mlp_dim: int = 512,
+            drop: float = 0.1,
+            rope: bool = False,
+            device=None,
+            dtype=None,
+    ):
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f'TokenEncoderLayer: embed_dim {dim} is not divisible by num_heads {num_heads}')
+        self.num_heads = num_heads
+        self.rope = rope
+        self.drop = drop
+        self.qkv = nn.Linear(dim, dim * 3, bias=not rope, **dd)
+        self.proj = nn.Linear(dim, dim, **dd)
+        self.norm1 = nn.LayerNorm(dim, **dd)
+        self.fc1 = nn.Linear(dim, mlp_dim, **dd)
+        self.fc2 = nn.Linear(mlp_dim, dim, **dd)
+        self.norm2 = nn.LayerNorm(dim, **dd)
+        if not rope:
+            # torch.nn.MultiheadAttention's init (the official No-PE / LPE layers are the torch layer)
+            nn.init.xavier_uniform_(self.qkv.weight)
+            nn.init.zeros_(self.qkv.bias)
+            nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        h = self.num_heads
+        drop = self.drop if self.training else 0.
+        q, k, v = self.qkv(x).reshape(B, T, 3, h, D // h).permute(2, 0, 3, 1, 4).unbind(0)  # [B, h, T, d]
+        if self.rope:
+            cos, sin = rotary_cos_sin(T, D // h, device=x.device)
+            cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+        a = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
+        a = self.proj(a.transpose(1, 2).reshape(B, T, D))
+        x = self.norm1(x + F.dropout(a, drop, self.training))
+        y = self.fc2(F.dropout(F.relu(self.fc1(x)), drop, self.training))
+        return self.norm2(x + F.dropout(y, drop, self.training))
+
+
+class GradAttnNeck(nn.Module):
+    """Tokens from every feature level (global average pool + Linear), encoded over the depth axis.
+
+    Returns the encoded tokens as an NCHW map `[B, embed_dim, 1, num_levels]`.
+    """
+
+    def __init__(
+            self,
+            in_chs: Sequence[int],
+            embed_dim: int = 256,
+            depth: int = 3,
+            num_heads: int = 8,
+            mlp_dim: int = 512,
+            drop: float = 0.1,
+            pos: str = 'none',
+            device=None,
+            dtype=None,
+    ):
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        if pos not in ('none', 'learned', 'rope'):
+            raise ValueError(f"GradAttnNeck: pos must be 'none', 'learned' or 'rope', got {pos!r}")
+        self.num_features = embed_dim
+        self.proj = nn.ModuleList([nn.Linear(c, embed_dim, **dd) for c in in_chs])
+        self.pos_embed = nn.Parameter(torch.randn(1, len(in_chs), embed_dim, **dd)) if pos == 'learned' else None
+        self.layers = nn.ModuleList([
+            TokenEncoderLayer(embed_dim, num_heads, mlp_dim, drop, rope=pos == 'rope', **dd) for _ in range(depth)])
+
+    def forward(self, feats: List[torch.Tensor]) -> torch.Tensor:
+        tokens = [proj(feats[i].mean((2, 3))) for i, proj in enumerate(self.proj)]
+        x = torch.stack(tokens, dim=1)  # [B, T, D], in depth order
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
+        for layer in self.layers:
+            x = layer(x)
+        return x.transpose(1, 2).unsqueeze(2)
+
+
+def _gradattn_arch(pos: str) -> ResNetLACfg:
+    return ResNetLACfg(
+        layers=(2, 2, 2, 2), channels=(64, 128, 256, 512), block='basic', residual='none', stem_feat='pool',
+        zero_init_last=False, neck=partial(GradAttnNeck, pos=pos))
+
+
+# Official notebook names (spec §6) -> ours.
+_OFFICIAL_RULES: Tuple[Tuple[str, str], ...] = (
+    (r'^projections\.(\d+)\.2\.', r'neck.proj.\1.'),
+    (r'^positional_embedding$', 'neck.pos_embed'),
+    (r'^(?:transformer_encoder\.layers|transformer_layers)\.(\d+)\.', r'neck.layers.\1.'),
+    (r'\.self_attn\.in_proj_(weight|bias)$', r'.qkv.\1'),
+    (r'\.self_attn\.(?:out_proj|w_o)\.', '.proj.'),
+    (r'\.linear([12])\.', r'.fc\1.'),
+    (r'^classifier\.', 'fc.'),
+)
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, Any], model: ResNetLA) -> Dict[str, torch.Tensor]:
+    """Map a notebook-trained GradAttn state dict to this layout (RoPE: concatenate `w_q/w_k/w_v` into `qkv`,
+    drop the `inv_freq` buffers). A checkpoint already in this layout passes through unchanged."""
+    state_dict = _la_checkpoint_filter_fn(state_dict, model)
+    if not any(k.startswith(('projections.', 'classifier.')) for k in state_dict):
+        return state_dict
+    out, qkv = {}, {}
+    for k, v in state_dict.items():
+        if k.endswith('.rotary_emb.inv_freq'):
+            continue
+        m = re.match(r'^transformer_layers\.(\d+)\.self_attn\.w_([qkv])\.weight$', k)
+        if m:
+            qkv.setdefault(int(m.group(1)), {})[m.group(2)] = v
+            continue
+        for pattern, repl in _OFFICIAL_RULES:
+            k = re.sub(pattern, repl, k)
+        out[k] = v
+    for j, parts in qkv.items():
+        out[f'neck.layers.{j}.qkv.weight'] = torch.cat([parts['q'], parts['k'], parts['v']], dim=0)
+    return out
+
+
+_POS = {'resnet18_gradattn_nope': 'none', 'resnet18_gradattn_lpe': 'learned', 'resnet18_gradattn_rope': 'rope'}
+model_cfgs = {name: _gradattn_arch(pos) for name, pos in _POS.items()}
+
+
+def _create_gradattn(
+        variant: str,
+        pretrained: bool = False,
+        embed_dim: Optional[int] = None,
+        num_heads: Optional[int] = None,
+        mlp_dim: Optional[int] = None,
+        depth: Optional[int] = None,
+        encoder_drop_rate: Optional[float] = None,
+        **kwargs,
+) -> ResNetLA:
+    """Args beyond timm's: the token encoder's `embed_dim` (256), `num_heads` (8), `mlp_dim` (512),
+    `depth` (3) and `encoder_drop_rate` (0.1; attention, residual and FFN dropout)."""
+    cfg = model_cfgs[variant]
+    neck_args = dict(embed_dim=embed_dim, num_heads=num_heads, mlp_dim=mlp_dim, depth=depth, drop=encoder_drop_rate)
+    neck_args = {k: v for k, v in neck_args.items() if v is not None}
+    if neck_args:
+        cfg = replace(cfg, neck=partial(GradAttnNeck, pos=_POS[variant], **neck_args))
+    return build_la_model(ResNetLA, variant, pretrained, cfg, checkpoint_filter_fn, **kwargs)
+
+
+def _cfg(**kwargs) -> Dict[str, Any]:
+    return {
+        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (1, 5), 'min_input_size': (3, 28, 28),
+        'crop_pct': 0.875, 'interpolation': 'bilinear',
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'conv1', 'classifier': 'fc',
+        'license': 'apache-2.0', 'paper_ids': 'arXiv:2603.26756',
+        'origin_url': 'https://github.com/SoudeepGhoshal/GradAttn',
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({f'{name}.untrained': _cfg() for name in model_cfgs})
+
+
+@register_model
+def resnet18_gradattn_nope(pretrained: bool = False, **kwargs) -> ResNetLA:
+    """GradAttn-18 without positional information (residual-free ResNet-18 + 3-layer token encoder)."""
+    return _create_gradattn('resnet18_gradattn_nope', pretrained, **kwargs)
+
+
+@register_model
+def resnet18_gradattn_lpe(pretrained: bool = False, **kwargs) -> ResNetLA:
+    """GradAttn-18 with a learned positional embedding of the 5 depth tokens."""
+    return _create_gradattn('resnet18_gradattn_lpe', pretrained, **kwargs)
+
+
+@register_model
+def resnet18_gradattn_rope(pretrained: bool = False, **kwargs) -> ResNetLA:
+    """GradAttn-18 with rotary embeddings over the depth index (bias-free q/k/v)."""
+    return _create_gradattn('resnet18_gradattn_rope', pretrained, **kwargs)

@@ -1,0 +1,215 @@
+"""ResNets with attention shortcuts (AS_out, AS_KV, AS_stages) and the paper's baselines, ImageNet stem.
+
+Paper: `Introducing attention shortcuts in convolutional neural networks` (D. Erroz, M. Galar, AIMS
+Mathematics 2025, CC BY 4.0). No public code exists; the interpretation follows the project spec
+(attention_shortcuts.md, decisions D1-D20) and reproduces its parameter tables exactly.
+
+All variants are strategies on the `ResNetLA` skeleton:
+
+* AS_out / AS_KV: the residual sum is replaced by `g_l`, per-pixel multi-head attention over the cached
+  keys/values of all earlier block outputs (stem output included), in front of every residual-free
+  bottleneck that ends in LayerNorm + ReLU. AS_out projects every output to a common width (128) and
+  subsamples the cache at strides; AS_KV keeps widths 1/4 of ResNet-50's and converts the cache with
+  1x1 stride-2 convs. K/V/O projections are shared by all sites of a width (`as_proj.w{C}`, one owner),
+  W^Q is per site (`layerS.i.attn_in.q`).
+* AS_stages: the unchanged ResNet (residuals kept); the input of stages 2-4 is attention over the earlier
+  stages' outputs (`layerS.attn_in`, pre-LayerNorm, own projections).
+* Baselines: ResNet-50 (timm's), ResNet-50 0.5x (block outputs halved, D17) and plain ResNet-50 (no
+  shortcuts at all, D18).
+
+The ImageNet-stem models are our extension (D14), e.g. as detection backbones; the paper's CIFAR models are
+in `cifar_resnet_as`. TorchScript: AS_out / AS_KV are not scriptable (their blocks receive the shared
+projection group as an argument); use torch.compile or torch.fx. Everything else scripts.
+"""
+from dataclasses import replace
+from typing import Any, Dict, Optional
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import generate_default_cfgs, register_model
+
+from ..layers.shortcut import ShortcutCfg
+from ._builder import build_la_model
+from .resnet_la import ResNetLA, ResNetLACfg
+from .resnet_la import checkpoint_filter_fn as _la_checkpoint_filter_fn
+
+__all__ = ['as_arch', 'apply_as_args', 'create_as_model', 'checkpoint_filter_fn']
+
+_DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+_INNER = (64, 128, 256, 512)
+AS_PAPER = 'Introducing attention shortcuts in convolutional neural networks'
+
+
+def as_arch(kind: str, depth: int = 50, stem_type: str = '', zero_init_last: bool = True) -> ResNetLACfg:
+    """Architecture of one variant: 'as_out', 'as_kv', 'as_stages', '' (ResNet), 'half' or 'plain'."""
+    base = ResNetLACfg(layers=_DEPTHS[depth], channels=_INNER, stem_type=stem_type, zero_init_last=zero_init_last)
+    if kind == 'as_out':
+        # Table 1 middle column: stem and every block output 128 wide; the cache is subsampled (D9).
+        return replace(
+            base, stem_width=128, out_channels=(128,) * 4, residual='none', last_norm='ln', zero_init_last=False,
+            shortcut=ShortcutCfg(placement='block', downsample='subsample'))
+    if kind == 'as_kv':
+        # Table 1 right column: block outputs 1/4 of ResNet-50's; K/V adapters at each stride (D10, D11).
+        return replace(
+            base, expansion=1, residual='none', last_norm='ln', zero_init_last=False,
+            shortcut=ShortcutCfg(placement='block', downsample='conv'))
+    if kind == 'as_stages':
+        return replace(base, shortcut=ShortcutCfg(placement='stage', downsample='conv', pre_norm=True))
+    if kind == 'half':
+        return replace(base, expansion=2)  # D17: block output widths halved, inner widths kept
+    if kind == 'plain':
+        return replace(base, residual='none')  # D18: no identity and no projection shortcuts
+    if kind == '':
+        return base
+    raise ValueError(f'Unknown attention-shortcut variant {kind!r}')
+
+
+def apply_as_args(
+        variant: str,
+        cfg: ResNetLACfg,
+        as_dim: Optional[int] = None,
+        as_heads: Optional[int] = None,
+        q_proj: Optional[str] = None,
+        kv_adapter: Optional[str] = None,
+        act_after_ln: Optional[bool] = None,
+        pre_ln: Optional[bool] = None,
+) -> ResNetLACfg:
+    """Fold the family's model kwargs (spec §8) into the architecture; a kwarg the variant lacks is a TypeError.
+
+    Args:
+        as_dim: Common width of AS_out (stem and every block output; 128).
+        as_heads: Attention heads h (4).
+        q_proj: 'per_site' or 'shared' W^Q (AS_out, AS_KV; D7).
+        kv_adapter: 'separate' or 'shared' K/V cache adapter (AS_KV, AS_stages; D10).
+        act_after_ln: ReLU after each block's LayerNorm (AS_out, AS_KV; D12).
+        pre_ln: LayerNorm on each site's input (AS_stages; D16).
+    """
+    sc = cfg.shortcut
+    block_sites = sc is not None and sc.placement == 'block'
+    given = dict(as_dim=as_dim, as_heads=as_heads, q_proj=q_proj, kv_adapter=kv_adapter,
+                 act_after_ln=act_after_ln, pre_ln=pre_ln)
+    valid = {
+        'as_dim': block_sites and sc.downsample == 'subsample',
+        'as_heads': sc is not None,
+        'q_proj': block_sites,
+        'kv_adapter': sc is not None and sc.downsample == 'conv',
+        'act_after_ln': block_sites,
+        'pre_ln': sc is not None and sc.placement == 'stage',
+    }
+    for name, value in given.items():
+        if value is not None and not valid[name]:
+            raise TypeError(f'{variant} does not take {name!r}')
+    if as_dim is not None:
+        cfg = replace(cfg, stem_width=as_dim, out_channels=(as_dim,) * len(cfg.layers))
+    if act_after_ln is not None:
+        cfg = replace(cfg, last_act=act_after_ln)
+    sc_args = dict(num_heads=as_heads, q_proj=q_proj, kv_adapter=kv_adapter, pre_norm=pre_ln)
+    sc_args = {k: v for k, v in sc_args.items() if v is not None}
+    if sc_args:
+        cfg = replace(cfg, shortcut=replace(sc, **sc_args))
+    return cfg
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, Any], model: ResNetLA) -> Dict[str, torch.Tensor]:
+    """Unwrap containers / `module.`; warm-start a stage-site model from a plain ResNet checkpoint.
+
+    A timm / torchvision ResNet checkpoint has every AS_stages trunk key; its attention-site keys
+    (`layerS.attn_in.*`) are filled from the model's own init, so loading stays strict and any other
+    mismatch still fails loudly.
+    """
+    state_dict = _la_checkpoint_filter_fn(state_dict, model)
+    model_sd = model.state_dict()
+    if not any('.attn_in.' in k for k in state_dict):
+        for k, v in model_sd.items():
+            if '.attn_in.' in k and k not in state_dict:
+                state_dict[k] = v
+    return state_dict
+
+
+def create_as_model(
+        variant: str,
+        arch: ResNetLACfg,
+        pretrained: bool = False,
+        as_dim: Optional[int] = None,
+        as_heads: Optional[int] = None,
+        q_proj: Optional[str] = None,
+        kv_adapter: Optional[str] = None,
+        act_after_ln: Optional[bool] = None,
+        pre_ln: Optional[bool] = None,
+        **kwargs,
+) -> ResNetLA:
+    """Build `variant` from its architecture `arch` with the family's kwargs folded in (CIFAR and ImageNet)."""
+    cfg = apply_as_args(variant, arch, as_dim, as_heads, q_proj, kv_adapter, act_after_ln, pre_ln)
+    return build_la_model(ResNetLA, variant, pretrained, cfg, checkpoint_filter_fn, **kwargs)
+
+
+def _create_resnet_as(variant: str, pretrained: bool = False, **kwargs) -> ResNetLA:
+    return create_as_model(variant, model_cfgs[variant], pretrained, **kwargs)
+
+
+def _cfg(**kwargs) -> Dict[str, Any]:
+    return {
+        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+        'crop_pct': 0.875, 'interpolation': 'bilinear',
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'conv1', 'classifier': 'fc',
+        'license': 'apache-2.0', 'paper_name': AS_PAPER,
+        **kwargs,
+    }
+
+
+model_cfgs = {
+    f'resnet{depth}_{kind}': as_arch(kind, depth)
+    for depth in (50, 101) for kind in ('as_out', 'as_kv', 'as_stages')
+}
+model_cfgs.update(resnet50_half=as_arch('half'), resnet50_plain=as_arch('plain'))
+
+default_cfgs = generate_default_cfgs({f'{name}.untrained': _cfg() for name in model_cfgs})
+
+
+@register_model
+def resnet50_as_out(pretrained: bool = False, **kwargs) -> ResNetLA:
+    """AS_out-Net-50 (common width 128, subsampled cache), ImageNet stem."""
+    return _create_resnet_as('resnet50_as_out', pretrained, **kwargs)
+
+
+@register_model
+def resnet50_as_kv(pretrained: bool = False, **kwargs) -> ResNetLA:
+    """AS_KV-Net-50 (widths 1/4 of ResNet-50, K/V cache adapters), ImageNet stem."""
+    return _create_resnet_as('resnet50_as_kv', pretrained, **kwargs)
+
+
+@register_model
+def resnet50_as_stages(pretrained: bool = False, **kwargs) -> ResNetLA:
+    """AS_stages-ResNet-50 (ResNet-50 with attention over earlier stage outputs between stages)."""
+    return _create_resnet_as('resnet50_as_stages', pretrained, **kwargs)
+
+
+@register_model
+def resnet101_as_out(pretrained: bool = False, **kwargs) -> ResNetLA:
+    """AS_out-Net-101 (depths 3-4-23-3; not in the paper), ImageNet stem."""
+    return _create_resnet_as('resnet101_as_out', pretrained, **kwargs)
+
+
+@register_model
+def resnet101_as_kv(pretrained: bool = False, **kwargs) -> ResNetLA:
+    """AS_KV-Net-101 (depths 3-4-23-3; not in the paper), ImageNet stem."""
+    return _create_resnet_as('resnet101_as_kv', pretrained, **kwargs)
+
+
+@register_model
+def resnet101_as_stages(pretrained: bool = False, **kwargs) -> ResNetLA:
+    """AS_stages-ResNet-101 (not in the paper)."""
+    return _create_resnet_as('resnet101_as_stages', pretrained, **kwargs)
+
+
+@register_model
+def resnet50_half(pretrained: bool = False, **kwargs) -> ResNetLA:
+    """ResNet-50 0.5x: block output widths halved (128/256/512/1024), inner widths kept (AS paper baseline)."""
+    return _create_resnet_as('resnet50_half', pretrained, **kwargs)
+
+
+@register_model
+def resnet50_plain(pretrained: bool = False, **kwargs) -> ResNetLA:
+    """Plain ResNet-50: no skip connections at all (AS paper baseline)."""
+    return _create_resnet_as('resnet50_plain', pretrained, **kwargs)
