@@ -158,8 +158,11 @@ class ShortcutProjections(nn.ModuleDict):
             dim = int(key[1:])
             if dim not in used:
                 del self[key]
-            elif dim not in queried:
+                continue
+            if dim not in queried:
                 self[key].q = None
+            if len(sites) == 1:
+                self[key].k = None  # a lone first site reads no keys
 
 
 class AttentionShortcut(nn.Module):
@@ -263,8 +266,12 @@ class AttentionShortcut(nn.Module):
         """Site with its own projections (stage sites)."""
         if self.norm is not None:
             x = self.norm(x)
-        assert self.k is not None and self.v is not None and self.o is not None, 'site has no own projections'
-        cache = self.update_cache(state, self.k(x), self.v(x))
+        assert self.v is not None and self.o is not None, 'site has no projections of its own'
+        v = self.v(x)
+        if self.k is None:
+            # The only site of a pruned network: nothing reads its keys (see `drop_key`).
+            return self.o(v), state
+        cache = self.update_cache(state, self.k(x), v)
         q: Optional[torch.Tensor] = None
         if self.q is not None:
             q = self.q(x)
@@ -279,11 +286,21 @@ class AttentionShortcut(nn.Module):
         """Site whose K/V/O (and shared W^Q) come from the network's group `proj` (block sites)."""
         if self.norm is not None:
             x = self.norm(x)
-        cache = self.update_cache(state, proj.k(x), proj.v(x))
+        v = proj.v(x)
+        if proj.k is None:
+            return proj.o(v), state  # the only site of a pruned network (see `ShortcutProjections.prune`)
+        cache = self.update_cache(state, proj.k(x), v)
         q = None
         if self.has_query:
             q = self.q(x) if self.q is not None else proj.q(x)
         return proj.o(self.attend(q, cache)), cache
+
+    def drop_key(self) -> None:
+        """Remove W^K of a first site that no later site follows: its keys are only ever read by later sites,
+        and an unused parameter breaks DDP. Only for pruned networks."""
+        if not self.first:
+            raise RuntimeError('only the first site can do without keys')
+        self.k = None
 
 
 def create_shortcut_site(

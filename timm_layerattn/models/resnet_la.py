@@ -248,7 +248,8 @@ class LAStage(nn.Sequential):
     The units are the blocks (`0`, `1`, ...), optionally preceded by an entry module `attn_in` (AS_stages'
     site between stages) and followed by an exit module `attn` (CNNtention's attention after the stage); both
     follow the block contract `(x, state) -> (x, state)`, so they are checkpointed, pruned and scripted with
-    the stage.
+    the stage. As in any `nn.Sequential`, integer indexing counts every unit: address blocks by name
+    (`stage.get_submodule('0')`, state-dict keys `layerS.i.*`) when a stage has an entry unit.
     """
 
     def __init__(self, *blocks: nn.Module, pre: Optional[nn.Module] = None, post: Optional[nn.Module] = None):
@@ -651,6 +652,10 @@ class ResNetLA(nn.Module):
             self.maxpool = nn.Identity()
         if self.as_proj is not None:
             self.as_proj.prune(block.attn_in for stage in self.stages() for block in stage)
+        stage_sites = [stage.attn_in for stage in self.stages() if isinstance(getattr(stage, 'attn_in', None),
+                                                                            AttentionShortcut)]
+        if len(stage_sites) == 1:
+            stage_sites[0].drop_key()
         prune_end = max_index < len(self.stage_names)
         if self.neck is not None and (prune_head or prune_end):
             self.neck = None
