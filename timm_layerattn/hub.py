@@ -587,6 +587,9 @@ def push_folder(
     revision_name = revision or 'main'
     from huggingface_hub import get_token
     token = token or get_token()
+    if not token and not dry_run:
+        raise UserError('no Hugging Face token found: set HF_TOKEN or run `hf auth login` (see --dry-run to check '
+                        'the folder without one)')
     where = f'{repo_id} ({"private" if private else "public"} model repo, revision {revision_name}'
     where += ', as a pull request)' if create_pr else ')'
     print_fn(f'{"would upload" if dry_run else "uploading"} {info.folder} -> {where}')
@@ -600,9 +603,6 @@ def push_folder(
     if dry_run:
         print_fn(f'  token: {"found" if token else "NOT found (set HF_TOKEN or run `hf auth login` before pushing)"}')
         return PushResult(repo_id=repo_id, revision=revision_name, files=files, dry_run=True)
-    if not token:
-        raise UserError('no Hugging Face token found: set HF_TOKEN or run `hf auth login` (see --dry-run to check '
-                        'the folder without one)')
 
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
