@@ -452,6 +452,7 @@ def load_model_from_checkpoint(
     arch = split_model_name_tag(model_name)[0]
     if not is_model(arch):
         raise UserError(f"unknown model '{arch}'; see `timm-layerattn list`")
+    model_family(arch)
     state_dict, container = read_state_dict(checkpoint, prefer_ema=prefer_ema)
     note = f"'{container}' of {checkpoint}" if container else str(checkpoint)
     if detect_official_family(state_dict) is not None:

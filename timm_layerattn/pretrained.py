@@ -29,8 +29,8 @@ def no_weights_message(variant: str, tag: Optional[str] = None) -> str:
     """The user-facing explanation of how to load weights into `variant` when its tag has none."""
     name = f'{variant}.{tag}' if tag else variant
     return (
-        f"'{name}' has no pretrained weights in timm_layerattn's registry (none have been published for this "
-        f"architecture yet). Load weights with one of: "
+        f"No pretrained weights exist for '{name}' in timm_layerattn's registry (none have been published for "
+        f"this architecture yet). Load weights with one of: "
         f"timm.create_model('hf-hub:<org>/<repo>', pretrained=True) for an exported Hub repo; "
         f"timm.create_model('local-dir:/path/to/exported_folder', pretrained=True) for a folder written by "
         f"`timm-layerattn export`; "
