@@ -161,7 +161,8 @@ def main(argv=None) -> int:
         return 0
     print(f'{"model":<36} {"size":>8} {"tap":>7} {"max |diff|":>12} {"relative":>10}  ok')
     for r in rows:
-        print(f'{r["model"]:<36} {r["size"]:>8} {r["tap"]:>7} {r["abs"]:>12.3e} {r["rel"]:>10.2e}  {"yes" if r["ok"] else "NO"}')
+        ok = 'yes' if r['ok'] else 'NO'
+        print(f'{r["model"]:<36} {r["size"]:>8} {r["tap"]:>7} {r["abs"]:>12.3e} {r["rel"]:>10.2e}  {ok}')
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     bad = [r for r in rows if not r['ok']]

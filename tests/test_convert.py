@@ -7,7 +7,7 @@ official code, so the generator itself is pinned to the real layouts. Parity is 
 functional forward written from the spec's formulas that reads the *official* tensors directly.
 """
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import pytest
 import safetensors.torch
@@ -15,7 +15,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-import timm_layerattn
+import timm_layerattn  # noqa: F401  (registers the models)
 from timm_layerattn import convert_official, load_trunk
 from timm_layerattn._utils import UserError
 from timm_layerattn.cli import main as cli_main
@@ -34,9 +34,11 @@ def _eca_k(c: int) -> int:
     return t if t % 2 else t + 1
 
 
+BN_FIELDS = ('weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked')
+
+
 def _bn(prefix: str, c: int) -> Shapes:
-    return {prefix + 'weight': (c,), prefix + 'bias': (c,), prefix + 'running_mean': (c,),
-            prefix + 'running_var': (c,), prefix + 'num_batches_tracked': ()}
+    return {prefix + f: (() if f == 'num_batches_tracked' else (c,)) for f in BN_FIELDS}
 
 
 def official_shapes(variant: str, family: str, depth: int, head_dim: Optional[int] = None,
@@ -259,7 +261,8 @@ def official_forward(sd, variant: str, family: str, depth: int, x, head_dim: Opt
             out = _bn_f(F.conv2d(out, sd[trunk + 'conv3.weight']), sd, trunk + 'bn3.')
             shortcut = x
             if trunk + 'downsample.0.weight' in sd:
-                shortcut = _bn_f(F.conv2d(x, sd[trunk + 'downsample.0.weight'], stride=stride), sd, trunk + 'downsample.1.')
+                shortcut = F.conv2d(x, sd[trunk + 'downsample.0.weight'], stride=stride)
+                shortcut = _bn_f(shortcut, sd, trunk + 'downsample.1.')
             x = F.relu(out + shortcut)
             if family == 'kcla':
                 x, state = _kcla_f(x, state, sd, cell, init=i == 0 or (imagenet and i == 11))
@@ -380,7 +383,7 @@ def test_known_unused_kcla_parameters_are_dropped_with_a_note(caplog):
     with caplog.at_level('INFO', logger='timm_layerattn.convert'):
         _, report = convert_official_with_report(official, 'resnet101_kcla')
     first_cell = ['layer1.attention.0.adjust_channel.weight', 'layer1.attention.0.u_Wk.weight'] + [
-        f'layer1.attention.0.u_bn.{n}' for n in ('weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked')]
+        f'layer1.attention.0.u_bn.{n}' for n in BN_FIELDS]
     assert sorted(report.dropped) == sorted(first_cell + ['layer3.attention.11.adjust_channel.weight'])
     assert 'never run' in caplog.text and 'layer3.attention.11.adjust_channel.weight' in caplog.text
 
@@ -472,7 +475,8 @@ def test_cli_convert_training_checkpoint(tmp_path, capsys):
     assert cli_main(['convert', '--model', 'cifar_resnet20_mrlab', str(src), str(bad)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith('timm-layerattn convert: error:') for line in err)
-    assert not bad.exists() and sorted(p.name for p in tmp_path.iterdir()) == ['checkpoint.pth.tar', 'kcla20.safetensors']
+    assert not bad.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['checkpoint.pth.tar', 'kcla20.safetensors']
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -549,7 +553,8 @@ def test_load_trunk_from_file_reports_what_it_skipped(tmp_path):
     model = timm.create_model('cifar_resnet20_kcla')  # 10 classes
     result = load_trunk(model, path)
     attn_src = [k for k in src if '.attn.' in k]
-    assert {k for k, r in result.skipped.items() if r.startswith('attention')} == {k for k in attn_src if k in model.state_dict()}
+    skipped_attn = {k for k, r in result.skipped.items() if r.startswith('attention')}
+    assert skipped_attn == {k for k in attn_src if k in model.state_dict()}
     assert result.skipped['fc.weight'] == 'shape mismatch' and result.skipped['fc.bias'] == 'shape mismatch'
     assert all(result.skipped[k] == 'not in model' for k in attn_src if k not in model.state_dict())
     trunk = [k for k in src if '.attn.' not in k and not k.startswith('fc.')]

@@ -3,8 +3,6 @@ import argparse
 import json
 import os
 import string
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +19,6 @@ from timm_layerattn.hub import CARD_FAMILIES, CARD_TAGS, card_template_path, mod
 from timm_layerattn.pretrained import PretrainedWeightsError
 from timm_layerattn.tools.zoo import count_macs, count_params
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 NAME = 'cifar_resnet20_kcla'
 
 
@@ -109,7 +106,7 @@ def test_model_card(exported):
     gmacs = count_macs(timm.create_model(NAME, device='meta'), (3, 32, 32)) / 1e9
     assert f'{params:,}' in body and f'{gmacs:.3f} at 3x32x32' in body
     usage = body[body.index('```python'):]
-    assert usage.splitlines()[1] == 'import timm, timm_layerattn  # importing timm_layerattn registers the architecture with timm'
+    assert usage.splitlines()[1].startswith('import timm, timm_layerattn  # ')
     assert "hf-hub:<your-org>/cifar_resnet20_kcla.mylab_cifar10" in usage
     assert 'SGD momentum 0.9, lr 0.1, 300 epochs' in body
     assert '| CIFAR-10 test | Top-1 accuracy | 91.37 |' in body
@@ -193,12 +190,15 @@ def test_cli_export_training_checkpoint(tmp_path, capsys):
 
 
 def test_cli_export_safetensors_and_overwrite(tmp_path, capsys):
-    model = _trained_like('cifar_resnet20_kcla', head_dim=8)
+    model = _trained_like('cifar_resnet20_kcla', head_dim=8)  # a non-default KCLA head dim, read from norm_d
     src = tmp_path / 'w.safetensors'
     safetensors.torch.save_file(model.state_dict(), str(src))
     out = tmp_path / 'out'
-    args = ['export', NAME, '--checkpoint', src, '--out', out, '--model-kwargs', 'head_dim=8']
-    assert _cli(capsys, *args)[0] == 0
+    args = ['export', NAME, '--checkpoint', src, '--out', out]
+    rc, text, err = _cli(capsys, *args)
+    assert rc == 0, err
+    assert 'KCLA head_dim 8' in text
+    assert json.loads((out / 'config.json').read_text())['model_args']['head_dim'] == 8
     reloaded = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
     x = _x(model)
     with torch.no_grad():
@@ -221,7 +221,8 @@ def _bad_checkpoints(tmp: Path):
     (tmp / 'corrupt.pth').write_bytes(os.urandom(4096))
     (tmp / 'empty.pth').write_bytes(b'')
     torch.save({'args': argparse.Namespace(lr=0.1), 'state_dict': good}, tmp / 'pickled.pth')
-    torch.save(timm.create_model(NAME, head_dim=8).state_dict(), tmp / 'mismatch.pth')
+    wrong = dict(good, **{'layer2.0.conv2.weight': torch.zeros(32, 32, 5, 5)})
+    torch.save(wrong, tmp / 'mismatch.pth')
     torch.save({'epoch': 3, 'optimizer': {'lr': 0.1}}, tmp / 'no_tensors.pth')
     return {
         'truncated.pth': 'truncated or corrupt', 'truncated.safetensors': 'truncated or corrupt',
@@ -325,10 +326,13 @@ def test_register_pretrained_makes_pretrained_true_load(exported, registered):
         with torch.no_grad():
             assert torch.equal(loaded(x), model(x)), name
         assert loaded.pretrained_cfg['tag'] == 'mylab_cifar10'
-    # a second tag does not take over the default unless asked to
+    # a second tag does not take over the default unless asked to, and inherits nothing from the first
     registered(f'{NAME}.other', file=weights, default=False)
     assert timm.models.get_pretrained_cfg(NAME).tag == 'mylab_cifar10'
-    assert timm.create_model(f'{NAME}.other', pretrained=True).pretrained_cfg['tag'] == 'other'
+    other = timm.create_model(f'{NAME}.other', pretrained=True).pretrained_cfg
+    assert other['tag'] == 'other' and other.get('label_names') is None
+    registered(f'{NAME}.third', file=weights, default=True)
+    assert timm.models.get_pretrained_cfg(NAME).tag == 'third'
 
 
 def test_unregister_restores_the_untrained_default(exported):
@@ -352,13 +356,3 @@ def test_register_pretrained_validation():
         register_pretrained('resnet50_nope.x', hf_hub_id='acme/x')
     with pytest.raises(ValueError, match='unsupported fields'):
         register_pretrained(f'{NAME}.x', hf_hub_id='acme/x', weights='y')
-
-
-def test_import_stays_light():
-    code = ('import sys, timm_layerattn; '
-            'bad = [m for m in ("timm_layerattn.hub", "timm_layerattn.convert", "huggingface_hub.repocard", '
-            '"huggingface_hub._commit_api") if m in sys.modules]; '
-            'print(bad); sys.exit(1 if bad else 0)')
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get('PYTHONPATH', '')]))
-    r = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stdout + r.stderr

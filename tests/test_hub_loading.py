@@ -32,10 +32,13 @@ _CHILD = textwrap.dedent('''
     import json, sys, torch, safetensors.torch
     torch.set_num_threads(1)
     import timm, timm_layerattn
+    # `import timm_layerattn` must not pull in the export / conversion code or huggingface_hub's upload code
+    heavy = [m for m in ('timm_layerattn.hub', 'timm_layerattn.convert', 'huggingface_hub.repocard',
+                         'huggingface_hub._commit_api') if m in sys.modules]
     from timm_layerattn.cli import main as cli_main
     spec = json.load(open(sys.argv[1]))
     x = safetensors.torch.load_file(spec['input'])['x']
-    tensors, report = {}, {}
+    tensors, report = {}, {'heavy_imports': heavy}
     for case in spec['cases']:
         name = case['name']
         try:
@@ -105,7 +108,8 @@ class _Env:
     def run(self, cases, **env):
         self.runs += 1
         spec = {'input': str(self.tmp / 'x.safetensors'), 'cases': cases,
-                'output': str(self.tmp / f'out{self.runs}.safetensors'), 'report': str(self.tmp / f'rep{self.runs}.json')}
+                'output': str(self.tmp / f'out{self.runs}.safetensors'),
+                'report': str(self.tmp / f'rep{self.runs}.json')}
         (self.tmp / 'spec.json').write_text(json.dumps(spec))
         (self.tmp / 'child.py').write_text(_CHILD)
         r = subprocess.run([sys.executable, str(self.tmp / 'child.py'), str(self.tmp / 'spec.json')],
@@ -231,8 +235,10 @@ def _check_offline(env):
 def test_hub_end_to_end(env):
     """One online process (latest, pinned by sha and tag, changed head / stem, registered tag, push + load), then
     one offline process on the cache it filled (and a push without a token). One test, because each step needs
-    the previous one's state and every child process costs seconds."""
+    the previous one's state and every child process costs seconds. The first process also checks that
+    `import timm_layerattn` stays light."""
     tensors, report, _ = env.run(_online_cases(env), HF_TOKEN='hf_test_token')
+    assert report['heavy_imports'] == []
     _check_latest_and_pinned(tensors, report, env)
     _check_changed_classes_and_channels(tensors, report, env)
     _check_registered(tensors, report, env)
