@@ -1,7 +1,6 @@
 """Export to Hub-ready folders, model cards, the `export` / `push --dry-run` commands, pretrained registration."""
 import argparse
 import json
-import os
 import string
 from pathlib import Path
 
@@ -218,7 +217,7 @@ def _bad_checkpoints(tmp: Path):
     (tmp / 'truncated.pth').write_bytes(data[: len(data) // 2])
     st = (tmp / 'good.safetensors').read_bytes()
     (tmp / 'truncated.safetensors').write_bytes(st[: len(st) - 1000])
-    (tmp / 'corrupt.pth').write_bytes(os.urandom(4096))
+    (tmp / 'corrupt.pth').write_bytes(b'this is not a checkpoint\n' * 100)
     (tmp / 'empty.pth').write_bytes(b'')
     torch.save({'args': argparse.Namespace(lr=0.1), 'state_dict': good}, tmp / 'pickled.pth')
     wrong = dict(good, **{'layer2.0.conv2.weight': torch.zeros(32, 32, 5, 5)})

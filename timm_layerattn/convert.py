@@ -83,6 +83,8 @@ def _read_raw(path: Path) -> Tuple[Any, str]:
     except (EOFError, RuntimeError, ValueError, OSError) as e:
         raise UserError(f'{path}: cannot read the torch checkpoint, it may be truncated or corrupt '
                         f'({type(e).__name__}: {_first_line(e, "unexpected end of file")})')
+    except Exception as e:  # the weights-only unpickler fails in many ways on data that is not a checkpoint
+        raise UserError(f'{path}: not a torch checkpoint, or it is corrupt ({type(e).__name__}: {_first_line(e)})')
     return obj, 'torch'
 
 
