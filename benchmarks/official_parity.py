@@ -32,9 +32,12 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> Tuple[float, float]:
     return diff, diff / max(b.double().abs().max().item(), 1e-12)
 
 
-def _our_model(name: str, state_dict: Dict[str, torch.Tensor], head_dim: Optional[int]):
+def _our_model(name: str, state_dict: Dict[str, torch.Tensor], head_dim: Optional[int] = None):
+    """Our model holding the converted official weights (KCLA's head dim read from the checkpoint if not given)."""
     import timm
     from timm_layerattn import convert_official
+    from timm_layerattn.convert import infer_kcla_head_dim
+    head_dim = head_dim or infer_kcla_head_dim(state_dict)
     converted = convert_official(state_dict, name, head_dim=head_dim)
     kwargs = {'num_classes': converted['fc.weight'].shape[0]}
     if head_dim is not None:
@@ -121,13 +124,7 @@ def run_checkouts(kcla_repo: Optional[str], mrla_repo: Optional[str], only: List
             _non_trivial(ref_model, x, seed=2)
             with torch.no_grad():
                 ref = ref_model(x)
-            state_dict = ref_model.state_dict()
-            inferred = None
-            if entry.family == 'kcla':  # the official default (64 ImageNet, 16 CIFAR) or the patched value
-                norm_d = next(v for k, v in state_dict.items() if k.endswith('norm_d'))
-                wv = next(v for k, v in state_dict.items() if k.endswith('Wv.weight'))
-                inferred = wv.shape[0] // norm_d.numel()
-            model = _our_model(name, state_dict, inferred if entry.family == 'kcla' else None)
+            model = _our_model(name, ref_model.state_dict())
             with torch.no_grad():
                 ours = model(x)
             diff, rel = _rel(ours, ref)
