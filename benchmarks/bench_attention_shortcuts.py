@@ -131,12 +131,12 @@ def main() -> None:
         secs = time_models(models, size, batch, args.reps)
         print(f'\n## {title} (time: batch {batch}, median of {args.reps} interleaved runs, ratio to {base})')
         print(f'{"model":<26} {"params":>12} {"GMACs":>7} {"core MMAC":>10} {"ms/batch":>9} {"time ratio":>10} '
-              f'{"act MB/img":>10} {"+weights MB":>11}')
+              f'{"act MiB/img":>11} {"+weights MiB":>12}')
         for n, m in models.items():
             core = core_macs(m, size) if any(isinstance(x, AttentionShortcut) for x in m.modules()) else 0
             print(f'{n:<26} {count_params(m):>12,} {count_macs(m, (3, *size), device="cpu") / 1e9:>7.3f} '
                   f'{core / 1e6:>10.2f} {secs[n] * 1e3:>9.1f} {secs[n] / secs[base]:>10.2f} '
-                  f'{saved_bytes(m, size) / 2 ** 20:>10.1f} {saved_bytes(m, size, 1, weights=True) / 1e6:>11.1f}')
+                  f'{saved_bytes(m, size) / 2 ** 20:>11.1f} {saved_bytes(m, size, 1, weights=True) / 2 ** 20:>12.1f}')
         for n in names:
             if '_as_' in n:
                 print_sites(f'{n} at {size[0]}x{size[1]}', site_costs(models[n], size))

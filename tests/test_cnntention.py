@@ -13,7 +13,7 @@ from timm_layerattn.models.cnntention import checkpoint_filter_fn
 from timm_layerattn.models.resnet_la import PadShortcut
 from timm_layerattn.tools.zoo import count_params
 
-NAMES = ['cifar_resnet20_basic', 'cifar_resnet20_basic_selfatt', 'cifar_resnet20_basic_mha', 'cifar_resnet20_basic_cbam']
+NAMES = ['cifar_resnet20_basic'] + [f'cifar_resnet20_basic_{k}' for k in ('selfatt', 'mha', 'cbam')]
 # spec §4: 10 classes, 100 classes, MNIST (1 channel, 10 classes)
 PARAMS = {
     'cifar_resnet20_basic': (269_722, 275_572, 269_434),
@@ -69,11 +69,14 @@ def ref_cbam(sd, p, x):
     return f + x
 
 
+def _convs(c, names):
+    shapes = {f'{n}.{t}': (c, c, 1, 1) if t == 'weight' else (c,) for n in names for t in ('weight', 'bias')}
+    return {**shapes, 'weights': (1,)}
+
+
 OFFICIAL = {  # our module -> (reference, official parameter names and shapes for width c)
-    'selfatt': (ref_selfatt, lambda c: {f'{n}.{t}': (c, c, 1, 1) if t == 'weight' else (c,)
-                                        for n in ('query', 'key', 'value') for t in ('weight', 'bias')} | {'weights': (1,)}),
-    'mha': (ref_mha, lambda c: {f'{n}.{t}': (c, c, 1, 1) if t == 'weight' else (c,)
-                                for n in ('key', 'query', 'val', 'linear') for t in ('weight', 'bias')} | {'weights': (1,)}),
+    'selfatt': (ref_selfatt, lambda c: _convs(c, ('query', 'key', 'value'))),
+    'mha': (ref_mha, lambda c: _convs(c, ('key', 'query', 'val', 'linear'))),
     'cbam': (ref_cbam, lambda c: {'channel_attention.mlp.0.weight': (max(c // 16, 1), c),
                                   'channel_attention.mlp.2.weight': (c, max(c // 16, 1)),
                                   'spatial_attention.conv.weight': (1, 2, 7, 7), 'spatial_attention.conv.bias': (1,)}),
@@ -102,8 +105,8 @@ def test_modules_match_official_maths_through_key_conversion(name, tmp_path):
     official = official_state_dict(name)
     save_file(official, tmp_path / 'official.safetensors')
     # the real loading path: timm's load_pretrained applies our filter, strict
-    model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / 'official.safetensors')))
-    model = model.eval()
+    overlay = dict(file=str(tmp_path / 'official.safetensors'))
+    model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay).eval()
     for i, c in enumerate((16, 32, 64), start=1):
         x = torch.randn(2, c, 8, 6)
         with torch.no_grad():
@@ -111,8 +114,9 @@ def test_modules_match_official_maths_through_key_conversion(name, tmp_path):
         torch.testing.assert_close(out, ref(official, f'att{i}.', x), rtol=1e-5, atol=1e-5)
     if kind == 'mha':  # the literal (unswapped) reading is a different function: the test can tell
         swapped = dict(official)
-        swapped['att1.key.weight'], swapped['att1.query.weight'] = official['att1.query.weight'], official['att1.key.weight']
-        swapped['att1.key.bias'], swapped['att1.query.bias'] = official['att1.query.bias'], official['att1.key.bias']
+        for t in ('weight', 'bias'):
+            key, query = f'att1.key.{t}', f'att1.query.{t}'
+            swapped[key], swapped[query] = official[query], official[key]
         x = torch.randn(2, 16, 8, 6)
         with torch.no_grad():
             assert (model.layer1.attn(x, [])[0] - ref_mha(swapped, 'att1.', x)).abs().max() > 1e-3

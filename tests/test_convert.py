@@ -505,7 +505,8 @@ def test_cnntention_key_map(variant):
             official[f'att{site}.{name}'] = torch.tensor(100. * site + j)
     out = remap_cnntention_keys(official, variant)
     expected = {k: k for k in _CNNTENTION_TRUNK}
-    expected.update({f'att{s}.{o}': f'att{s}.{n}' for s in (1, 2, 3) for o, n in _CNNTENTION_OFFICIAL[variant].items()})
+    expected.update({f'att{s}.{o}': f'layer{s}.attn.{n}' for s in (1, 2, 3)
+                     for o, n in _CNNTENTION_OFFICIAL[variant].items()})
     assert sorted(out) == sorted(expected.values())
     for old, new in expected.items():
         assert out[new] is official[old]
@@ -518,7 +519,8 @@ def test_cnntention_checkpoint_converts(variant):
         pytest.skip(f'{name} is not registered yet (CNNtention models are added by the CNNtention work)')
     model = timm.create_model(name).eval()
     ours = model.state_dict()
-    to_official = {f'att{s}.{n}': f'att{s}.{o}' for s in (1, 2, 3) for o, n in _CNNTENTION_OFFICIAL[variant].items()}
+    to_official = {f'layer{s}.attn.{n}': f'att{s}.{o}'
+                   for s in (1, 2, 3) for o, n in _CNNTENTION_OFFICIAL[variant].items()}
     official = {to_official.get(k, k): torch.randn_like(v) if v.is_floating_point() else v for k, v in ours.items()}
     converted = convert_official(official, name)
     model.load_state_dict(converted, strict=True)

@@ -204,7 +204,8 @@ def detect_official_family(state_dict: Mapping[str, Any]) -> Optional[str]:
 
 
 def remap_cnntention_keys(state_dict: Mapping[str, torch.Tensor], variant: str) -> StateDict:
-    """Rename CNNtention attention keys (`att{1,2,3}.*`) to this package's names; trunk keys are unchanged.
+    """Rename CNNtention attention keys (`att{i}.*`, the module after stage i) to this package's names
+    (`layer{i}.attn.*`, the stage's exit unit); trunk keys are unchanged.
 
     Args:
         variant: 'selfatt', 'mha' or 'cbam'.
@@ -214,14 +215,14 @@ def remap_cnntention_keys(state_dict: Mapping[str, torch.Tensor], variant: str) 
     rules = _CNNTENTION_RULES[variant]
     out = {}
     for k, v in state_dict.items():
-        m = re.match(r'^(att\d)\.(.+)$', k)
+        m = re.match(r'^att(\d)\.(.+)$', k)
         if m:
             rest = m.group(2)
             for old, new in rules:
                 if rest == old or rest.startswith(old + '.'):
                     rest = new + rest[len(old):]
                     break
-            k = f'{m.group(1)}.{rest}'
+            k = f'layer{m.group(1)}.attn.{rest}'
         out[k] = v
     return out
 
@@ -458,7 +459,7 @@ class TrunkLoadResult:
     skipped: Dict[str, str] = field(default_factory=dict)  # source key -> reason
 
     def summary(self) -> str:
-        attn = sum('.attn.' in k for k in self.missing)
+        attn = sum(_is_attention_key(k) for k in self.missing)
         reasons: Dict[str, int] = {}
         for r in self.skipped.values():
             reasons[r] = reasons.get(r, 0) + 1
@@ -468,7 +469,7 @@ class TrunkLoadResult:
 
 
 def _is_attention_key(key: str) -> bool:
-    return '.attn.' in key or key.startswith(('att1.', 'att2.', 'att3.', 'stage_attn.', 'as_proj.'))
+    return '.attn.' in key or '.attn_in.' in key or key.startswith('as_proj.')
 
 
 def load_trunk(

@@ -10,7 +10,6 @@ attention module runs after each stage (`layerS.attn`) and its output replaces t
 module carries its own residual (gamma-gated for SelfAtt / MHA, plain for CBAM). Attention modules are
 stage exit units of the `ResNetLA` skeleton, so they follow its `(x, state) -> (x, state)` contract.
 """
-import re
 from dataclasses import replace
 from functools import partial
 from typing import Any, Dict, List, Optional, Tuple
@@ -146,43 +145,16 @@ def _cnntention_arch(kind: str = '') -> ResNetLACfg:
         residual='pad', zero_init_last=False, stage_post=partial(_stage_attn, kind) if kind else None)
 
 
-# Official key names (spec §6) -> ours. `att{i}` is the module after stage i.
-_OFFICIAL_RULES: Dict[str, Tuple[Tuple[str, str], ...]] = {
-    'selfatt': (('weights', 'gamma'), ('query.', 'q.'), ('key.', 'k.'), ('value.', 'v.')),
-    'mha': (('weights', 'gamma'), ('key.', 'q.'), ('query.', 'k.'), ('val.', 'v.'), ('linear.', 'proj.')),
-    'cbam': (('channel_attention.mlp.0.', 'channel_mlp.fc1.'), ('channel_attention.mlp.2.', 'channel_mlp.fc2.'),
-             ('spatial_attention.conv.', 'spatial_conv.')),
-}
-
-
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: ResNetLA) -> Dict[str, torch.Tensor]:
-    """Map the authors' checkpoints (`att{i}.*`, spec §6, incl. MHA's swapped key/query) to this layout.
-
-    A checkpoint already in this layout passes through unchanged.
-    """
+    """Map the authors' checkpoints (`att{i}.*` -> `layer{i}.attn.*`, spec §6, incl. MHA's swapped key/query)
+    to this layout. A checkpoint already in this layout passes through unchanged."""
+    from ..convert import _cnntention_variant_from_keys, remap_cnntention_keys
     state_dict = _la_checkpoint_filter_fn(state_dict, model)
-    if not any(re.match(r'att\d\.', k) for k in state_dict):
+    variant = _cnntention_variant_from_keys(state_dict)
+    if variant is None:
         return state_dict
-    if any(re.match(r'att\d\.linear\.', k) for k in state_dict):
-        kind = 'mha'
-    elif any(re.match(r'att\d\.channel_attention\.', k) for k in state_dict):
-        kind = 'cbam'
-    else:
-        kind = 'selfatt'
-    out = {}
-    for k, v in state_dict.items():
-        m = re.match(r'att(\d)\.(.*)', k)
-        if m:
-            rest = m.group(2)
-            for old, new in _OFFICIAL_RULES[kind]:
-                if rest.startswith(old):
-                    rest = new + rest[len(old):]
-                    break
-            k = f'layer{m.group(1)}.attn.{rest}'
-            if rest == 'gamma':
-                v = v.reshape(1)
-        out[k] = v
-    return out
+    return {k: v.reshape(1) if k.endswith('.attn.gamma') else v
+            for k, v in remap_cnntention_keys(state_dict, variant).items()}
 
 
 _KINDS = {f'cifar_resnet20_basic{"_" + kind if kind else ""}': kind for kind in ('', 'selfatt', 'mha', 'cbam')}
