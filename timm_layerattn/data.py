@@ -102,7 +102,8 @@ class DigitsDataset(Dataset):
     def mean_std(self) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
         """Per-channel mean and std of this split in [0, 1] units (use the train split's for normalisation)."""
         x = self.images.float() / 255.
-        return tuple(x.mean(dim=(0, 2, 3)).tolist()), tuple(x.std(dim=(0, 2, 3)).tolist())
+        mean, std = x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).tolist()
+        return tuple(round(v, 4) for v in mean), tuple(round(v, 4) for v in std)
 
 
 def cifar_train_transform(

@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -83,8 +84,8 @@ RECIPES: Dict[str, Dict[str, Any]] = {
     # The demo's recipe for the embedded 8x8 digits (32x32 upscaled): short, no flips (digits are not
     # mirror-symmetric), the CIFAR pad-and-crop as the only augmentation.
     'digits': dict(
-        dataset='digits', opt='momentum', lr=0.1, momentum=0.9, weight_decay=5e-4, decay_all=False, batch_size=32,
-        epochs=6, sched='cosine', sched_on_updates=True, warmup_epochs=1, warmup_lr=0.01, min_lr=1e-3,
+        dataset='digits', opt='adamw', lr=2e-3, weight_decay=0.05, decay_all=False, batch_size=32, epochs=6,
+        sched='cosine', sched_on_updates=True, warmup_epochs=1, warmup_lr=1e-4, min_lr=1e-5,
         smoothing=0.0, train_aug='cifar', hflip=0.0, pad=4,
     ),
 }
@@ -96,7 +97,7 @@ RECIPE_HELP = {
     'la-imagenet': 'layer-attention ImageNet (MRLA decay): SGD 0.1, b256, 100 ep, 3-ep warm-up, x0.1 every 30 ep',
     'mrla-imagenet': 'same as la-imagenet',
     'kcla-imagenet': 'la-imagenet with KCLA decay: x0.1 at 40, 70, 90',
-    'digits': 'the demo: embedded 8x8 digits at 32 px, SGD 0.1, b32, 6 ep cosine, pad-4 crop, no flip',
+    'digits': 'the demo: embedded 8x8 digits at 32 px, AdamW 2e-3, wd 0.05, b32, 6 ep cosine, pad-4 crop, no flip',
 }
 
 CHECKPOINT_EXT = '.pth.tar'
@@ -192,10 +193,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument('--sched-on-updates', action=argparse.BooleanOptionalAction, default=None,
                    help='step the schedule every update instead of every epoch' + R)
     g.add_argument('--decay-milestones', type=int, nargs='+', default=None, metavar='EPOCH',
-                   help='multistep decay epochs' + R)
+                   help='multistep: epoch indices from which the lr is decayed (PyTorch MultiStepLR timing)' + R)
     g.add_argument('--decay-epochs', type=float, default=None, help='step decay interval' + R)
     g.add_argument('--decay-iters', type=int, nargs='+', default=None, metavar='ITER',
-                   help='multistep decay points in optimizer steps (overrides --decay-milestones)' + R)
+                   help='multistep: decay after this many optimizer steps (overrides --decay-milestones)' + R)
     g.add_argument('--decay-rate', type=float, default=None, help='lr decay factor' + R)
     g.add_argument('--warmup-epochs', type=int, default=None, help='linear warm-up epochs' + R)
     g.add_argument('--warmup-lr', type=float, default=None, help='warm-up start lr' + R)
@@ -599,7 +600,7 @@ def _train_one_epoch(
         loader.sampler.set_epoch(epoch)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     hits = torch.zeros((), dtype=torch.float64, device=device)
-    seen = 0
+    seen, last_lr = 0, optimizer.param_groups[0]['lr']
     start = time.perf_counter()
     bar = progress(loader, len(loader), f'{args.model} {epoch + 1}/{ctx["num_epochs"]}', disable=not ctx['show_bar'])
     for x, y in bar:
@@ -616,6 +617,7 @@ def _train_one_epoch(
             raise RuntimeError(f'loss is {loss.item()} at epoch {epoch}, step {state["updates"]}: lower --lr or '
                                f'check the data')
         optimizer.zero_grad(set_to_none=True)
+        last_lr = optimizer.param_groups[0]['lr']
         if ctx['loss_scaler'] is not None:
             ctx['loss_scaler'](loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
                                parameters=model_parameters(model, exclude_head='agc' in args.clip_mode))
@@ -647,7 +649,7 @@ def _train_one_epoch(
     if ctx['distributed']:
         torch.distributed.all_reduce(totals)
     loss_sum, hits, seen = totals.tolist()
-    metrics = {'loss': loss_sum / max(seen, 1), 'time': elapsed}
+    metrics = {'loss': loss_sum / max(seen, 1), 'time': elapsed, 'lr': last_lr}
     if ctx['mixup_fn'] is None:
         metrics['top1'] = 100.0 * hits / max(seen, 1)
     return metrics
@@ -688,6 +690,32 @@ def _data_config(args: argparse.Namespace, model: nn.Module, train_ds) -> Dict[s
     return {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items()}
 
 
+def create_lr_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace, updates_per_epoch: int):
+    """timm scheduler for the resolved `args`; `--decay-iters` gives a multistep schedule counted in updates.
+
+    Milestones follow PyTorch's `MultiStepLR` and the papers' code: with `--decay-milestones 100` the lr drops for
+    epoch index 100 (the 101st epoch), with `--decay-iters 32000` after 32000 updates. timm's multistep scheduler
+    applies a milestone M one step earlier (it compares M with t + 1), so M + 1 is handed to it.
+    """
+    from timm.scheduler import MultiStepLRScheduler, create_scheduler_v2
+    if args.sched == 'multistep' and (args.decay_iters or args.sched_on_updates):
+        at = args.decay_iters or [m * updates_per_epoch for m in args.decay_milestones]
+        return MultiStepLRScheduler(
+            optimizer, decay_t=[m + 1 for m in at], decay_rate=args.decay_rate,
+            warmup_t=args.warmup_epochs * updates_per_epoch, warmup_lr_init=args.warmup_lr, warmup_prefix=False,
+            t_in_epochs=False)
+    milestones = [m + 1 for m in args.decay_milestones] if args.sched == 'multistep' else args.decay_milestones
+    try:
+        scheduler, _ = create_scheduler_v2(
+            optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
+            decay_milestones=milestones, decay_rate=args.decay_rate, min_lr=args.min_lr,
+            warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs, step_on_epochs=not args.sched_on_updates,
+            updates_per_epoch=updates_per_epoch)
+    except ValueError as e:
+        raise UserError(f'--sched {args.sched}: {e}') from None
+    return scheduler
+
+
 def _write_json(path: Path, obj: Any) -> None:
     with atomic_file(path, 'w') as f:
         json.dump(obj, f, indent=1)
@@ -699,7 +727,6 @@ def train(args: argparse.Namespace) -> TrainResult:
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
     from timm.optim import create_optimizer_v2
-    from timm.scheduler import MultiStepLRScheduler, create_scheduler_v2
     from timm.models import resume_checkpoint
     from timm.utils import (
         ModelEmaV3, NativeScaler, distribute_bn, init_distributed_device, random_seed, trim_summary, update_summary)
@@ -805,16 +832,7 @@ def train(args: argparse.Namespace) -> TrainResult:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None)
 
     # ---- schedule, loss ----------------------------------------------------------------------------------------
-    if args.decay_iters:
-        warmup_t = args.warmup_epochs * updates_per_epoch
-        lr_scheduler = MultiStepLRScheduler(optimizer, decay_t=list(args.decay_iters), decay_rate=args.decay_rate,
-                                            warmup_t=warmup_t, warmup_lr_init=args.warmup_lr, t_in_epochs=False)
-    else:
-        lr_scheduler, _ = create_scheduler_v2(
-            optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
-            decay_milestones=args.decay_milestones, decay_rate=args.decay_rate, min_lr=args.min_lr,
-            warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs, step_on_epochs=not args.sched_on_updates,
-            updates_per_epoch=updates_per_epoch)
+    lr_scheduler = create_lr_scheduler(optimizer, args, updates_per_epoch)
     if lr_scheduler is not None and start_epoch > 0:
         lr_scheduler.step(start_epoch)
         lr_scheduler.step_update(num_updates=updates)
@@ -868,8 +886,8 @@ def train(args: argparse.Namespace) -> TrainResult:
     for epoch in range(start_epoch, args.epochs):
         if args.iters is not None and state['updates'] >= args.iters:
             break
-        lr = optimizer.param_groups[0]['lr']
         train_metrics = _train_one_epoch(epoch, model, train_loader, optimizer, criterion, lr_scheduler, state, ctx)
+        lr = train_metrics.pop('lr')  # the lr of the epoch's last step (per-update schedules change it inside)
         if distributed:
             distribute_bn(model, world_size, reduce=True)  # identical BN statistics on every rank
         t0 = time.perf_counter()
@@ -885,7 +903,8 @@ def train(args: argparse.Namespace) -> TrainResult:
         ranked = ema_metrics if ema_metrics is not None else eval_metrics
         row = dict(epoch=epoch, lr=lr, train_loss=train_metrics['loss'], train_top1=train_metrics.get('top1'),
                    train_time=train_metrics['time'], eval_loss=eval_metrics['loss'], eval_top1=eval_metrics['top1'],
-                   eval_top5=eval_metrics['top5'], eval_time=eval_time, updates=state['updates'])
+                   eval_top5=eval_metrics['top5'], eval_correct=eval_metrics['correct'], eval_count=eval_metrics['count'],
+                   eval_time=eval_time, updates=state['updates'])
         if ema_metrics is not None:
             row.update(ema_loss=ema_metrics['loss'], ema_top1=ema_metrics['top1'], ema_top5=ema_metrics['top5'])
         history.append(row)
@@ -916,9 +935,12 @@ def train(args: argparse.Namespace) -> TrainResult:
         model=unwrapped)
     if is_primary:
         if args.export and result.best_checkpoint is not None:
+            best_row = next((h for h in history if h['epoch'] == best_epoch), {})
+            prefix = 'ema_' if model_ema is not None else 'eval_'
+            metrics = {k: round(best_row[prefix + k], 3) for k in ('top1', 'top5') if best_row.get(prefix + k) is not None}
             result.export_dir = export_checkpoint(
                 result.best_checkpoint, args.export, args=args, data_config=data_config, label_names=label_names,
-                metrics={'top1': best_metric, 'best_epoch': best_epoch}, use_ema=model_ema is not None)
+                metrics=metrics, use_ema=model_ema is not None, world_size=world_size)
             say(f'exported the best checkpoint (epoch {best_epoch + 1}, top1 {best_metric:.2f}%) to {result.export_dir}')
         _write_json(log_path, dict(log_head, epochs=history, best=dict(epoch=best_epoch, top1=best_metric),
                                    finished=True, replica_checksums=checksums,
@@ -932,17 +954,47 @@ def train(args: argparse.Namespace) -> TrainResult:
 # Export of the best checkpoint
 # ---------------------------------------------------------------------------------------------------------------
 
-def apply_data_config(model: nn.Module, data_config: Dict[str, Any], label_names: Sequence[str] = ()) -> None:
+def apply_data_config(model: nn.Module, data_config: Dict[str, Any]) -> None:
     """Record the data processing the model was trained with in its `pretrained_cfg` (exported with it)."""
     cfg = dict(getattr(model, 'pretrained_cfg', None) or {})
     for key in ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode'):
         if key in data_config:
             value = data_config[key]
             cfg[key] = tuple(value) if isinstance(value, list) else value
-    cfg['num_classes'] = model.num_classes if hasattr(model, 'num_classes') else cfg.get('num_classes')
-    if label_names:
-        cfg['label_names'] = list(label_names)
+    cfg['num_classes'] = getattr(model, 'num_classes', cfg.get('num_classes'))
     model.pretrained_cfg = cfg
+
+
+def recipe_markdown(args: argparse.Namespace, world_size: int = 1) -> str:
+    """The resolved training settings as a markdown list (for the exported model card)."""
+    sched = f'{args.sched}'
+    if args.decay_iters:
+        sched = f'multistep, x{args.decay_rate:g} at iterations {", ".join(map(str, args.decay_iters))}'
+    elif args.sched == 'multistep':
+        sched += f', x{args.decay_rate:g} at epochs {", ".join(map(str, args.decay_milestones))}'
+    elif args.sched == 'step':
+        sched += f', x{args.decay_rate:g} every {args.decay_epochs:g} epochs'
+    if args.warmup_epochs:
+        sched += f'; {args.warmup_epochs}-epoch linear warm-up from {args.warmup_lr:g}'
+    aug = {'cifar': f'zero-pad {args.pad} px + random crop, horizontal flip p={args.hflip:g}',
+           'timm': f'timm RandomResizedCrop scale {tuple(args.scale)}, flip p={args.hflip:g}, '
+                   f'colour jitter {args.color_jitter:g}' + (f', auto-augment {args.aa}' if args.aa else ''),
+           'none': 'none'}[args.train_aug]
+    length = f'{args.iters} iterations' if args.iters else f'{args.epochs} epochs'
+    lines = [
+        f'Trained with `timm-layerattn train`' + (f' (recipe `{args.recipe}`)' if args.recipe else '') + ':',
+        '',
+        f'- data: `{args.dataset or "ImageFolder"}`' + (f', {args.train_samples} training images' if args.train_samples
+                                                         else ''),
+        f'- optimizer: timm `{args.opt}`, lr {args.lr:g}, momentum {args.momentum:g}, weight decay '
+        f'{args.weight_decay:g} ({"all parameters" if args.decay_all else "not on norms and biases"})',
+        f'- batch {args.batch_size}' + (f' x {world_size} ranks' if world_size > 1 else '') + f', {length}',
+        f'- schedule: {sched}',
+        f'- augmentation: {aug}; label smoothing {args.smoothing:g}'
+        + (f', mixup {args.mixup:g}' if args.mixup else '') + (f', cutmix {args.cutmix:g}' if args.cutmix else ''),
+        f'- seed {args.seed}' + (', weights: EMA' if args.model_ema else ''),
+    ]
+    return '\n'.join(lines)
 
 
 def export_checkpoint(
@@ -951,24 +1003,30 @@ def export_checkpoint(
         args: argparse.Namespace,
         data_config: Dict[str, Any],
         label_names: Sequence[str],
-        metrics: Dict[str, Any],
+        metrics: Dict[str, float],
         use_ema: bool = False,
+        world_size: int = 1,
 ) -> Path:
-    """Load the weights of a training checkpoint into a fresh model and export it with `timm_layerattn.hub`."""
+    """Load the weights of a training checkpoint into a fresh model and export it with `timm_layerattn.hub`.
+
+    The data processing used in training (size, mean, std, crop) is written into the exported `pretrained_cfg`,
+    so `resolve_data_config({}, model=reloaded)` reproduces the evaluation transform.
+    """
     import timm
     from timm.models import clean_state_dict
     from .hub import export_folder
     ckpt = read_checkpoint(str(checkpoint))
     key = 'state_dict_ema' if use_ema and 'state_dict_ema' in ckpt else 'state_dict'
-    model = timm.create_model(args.model, num_classes=len(label_names) if not args.num_classes else args.num_classes,
-                              **(args.model_kwargs or {}))
+    num_classes = args.num_classes or len(label_names)
+    model = timm.create_model(args.model, num_classes=num_classes, **(args.model_kwargs or {}))
     model.load_state_dict(clean_state_dict(ckpt[key]))
-    apply_data_config(model, data_config, label_names)
+    apply_data_config(model, data_config)
     dataset = args.dataset or 'imagefolder'
-    tag = args.export_tag or dataset.split('/')[-1].replace('_', '-').lower()
-    recipe = dict(name=args.recipe, **{k: _plain(getattr(args, k)) for k in BASE_DEFAULTS if k != 'dataset'})
-    return Path(export_folder(model.eval(), out_dir, model_name=args.model.split('.')[0], tag=tag, dataset=dataset,
-                              metrics=metrics, label_names=list(label_names), recipe=recipe, overwrite=args.overwrite))
+    tag = args.export_tag or re.sub(r'[^A-Za-z0-9_\-]+', '-', dataset.split('/')[-1]).strip('-').lower() or None
+    return Path(export_folder(
+        model.eval(), out_dir, model_name=args.model.split('.')[0], tag=tag, dataset=dataset, metrics=metrics,
+        label_names=list(label_names) if len(label_names) == num_classes else None,
+        recipe=recipe_markdown(args, world_size), overwrite=args.overwrite))
 
 
 # ---------------------------------------------------------------------------------------------------------------
