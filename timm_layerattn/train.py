@@ -158,7 +158,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help='data loader processes per rank (default: 0 for in-memory digits, else min(4, cores))')
 
     g = parser.add_argument_group('model')
-    g.add_argument('--model', '-m', required=True, metavar='NAME', help='model name, e.g. cifar_resnet20_kcla')
+    g.add_argument('--model', required=True, metavar='NAME', help='model name, e.g. cifar_resnet20_kcla')
     g.add_argument('--pretrained', action='store_true', help='start from the pretrained weights')
     g.add_argument('--initial-checkpoint', default='', metavar='PATH', help='initialise the model from a checkpoint')
     g.add_argument('--num-classes', type=int, default=None, metavar='N', help='default: number of dataset classes')
