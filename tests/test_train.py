@@ -154,6 +154,11 @@ def test_bad_input_is_a_user_error_before_training(tmp_path):
     never = str(tmp_path / 'never')
     assert 'dataset folder not found' in attempt(str(tmp_path / 'nope'), '--output', never)
     assert 'no dataset folder given' in attempt('--output', never)
+    flat = tmp_path / 'flat' / 'cls'
+    flat.mkdir(parents=True)
+    from PIL import Image
+    Image.new('RGB', (8, 8)).save(flat / 'a.png')
+    assert 'same images' in attempt(str(flat.parent), '--output', never)
     assert "unknown recipe 'imagenet'" in attempt('--recipe', 'imagenet', '--dataset', 'digits', '--output', never)
     blocker = tmp_path / 'file'
     blocker.write_text('x')

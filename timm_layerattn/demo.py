@@ -193,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
             print(f'== [{i + 1}/{len(models)}] {m} ==', flush=True)
             a = train_args[m]
             a.output = str(tmp / 'runs' / m)
+            a.display_output = str(out / 'runs' / m)  # where the run will be once the demo folder is complete
             results.append(train(a))
             print(flush=True)
 

@@ -84,7 +84,7 @@ RECIPES: Dict[str, Dict[str, Any]] = {
     # The demo's recipe for the embedded 8x8 digits (32x32 upscaled): short, no flips (digits are not
     # mirror-symmetric), the CIFAR pad-and-crop as the only augmentation.
     'digits': dict(
-        dataset='digits', opt='adamw', lr=2e-3, weight_decay=0.05, decay_all=False, batch_size=32, epochs=6,
+        dataset='digits', opt='adamw', lr=2e-3, weight_decay=0.05, decay_all=False, batch_size=32, epochs=5,
         sched='cosine', sched_on_updates=True, warmup_epochs=1, warmup_lr=1e-4, min_lr=1e-5,
         smoothing=0.0, train_aug='cifar', hflip=0.0, pad=4,
     ),
@@ -97,7 +97,7 @@ RECIPE_HELP = {
     'la-imagenet': 'layer-attention ImageNet (MRLA decay): SGD 0.1, b256, 100 ep, 3-ep warm-up, x0.1 every 30 ep',
     'mrla-imagenet': 'same as la-imagenet',
     'kcla-imagenet': 'la-imagenet with KCLA decay: x0.1 at 40, 70, 90',
-    'digits': 'the demo: embedded 8x8 digits at 32 px, AdamW 2e-3, wd 0.05, b32, 6 ep cosine, pad-4 crop, no flip',
+    'digits': 'the demo: embedded 8x8 digits at 32 px, AdamW 2e-3, wd 0.05, b32, 5 ep cosine, pad-4 crop, no flip',
 }
 
 CHECKPOINT_EXT = '.pth.tar'
@@ -363,6 +363,10 @@ def create_datasets(args: argparse.Namespace, distributed: bool = False, is_prim
             torch.distributed.barrier()
         train_ds = make(args.train_split, True)
         val_ds = make(args.val_split, False)
+        roots = [getattr(getattr(ds, 'reader', None), 'root', None) for ds in (train_ds, val_ds)]
+        if roots[0] is not None and roots[0] == roots[1]:
+            raise UserError(f'{root} has no {args.train_split!r} / {args.val_split!r} sub-folders: training and '
+                            f'validation would use the same images (give --train-split / --val-split)')
         if isinstance(train_ds, torch.utils.data.IterableDataset):
             raise UserError(f'{name} is a streaming dataset; use timm\'s train.py with --device-modules '
                             f'timm_layerattn for those')
@@ -875,7 +879,7 @@ def train(args: argparse.Namespace) -> TrainResult:
     say(f'train {args.model}: {num_params / 1e6:.3f}M params, {len(train_ds)} train / {len(val_ds)} val images, '
         f'{num_classes} classes, {args.epochs} epochs x {updates_per_epoch} steps'
         f'{f" x {world_size} ranks" if distributed else ""}, recipe {args.recipe or "(none)"}, device {device}'
-        f'{", amp " + args.amp_dtype if use_amp else ""} -> {out_dir}')
+        f'{", amp " + args.amp_dtype if use_amp else ""} -> {getattr(args, "display_output", None) or out_dir}')
 
     ctx = dict(args=args, device=device, channels_last=channels_last, autocast=autocast, loss_scaler=loss_scaler,
                model_ema=model_ema, unwrapped=unwrapped, mixup_fn=mixup_fn, distributed=distributed,
