@@ -1041,7 +1041,7 @@ def run(args: argparse.Namespace) -> int:
     """CLI entry (`timm-layerattn train`)."""
     result = train(args)
     if result.best_metric is not None and (not args.quiet) and int(os.environ.get('RANK', 0)) == 0:
-        print(f'best top1 {result.best_metric:.2f}% at epoch {result.best_epoch + 1}; '
+        print(f'best {"EMA " if args.model_ema else ""}top1 {result.best_metric:.2f}% at epoch {result.best_epoch + 1}; '
               f'checkpoint {result.best_checkpoint}')
     return 0
 
