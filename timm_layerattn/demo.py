@@ -87,6 +87,9 @@ def _train_argv(args: argparse.Namespace, model: str, run_dir: Path) -> List[str
             argv += [flag, str(value)]
     if not args.progress:
         argv.append('--no-progress')
+    # fp32, default memory format on every device: the reloaded model is re-evaluated the same way and must
+    # reproduce the accuracy exactly.
+    argv += ['--no-amp', '--no-channels-last']
     return argv
 
 
@@ -128,7 +131,7 @@ def plot_curves(results: Sequence[Any], path: Path) -> Path:
     return path
 
 
-def reload_and_evaluate(export_dir: Path, val_dataset, batch_size: int) -> Dict[str, float]:
+def reload_and_evaluate(export_dir: Path, val_dataset, batch_size: int, device: str = 'cpu') -> Dict[str, float]:
     """Load an exported folder the way users will (`local-dir:` + pretrained) and evaluate it on `val_dataset`.
 
     The evaluation transform comes from the reloaded model's own data config, so this also checks that the
@@ -138,10 +141,10 @@ def reload_and_evaluate(export_dir: Path, val_dataset, batch_size: int) -> Dict[
     import torch
     from timm.data import create_transform, resolve_data_config
     from .train import evaluate, set_transform
-    model = timm.create_model(f'local-dir:{export_dir}', pretrained=True).eval()
+    model = timm.create_model(f'local-dir:{export_dir}', pretrained=True).eval().to(device)
     set_transform(val_dataset, create_transform(**resolve_data_config({}, model=model), is_training=False))
     loader = torch.utils.data.DataLoader(val_dataset, batch_size=batch_size, shuffle=False)
-    return evaluate(model, loader, torch.device('cpu'))
+    return evaluate(model, loader, torch.device(device))
 
 
 def _run_bench() -> None:
@@ -213,7 +216,9 @@ def run(args: argparse.Namespace) -> int:
 
         from .train import create_datasets
         _, val_ds = create_datasets(chosen_args)
-        reloaded = reload_and_evaluate(export_dir, val_ds, chosen_args.validation_batch_size or chosen_args.batch_size)
+        device = next(chosen.model.parameters()).device  # where training evaluated
+        reloaded = reload_and_evaluate(export_dir, val_ds, chosen_args.validation_batch_size or chosen_args.batch_size,
+                                       str(device))
         same = (reloaded['correct'], reloaded['count']) == (best['eval_correct'], best['eval_count'])
         print(f"reloaded with timm.create_model('local-dir:{out / 'export' / chosen.model_name}', pretrained=True)")
         print(f'  val accuracy in training: {chosen.best_metric:.2f}%   after reload: {reloaded["top1"]:.2f}%   '
