@@ -173,8 +173,9 @@ def test_resume_from_another_architecture_is_refused(tmp_path):
     out = tmp_path / 'r20'
     train(parse_args(TINY + ['--output', str(out)]))
     ckpt = str(out / 'last.pth.tar')
-    for model, match in (('cifar_resnet20_kcla', "checkpoint of 'cifar_resnet20', not of --model 'cifar_resnet20_kcla'"),
-                         ('cifar_resnet20', 'does not fit --model cifar_resnet20.*other shapes')):
+    cases = (('cifar_resnet20_kcla', "checkpoint of 'cifar_resnet20', not of --model 'cifar_resnet20_kcla'"),
+             ('cifar_resnet20', 'does not fit --model cifar_resnet20.*other shapes'))
+    for model, match in cases:
         args = TINY + ['--resume', ckpt, '--output', str(tmp_path / 'new')]
         args[args.index('--model') + 1] = model
         if model == 'cifar_resnet20':

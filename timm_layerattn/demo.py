@@ -19,7 +19,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Sequence
 
 from ._utils import UserError
 
@@ -35,7 +35,6 @@ DEMO_MARKER = 'demo.json'
 
 def default_models() -> List[str]:
     import timm
-    from . import models as _registered  # noqa: F401
     return list(DEFAULT_MODELS) + [m for m in EXTRA_FAMILY_MODELS if timm.is_model(m)]
 
 
@@ -111,7 +110,8 @@ def plot_curves(results: Sequence[Any], path: Path) -> Path:
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
     for r in results:
         epochs = [h['epoch'] + 1 for h in r.history]
-        line, = ax_loss.plot(epochs, [h['train_loss'] for h in r.history], marker='o', ms=3, label=f'{r.model_name} train')
+        line, = ax_loss.plot(epochs, [h['train_loss'] for h in r.history], marker='o', ms=3,
+                             label=f'{r.model_name} train')
         ax_loss.plot(epochs, [h['eval_loss'] for h in r.history], ls='--', marker='x', ms=3, color=line.get_color(),
                      label=f'{r.model_name} val')
         ax_acc.plot(epochs, [h['eval_top1'] for h in r.history], marker='o', ms=3, color=line.get_color(),
@@ -211,7 +211,8 @@ def run(args: argparse.Namespace) -> int:
         export_checkpoint(chosen.best_checkpoint, str(export_dir), args=chosen_args, data_config=chosen.data_config,
                           label_names=chosen.label_names,
                           metrics={'top1': round(best['eval_top1'], 3), 'top5': round(best['eval_top5'], 3)})
-        print(f'exported {chosen.model_name} (best epoch {chosen.best_epoch + 1}) to {out / "export" / chosen.model_name}'
+        print(f'exported {chosen.model_name} (best epoch {chosen.best_epoch + 1}) to '
+              f'{out / "export" / chosen.model_name}'
               f'  [{", ".join(sorted(p.name for p in export_dir.iterdir()))}]')
 
         from .train import create_datasets

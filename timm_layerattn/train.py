@@ -661,7 +661,6 @@ def _train_one_epoch(
 
 def _create_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
     import timm
-    from . import models as _registered  # noqa: F401  (our models must be registered)
     kwargs = dict(args.model_kwargs or {})
     if args.drop is not None:
         kwargs['drop_rate'] = args.drop
@@ -727,7 +726,6 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def train(args: argparse.Namespace) -> TrainResult:
     """Run a training as configured by `args` (from `add_arguments`; recipes resolved here)."""
-    import timm
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
     from timm.optim import create_optimizer_v2
@@ -907,8 +905,8 @@ def train(args: argparse.Namespace) -> TrainResult:
         ranked = ema_metrics if ema_metrics is not None else eval_metrics
         row = dict(epoch=epoch, lr=lr, train_loss=train_metrics['loss'], train_top1=train_metrics.get('top1'),
                    train_time=train_metrics['time'], eval_loss=eval_metrics['loss'], eval_top1=eval_metrics['top1'],
-                   eval_top5=eval_metrics['top5'], eval_correct=eval_metrics['correct'], eval_count=eval_metrics['count'],
-                   eval_time=eval_time, updates=state['updates'])
+                   eval_top5=eval_metrics['top5'], eval_correct=eval_metrics['correct'],
+                   eval_count=eval_metrics['count'], eval_time=eval_time, updates=state['updates'])
         if ema_metrics is not None:
             row.update(ema_loss=ema_metrics['loss'], ema_top1=ema_metrics['top1'], ema_top5=ema_metrics['top5'])
         history.append(row)
@@ -941,11 +939,13 @@ def train(args: argparse.Namespace) -> TrainResult:
         if args.export and result.best_checkpoint is not None:
             best_row = next((h for h in history if h['epoch'] == best_epoch), {})
             prefix = 'ema_' if model_ema is not None else 'eval_'
-            metrics = {k: round(best_row[prefix + k], 3) for k in ('top1', 'top5') if best_row.get(prefix + k) is not None}
+            metrics = {k: round(best_row[prefix + k], 3) for k in ('top1', 'top5')
+                       if best_row.get(prefix + k) is not None}
             result.export_dir = export_checkpoint(
                 result.best_checkpoint, args.export, args=args, data_config=data_config, label_names=label_names,
                 metrics=metrics, use_ema=model_ema is not None, world_size=world_size)
-            say(f'exported the best checkpoint (epoch {best_epoch + 1}, top1 {best_metric:.2f}%) to {result.export_dir}')
+            say(f'exported the best checkpoint (epoch {best_epoch + 1}, top1 {best_metric:.2f}%) '
+                f'to {result.export_dir}')
         _write_json(log_path, dict(log_head, epochs=history, best=dict(epoch=best_epoch, top1=best_metric),
                                    finished=True, replica_checksums=checksums,
                                    export_dir=str(result.export_dir) if result.export_dir else None))
@@ -986,7 +986,7 @@ def recipe_markdown(args: argparse.Namespace, world_size: int = 1) -> str:
            'none': 'none'}[args.train_aug]
     length = f'{args.iters} iterations' if args.iters else f'{args.epochs} epochs'
     lines = [
-        f'Trained with `timm-layerattn train`' + (f' (recipe `{args.recipe}`)' if args.recipe else '') + ':',
+        'Trained with `timm-layerattn train`' + (f' (recipe `{args.recipe}`)' if args.recipe else '') + ':',
         '',
         f'- data: `{args.dataset or "ImageFolder"}`' + (f', {args.train_samples} training images' if args.train_samples
                                                          else ''),
@@ -1041,7 +1041,8 @@ def run(args: argparse.Namespace) -> int:
     """CLI entry (`timm-layerattn train`)."""
     result = train(args)
     if result.best_metric is not None and (not args.quiet) and int(os.environ.get('RANK', 0)) == 0:
-        print(f'best {"EMA " if args.model_ema else ""}top1 {result.best_metric:.2f}% at epoch {result.best_epoch + 1}; '
+        which = 'EMA top1' if args.model_ema else 'top1'
+        print(f'best {which} {result.best_metric:.2f}% at epoch {result.best_epoch + 1}; '
               f'checkpoint {result.best_checkpoint}')
     return 0
 
