@@ -26,8 +26,9 @@ import torch.nn as nn
 
 from ._utils import UserError, atomic_file
 
-__all__ = ['read_state_dict', 'unwrap_state_dict', 'convert_official', 'remap_cnntention_keys', 'load_trunk',
-           'TrunkLoadResult', 'detect_official_family']
+__all__ = ['read_state_dict', 'unwrap_state_dict', 'convert_official', 'convert_official_with_report',
+           'remap_cnntention_keys', 'detect_official_family', 'infer_kcla_head_dim', 'check_state_dict', 'load_trunk',
+           'TrunkLoadResult']
 
 _logger = logging.getLogger(__name__)
 
@@ -65,7 +66,8 @@ def _read_raw(path: Path) -> Tuple[Any, str]:
         try:
             return safetensors.torch.load_file(str(path), device='cpu'), 'safetensors'
         except Exception as e:
-            raise UserError(f'{path}: not a readable safetensors file, it may be truncated or corrupt ({_first_line(e)})')
+            raise UserError(
+                f'{path}: not a readable safetensors file, it may be truncated or corrupt ({_first_line(e)})')
     try:
         obj = torch.load(str(path), map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
@@ -81,6 +83,8 @@ def _read_raw(path: Path) -> Tuple[Any, str]:
     except (EOFError, RuntimeError, ValueError, OSError) as e:
         raise UserError(f'{path}: cannot read the torch checkpoint, it may be truncated or corrupt '
                         f'({type(e).__name__}: {_first_line(e, "unexpected end of file")})')
+    except Exception as e:  # the weights-only unpickler fails in many ways on data that is not a checkpoint
+        raise UserError(f'{path}: not a torch checkpoint, or it is corrupt ({type(e).__name__}: {_first_line(e)})')
     return obj, 'torch'
 
 
@@ -233,6 +237,23 @@ def _cnntention_variant_from_keys(state_dict: Mapping[str, Any]) -> Optional[str
     return None
 
 
+def _kcla_heads(state_dict: Mapping[str, Any]) -> Optional[Tuple[int, int]]:
+    """(heads, channels) of the first KCLA cell, official (`Wv`) or this package's (`attn.v`) layout."""
+    for k, v in state_dict.items():
+        if k.endswith('.norm_d'):
+            prefix = k[:-len('norm_d')]
+            value = state_dict.get(prefix + 'Wv.weight', state_dict.get(prefix + 'v.weight'))
+            if value is not None:
+                return v.numel(), value.shape[0]
+    return None
+
+
+def infer_kcla_head_dim(state_dict: Mapping[str, Any]) -> Optional[int]:
+    """Head dim of a KCLA checkpoint (from `norm_d`'s number of heads), None for other checkpoints."""
+    found = _kcla_heads(state_dict)
+    return found[1] // found[0] if found else None
+
+
 @dataclass
 class ConversionReport:
     """What `convert_official` did: detected family, KCLA head dim, dropped (never-used) official keys."""
@@ -318,11 +339,10 @@ def convert_official_with_report(
     in_chans = stem_w.shape[1] if stem_w is not None and stem_w.ndim == 4 else None
     inferred_head_dim = None
     if family == 'kcla':
-        norm_d = next((k for k in sd if k.endswith('.norm_d')), None)
-        wv = norm_d[:-len('norm_d')] + 'Wv.weight' if norm_d else None
-        if norm_d is None or wv not in sd:
+        found = _kcla_heads(sd)
+        if found is None:
             raise UserError('KCLA checkpoint without norm_d / Wv.weight: cannot infer its head dim')
-        groups, channels = sd[norm_d].numel(), sd[wv].shape[0]
+        groups, channels = found
         inferred_head_dim = channels // groups
     arch, model, target_family = _target(model_name, num_classes, in_chans, head_dim)
     if family is not None and family != target_family:

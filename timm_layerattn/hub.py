@@ -184,7 +184,8 @@ def _usage(repo_id: str, num_classes: int, pretrained_cfg: Mapping[str, Any]) ->
         '```',
         '',
         'Command line (no Python): `pip install timm-layerattn`, then any timm script that imports '
-        '`timm_layerattn` first (e.g. `train.py --device-modules timm_layerattn --model hf-hub:' + repo_id + ' --pretrained`).',
+        '`timm_layerattn` first (e.g. `train.py --device-modules timm_layerattn --model hf-hub:' + repo_id
+        + ' --pretrained`).',
     ])
 
 
@@ -349,6 +350,16 @@ def _verify_export(model: nn.Module, folder: Path) -> None:
         raise UserError('export check failed: the reloaded model gives different outputs')
 
 
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DDP / DataParallel / EMA (`.module`) and `torch.compile` (`._orig_mod`) wrappers."""
+    for _ in range(4):
+        inner = getattr(model, '_orig_mod', None) or getattr(model, 'module', None)
+        if not isinstance(inner, nn.Module):
+            break
+        model = inner
+    return model
+
+
 def export_folder(
         model: nn.Module,
         out_dir: PathLike,
@@ -367,7 +378,8 @@ def export_folder(
     """Write a Hub-ready folder (`model.safetensors`, `config.json`, `README.md`) for `model`.
 
     Args:
-        model: A model built by `timm.create_model` (it carries the `pretrained_cfg` that `config.json` records).
+        model: A model built by `timm.create_model` (it carries the `pretrained_cfg` that `config.json` records);
+            DDP, EMA and `torch.compile` wrappers are looked through.
         out_dir: Destination folder; written atomically (nothing is left behind on error).
         model_name: Architecture name, optionally with a tag (`'cifar_resnet20_kcla.cifar10'`).
         tag: Pretrained tag the weights are published under (default: from `model_name`, else the dataset).
@@ -384,6 +396,7 @@ def export_folder(
         The folder path.
     """
     from timm.models import is_model, save_for_hf, split_model_name_tag
+    model = _unwrap(model)
     arch, name_tag = split_model_name_tag(model_name)
     if not is_model(arch):
         raise UserError(f"unknown model '{arch}'; see `timm-layerattn list`")
@@ -448,12 +461,20 @@ def load_model_from_checkpoint(
     """
     import timm
     from timm.models import get_pretrained_cfg, is_model, split_model_name_tag
-    from .convert import check_state_dict, convert_official, detect_official_family, read_state_dict
+    from .convert import (
+        check_state_dict, convert_official, detect_official_family, infer_kcla_head_dim, read_state_dict)
     arch = split_model_name_tag(model_name)[0]
     if not is_model(arch):
         raise UserError(f"unknown model '{arch}'; see `timm-layerattn list`")
+    model_family(arch)
     state_dict, container = read_state_dict(checkpoint, prefer_ema=prefer_ema)
     note = f"'{container}' of {checkpoint}" if container else str(checkpoint)
+    head_dim = infer_kcla_head_dim(state_dict)
+    if head_dim is not None and 'head_dim' not in model_kwargs and model_family(arch) == 'kcla':
+        default = getattr(timm.create_model(arch, device='meta').cfg.attn, 'head_dim', None)
+        if head_dim != default:  # e.g. the released ImageNet KCLA code's 64; only recorded when not the default
+            model_kwargs['head_dim'] = head_dim
+            note += f' (KCLA head_dim {head_dim}, read from norm_d)'
     if detect_official_family(state_dict) is not None:
         state_dict = convert_official(state_dict, arch, head_dim=model_kwargs.get('head_dim'))
         note += ' (official layout, converted)'
@@ -587,6 +608,9 @@ def push_folder(
     revision_name = revision or 'main'
     from huggingface_hub import get_token
     token = token or get_token()
+    if not token and not dry_run:
+        raise UserError('no Hugging Face token found: set HF_TOKEN or run `hf auth login` (see --dry-run to check '
+                        'the folder without one)')
     where = f'{repo_id} ({"private" if private else "public"} model repo, revision {revision_name}'
     where += ', as a pull request)' if create_pr else ')'
     print_fn(f'{"would upload" if dry_run else "uploading"} {info.folder} -> {where}')
@@ -600,9 +624,6 @@ def push_folder(
     if dry_run:
         print_fn(f'  token: {"found" if token else "NOT found (set HF_TOKEN or run `hf auth login` before pushing)"}')
         return PushResult(repo_id=repo_id, revision=revision_name, files=files, dry_run=True)
-    if not token:
-        raise UserError('no Hugging Face token found: set HF_TOKEN or run `hf auth login` (see --dry-run to check '
-                        'the folder without one)')
 
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError

@@ -29,8 +29,8 @@ def no_weights_message(variant: str, tag: Optional[str] = None) -> str:
     """The user-facing explanation of how to load weights into `variant` when its tag has none."""
     name = f'{variant}.{tag}' if tag else variant
     return (
-        f"'{name}' has no pretrained weights in timm_layerattn's registry (none have been published for this "
-        f"architecture yet). Load weights with one of: "
+        f"No pretrained weights exist for '{name}' in timm_layerattn's registry (none have been published for "
+        f"this architecture yet). Load weights with one of: "
         f"timm.create_model('hf-hub:<org>/<repo>', pretrained=True) for an exported Hub repo; "
         f"timm.create_model('local-dir:/path/to/exported_folder', pretrained=True) for a folder written by "
         f"`timm-layerattn export`; "
@@ -80,7 +80,7 @@ def register_pretrained(
 ) -> PretrainedCfg:
     """Register weights for an existing architecture under a new (or replaced) pretrained tag.
 
-    The new cfg starts from the architecture's current default cfg (input size, mean/std, classifier,
+    The new cfg starts from the architecture's weightless default cfg (input size, mean/std, classifier,
     ...) with `cfg_fields` applied on top, so only what differs needs stating (e.g. `num_classes=100`).
 
     Args:
@@ -110,7 +110,12 @@ def register_pretrained(
         raise ValueError(f'register_pretrained: unsupported fields {sorted(unknown | reserved)}')
 
     default_cfg = _registry._model_default_cfgs.get(arch)
-    base = get_pretrained_cfg(arch) or PretrainedCfg()
+    # Start from the architecture's weightless cfg (its `.untrained` tag), so fields of another lab's tag
+    # (labels, hub id, ...) never leak into this one.
+    base = None
+    if default_cfg is not None:
+        base = next((c for c in default_cfg.cfgs.values() if not c.has_weights), None)
+    base = base or get_pretrained_cfg(arch) or PretrainedCfg()
     cfg = dataclasses.replace(
         base, url=url, file=file, hf_hub_id=hf_hub_id, hf_hub_filename=None, source=None, state_dict=None,
         custom_load=False, architecture=arch, tag=tag, **cfg_fields)

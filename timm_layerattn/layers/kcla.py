@@ -12,14 +12,15 @@ network; the block receives a gated depth-wise projection of that average:
 The official code carries `U = sum alpha x` and `Z = sum alpha`. This module carries the normalised
 history `A = U / (Z + eps)` itself (plus `Z`): one `lerp` per block updates it, `A` stays within the
 range of the activations (no `e^10`-scale sums, so it is safe in low precision), and no extra pass
-is needed to normalise it before the value convolution. `A` and `Z` are kept in float32.
+is needed to normalise it before the value convolution. `A` and `Z` are kept in float32 (float64 for a
+float64 model).
 """
 import math
 from typing import List, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath
+from timm.layers import DropPath, register_notrace_function
 
 from ._common import ChannelConv1d, LayerAttnBase, per_channel
 
@@ -39,6 +40,12 @@ def kcla_temperatures(num_heads: int, device=None) -> torch.Tensor:
     lo, hi = torch.log(torch.tensor(0.7, device=cpu)), torch.log(torch.tensor(1 / 0.7, device=cpu))
     norm_d = torch.exp(torch.linspace(lo.item(), hi.item(), num_heads, device=cpu)).reciprocal()
     return norm_d.to(torch.get_default_device() if device is None else device)
+
+
+@register_notrace_function
+def accumulation_dtype(x: torch.Tensor) -> torch.dtype:
+    """Dtype of the carried history: float32 for half / bfloat16 / float32 inputs, float64 for float64."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 class KCLA(LayerAttnBase):
@@ -116,13 +123,19 @@ class KCLA(LayerAttnBase):
             if m is not None:
                 nn.init.xavier_uniform_(m.weight)
 
-    def _key_weight(self, key: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Per-head key norm `[B, g]` and float32 weight `exp(min(||k|| / norm_d, 10))`."""
+    def _key_weight(self, key: torch.Tensor, acc: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Per-head key norm `[B, g]` and its weight `exp(min(||k|| / norm_d, 10))` in dtype `acc`."""
         key_norm = torch.linalg.vector_norm(key.view(-1, self.num_heads, self.head_dim), dim=-1)
-        weight = torch.exp(torch.clamp(key_norm.float() / self.norm_d.float(), max=self.max_log_weight))
+        weight = torch.exp(torch.clamp(key_norm.to(acc) / self.norm_d.to(acc), max=self.max_log_weight))
         return key_norm, weight
 
-    def _rebuild(self, hist: torch.Tensor, z: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _rebuild(
+            self,
+            hist: torch.Tensor,
+            z: torch.Tensor,
+            dtype: torch.dtype,
+            acc: torch.dtype,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Compress the incoming history `U / Z` into one token weighted by its own key."""
         hist = hist * per_channel((z + self.history_eps) / z, self.head_dim)[:, :, None, None]
         hist = hist.to(dtype)
@@ -130,8 +143,8 @@ class KCLA(LayerAttnBase):
             hist = self.hist_proj(hist)
         assert self.hist_k is not None and self.hist_norm is not None
         hist = self.hist_norm(hist)
-        _, beta = self._key_weight(self.hist_k(hist.mean((2, 3))))
-        hist = hist.float() * per_channel(beta / (beta + self.history_eps), self.head_dim)[:, :, None, None]
+        _, beta = self._key_weight(self.hist_k(hist.mean((2, 3))), acc)
+        hist = hist.to(acc) * per_channel(beta / (beta + self.history_eps), self.head_dim)[:, :, None, None]
         return hist, beta
 
     def forward(
@@ -144,19 +157,24 @@ class KCLA(LayerAttnBase):
         pooled = x.mean((2, 3))
         q = self.q(pooled).view(-1, self.num_heads, d)
         k = self.k(pooled).view(-1, self.num_heads, d)
-        key_norm, alpha = self._key_weight(k)
+        acc = accumulation_dtype(x)
+        key_norm, alpha = self._key_weight(k, acc)
 
-        x32 = x.float()
+        x_acc = x.to(acc)
         if len(state) == 0:
             z = alpha
-            hist = x32 * per_channel(alpha / (alpha + self.history_eps), d)[:, :, None, None]
+            hist = x_acc * per_channel(alpha / (alpha + self.history_eps), d)[:, :, None, None]
         else:
             hist, z = state[0], state[1]
             if self.hist_norm is not None:
-                hist, z = self._rebuild(hist, z, x.dtype)
+                hist, z = self._rebuild(hist, z, x.dtype, acc)
             z = z + alpha
             # A' = (Z + eps) / (Z' + eps) * A + alpha / (Z' + eps) * x, a convex combination
-            hist = torch.lerp(hist, x32, per_channel(alpha / (z + self.history_eps), d)[:, :, None, None])
+            weight = per_channel(alpha / (z + self.history_eps), d)[:, :, None, None]
+            if torch.is_grad_enabled():
+                hist = torch.lerp(hist, x_acc, weight)
+            else:  # the incoming history is ours alone: update it in place, no new full-size buffer
+                hist = hist.lerp_(x_acc, weight)
 
         # Head gate from the projection of Q on the unit key direction.
         score = (q * k).sum(-1) / key_norm.clamp_min(self.key_norm_eps)
@@ -166,8 +184,11 @@ class KCLA(LayerAttnBase):
         if self._can_fold_norm():
             # relu(BN(gate * V)) == relu(gate * scale * V + shift) in inference
             scale, shift = self._fold_norm()
-            out = torch.addcmul(shift[:, None, None], value, gate * scale[:, None, None]).relu_()
-            out = out.add_(x)
+            gate = gate * scale[:, None, None]
+            if torch.is_grad_enabled():
+                out = x + torch.relu(torch.addcmul(shift[:, None, None], value, gate))
+            else:  # reuse the value buffer
+                out = torch.addcmul(shift[:, None, None], value, gate, out=value).relu_().add_(x)
         else:
             out = x + self.drop_path(torch.relu(self.norm(value * gate)))
         return out, [hist, z]

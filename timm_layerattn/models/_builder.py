@@ -15,14 +15,14 @@ def build_la_model(
         pretrained: bool,
         model_cfg: Any,
         filter_fn: Optional[Callable] = None,
-        out_indices: Sequence[int] = (0, 1, 2, 3, 4),
+        default_out_indices: Sequence[int] = (0, 1, 2, 3, 4),
         **kwargs,
 ) -> nn.Module:
     """`build_model_with_cfg` with our conventions.
 
     Features always go through `forward_intermediates` (timm's `getter` wrapper): these nets carry
     state between layers, which the default wrapper (re-running children one by one) would drop.
-    `out_indices` is the default feature selection (stem + every stage).
+    `default_out_indices` is the feature selection when the caller gives no `out_indices`.
     `pretrained=True` for a tag without weights fails up front with instructions (`PretrainedWeightsError`).
     """
     if pretrained:
@@ -33,6 +33,6 @@ def build_la_model(
         pretrained,
         model_cfg=model_cfg,
         pretrained_filter_fn=filter_fn,
-        feature_cfg=dict(feature_cls='getter', out_indices=tuple(out_indices)),
+        feature_cfg=dict(feature_cls='getter', out_indices=tuple(default_out_indices)),
         **kwargs,
     )

@@ -42,7 +42,7 @@ model_cfgs = {
 
 def _create_cifar_resnet_la(variant: str, pretrained: bool = False, **kwargs) -> ResNetLA:
     return build_la_model(
-        ResNetLA, variant, pretrained, model_cfgs[variant], checkpoint_filter_fn, out_indices=(0, 1, 2, 3), **kwargs)
+        ResNetLA, variant, pretrained, model_cfgs[variant], checkpoint_filter_fn, default_out_indices=(0, 1, 2, 3), **kwargs)
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:

@@ -6,7 +6,8 @@ __all__ = ['add_arguments', 'run']
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('folder', help='folder written by `timm-layerattn export`')
-    parser.add_argument('--repo-id', required=True, help='target repo, <org-or-user>/<name>, e.g. acme/resnet50_kcla.in1k')
+    parser.add_argument('--repo-id', required=True,
+                        help='target repo, <org-or-user>/<name>, e.g. acme/resnet50_kcla.in1k')
     parser.add_argument('--private', action='store_true', help='create the repo as private (if it does not exist)')
     parser.add_argument('--revision', default=None, help='branch to commit to (created if missing; default main)')
     parser.add_argument('--create-pr', action='store_true', help='open a pull request instead of committing directly')

@@ -1,0 +1,251 @@
+"""The timm model contract (conventions.md §1.4, §2.2) for every model this package registers.
+
+Mirrors timm 1.0.31's tests/test_models.py checks and adds the ones timm only runs for its own
+modules (forward_intermediates, pruning, getter features). CIFAR nets run at 32 px, ImageNet nets at
+64 px except where a check needs the default input size.
+"""
+import inspect
+
+import pytest
+import timm
+import torch
+from timm.models._features_fx import create_feature_extractor
+
+import timm_layerattn
+from timm_layerattn.models import list_models
+
+MODELS = list_models()
+# One small model per strategy for the slow checks (scripting, compile).
+REPRESENTATIVE = ['cifar_resnet20', 'cifar_resnet20_kcla', 'cifar_resnet20_mrlal', 'cifar_resnet20_mrlab']
+
+
+def _size(model) -> int:
+    return 32 if model.pretrained_cfg['input_size'][-1] <= 32 else 64
+
+
+def _input(model, batch: int = 1) -> torch.Tensor:
+    s = _size(model)
+    return torch.randn(batch, model.in_chans, s, s + 8)
+
+
+def _all_grads(model, out) -> None:
+    out.float().square().mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, f'parameters without gradient: {missing[:5]} (+{max(0, len(missing) - 5)})'
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_forward_backward_all_params_used(name):
+    """Every parameter receives a gradient (DDP without find_unused_parameters); grad checkpointing
+    changes nothing."""
+    model = timm.create_model(name, num_classes=42)
+    x = _input(model, batch=2)
+    model.train()
+    out = model(x)
+    assert out.shape == (2, 42)
+    _all_grads(model, out)
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)
+        model.set_grad_checkpointing()
+        torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-4)
+    assert torch.isfinite(ref).all()
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_grad_checkpointing_backward_matches(name):
+    """Checkpointed blocks re-run with the carried state and give the same gradients."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, drop_path_rate=0.).train()
+    x = _input(model, batch=2)
+    model(x).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    model.set_grad_checkpointing(True)
+    model(x).sum().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_api_contract_and_cfg(name):
+    model = timm.create_model(name)
+    cfg = model.pretrained_cfg
+    with pytest.raises(TypeError):
+        timm.create_model(name, not_an_argument=1)
+    assert inspect.signature(model.reset_classifier).parameters['global_pool'].default is None
+    groups = model.group_matcher()
+    assert len(groups) > 1
+    grouped = timm.models.group_parameters(model, groups)
+    assert sum(len(g) for g in grouped.values()) == len(list(model.parameters()))
+    assert model.num_classes == cfg['num_classes'] and model.in_chans == cfg['input_size'][0]
+    assert model.num_features > 0 and model.head_hidden_size > 0
+    state = model.state_dict()
+    assert cfg['classifier'] + '.weight' in state and cfg['first_conv'] + '.weight' in state
+    assert model.get_classifier() is model.fc and model.get_classifier(name_only=True) == 'fc'
+
+    model.eval()
+    x = torch.randn(1, *cfg['input_size'])
+    with torch.no_grad():
+        feat = model.forward_features(x)
+        assert feat.shape[1] == model.num_features and tuple(feat.shape[-2:]) == tuple(cfg['pool_size'])
+        assert model.forward_head(feat, pre_logits=True).shape == (1, model.head_hidden_size)
+        model.reset_classifier(0)
+        assert model(x).shape == (1, model.head_hidden_size)
+        model.reset_classifier(0, '')
+        assert model(x).shape == (1, model.num_features, *cfg['pool_size'])
+        assert timm.create_model(name, num_classes=0).eval()(x).shape == (1, model.num_features)
+        assert timm.create_model(name, num_classes=0, global_pool='')(x).ndim == 4
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_meta_device_dtype_and_frozen_reset(name):
+    model = timm.create_model(name, device='meta')
+    assert all(t.device.type == 'meta' for t in [*model.parameters(), *model.buffers()])
+    model = timm.create_model(name, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    model.reset_classifier(7)
+    assert model.fc.weight.dtype == torch.bfloat16 and model.fc.out_features == 7
+    model = timm.create_model(name).eval().requires_grad_(False)
+    model.reset_classifier(3)
+    assert not model.training and model.fc.training is False
+
+
+def _load_into_features(feats, model) -> None:
+    """Load a full model's weights into a (pruned) FeatureGetterNet; only dropped parts may be left out."""
+    result = feats.model.load_state_dict(model.state_dict(), strict=False)
+    assert not result.missing_keys
+    assert all(k.startswith(('fc.', 'layer')) for k in result.unexpected_keys), result.unexpected_keys
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_features_only_and_intermediates(name):
+    model = timm.create_model(name).eval()
+    x = _input(model)
+    n_levels = len(model.feature_info)
+    with torch.no_grad():
+        final, inter = model.forward_intermediates(x)
+        torch.testing.assert_close(final, model.forward_features(x), rtol=1e-5, atol=1e-5)
+        assert len(inter) == n_levels
+        assert [t.shape[1] for t in inter] == [f['num_chs'] for f in model.feature_info]
+        for t, f in zip(inter, model.feature_info):
+            r = f['reduction']
+            assert -(-x.shape[-2] // r) <= t.shape[-2] * 1 + 0 <= -(-x.shape[-2] // r) + 1, (t.shape, r)
+        # stop_early and a subset give the same taps
+        early = model.forward_intermediates(x, indices=[1, 2], stop_early=True, intermediates_only=True)
+        torch.testing.assert_close(early, [inter[1], inter[2]])
+        last = model.forward_intermediates(x, indices=1, intermediates_only=True)
+        torch.testing.assert_close(last[0], inter[-1])
+        # grad checkpointing does not change intermediates
+        model.set_grad_checkpointing(True)
+        torch.testing.assert_close(model.forward_intermediates(x, intermediates_only=True), inter)
+
+        feats = timm.create_model(name, features_only=True).eval()
+        assert type(feats).__name__ == 'FeatureGetterNet'
+        assert feats.feature_info.channels() == [f['num_chs'] for f in model.feature_info]
+        assert feats.feature_info.reduction() == [f['reduction'] for f in model.feature_info]
+        _load_into_features(feats, model)
+        torch.testing.assert_close(feats(x), inter)
+        sub = timm.create_model(name, features_only=True, out_indices=(1, n_levels - 1)).eval()
+        _load_into_features(sub, model)
+        torch.testing.assert_close(sub(x), [inter[1], inter[-1]])
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_prune_intermediate_layers(name):
+    """Pruned models reproduce the taps and keep no unused parameters."""
+    base = timm.create_model(name).eval()
+    x = _input(base, batch=2)
+    with torch.no_grad():
+        ref = base.forward_intermediates(x, intermediates_only=True)
+    for idx in range(1, len(base.feature_info)):
+        model = timm.create_model(name).eval()
+        model.load_state_dict(base.state_dict())
+        kept = model.prune_intermediate_layers(indices=[idx], prune_head=True)
+        assert kept == [idx]
+        with torch.no_grad():
+            out = model.forward_intermediates(x, indices=[idx], intermediates_only=True)
+        torch.testing.assert_close(out[0], ref[idx])
+        model.train()
+        out = model.forward_intermediates(x, indices=[idx], intermediates_only=True)
+        out[0].sum().backward()
+        assert all(p.grad is not None for p in model.parameters())
+        assert model.num_features == base.feature_info[idx]['num_chs']
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_fx_feature_extraction(name):
+    model = timm.create_model(name).eval()
+    x = _input(model)
+    fx = create_feature_extractor(model, return_nodes=['fc'])
+    with torch.no_grad():
+        torch.testing.assert_close(fx(x)['fc'], model(x), rtol=1e-5, atol=1e-5)
+    fx.train()
+    fx(torch.randn(2, *x.shape[1:]))['fc'].mean().backward()
+    assert all(p.grad is not None for p in fx.parameters())
+
+
+@pytest.mark.parametrize('name', REPRESENTATIVE + ['resnet50_kcla'])
+def test_torchscript(name):
+    model = timm.create_model(name).eval()
+    x = _input(model)
+    scripted = torch.jit.script(model)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x))
+
+
+@pytest.mark.parametrize('name', REPRESENTATIVE[1:])
+def test_torch_compile_fullgraph_no_graph_breaks(name):
+    model = timm.create_model(name).eval()
+    x = _input(model, batch=2)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    compiled = torch.compile(model, fullgraph=True, backend='aot_eager')
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_channels_last_and_in_chans(name):
+    model = timm.create_model(name).eval()
+    x = _input(model, batch=2)
+    with torch.no_grad():
+        ref = model(x)
+        cl = model.to(memory_format=torch.channels_last)
+        out = cl(x.contiguous(memory_format=torch.channels_last))
+        assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+        for chans in (1, 4):
+            m = timm.create_model(name, in_chans=chans, num_classes=5).eval()
+            assert m(torch.randn(1, chans, *x.shape[-2:])).shape == (1, 5)
+
+
+def test_channels_last_is_kept_through_the_attention_path():
+    """Per-channel scales broadcast as [B, C, 1, 1] keep a channels_last operand's format."""
+    for name in REPRESENTATIVE[1:]:
+        model = timm.create_model(name).eval().to(memory_format=torch.channels_last)
+        x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            feats = model.forward_intermediates(x, intermediates_only=True)
+        assert all(f.is_contiguous(memory_format=torch.channels_last) for f in feats[1:]), name
+
+
+@pytest.mark.parametrize('name', ['resnet50_kcla', 'cifar_resnet20_mrlab'])
+def test_bad_input_errors(name):
+    model = timm.create_model(name).eval()
+    s = _size(model)
+    with pytest.raises(AssertionError, match='3 input channels'):
+        model(torch.randn(1, 4, s, s))
+    with pytest.raises(AssertionError, match='4-D input'):
+        model(torch.randn(3, s, s))
+    with pytest.raises(RuntimeError, match='Unknown model'):
+        timm.create_model(name + '_nope')
+    with pytest.raises(TypeError):
+        timm.create_model(name, heads=3)
+    with pytest.raises(ValueError, match='divisible'):
+        timm.create_model(name, head_dim=48)
+
+
+def test_pretrained_without_weights_fails_clearly():
+    with pytest.raises(RuntimeError, match='No pretrained weights'):
+        timm.create_model('cifar_resnet20_kcla', pretrained=True)

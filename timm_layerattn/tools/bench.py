@@ -1,0 +1,293 @@
+"""`timm-layerattn bench`: speed and memory of layer-attention ResNets relative to a plain ResNet.
+
+Every number is a ratio to a baseline measured in the same process, with the models interleaved
+(round-robin over repeats) and the median taken, so machine noise hits all models alike. Absolute
+times on shared machines move a lot between runs; compare ratios, and only within one run.
+"""
+import argparse
+import contextlib
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+__all__ = ['BenchConfig', 'BenchResult', 'benchmark', 'activation_bytes', 'format_results', 'main_for_demo']
+
+DEFAULT_MODELS = ('resnet50_kcla', 'resnet50_mrlal', 'resnet50_mrlab')
+ModelFactory = Callable[[], nn.Module]
+
+
+@dataclass
+class BenchConfig:
+    batch_size: int = 4
+    img_size: int = 224
+    threads: Optional[int] = 2
+    repeats: int = 7
+    warmup: int = 2
+    train: bool = True
+    train_repeats: int = 5
+    channels_last: bool = False
+    device: str = 'cpu'
+    amp: bool = False
+    compile: bool = False
+
+
+@dataclass
+class BenchResult:
+    name: str
+    params: int
+    gmacs: float
+    infer_ms: float = math.nan
+    train_ms: float = math.nan
+    act_mb: float = math.nan
+    ratios: Dict[str, float] = field(default_factory=dict)
+
+
+def activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes autograd keeps for backward in one training forward (unique storages)."""
+    storages: Dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    return sum(storages.values())
+
+
+def _sync(device: str) -> None:
+    if device.startswith('cuda'):
+        torch.cuda.synchronize()
+
+
+def _prepare(factory: ModelFactory, cfg: BenchConfig) -> nn.Module:
+    model = factory().to(cfg.device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def benchmark(
+        models: Dict[str, ModelFactory],
+        cfg: BenchConfig,
+        baseline: str,
+        log: Callable[[str], None] = print,
+) -> List[BenchResult]:
+    """Interleaved inference / train-step timings; ratios are relative to `baseline` (a key of `models`)."""
+    from .zoo import count_macs, count_params
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    names = list(models)
+    built = {n: _prepare(models[n], cfg) for n in names}
+    results = {}
+    for n, m in built.items():
+        try:
+            macs = count_macs(m, (3, cfg.img_size, cfg.img_size), device=cfg.device) / 1e9
+        except Exception:  # foreign (official) models may not run under the flop counter
+            macs = math.nan
+        results[n] = BenchResult(n, count_params(m), macs)
+
+    x = torch.randn(cfg.batch_size, 3, cfg.img_size, cfg.img_size, device=cfg.device)
+    if cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    amp = torch.autocast(cfg.device.split(':')[0], dtype=torch.bfloat16 if cfg.device == 'cpu' else torch.float16) \
+        if cfg.amp else contextlib.nullcontext()
+
+    # inference
+    runners = {n: (torch.compile(m) if cfg.compile else m).eval() for n, m in built.items()}
+    times: Dict[str, List[float]] = {n: [] for n in names}
+    with torch.inference_mode(), amp:
+        for _ in range(cfg.warmup):
+            for n in names:
+                runners[n](x)
+        for r in range(cfg.repeats):
+            for n in names:
+                _sync(cfg.device)
+                t0 = time.perf_counter()
+                runners[n](x)
+                _sync(cfg.device)
+                times[n].append(time.perf_counter() - t0)
+            log(f'  inference round {r + 1}/{cfg.repeats}')
+    for n in names:
+        results[n].infer_ms = statistics.median(times[n]) * 1e3
+
+    if cfg.train:
+        opt = {n: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for n, m in built.items()}
+        target = torch.randint(0, 10, (cfg.batch_size,), device=cfg.device)
+        ttimes: Dict[str, List[float]] = {n: [] for n in names}
+
+        def step(n: str) -> None:
+            runners[n].train()
+            with amp:
+                loss = nn.functional.cross_entropy(runners[n](x), target)
+            loss.backward()
+            opt[n].step()
+            opt[n].zero_grad(set_to_none=True)
+
+        for _ in range(1):
+            for n in names:
+                step(n)
+        for r in range(cfg.train_repeats):
+            for n in names:
+                _sync(cfg.device)
+                t0 = time.perf_counter()
+                step(n)
+                _sync(cfg.device)
+                ttimes[n].append(time.perf_counter() - t0)
+            log(f'  train round {r + 1}/{cfg.train_repeats}')
+        for n in names:
+            results[n].train_ms = statistics.median(ttimes[n]) * 1e3
+            results[n].act_mb = activation_bytes(built[n], x) / 2 ** 20
+
+    base = results[baseline]
+    for r in results.values():
+        r.ratios = dict(
+            infer=r.infer_ms / base.infer_ms,
+            train=r.train_ms / base.train_ms if cfg.train else math.nan,
+            mem=r.act_mb / base.act_mb if cfg.train else math.nan,
+        )
+    return [results[n] for n in names]
+
+
+def format_results(results: Sequence[BenchResult], cfg: BenchConfig, baseline: str) -> str:
+    head = (f'device={cfg.device} threads={cfg.threads} batch={cfg.batch_size} img={cfg.img_size} '
+            f'channels_last={cfg.channels_last} amp={cfg.amp} compile={cfg.compile} '
+            f'median of {cfg.repeats} (train {cfg.train_repeats}), interleaved; ratios vs {baseline}')
+    cols = f'{"model":<28} {"params(M)":>9} {"GMACs":>6} {"infer ms":>9} {"x":>6} {"train ms":>9} {"x":>6} {"act MB":>7} {"x":>6}'
+    lines = [head, cols, '-' * len(cols)]
+    for r in results:
+        lines.append(
+            f'{r.name:<28} {r.params / 1e6:>9.2f} {r.gmacs:>6.2f} {r.infer_ms:>9.1f} {r.ratios["infer"]:>5.2f}x '
+            f'{r.train_ms:>9.1f} {r.ratios["train"]:>5.2f}x {r.act_mb:>7.1f} {r.ratios["mem"]:>5.2f}x')
+    return '\n'.join(lines)
+
+
+def timm_factory(name: str, **kwargs) -> ModelFactory:
+    def make() -> nn.Module:
+        import timm
+        from .. import models  # noqa: F401  (registers our models)
+        return timm.create_model(name, **kwargs)
+    return make
+
+
+DEPTH_SERIES = {
+    # family -> [(model, baseline)] at increasing depth
+    'cifar': {
+        'KCLA': [(f'cifar_resnet{d}_kcla', f'cifar_resnet{d}') for d in (20, 56, 110)],
+        'MRLA-L': [(f'cifar_resnet{d}_mrlal', f'cifar_resnet{d}') for d in (20, 56, 110)],
+        'MRLA-B': [(f'cifar_resnet{d}_mrlab', f'cifar_resnet{d}') for d in (20, 56, 110)],
+    },
+    'imagenet': {
+        'KCLA': [(f'resnet{d}_kcla', f'resnet{d}') for d in (50, 101)],
+        'MRLA-L': [(f'resnet{d}_mrlal', f'resnet{d}') for d in (50, 101)],
+        'MRLA-B': [(f'resnet{d}_mrlab', f'resnet{d}') for d in (50, 101)],
+    },
+}
+
+
+def depth_sweep(suite: str, cfg: BenchConfig, log: Callable[[str], None] = print) -> Dict[str, List[Tuple[int, float, float]]]:
+    """Per family: (depth, time ratio, activation-memory ratio) against the plain net of the same depth."""
+    import re
+    out: Dict[str, List[Tuple[int, float, float]]] = {}
+    by_baseline: Dict[str, List[Tuple[str, str]]] = {}
+    for family, pairs in DEPTH_SERIES[suite].items():
+        for model, base in pairs:
+            by_baseline.setdefault(base, []).append((family, model))
+    for base, members in by_baseline.items():
+        log(f'depth sweep: {base} and its variants')
+        factories = {base: timm_factory(base), **{m: timm_factory(m) for _, m in members}}
+        res = {r.name: r for r in benchmark(factories, cfg, baseline=base, log=lambda s: None)}
+        depth = int(re.search(r'resnet(\d+)', base).group(1))
+        for family, model in members:
+            out.setdefault(family, []).append((depth, res[model].ratios['infer'], res[model].ratios['mem']))
+    return out
+
+
+def plot_depth_sweep(sweep: Dict[str, List[Tuple[int, float, float]]], path: str, title: str) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for family, pts in sweep.items():
+        pts = sorted(pts)
+        depths = [p[0] for p in pts]
+        axes[0].plot(depths, [(p[1] - 1) * 100 for p in pts], marker='o', label=family)
+        axes[1].plot(depths, [(p[2] - 1) * 100 for p in pts], marker='o', label=family)
+    for ax, what in zip(axes, ('inference time', 'training activation memory')):
+        ax.set_xlabel('depth')
+        ax.set_ylabel(f'{what} overhead vs plain ResNet (%)')
+        ax.axhline(0, color='grey', lw=0.5)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    from .._utils import atomic_file
+    with atomic_file(path) as f:
+        fig.savefig(f, format='png', dpi=120)
+    plt.close(fig)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--models', default=','.join(DEFAULT_MODELS), help='comma-separated model names')
+    parser.add_argument('--baseline', default='resnet50', help='timm model every ratio refers to')
+    parser.add_argument('--batch-size', type=int, default=4)
+    parser.add_argument('--img-size', type=int, default=224)
+    parser.add_argument('--threads', type=int, default=2, help='CPU threads (0: leave torch default)')
+    parser.add_argument('--repeats', type=int, default=7, help='timed inference rounds (median taken)')
+    parser.add_argument('--train-repeats', type=int, default=5, help='timed training-step rounds')
+    parser.add_argument('--no-train', action='store_true', help='skip training-step timing and memory')
+    parser.add_argument('--channels-last', action='store_true')
+    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--amp', action='store_true', help='autocast (bf16 on CPU, fp16 on CUDA)')
+    parser.add_argument('--compile', action='store_true', help='torch.compile every model')
+    parser.add_argument('--plot', default=None, help='also sweep depth and save a PNG of the overheads')
+    parser.add_argument('--plot-suite', default='cifar', choices=sorted(DEPTH_SERIES))
+
+
+def _config(args: argparse.Namespace) -> BenchConfig:
+    return BenchConfig(
+        batch_size=args.batch_size, img_size=args.img_size, threads=args.threads or None, repeats=args.repeats,
+        train=not args.no_train, train_repeats=args.train_repeats, channels_last=args.channels_last,
+        device=args.device, amp=args.amp, compile=args.compile)
+
+
+def run(args: argparse.Namespace) -> int:
+    import timm
+    from .. import models
+    from .._utils import UserError
+    names = [n.strip() for n in args.models.split(',') if n.strip()]
+    for n in [args.baseline, *names]:
+        if not timm.is_model(n):
+            raise UserError(f'unknown model {n!r}; see `timm-layerattn list`')
+    if args.device.startswith('cuda') and not torch.cuda.is_available():
+        raise UserError('--device cuda given but CUDA is not available')
+    cfg = _config(args)
+    factories = {args.baseline: timm_factory(args.baseline), **{n: timm_factory(n) for n in names}}
+    results = benchmark(factories, cfg, baseline=args.baseline)
+    print(format_results(results, cfg, args.baseline))
+    if args.plot:
+        suite_cfg = BenchConfig(
+            batch_size=32 if args.plot_suite == 'cifar' else 2, img_size=32 if args.plot_suite == 'cifar' else 224,
+            threads=cfg.threads, repeats=5, train_repeats=3, device=cfg.device)
+        sweep = depth_sweep(args.plot_suite, suite_cfg)
+        plot_depth_sweep(sweep, args.plot, f'Overhead vs depth ({args.plot_suite}, {cfg.device})')
+        for family, pts in sweep.items():
+            print(f'{family:<8} ' + '  '.join(f'depth {d}: time {t:.2f}x mem {m:.2f}x' for d, t, m in sorted(pts)))
+        print(f'plot saved to {args.plot}')
+    return 0
+
+
+def main_for_demo(log: Callable[[str], None] = print) -> List[BenchResult]:
+    """Short CPU benchmark used by `timm-layerattn demo` (fewer repeats than `bench`)."""
+    cfg = BenchConfig(repeats=5, train_repeats=3)
+    factories = {'resnet50': timm_factory('resnet50'), **{n: timm_factory(n) for n in DEFAULT_MODELS}}
+    results = benchmark(factories, cfg, baseline='resnet50', log=lambda s: None)
+    log(format_results(results, cfg, 'resnet50'))
+    return results
