@@ -34,8 +34,9 @@ $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
+# Passive OpenMP waiting: on a busy machine, spinning threads slow CPU training down ~10x (measured).
 demo: install
-	$(BIN)/timm-layerattn demo
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(BIN)/timm-layerattn demo
 
 test: install-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -14,6 +14,8 @@ from .version import __version__
 # name -> (module, one-line help)
 COMMANDS = {
     'list': ('timm_layerattn.tools.zoo', 'table of registered models: params, GMACs'),
+    'demo': ('timm_layerattn.demo', 'the main job: train, compare, export, reload on embedded digits (CPU, minutes)'),
+    'train': ('timm_layerattn.train', 'train with the papers\' recipes on timm\'s training parts (torchrun for DDP)'),
     'bench': ('timm_layerattn.tools.bench', 'CPU/GPU speed of the ResNet-50 variants relative to timm resnet50'),
     'export': ('timm_layerattn.tools.export', 'checkpoint -> Hub-ready folder (model.safetensors, config.json, card)'),
     'push': ('timm_layerattn.tools.push', 'upload an exported folder to a Hugging Face Hub model repo'),

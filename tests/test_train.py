@@ -1,0 +1,213 @@
+"""`timm-layerattn train`: recipes, schedules, data, checkpoints/resume, logs and bad input."""
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from timm_layerattn._utils import UserError
+from timm_layerattn.train import (
+    RECIPES, create_lr_scheduler, parse_args, read_checkpoint, resolve_args, state_checksum, train)
+
+TINY = ['--dataset', 'digits', '--model', 'cifar_resnet20', '--train-samples', '48', '--val-samples', '24', '-b', '16',
+        '--epochs', '1', '--no-progress', '--quiet', '--workers', '0']
+
+
+def _lrs(recipe, points, updates_per_epoch=391, **overrides):
+    """lr at each (epoch, update) point of a recipe's schedule, driven the way the trainer drives it."""
+    args = resolve_args(parse_args(['--model', 'cifar_resnet20', '--recipe', recipe]))
+    for k, v in overrides.items():
+        setattr(args, k, v)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.lr)
+    sched = create_lr_scheduler(opt, args, updates_per_epoch)
+    out = []
+    for epoch, update in points:
+        sched.step(epoch)
+        sched.step_update(update)
+        out.append(opt.param_groups[0]['lr'])
+    return out
+
+
+def test_recipe_values_and_overrides():
+    a = resolve_args(parse_args(['--model', 'x', '--recipe', 'kcla-cifar']))
+    assert (a.opt, a.lr, a.momentum, a.weight_decay, a.batch_size, a.epochs) == ('momentum', 0.1, 0.9, 1e-4, 128, 180)
+    assert (a.decay_milestones, a.warmup_epochs, a.warmup_lr, a.smoothing, a.train_aug) == ([100, 150], 10, 1e-3, 0.0,
+                                                                                          'cifar')
+    b = resolve_args(parse_args(['--model', 'x', '--recipe', 'kcla-cifar', '--lr', '0.05', '--epochs', '3',
+                                 '--no-decay-all']))
+    assert (b.lr, b.epochs, b.decay_all, b.batch_size) == (0.05, 3, False, 128)
+    assert RECIPES['kcla-cifar']['lr'] == 0.1  # overriding does not touch the preset
+    s = resolve_args(parse_args(['--model', 'x', '--recipe', 'as-cifar']))
+    assert (s.iters, s.decay_iters, s.warmup_epochs, s.pad, s.hflip) == (64000, [32000, 48000], 0, 4, 0.5)
+    with pytest.raises(UserError, match="unknown recipe 'cifar-kcla'.*kcla-cifar"):
+        resolve_args(parse_args(['--model', 'x', '--recipe', 'cifar-kcla']))
+
+
+def test_recipe_schedules():
+    # KCLA / MRLA CIFAR: linear warm-up 0.001 -> 0.1 over 10 epochs, x0.1 at 100 and 150.
+    lr = _lrs('kcla-cifar', [(0, 0), (5, 0), (10, 0), (99, 0), (100, 0), (149, 0), (150, 0), (179, 0)])
+    assert lr == pytest.approx([1e-3, 1e-3 + 5 * (0.1 - 1e-3) / 10, 0.1, 0.1, 0.01, 0.01, 1e-3, 1e-3])
+    # AS CIFAR: counted in iterations.
+    lr = _lrs('as-cifar', [(0, 0), (81, 31999), (81, 32000), (122, 47999), (122, 48000), (163, 63999)])
+    assert lr == pytest.approx([0.1, 0.1, 0.01, 0.01, 1e-3, 1e-3])
+    # ImageNet, MRLA decay (every 30) and KCLA decay (40 / 70 / 90), 3 warm-up epochs from 1e-4.
+    lr = _lrs('la-imagenet', [(0, 0), (1, 0), (3, 0), (29, 0), (30, 0), (60, 0), (90, 0)], 5005)
+    assert lr == pytest.approx([1e-4, 1e-4 + (0.1 - 1e-4) / 3, 0.1, 0.1, 0.01, 1e-3, 1e-4])
+    lr = _lrs('kcla-imagenet', [(39, 0), (40, 0), (70, 0), (90, 0)], 5005)
+    assert lr == pytest.approx([0.1, 0.01, 1e-3, 1e-4])
+
+
+def test_papers_optimizer_is_classical_momentum_with_decay_everywhere():
+    import timm
+    from timm.optim import create_optimizer_v2
+    args = resolve_args(parse_args(['--model', 'cifar_resnet20', '--recipe', 'mrla-cifar']))
+    model = timm.create_model('cifar_resnet20')
+    opt = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
+                              momentum=args.momentum, filter_bias_and_bn=not args.decay_all)
+    assert isinstance(opt, torch.optim.SGD)
+    assert all(g['nesterov'] is False and g['momentum'] == 0.9 and g['weight_decay'] == 1e-4 for g in opt.param_groups)
+    assert sum(len(g['params']) for g in opt.param_groups) == len(list(model.parameters()))
+
+
+def test_cifar_transform_pads_crops_and_flips():
+    from PIL import Image
+    from timm_layerattn.data import cifar_train_transform
+    img = Image.fromarray((torch.arange(32 * 32 * 3) % 251).reshape(32, 32, 3).to(torch.uint8).numpy())
+    ident = cifar_train_transform(32, (0, 0, 0), (1, 1, 1), padding=0, hflip=0.0)(img)
+    flipped = cifar_train_transform(32, (0, 0, 0), (1, 1, 1), padding=0, hflip=1.0)(img)
+    assert torch.equal(flipped, ident.flip(-1))
+    torch.manual_seed(0)
+    crops = [cifar_train_transform(32, (0, 0, 0), (1, 1, 1), padding=4, hflip=0.0)(img) for _ in range(20)]
+    assert all(c.shape == (3, 32, 32) for c in crops)
+    # Some crops are shifted: zero padding enters and they differ from the unshifted image.
+    assert any((c == 0).all(dim=0).any() for c in crops) and any(not torch.equal(c, ident) for c in crops)
+
+
+def test_digits_dataset_split_is_fixed_and_disjoint():
+    from timm_layerattn.data import DigitsDataset
+    tr, va = DigitsDataset('train'), DigitsDataset('val')
+    assert (len(tr), len(va)) == (1438, 359)
+    assert tr.images.shape[1:] == (3, 32, 32) and tr.images.dtype == torch.uint8
+    assert sorted(set(va.targets)) == list(range(10))
+    rows_tr = {bytes(x.numpy()) for x in tr.images}
+    assert not any(bytes(x.numpy()) in rows_tr for x in va.images[:50])
+    assert DigitsDataset('validation').targets == va.targets  # same split every time
+
+
+def test_train_logs_checkpoints_and_resume(tmp_path):
+    out = tmp_path / 'run'
+    res = train(parse_args(TINY + ['--output', str(out), '--epochs', '2', '--recipe', 'digits']))
+    assert [h['epoch'] for h in res.history] == [0, 1]
+    assert res.best_checkpoint == out / 'model_best.pth.tar' and res.best_epoch in (0, 1)
+    rows = list(csv.DictReader(open(out / 'summary.csv')))
+    assert [r['epoch'] for r in rows] == ['0', '1'] and {'train_loss', 'eval_top1', 'lr'} <= set(rows[0])
+    log = json.loads((out / 'log.json').read_text())
+    assert log['finished'] and log['model'] == 'cifar_resnet20' and len(log['epochs']) == 2
+    assert log['best']['top1'] == max(h['eval_top1'] for h in log['epochs'])
+
+    # Checkpoints are plain dicts: plain torch.load with weights_only=True reads them.
+    ckpt = torch.load(out / 'last.pth.tar', map_location='cpu', weights_only=True)
+    assert ckpt['arch'] == 'cifar_resnet20' and ckpt['epoch'] == 1 and isinstance(ckpt['args'], dict)
+    assert {'state_dict', 'optimizer', 'saver'} <= set(ckpt)
+    model_sd = res.model.state_dict()
+    assert all(torch.equal(model_sd[k], v) for k, v in ckpt['state_dict'].items())
+
+    # Resume into the same folder: continues at epoch 2, keeps the earlier log rows.
+    res2 = train(parse_args(TINY + ['--epochs', '3', '--recipe', 'digits', '--resume', str(out / 'last.pth.tar')]))
+    assert res2.output_dir == out and [h['epoch'] for h in res2.history] == [0, 1, 2]
+    assert [r['epoch'] for r in csv.DictReader(open(out / 'summary.csv'))] == ['0', '1', '2']
+    assert torch.load(out / 'last.pth.tar', weights_only=True)['epoch'] == 2
+
+
+def test_train_image_folder_and_export(tmp_path):
+    from PIL import Image
+    root = tmp_path / 'data'
+    g = torch.Generator().manual_seed(0)
+    for split, n in (('train', 12), ('val', 6)):
+        for c, name in enumerate(('cat', 'dog', 'emu')):
+            (root / split / name).mkdir(parents=True)
+            for i in range(n // 3 + 2):
+                arr = (torch.rand(20, 24, 3, generator=g) * 60 + 80 * c).to(torch.uint8).numpy()
+                Image.fromarray(arr).save(root / split / name / f'{i}.png')
+    out, export = tmp_path / 'run', tmp_path / 'export'
+    res = train(parse_args(['--model', 'cifar_resnet20_kcla', str(root), '--val-split', 'val', '-b', '6',
+                            '--epochs', '1', '--output', str(out), '--export', str(export), '--no-progress', '--quiet',
+                            '--workers', '0', '--recipe', 'kcla-cifar', '--warmup-epochs', '0', '--lr', '0.01']))
+    assert res.num_classes == 3 and res.label_names == ['cat', 'dog', 'emu']
+    assert res.export_dir == export and {p.name for p in export.iterdir()} == {'config.json', 'model.safetensors',
+                                                                               'README.md'}
+    cfg = json.loads((export / 'config.json').read_text())
+    assert cfg['num_classes'] == 3 and cfg.get('label_names') == ['cat', 'dog', 'emu']
+    assert cfg['pretrained_cfg']['input_size'] == [3, 32, 32]
+    card = (export / 'README.md').read_text()
+    assert 'recipe `kcla-cifar`' in card and 'momentum' in card
+
+
+def test_bad_input_is_a_user_error_before_training(tmp_path):
+    def attempt(*extra):
+        with pytest.raises(UserError) as e:
+            train(parse_args(['--model', 'cifar_resnet20', '--no-progress', '--quiet', *extra]))
+        assert not (tmp_path / 'never').exists()  # nothing was written
+        return str(e.value)
+
+    never = str(tmp_path / 'never')
+    assert 'dataset folder not found' in attempt(str(tmp_path / 'nope'), '--output', never)
+    assert 'no dataset folder given' in attempt('--output', never)
+    flat = tmp_path / 'flat' / 'cls'
+    flat.mkdir(parents=True)
+    from PIL import Image
+    Image.new('RGB', (8, 8)).save(flat / 'a.png')
+    assert 'same images' in attempt(str(flat.parent), '--output', never)
+    assert "unknown recipe 'imagenet'" in attempt('--recipe', 'imagenet', '--dataset', 'digits', '--output', never)
+    blocker = tmp_path / 'file'
+    blocker.write_text('x')
+    assert 'cannot be created' in attempt('--dataset', 'digits', '--output', str(blocker / 'sub'))
+    assert 'not a folder' in attempt('--dataset', 'digits', '--output', str(blocker))
+    assert 'unknown model' in attempt('--dataset', 'digits', '--model', 'cifar_resnet21', '--output', never)
+    assert 'checkpoint not found' in attempt('--dataset', 'digits', '--resume', str(tmp_path / 'x.pth.tar'),
+                                             '--output', never)
+
+
+def test_resume_from_another_architecture_is_refused(tmp_path):
+    out = tmp_path / 'r20'
+    train(parse_args(TINY + ['--output', str(out)]))
+    ckpt = str(out / 'last.pth.tar')
+    cases = (('cifar_resnet20_kcla', "checkpoint of 'cifar_resnet20', not of --model 'cifar_resnet20_kcla'"),
+             ('cifar_resnet20', 'does not fit --model cifar_resnet20.*other shapes'))
+    for model, match in cases:
+        args = TINY + ['--resume', ckpt, '--output', str(tmp_path / 'new')]
+        args[args.index('--model') + 1] = model
+        if model == 'cifar_resnet20':
+            args += ['--num-classes', '12']
+        with pytest.raises(UserError, match=match):
+            train(parse_args(args))
+    assert not (tmp_path / 'new').exists()
+    # An unsafe pickle is refused rather than executed.
+    evil = tmp_path / 'evil.pth.tar'
+    torch.save({'state_dict': {}, 'hook': Path('x')}, evil)
+    with pytest.raises(UserError, match='cannot read checkpoint'):
+        read_checkpoint(str(evil))
+
+
+def test_existing_run_folder_needs_overwrite(tmp_path):
+    out = tmp_path / 'run'
+    train(parse_args(TINY + ['--output', str(out)]))
+    with pytest.raises(UserError, match='already holds a training run'):
+        train(parse_args(TINY + ['--output', str(out)]))
+    res = train(parse_args(TINY + ['--output', str(out), '--overwrite']))
+    assert len(res.history) == 1
+
+
+def test_state_checksum_sees_buffers():
+    import timm
+    m = timm.create_model('cifar_resnet20')
+    before = state_checksum(m)
+    m.bn1.running_mean += 1e-6
+    assert state_checksum(m) != before
+
+
+def test_cli_train_entry(tmp_path, capsys):
+    from timm_layerattn.cli import main
+    assert main(['train', '--model', 'cifar_resnet20', '--recipe', 'nope', '--dataset', 'digits']) == 2
+    assert "unknown recipe 'nope'" in capsys.readouterr().err
