@@ -15,6 +15,7 @@ from .version import __version__
 COMMANDS = {
     'list': ('timm_layerattn.tools.zoo', 'table of registered models: params, GMACs'),
     'bench': ('timm_layerattn.tools.bench', 'CPU/GPU speed of the ResNet-50 variants relative to timm resnet50'),
+    'det-configs': ('timm_layerattn.tools.det_configs', 'path of the MMDetection configs, or a copy of them'),
 }
 
 
