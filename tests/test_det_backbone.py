@@ -213,7 +213,7 @@ def test_detector_checkpoint_with_prefix_loads_weights_only(tmp_path):
     target.init_weights()
     _assert_same_trunk(target, source.model.state_dict())
     with pytest.raises(KeyError, match='prefix'):
-        LayerAttnResNet(arch='resnet50_mrlab', pretrained=str(path)).load_checkpoint(str(path), prefix='neck.')
+        LayerAttnResNet(arch='resnet50_mrlab', pretrained=str(path)).load_weights(str(path), prefix='neck.')
 
 
 def test_local_dir_weights_both_ways(tmp_path):

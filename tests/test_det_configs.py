@@ -19,11 +19,16 @@ from timm_layerattn.tools.det_configs import config_dir, list_configs  # noqa: E
 
 pytestmark = pytest.mark.det
 
-# arch suffix -> (drop_path_rate the official detection backbone uses, or the documented choice)
-LAYER_ATTN = {'kcla': 0.2, 'mrlal': 0.0, 'mrlab': 0.0}
+# config-name part -> (arch suffix, depths, drop_path_rate: the official detection backbone's, or the documented
+# choice). A new variant is one line here plus its config files.
+LAYER_ATTN = {
+    'kcla': ('kcla', (50, 101), 0.2),
+    'mrlal': ('mrlal', (50, 101), 0.0),
+    'mrlab': ('mrlab', (50, 101), 0.0),
+}
 EXPECTED = sorted(
-    f'{det}-rcnn_r{depth}-{la}_fpn_1x_coco.py'
-    for det in ('faster', 'mask') for depth in (50, 101) for la in LAYER_ATTN)
+    f'{det}-rcnn_r{depth}-{part}_fpn_1x_coco.py'
+    for det in ('faster', 'mask') for part, (_, depths, _) in LAYER_ATTN.items() for depth in depths)
 
 
 def test_exactly_the_expected_configs_ship():
@@ -37,15 +42,18 @@ def test_exactly_the_expected_configs_ship():
 @pytest.mark.parametrize('name', EXPECTED)
 def test_config_resolves_to_the_paper_recipe(name):
     cfg = Config.fromfile(str(CONFIG_DIR / name))
-    det, depth, la = name.split('_')[0].split('-rcnn')[0], *name.split('_')[1][1:].split('-')
+    det = name.split('-rcnn')[0]
+    depth, part = name.split('_')[1][1:].split('-', 1)
+    suffix, _, drop_path_rate = LAYER_ATTN[part]
+    arch = f'resnet{depth}_{suffix}'
     assert cfg.custom_imports == dict(imports=['timm_layerattn.det'], allow_failed_imports=False)
     assert cfg.model.type == {'faster': 'FasterRCNN', 'mask': 'MaskRCNN'}[det]
     bb = cfg.model.backbone
-    assert bb.type == 'LayerAttnResNet' and bb.arch == f'resnet{depth}_{la}'
+    assert bb.type == 'LayerAttnResNet' and bb.arch == arch
     assert 'depth' not in bb and 'num_stages' not in bb  # `_delete_` dropped mmdet's ResNet arguments
     assert bb.out_indices == (0, 1, 2, 3) and bb.frozen_stages == 1 and bb.norm_eval is True
-    assert bb.drop_path_rate == LAYER_ATTN[la]
-    assert bb.init_cfg == dict(type='Pretrained', checkpoint=f'checkpoints/resnet{depth}_{la}.safetensors')
+    assert bb.drop_path_rate == drop_path_rate
+    assert bb.init_cfg == dict(type='Pretrained', checkpoint=f'checkpoints/{arch}.safetensors')
     assert cfg.model.neck.in_channels == [256, 512, 1024, 2048]
     # 1x schedule, SGD at 0.02 for batch 16, scaled to the real batch by the linear rule.
     assert cfg.optim_wrapper.optimizer == dict(type='SGD', lr=0.02, momentum=0.9, weight_decay=0.0001)
@@ -57,7 +65,7 @@ def test_config_resolves_to_the_paper_recipe(name):
     assert ('segm' in cfg.val_evaluator.metric) == (det == 'mask')
     header = (CONFIG_DIR / name).read_text().split('\n\n')[0]
     assert 'Paper' in header and 'This config' in header
-    if la == 'kcla':  # the paper's lr values as written, next to what the linear rule gives
+    if suffix == 'kcla':  # the paper's lr values as written, next to what the linear rule gives
         assert ('0.1' in header) if depth == '50' else ('0.05' in header)
 
 

@@ -184,12 +184,12 @@ class LayerAttnResNet(BaseModule):
             initialize(self, self.init_cfg)
         if self._checkpoint is not None:
             source = self._checkpoint['checkpoint']
-            self.load_checkpoint(source, prefix=self._checkpoint.get('prefix'))
+            self.load_weights(source, prefix=self._checkpoint.get('prefix'))
             if hasattr(self, '_params_init_info'):
                 update_init_info(self, init_info=f'Loaded by {type(self).__name__} from {source}')
         self._is_init = True
 
-    def load_checkpoint(self, source: str, prefix: Optional[str] = None) -> None:
+    def load_weights(self, source: str, prefix: Optional[str] = None) -> None:
         """Load trunk weights from `source` (see `read_state_dict`), strictly but for classifier / pruned stages.
 
         Args:
