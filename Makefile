@@ -31,7 +31,6 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 # it in ~/.cache/timm-layerattn (or $$TIMM_LAYERATTN_CACHE) and reinstalls it from there (under a minute).
 # With mmcv in place the `mmdet` extra resolves without building anything.
 $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml timm_layerattn/det/install_mmcv.py
-	$(PIP) install -q -e '.[test,demo]'
 	$(BIN)/python timm_layerattn/det/install_mmcv.py
 	$(PIP) install -q -e '.[test,demo,mmdet]'
 	touch $@

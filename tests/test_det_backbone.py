@@ -212,7 +212,7 @@ def test_detector_checkpoint_with_prefix_loads_weights_only(tmp_path):
         arch='resnet50_mrlab', init_cfg=dict(type='Pretrained', checkpoint=str(path), prefix='backbone.'))
     target.init_weights()
     _assert_same_trunk(target, source.model.state_dict())
-    with pytest.raises(KeyError, match='prefix'):
+    with pytest.raises(ValueError, match='prefix'):
         LayerAttnResNet(arch='resnet50_mrlab', pretrained=str(path)).load_weights(str(path), prefix='neck.')
 
 
@@ -246,8 +246,17 @@ def test_bad_checkpoints_fail_clearly(tmp_path):
     path = tmp_path / 'mrlal.safetensors'
     save_file(_classifier_state('resnet50_mrlal'), str(path))
     wrong = LayerAttnResNet(arch='resnet50_kcla', pretrained=str(path))
-    with pytest.raises(KeyError, match='missing keys: .*attn'):
+    before = {k: v.clone() for k, v in wrong.model.state_dict().items()}
+    with pytest.raises(ValueError, match='missing keys: .*attn.*unexpected keys: .*lambda_t'):
         wrong.init_weights()
+    # Released KCLA ImageNet code uses head dim 64, the registered models the paper's 32.
+    path = tmp_path / 'kcla64.safetensors'
+    save_file(timm.create_model('resnet50_kcla', head_dim=64).state_dict(), str(path))
+    with pytest.raises(ValueError, match='shape mismatches: .*norm_d.*head_dim=64'):
+        LayerAttnResNet(arch='resnet50_kcla', pretrained=str(path)).init_weights()
+    LayerAttnResNet(arch='resnet50_kcla', head_dim=64, pretrained=str(path)).init_weights()
+    # Nothing was copied from the checkpoints that did not fit.
+    assert all(torch.equal(v, before[k]) for k, v in wrong.model.state_dict().items())
 
 
 def test_init_weights_runs_once(caplog):

@@ -105,7 +105,6 @@ class LayerAttnResNet(BaseModule):
         if drop_path_rate is not None:
             model_kwargs['drop_path_rate'] = drop_path_rate
         model = timm.create_model(arch, pretrained=bool(pretrained), num_classes=0, global_pool='', **model_kwargs)
-        self._timm_loaded = bool(pretrained)
         stage_names = tuple(getattr(model, 'stage_names', ()))
         if not stage_names or not hasattr(model, 'forward_intermediates'):
             raise ValueError(f'{arch!r} is not a layer-attention ResNet of timm_layerattn (no stages to extract)')
@@ -200,7 +199,7 @@ class LayerAttnResNet(BaseModule):
         if prefix:
             state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
             if not state_dict:
-                raise KeyError(f'no key of {source} starts with prefix {prefix!r}')
+                raise ValueError(f'no key of {source} starts with prefix {prefix!r}')
         if state_dict and all(k.startswith('model.') for k in state_dict):  # saved from this wrapper
             state_dict = {k[len('model.'):]: v for k, v in state_dict.items()}
         filter_fn = getattr(importlib.import_module(type(self.model).__module__), 'checkpoint_filter_fn', None)
@@ -209,15 +208,22 @@ class LayerAttnResNet(BaseModule):
         classifiers = (self._classifier,) if isinstance(self._classifier, str) else tuple(self._classifier)
         ignored = tuple(f'{name}.' for name in (*classifiers, *self._pruned_stages))
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith(ignored)}
-        missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
-        if missing or unexpected:
+        # Check everything before copying anything, so a checkpoint that does not fit leaves the model untouched.
+        expected = self.model.state_dict()
+        missing = [k for k in expected if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in expected]
+        mismatched = [f'{k} {tuple(v.shape)} (model {tuple(expected[k].shape)})'
+                      for k, v in state_dict.items() if k in expected and v.shape != expected[k].shape]
+        if missing or unexpected or mismatched:
             def some(keys: List[str]) -> str:
-                return ', '.join(keys[:5]) + (f', ... ({len(keys)} in all)' if len(keys) > 5 else '')
-            raise KeyError(
-                f'checkpoint {source} does not fit {self.arch}: '
-                + '; '.join(part for part in (
-                    missing and f'missing keys: {some(missing)}',
-                    unexpected and f'unexpected keys: {some(unexpected)}') if part))
+                return ', '.join(keys[:4]) + (f', ... ({len(keys)} in all)' if len(keys) > 4 else '')
+            problems = [f'{what}: {some(keys)}' for what, keys in (
+                ('missing keys', missing), ('unexpected keys', unexpected), ('shape mismatches', mismatched)) if keys]
+            hint = ''
+            if any('.norm_d ' in m for m in mismatched):
+                hint = ' (KCLA head dim differs: the official ImageNet code uses 64, set the backbone\'s head_dim=64)'
+            raise ValueError(f'checkpoint {source} does not fit {self.arch}: ' + '; '.join(problems) + hint)
+        self.model.load_state_dict(state_dict)
         print_log(f'{type(self).__name__}: loaded {len(state_dict)} tensors from {source}', logger='current')
 
 
