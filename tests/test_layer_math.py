@@ -205,3 +205,32 @@ def test_norm_d_is_a_buffer_not_a_parameter():
     buffers = {n: b for n, b in model.named_buffers() if n.endswith('norm_d')}
     assert len(buffers) == 16 and 'layer4.2.attn.norm_d' in buffers
     assert buffers['layer4.2.attn.norm_d'].shape == (2048 // 32,)
+
+
+@pytest.mark.parametrize('name', ['cifar_resnet20_kcla', 'cifar_resnet20_mrlal', 'cifar_resnet20_mrlab'])
+def test_eval_mode_backward_matches_unfolded_path(name, monkeypatch):
+    """Eval mode with autograd (e.g. saliency maps) differentiates the folded-BN path correctly."""
+    from timm_layerattn.layers import LayerAttnBase
+    model = randomize_norms(timm.create_model(name)).eval()
+    x = torch.randn(2, 3, 16, 16, requires_grad=True)
+    model(x).square().sum().backward()
+    grads = [x.grad.clone()] + [p.grad.clone() for p in model.parameters()]
+    x.grad = None
+    model.zero_grad(set_to_none=True)
+    monkeypatch.setattr(LayerAttnBase, '_can_fold_norm', lambda self: False)
+    model(x).square().sum().backward()
+    ref = [x.grad] + [p.grad for p in model.parameters()]
+    for g, r in zip(grads, ref):
+        assert_close_scaled(g, r, tol=1e-4)
+
+
+@pytest.mark.parametrize('name', ['cifar_resnet20_kcla', 'cifar_resnet20_mrlal', 'cifar_resnet20_mrlab'])
+def test_inference_mode_matches_grad_mode(name):
+    """The no-autograd path (in-place buffer reuse) computes the same values."""
+    model = randomize_norms(timm.create_model(name)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    ref = model(x).detach()
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)

@@ -15,6 +15,9 @@ from .version import __version__
 COMMANDS = {
     'list': ('timm_layerattn.tools.zoo', 'table of registered models: params, GMACs'),
     'bench': ('timm_layerattn.tools.bench', 'CPU/GPU speed of the ResNet-50 variants relative to timm resnet50'),
+    'export': ('timm_layerattn.tools.export', 'checkpoint -> Hub-ready folder (model.safetensors, config.json, card)'),
+    'push': ('timm_layerattn.tools.push', 'upload an exported folder to a Hugging Face Hub model repo'),
+    'convert': ('timm_layerattn.convert', 'official KCLA / MRLA / CNNtention checkpoint -> this package (safetensors)'),
     'det-configs': ('timm_layerattn.tools.det_configs', 'path of the MMDetection configs, or a copy of them'),
 }
 

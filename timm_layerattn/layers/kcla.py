@@ -170,7 +170,11 @@ class KCLA(LayerAttnBase):
                 hist, z = self._rebuild(hist, z, x.dtype, acc)
             z = z + alpha
             # A' = (Z + eps) / (Z' + eps) * A + alpha / (Z' + eps) * x, a convex combination
-            hist = torch.lerp(hist, x_acc, per_channel(alpha / (z + self.history_eps), d)[:, :, None, None])
+            weight = per_channel(alpha / (z + self.history_eps), d)[:, :, None, None]
+            if torch.is_grad_enabled():
+                hist = torch.lerp(hist, x_acc, weight)
+            else:  # the incoming history is ours alone: update it in place, no new full-size buffer
+                hist = hist.lerp_(x_acc, weight)
 
         # Head gate from the projection of Q on the unit key direction.
         score = (q * k).sum(-1) / key_norm.clamp_min(self.key_norm_eps)
@@ -180,8 +184,11 @@ class KCLA(LayerAttnBase):
         if self._can_fold_norm():
             # relu(BN(gate * V)) == relu(gate * scale * V + shift) in inference
             scale, shift = self._fold_norm()
-            out = torch.addcmul(shift[:, None, None], value, gate * scale[:, None, None]).relu_()
-            out = out.add_(x)
+            gate = gate * scale[:, None, None]
+            if torch.is_grad_enabled():
+                out = x + torch.relu(torch.addcmul(shift[:, None, None], value, gate))
+            else:  # reuse the value buffer
+                out = torch.addcmul(shift[:, None, None], value, gate, out=value).relu_().add_(x)
         else:
             out = x + self.drop_path(torch.relu(self.norm(value * gate)))
         return out, [hist, z]

@@ -64,7 +64,10 @@ class MRLALight(LayerAttnBase):
             # x + BN(gate * V + lambda * r) == x + (scale * gate) * V + (scale * lambda) * r + shift
             scale, shift = self._fold_norm()
             scale = scale[:, None, None]
-            out = torch.addcmul(x, value, gate * scale)
+            if torch.is_grad_enabled():
+                out = torch.addcmul(x, value, gate * scale)
+            else:  # reuse the value buffer
+                out = torch.addcmul(x, value, gate * scale, out=value)
             out = out.addcmul_(shortcut, self.lambda_t * scale).add_(shift[:, None, None])
         else:
             out = x + self.drop_path(self.norm(value * gate + self.lambda_t * shortcut))
@@ -131,7 +134,7 @@ class MRLABase(LayerAttnBase):
             out = torch.addcmul(shift[:, None, None], values[0], weights[:, 0, :, None, None])
             for j in range(1, num_tokens):
                 out = out.addcmul_(values[j], weights[:, j, :, None, None])
-            out = out.relu_().add_(x)
+            out = x + torch.relu(out) if torch.is_grad_enabled() else out.relu_().add_(x)
         else:
             attn = values[0] * weights[:, 0, :, None, None]
             for j in range(1, num_tokens):

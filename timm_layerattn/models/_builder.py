@@ -4,6 +4,8 @@ from typing import Any, Callable, Optional, Sequence, Type
 import torch.nn as nn
 from timm.models import build_model_with_cfg
 
+from ..pretrained import check_pretrained_source
+
 __all__ = ['build_la_model']
 
 
@@ -21,7 +23,10 @@ def build_la_model(
     Features always go through `forward_intermediates` (timm's `getter` wrapper): these nets carry
     state between layers, which the default wrapper (re-running children one by one) would drop.
     `default_out_indices` is the feature selection when the caller gives no `out_indices`.
+    `pretrained=True` for a tag without weights fails up front with instructions (`PretrainedWeightsError`).
     """
+    if pretrained:
+        check_pretrained_source(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
     return build_model_with_cfg(
         model_cls,
         variant,

@@ -1,0 +1,357 @@
+"""Export to Hub-ready folders, model cards, the `export` / `push --dry-run` commands, pretrained registration."""
+import argparse
+import json
+import string
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+from huggingface_hub import ModelCard
+
+import timm_layerattn
+from timm_layerattn import export_folder, register_pretrained, unregister_pretrained
+from timm_layerattn._utils import UserError
+from timm_layerattn.cli import main as cli_main
+from timm_layerattn.hub import CARD_FAMILIES, CARD_TAGS, card_template_path, model_family
+from timm_layerattn.pretrained import PretrainedWeightsError
+from timm_layerattn.tools.zoo import count_macs, count_params
+
+NAME = 'cifar_resnet20_kcla'
+
+
+def _trained_like(name: str = NAME, seed: int = 0, **kwargs) -> torch.nn.Module:
+    """A model whose every tensor (BN statistics included) differs from its init, in eval mode."""
+    torch.manual_seed(seed)
+    model = timm.create_model(name, **kwargs)
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            if v.is_floating_point() and not k.endswith('norm_d'):
+                v.add_(torch.rand_like(v) * 0.1 if k.endswith('running_var') else torch.randn_like(v) * 0.05)
+    return model.eval()
+
+
+def _x(model, batch: int = 2) -> torch.Tensor:
+    return torch.randn(batch, model.in_chans, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope='module')
+def exported(tmp_path_factory):
+    model = _trained_like()
+    out = tmp_path_factory.mktemp('export') / 'kcla20'
+    export_folder(model, out, model_name=NAME, tag='mylab_cifar10', dataset='cifar10',
+                  metrics={'top1': 91.37, 'top5': 99.71}, label_names=[f'class{i}' for i in range(10)],
+                  recipe='SGD momentum 0.9, lr 0.1, 300 epochs')
+    return model, out
+
+
+def test_export_folder_files_and_config(exported):
+    model, out = exported
+    assert sorted(p.name for p in out.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+    assert not [p for p in out.parent.iterdir() if p.name.startswith('.')], 'temporary folders left behind'
+    config = json.loads((out / 'config.json').read_text())
+    assert config['architecture'] == NAME and config['num_classes'] == 10 and config['num_features'] == 256
+    assert config['label_names'] == [f'class{i}' for i in range(10)]
+    cfg = config['pretrained_cfg']
+    assert cfg['tag'] == 'mylab_cifar10' and cfg['input_size'] == [3, 32, 32] and cfg['crop_pct'] == 1.0
+    assert cfg['mean'] == list(model.pretrained_cfg['mean']) and cfg['classifier'] == 'fc'
+    assert config['timm_layerattn']['family'] == 'kcla'
+    weights = safetensors.torch.load_file(str(out / 'model.safetensors'))
+    assert weights.keys() == model.state_dict().keys()
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+
+
+def test_local_dir_reload_is_bit_identical(exported):
+    model, out = exported
+    reloaded = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
+    x = _x(model)
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), model(x))
+    assert reloaded.pretrained_cfg['label_names'] == [f'class{i}' for i in range(10)]
+    # the single-file route through the registry cfg, with the model's own filter
+    by_file = timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(file=str(out / 'model.safetensors')))
+    with torch.no_grad():
+        assert torch.equal(by_file.eval()(x), model(x))
+
+
+def test_local_dir_adapts_classes_and_channels(exported):
+    model, out = exported
+    five = timm.create_model(f'local-dir:{out}', pretrained=True, num_classes=5).eval()
+    assert five.fc.out_features == 5
+    x = _x(model)
+    with torch.no_grad():
+        assert torch.equal(five.forward_features(x), model.forward_features(x))
+    grey = timm.create_model(f'local-dir:{out}', pretrained=True, in_chans=1).eval()
+    src = model.state_dict()
+    assert torch.equal(grey.conv1.weight, src['conv1.weight'].sum(1, keepdim=True))
+    assert all(torch.equal(v, src[k]) for k, v in grey.state_dict().items() if k != 'conv1.weight')
+
+
+def test_model_card(exported):
+    model, out = exported
+    card = ModelCard.load(out / 'README.md')
+    data = card.data
+    assert data.library_name == 'timm' and data.license == 'apache-2.0'
+    assert data.pipeline_tag == 'image-classification'
+    assert set(CARD_TAGS) <= set(data.tags) and 'transformers' not in data.tags
+    assert data.datasets == ['uoft-cs/cifar10'] and data.metrics == ['accuracy']
+    results = {r.metric_name: r.metric_value for r in data.eval_results}
+    assert results == {'Top-1 accuracy': 91.37, 'Top-5 accuracy': 99.71}
+    assert {r.dataset_type for r in data.eval_results} == {'uoft-cs/cifar10'}
+    assert {r.dataset_split for r in data.eval_results} == {'test'}
+    body = card.text
+    params = count_params(model)
+    gmacs = count_macs(timm.create_model(NAME, device='meta'), (3, 32, 32)) / 1e9
+    assert f'{params:,}' in body and f'{gmacs:.3f} at 3x32x32' in body
+    usage = body[body.index('```python'):]
+    assert usage.splitlines()[1].startswith('import timm, timm_layerattn  # ')
+    assert "hf-hub:<your-org>/cifar_resnet20_kcla.mylab_cifar10" in usage
+    assert 'SGD momentum 0.9, lr 0.1, 300 epochs' in body
+    assert '| CIFAR-10 test | Top-1 accuracy | 91.37 |' in body
+    assert '@article{xiong2026kcla' in body and 'github.com/bgx666/KCLA' in body
+    assert '$' not in body.replace('$$', '')  # every template placeholder was filled
+
+
+def test_card_without_results_or_dataset(tmp_path):
+    model = _trained_like('cifar_resnet56', num_classes=100)
+    out = export_folder(model, tmp_path / 'r56', model_name='cifar_resnet56')
+    card = ModelCard.load(out / 'README.md')
+    assert card.data.datasets is None and not card.data.eval_results
+    assert 'No evaluation results were given' in card.text and 'bottleneck' in card.text
+    assert json.loads((out / 'config.json').read_text())['pretrained_cfg'].get('tag') is None
+
+
+@pytest.mark.parametrize('family', sorted({f for _, f in CARD_FAMILIES}))
+def test_card_templates(family):
+    text = card_template_path(family).read_text()
+    values = dict(title='T', model_name='m.t', arch='m', repo_id='o/m.t', details='D', usage='U', recipe='R',
+                  results='X')
+    body = string.Template(text).substitute(values)  # raises on unknown or malformed placeholders
+    for section in ('## Model Details', '## Model Usage', '## Training', '## Results', '## Citation', '```bibtex'):
+        assert section in body, section
+    assert '### Reported' in body
+
+
+@pytest.mark.parametrize('name,family', [
+    ('resnet50_kcla', 'kcla'), ('cifar_resnet110_kcla', 'kcla'), ('resnet101_mrlal', 'mrla_l'),
+    ('cifar_resnet20_mrlab', 'mrla_b'), ('cifar_resnet56', 'cifar_resnet'), ('resnet50_as_kv', 'attention_shortcuts'),
+    ('cifar_resnet50_as_stages', 'attention_shortcuts'), ('cifar_resnet50', 'attention_shortcuts'),
+    ('resnet50_plain', 'attention_shortcuts'), ('cifar_resnet50_half', 'attention_shortcuts'),
+    ('cifar_resnet20_basic', 'cnntention'), ('cifar_resnet20_basic_mha', 'cnntention'),
+    ('resnet18_gradattn_rope', 'gradattn'),
+])
+def test_model_family(name, family):
+    assert model_family(name) == family
+
+
+def test_every_registered_model_has_a_card():
+    for name in timm_layerattn.models.list_models():
+        assert card_template_path(model_family(name)).is_file()
+    with pytest.raises(UserError):
+        model_family('resnet50')
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# timm-layerattn export
+# ---------------------------------------------------------------------------------------------------------------
+
+def _cli(capsys, *args):
+    rc = cli_main(list(map(str, args)))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_cli_export_training_checkpoint(tmp_path, capsys):
+    model, ema = _trained_like('cifar_resnet20_mrlab', seed=1, num_classes=100), _trained_like(
+        'cifar_resnet20_mrlab', seed=2, num_classes=100)
+    ckpt = tmp_path / 'last.pth.tar'
+    torch.save({'epoch': 10, 'arch': 'cifar_resnet20_mrlab', 'best_acc1': torch.tensor(70.0),
+                'state_dict': {'module.' + k: v for k, v in model.state_dict().items()},
+                'state_dict_ema': ema.state_dict()}, ckpt)
+    metrics = tmp_path / 'metrics.json'
+    metrics.write_text('{"top1": 70.25}')
+    labels = tmp_path / 'labels.txt'
+    labels.write_text('\n'.join(f'c{i}' for i in range(100)))
+    rc, out, err = _cli(capsys, 'export', 'cifar_resnet20_mrlab', '--checkpoint', ckpt, '--out', tmp_path / 'ema',
+                        '--dataset', 'cifar100', '--metrics', f'@{metrics}', '--label-names', labels)
+    assert rc == 0, err
+    assert "'state_dict_ema'" in out
+    reloaded = timm.create_model(f'local-dir:{tmp_path / "ema"}', pretrained=True)
+    assert reloaded.num_classes == 100 and reloaded.pretrained_cfg['tag'] == 'cifar100'
+    assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in ema.state_dict().items())
+    assert ModelCard.load(tmp_path / 'ema' / 'README.md').data.eval_results[0].metric_value == 70.25
+    rc, out, err = _cli(capsys, 'export', 'cifar_resnet20_mrlab', '--checkpoint', ckpt, '--out', tmp_path / 'raw',
+                        '--no-ema', '--tag', 'raw')
+    assert rc == 0, err
+    reloaded = timm.create_model(f'local-dir:{tmp_path / "raw"}', pretrained=True)
+    assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+def test_cli_export_safetensors_and_overwrite(tmp_path, capsys):
+    model = _trained_like('cifar_resnet20_kcla', head_dim=8)  # a non-default KCLA head dim, read from norm_d
+    src = tmp_path / 'w.safetensors'
+    safetensors.torch.save_file(model.state_dict(), str(src))
+    out = tmp_path / 'out'
+    args = ['export', NAME, '--checkpoint', src, '--out', out]
+    rc, text, err = _cli(capsys, *args)
+    assert rc == 0, err
+    assert 'KCLA head_dim 8' in text
+    assert json.loads((out / 'config.json').read_text())['model_args']['head_dim'] == 8
+    reloaded = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
+    x = _x(model)
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), model(x))
+    rc, _, err = _cli(capsys, *args)
+    assert rc == 2 and 'already exists' in err
+    assert _cli(capsys, *args, '--overwrite', '--tag', 'second')[0] == 0
+    assert json.loads((out / 'config.json').read_text())['pretrained_cfg']['tag'] == 'second'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['out', 'w.safetensors']
+
+
+def _bad_checkpoints(tmp: Path):
+    good = timm.create_model(NAME).state_dict()
+    torch.save(good, tmp / 'good.pth')
+    safetensors.torch.save_file(good, str(tmp / 'good.safetensors'))
+    data = (tmp / 'good.pth').read_bytes()
+    (tmp / 'truncated.pth').write_bytes(data[: len(data) // 2])
+    st = (tmp / 'good.safetensors').read_bytes()
+    (tmp / 'truncated.safetensors').write_bytes(st[: len(st) - 1000])
+    (tmp / 'corrupt.pth').write_bytes(b'this is not a checkpoint\n' * 100)
+    (tmp / 'empty.pth').write_bytes(b'')
+    torch.save({'args': argparse.Namespace(lr=0.1), 'state_dict': good}, tmp / 'pickled.pth')
+    wrong = dict(good, **{'layer2.0.conv2.weight': torch.zeros(32, 32, 5, 5)})
+    torch.save(wrong, tmp / 'mismatch.pth')
+    torch.save({'epoch': 3, 'optimizer': {'lr': 0.1}}, tmp / 'no_tensors.pth')
+    return {
+        'truncated.pth': 'truncated or corrupt', 'truncated.safetensors': 'truncated or corrupt',
+        'corrupt.pth': 'not a torch checkpoint', 'empty.pth': 'empty', 'pickled.pth': 'argparse.Namespace',
+        'mismatch.pth': 'shape mismatch', 'no_tensors.pth': 'no tensors', 'missing.pth': 'not found',
+    }
+
+
+def test_cli_export_refuses_bad_checkpoints(tmp_path, capsys):
+    cases = _bad_checkpoints(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for name, reason in cases.items():
+        rc, out, err = _cli(capsys, 'export', NAME, '--checkpoint', tmp_path / name, '--out', tmp_path / 'out')
+        lines = err.strip().splitlines()
+        assert rc == 2, name
+        assert len(lines) == 1 and lines[0].startswith('timm-layerattn export: error:'), (name, err)
+        assert reason in lines[0], (name, lines[0])
+        assert 'Traceback' not in err
+        assert sorted(p.name for p in tmp_path.iterdir()) == before, f'{name} left files behind'
+
+
+def test_cli_export_refuses_bad_arguments(tmp_path, capsys):
+    ckpt = tmp_path / 'w.safetensors'
+    safetensors.torch.save_file(timm.create_model(NAME).state_dict(), str(ckpt))
+    for extra, reason in ((['--metrics', '{"top1": 9'], 'not valid JSON'),
+                          (['--metrics', '{"top1": "high"}'], 'finite number'),
+                          (['--label-names', '["a", "b"]'], '2 label names'),
+                          (['--tag', 'bad.tag'], 'invalid tag'),
+                          (['--num-classes', '7'], 'shape mismatch')):
+        rc, _, err = _cli(capsys, 'export', NAME, '--checkpoint', ckpt, '--out', tmp_path / 'o', *extra)
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and reason in err, (extra, err)
+        assert not (tmp_path / 'o').exists()
+    rc, _, err = _cli(capsys, 'export', 'resnet50', '--checkpoint', ckpt, '--out', tmp_path / 'o')
+    assert rc == 2 and 'not one of timm_layerattn' in err
+
+
+def test_export_requires_a_timm_model(tmp_path):
+    from timm_layerattn.models.resnet_la import ResNetLA, model_cfgs
+    with pytest.raises(UserError, match='pretrained_cfg'):
+        export_folder(ResNetLA(model_cfgs['resnet50_kcla']), tmp_path / 'x', model_name='resnet50_kcla')
+    with pytest.raises(UserError, match='does not match'):
+        export_folder(timm.create_model('cifar_resnet20'), tmp_path / 'x', model_name='cifar_resnet20_kcla')
+    assert not (tmp_path / 'x').exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# push --dry-run (no network); the real upload is tested against the loopback Hub in test_hub_loading.py
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_push_dry_run(exported, capsys, tmp_path):
+    _, out = exported
+    rc, text, err = _cli(capsys, 'push', out, '--repo-id', 'acme/cifar_resnet20_kcla.mylab_cifar10', '--dry-run',
+                         '--private')
+    assert rc == 0, err
+    assert 'would upload' in text and 'private' in text
+    for name in ('config.json', 'model.safetensors', 'README.md'):
+        assert name in text
+    assert "loads as 'cifar_resnet20_kcla'" in text
+    broken = tmp_path / 'broken'
+    broken.mkdir()
+    (broken / 'config.json').write_text('{}')
+    rc, _, err = _cli(capsys, 'push', broken, '--repo-id', 'acme/x', '--dry-run')
+    assert rc == 2 and 'missing model.safetensors, README.md' in err
+    rc, _, err = _cli(capsys, 'push', out, '--repo-id', 'not a repo', '--dry-run')
+    assert rc == 2 and 'invalid repo id' in err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# pretrained=True
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_pretrained_without_weights_names_the_ways_to_load():
+    with pytest.raises(PretrainedWeightsError) as e:
+        timm.create_model('resnet50_mrlab', pretrained=True)
+    msg = str(e.value)
+    for hint in ("'resnet50_mrlab.untrained'", 'hf-hub:', 'local-dir:', 'pretrained_cfg_overlay=dict(file=',
+                 'register_pretrained', 'load_trunk'):
+        assert hint in msg, hint
+
+
+@pytest.fixture
+def registered(exported):
+    names = []
+
+    def register(name, **kwargs):
+        register_pretrained(name, **kwargs)
+        names.append(name)
+    yield register
+    for name in reversed(names):
+        unregister_pretrained(name)
+
+
+def test_register_pretrained_makes_pretrained_true_load(exported, registered):
+    model, out = exported
+    weights = str(out / 'model.safetensors')
+    x = _x(model)
+    registered(f'{NAME}.mylab_cifar10', file=weights, label_names=[f'class{i}' for i in range(10)])
+    assert f'{NAME}.mylab_cifar10' in timm.list_models(f'{NAME}*', pretrained=True)
+    for name in (NAME, f'{NAME}.mylab_cifar10'):
+        loaded = timm.create_model(name, pretrained=True).eval()
+        with torch.no_grad():
+            assert torch.equal(loaded(x), model(x)), name
+        assert loaded.pretrained_cfg['tag'] == 'mylab_cifar10'
+    # a second tag does not take over the default unless asked to, and inherits nothing from the first
+    registered(f'{NAME}.other', file=weights, default=False)
+    assert timm.models.get_pretrained_cfg(NAME).tag == 'mylab_cifar10'
+    other = timm.create_model(f'{NAME}.other', pretrained=True).pretrained_cfg
+    assert other['tag'] == 'other' and other.get('label_names') is None
+    registered(f'{NAME}.third', file=weights, default=True)
+    assert timm.models.get_pretrained_cfg(NAME).tag == 'third'
+
+
+def test_unregister_restores_the_untrained_default(exported):
+    _, out = exported
+    register_pretrained(f'{NAME}.tmp', file=str(out / 'model.safetensors'))
+    unregister_pretrained(f'{NAME}.tmp')
+    assert timm.models.get_pretrained_cfg(NAME).tag == 'untrained'
+    assert f'{NAME}.tmp' not in timm.list_models(f'{NAME}*', include_tags=True)
+    with pytest.raises(PretrainedWeightsError):
+        timm.create_model(NAME, pretrained=True)
+
+
+def test_register_pretrained_validation():
+    with pytest.raises(ValueError, match='full'):
+        register_pretrained(f'{NAME}.x', hf_hub_id='acme/')
+    with pytest.raises(ValueError, match='exactly one'):
+        register_pretrained(f'{NAME}.x')
+    with pytest.raises(ValueError, match='<arch>.<tag>'):
+        register_pretrained(NAME, hf_hub_id='acme/x')
+    with pytest.raises(ValueError, match='Unknown architecture'):
+        register_pretrained('resnet50_nope.x', hf_hub_id='acme/x')
+    with pytest.raises(ValueError, match='unsupported fields'):
+        register_pretrained(f'{NAME}.x', hf_hub_id='acme/x', weights='y')

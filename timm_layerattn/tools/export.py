@@ -1,0 +1,108 @@
+"""`timm-layerattn export`: a training checkpoint -> a Hub-ready folder (weights, config.json, model card)."""
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+__all__ = ['add_arguments', 'run']
+
+
+def _json_arg(value: Optional[str], what: str) -> Any:
+    """A JSON literal, or `@file.json` / a path to a JSON file."""
+    from .._utils import UserError
+    if value is None:
+        return None
+    text = value
+    path = Path(value[1:] if value.startswith('@') else value)
+    if value.startswith('@') or (not value.lstrip().startswith(('{', '[')) and path.is_file()):
+        if not path.is_file():
+            raise UserError(f'{what} file not found: {path}')
+        text = path.read_text(encoding='utf-8')
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise UserError(f'{what} is not valid JSON ({e})') from None
+
+
+def _label_names(value: Optional[str]) -> Optional[List[str]]:
+    """JSON list, or a text file with one class name per line."""
+    from .._utils import UserError
+    if value is None:
+        return None
+    path = Path(value[1:] if value.startswith('@') else value)
+    if path.is_file() and path.suffix != '.json':
+        return [line.strip() for line in path.read_text(encoding='utf-8').splitlines() if line.strip()]
+    names = _json_arg(value, '--label-names')
+    if isinstance(names, dict):  # {"0": "cat", ...}
+        try:
+            names = [names[k] for k in sorted(names, key=int)]
+        except ValueError:
+            raise UserError('--label-names as an object must map class indices to names') from None
+    if not isinstance(names, list):
+        raise UserError('--label-names must be a JSON list of class names or a text file, one name per line')
+    return names
+
+
+def _model_kwargs(items: List[str]) -> Dict[str, Any]:
+    import ast
+    from .._utils import UserError
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition('=')
+        if not sep or not key:
+            raise UserError(f'--model-kwargs takes key=value pairs, got {item!r}')
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('model', help='architecture, e.g. cifar_resnet20_kcla (optionally with .tag)')
+    parser.add_argument('--checkpoint', required=True,
+                        help='weights: safetensors, or a torch file (state dict or timm/official training checkpoint)')
+    parser.add_argument('--out', required=True, help='output folder (must not exist unless --overwrite)')
+    parser.add_argument('--num-classes', type=int, default=None, help='default: the checkpoint classifier size')
+    parser.add_argument('--in-chans', type=int, default=None, help='default: the checkpoint stem input channels')
+    parser.add_argument('--tag', default=None, help='pretrained tag, e.g. mylab_cifar10 (default: dataset name)')
+    parser.add_argument('--dataset', default=None, help='training dataset: cifar10, cifar100, imagenet-1k, or a Hub id')
+    parser.add_argument('--metrics', default=None,
+                        help='evaluation results as JSON (or @file.json), e.g. \'{"top1": 91.2, "top5": 99.7}\'')
+    parser.add_argument('--label-names', default=None, help='class names: JSON list, JSON file, or a text file')
+    parser.add_argument('--recipe', default=None, help='training recipe text for the card, or @file.md')
+    parser.add_argument('--repo-id', default=None, help='Hub repo the folder is meant for (used in the usage snippet)')
+    parser.add_argument('--license', default=None, help="licence of the weights (default: the architecture's)")
+    parser.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
+                        help='extra model arguments, e.g. head_dim=64')
+    parser.add_argument('--no-ema', action='store_true',
+                        help='use the checkpoint\'s raw weights even if it holds EMA weights (default: prefer EMA)')
+    parser.add_argument('--overwrite', action='store_true', help='replace an existing output folder')
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import models  # noqa: F401  (registers the architectures)
+    from .._utils import UserError
+    from ..hub import export_folder, load_model_from_checkpoint
+    metrics = _json_arg(args.metrics, '--metrics')
+    if metrics is not None and not isinstance(metrics, dict):
+        raise UserError('--metrics must be a JSON object of name -> number')
+    recipe = args.recipe
+    if recipe and recipe.startswith('@'):
+        path = Path(recipe[1:])
+        if not path.is_file():
+            raise UserError(f'--recipe file not found: {path}')
+        recipe = path.read_text(encoding='utf-8')
+    if Path(args.out).exists() and not args.overwrite:
+        raise UserError(f'output folder already exists: {args.out} (remove it or pass --overwrite)')
+    model, note = load_model_from_checkpoint(
+        args.model, args.checkpoint, num_classes=args.num_classes, in_chans=args.in_chans,
+        prefer_ema=not args.no_ema, **_model_kwargs(args.model_kwargs))
+    print(f'loaded {note} into {args.model} ({model.num_classes} classes)')
+    out = export_folder(
+        model, args.out, model_name=args.model, tag=args.tag, dataset=args.dataset, metrics=metrics,
+        label_names=_label_names(args.label_names), recipe=recipe, overwrite=args.overwrite,
+        repo_id=args.repo_id, license=args.license)
+    print(f'wrote {out}: ' + ', '.join(sorted(p.name for p in out.iterdir())))
+    print(f"check it: timm.create_model('local-dir:{out}', pretrained=True)  (after import timm_layerattn)")
+    return 0
