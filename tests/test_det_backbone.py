@@ -275,3 +275,25 @@ def test_registered_in_mmdet_models():
     assert isinstance(backbone, det.LayerAttnResNet) and backbone.out_channels == [2048]
     headless = timm.create_model('resnet50_mrlal', num_classes=0)
     assert sum(p.numel() for p in backbone.parameters()) == sum(p.numel() for p in headless.parameters())
+
+
+class _SneakyGetattr:
+    """Pickles as `getattr(HistoryBuffer, '_set_default_statistics')`: a private attribute."""
+
+    def __reduce__(self):
+        return getattr, (HistoryBuffer, '_set_default_statistics')
+
+
+def test_mmengine_loader_allows_only_what_runner_checkpoints_need(tmp_path):
+    from mmengine.runner.checkpoint import _load_checkpoint
+    buffer = HistoryBuffer()
+    buffer.update(2.0)
+    good = tmp_path / 'good.pth'
+    torch.save({'message_hub': {'log_scalars': {'train/loss': buffer}}, 'state_dict': {}}, good)
+    assert _load_checkpoint(str(good), map_location='cpu')['message_hub']['log_scalars']['train/loss'].current() == 2.0
+    bad = tmp_path / 'bad.pth'
+    torch.save({'meta': _SneakyGetattr()}, bad)
+    with pytest.raises(Exception, match='is not allowed in an mmengine checkpoint'):
+        _load_checkpoint(str(bad), map_location='cpu')
+    with pytest.raises(Exception):  # outside mmengine's loaders nothing extra is allowed
+        torch.load(good)
