@@ -20,6 +20,7 @@ COMMANDS = {
     'export': ('timm_layerattn.tools.export', 'checkpoint -> Hub-ready folder (model.safetensors, config.json, card)'),
     'push': ('timm_layerattn.tools.push', 'upload an exported folder to a Hugging Face Hub model repo'),
     'convert': ('timm_layerattn.convert', 'official KCLA / MRLA / CNNtention checkpoint -> this package (safetensors)'),
+    'det-configs': ('timm_layerattn.tools.det_configs', 'path of the MMDetection configs, or a copy of them'),
 }
 
 

@@ -1,0 +1,37 @@
+# Mask R-CNN, FPN, 1x schedule, COCO 2017: ResNet-50 with MRLA-base (Multi-head Recurrent Layer Attention).
+#
+# Paper / official repo (MRLA, ICLR 2023; joyfang1106/MRLA): detection results and code exist for MRLA-L
+# only (no MRLA-B detection backbone); this config applies the MRLA-L recipe, which is the stock 1x one:
+# SGD lr 0.02 for total batch 16, momentum 0.9, weight decay 1e-4, 500-iter linear warm-up, 12 epochs,
+# lr x0.1 after epochs 8 and 11; ImageNet-pretrained backbone, frozen_stages=1, norm_eval, no drop path.
+#
+# This config: that stock recipe (SGD lr 0.02 for total batch 16 = 8 GPUs x 2 images, momentum 0.9,
+# weight decay 1e-4, 500-iter warm-up, steps at epochs 8 and 11) with auto_scale_lr enabled, so the lr
+# follows the linear rule for the batch actually run (GPUs x train_dataloader.batch_size): e.g. 2 GPUs x
+# 4 images -> 0.01. Backbone as in the official code: frozen_stages=1 (stem and stage 1, including their
+# attention modules), norm_eval (every BatchNorm, the attention modules' too) and
+# no drop path on the MRLA branch (as for MRLA-L; also the MRLA-B model default).
+#
+# Weights: `pretrained` is the ImageNet classification checkpoint of `resnet50_mrlab`: a .safetensors or torch
+# file (official training checkpoints, with `module.` prefixes and official key names, load as they are),
+# `local-dir:DIR` or `hf-hub:ORG/NAME`. Override: --cfg-options model.backbone.init_cfg.checkpoint=PATH
+
+_base_ = 'mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py'
+
+custom_imports = dict(imports=['timm_layerattn.det'], allow_failed_imports=False)
+
+pretrained = 'checkpoints/resnet50_mrlab.safetensors'
+model = dict(
+    backbone=dict(
+        _delete_=True,
+        type='LayerAttnResNet',
+        arch='resnet50_mrlab',
+        out_indices=(0, 1, 2, 3),
+        frozen_stages=1,
+        norm_cfg=dict(type='BN', requires_grad=True),
+        norm_eval=True,
+        drop_path_rate=0.0,
+        init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
+    neck=dict(in_channels=[256, 512, 1024, 2048]))
+
+auto_scale_lr = dict(enable=True, base_batch_size=16)

@@ -1,0 +1,132 @@
+"""The shipped MMDetection configs: exact names, paper hyperparameters, every detector builds, wheel install."""
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip('mmcv.ops')
+
+from mmengine.config import Config  # noqa: E402
+from mmengine.registry import init_default_scope  # noqa: E402
+
+import timm_layerattn  # noqa: E402
+from _det_utils import CONFIG_DIR, REPO  # noqa: E402
+from timm_layerattn.tools.det_configs import config_dir, list_configs  # noqa: E402
+
+pytestmark = pytest.mark.det
+
+# config-name part -> (arch suffix, depths, drop_path_rate: the official detection backbone's, or the documented
+# choice). A new variant is one line here plus its config files.
+LAYER_ATTN = {
+    'kcla': ('kcla', (50, 101), 0.2),
+    'mrlal': ('mrlal', (50, 101), 0.0),
+    'mrlab': ('mrlab', (50, 101), 0.0),
+}
+EXPECTED = sorted(
+    f'{det}-rcnn_r{depth}-{part}_fpn_1x_coco.py'
+    for det in ('faster', 'mask') for part, (_, depths, _) in LAYER_ATTN.items() for depth in depths)
+
+
+def test_exactly_the_expected_configs_ship():
+    assert sorted(p.name for p in CONFIG_DIR.glob('*.py')) == EXPECTED
+    # The package's config folder (what a wheel installs) holds the very same files.
+    assert list_configs() == EXPECTED
+    for name in EXPECTED:
+        assert (config_dir() / name).read_bytes() == (CONFIG_DIR / name).read_bytes()
+
+
+@pytest.mark.parametrize('name', EXPECTED)
+def test_config_resolves_to_the_paper_recipe(name):
+    cfg = Config.fromfile(str(CONFIG_DIR / name))
+    det = name.split('-rcnn')[0]
+    depth, part = name.split('_')[1][1:].split('-', 1)
+    suffix, _, drop_path_rate = LAYER_ATTN[part]
+    arch = f'resnet{depth}_{suffix}'
+    assert cfg.custom_imports == dict(imports=['timm_layerattn.det'], allow_failed_imports=False)
+    assert cfg.model.type == {'faster': 'FasterRCNN', 'mask': 'MaskRCNN'}[det]
+    bb = cfg.model.backbone
+    assert bb.type == 'LayerAttnResNet' and bb.arch == arch
+    assert 'depth' not in bb and 'num_stages' not in bb  # `_delete_` dropped mmdet's ResNet arguments
+    assert bb.out_indices == (0, 1, 2, 3) and bb.frozen_stages == 1 and bb.norm_eval is True
+    assert bb.drop_path_rate == drop_path_rate
+    assert bb.init_cfg == dict(type='Pretrained', checkpoint=f'checkpoints/{arch}.safetensors')
+    assert cfg.model.neck.in_channels == [256, 512, 1024, 2048]
+    # 1x schedule, SGD at 0.02 for batch 16, scaled to the real batch by the linear rule.
+    assert cfg.optim_wrapper.optimizer == dict(type='SGD', lr=0.02, momentum=0.9, weight_decay=0.0001)
+    assert cfg.auto_scale_lr == dict(enable=True, base_batch_size=16)
+    assert cfg.train_cfg.max_epochs == 12 and cfg.train_dataloader.batch_size == 2
+    warmup, steps = cfg.param_scheduler
+    assert (warmup.type, warmup.start_factor, warmup.end) == ('LinearLR', 0.001, 500)
+    assert (steps.type, steps.milestones, steps.gamma) == ('MultiStepLR', [8, 11], 0.1)
+    assert ('segm' in cfg.val_evaluator.metric) == (det == 'mask')
+    header = (CONFIG_DIR / name).read_text().split('\n\n')[0]
+    assert 'Paper' in header and 'This config' in header
+    if suffix == 'kcla':  # the paper's lr values as written, next to what the linear rule gives
+        assert ('0.1' in header) if depth == '50' else ('0.05' in header)
+
+
+@pytest.mark.parametrize('name', EXPECTED)
+def test_config_builds_its_detector(name):
+    from mmdet.registry import MODELS
+    cfg = Config.fromfile(str(CONFIG_DIR / name))
+    init_default_scope('mmdet')
+    model = MODELS.build(cfg.model)
+    assert model.backbone.arch == cfg.model.backbone.arch
+    assert model.backbone.out_channels == cfg.model.neck.in_channels
+    assert model.backbone.strides == list(cfg.model.roi_head.bbox_roi_extractor.featmap_strides)
+    assert model.with_mask == name.startswith('mask')
+
+
+def test_configs_load_from_a_wheel_install(tmp_path):
+    """`pip wheel .` then an install of the wheel (no checkout on the path) finds and builds the configs."""
+    src = tmp_path / 'src'
+    files = subprocess.run(['git', 'ls-files', '-co', '--exclude-standard'], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for rel in files:
+        if (REPO / rel).is_symlink() or (REPO / rel).is_file():
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            if (REPO / rel).is_symlink():
+                os.symlink(os.readlink(REPO / rel), src / rel)
+            else:
+                shutil.copy2(REPO / rel, src / rel)
+    pip = [sys.executable, '-m', 'pip', '--disable-pip-version-check', '-q']
+    subprocess.run(pip + ['wheel', str(src), '--no-deps', '--no-build-isolation', '-w', str(tmp_path / 'dist')],
+                   check=True, capture_output=True)
+    wheel, = (tmp_path / 'dist').glob('timm_layerattn-*.whl')
+    subprocess.run(pip + ['install', '--no-deps', '--target', str(tmp_path / 'site'), str(wheel)],
+                   check=True, capture_output=True)
+    code = textwrap.dedent("""
+        import subprocess, sys
+        from pathlib import Path
+        import timm_layerattn
+        assert timm_layerattn.__file__.startswith(sys.argv[1]), timm_layerattn.__file__
+        from timm_layerattn.cli import main
+        from timm_layerattn.tools.det_configs import config_dir
+        folder = config_dir()
+        assert str(folder).startswith(sys.argv[1]) and not folder.is_symlink(), folder
+        from mmengine.config import Config
+        from mmengine.registry import init_default_scope
+        cfg = Config.fromfile(str(folder / 'mask-rcnn_r101-kcla_fpn_1x_coco.py'))  # inherits the R50 file
+        init_default_scope('mmdet')
+        from mmdet.registry import MODELS
+        model = MODELS.build(cfg.model)
+        print(type(model).__name__, model.backbone.arch, len(list(folder.glob('*.py'))))
+    """)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / 'site'))
+    out = subprocess.run([sys.executable, '-c', code, str(tmp_path / 'site')], cwd=tmp_path, env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[-3:] == ['MaskRCNN', 'resnet101_kcla', str(len(EXPECTED))]
+
+
+def test_cli_prints_the_config_paths(tmp_path):
+    from timm_layerattn.cli import main
+    assert main(['det-configs', '--copy', str(tmp_path / 'mine')]) == 0
+    assert sorted(p.name for p in (tmp_path / 'mine').iterdir()) == EXPECTED
+    assert main(['det-configs', '--copy', str(tmp_path / 'mine')]) == 2  # no silent overwrite
+    assert main(['det-configs', 'no-such-*']) == 2
+    assert Path(timm_layerattn.__file__).parent / 'det' / 'configs' == config_dir()

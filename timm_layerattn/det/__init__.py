@@ -1,0 +1,35 @@
+"""MMDetection 3.x plugin: importing this package registers `LayerAttnResNet` in mmdet's `MODELS`.
+
+Configs load it with `custom_imports = dict(imports=['timm_layerattn.det'], allow_failed_imports=False)`
+(see the configs in `mmdet_configs/`, also installed with the package: `timm-layerattn det-configs`).
+Importing it also lets mmengine read checkpoints saved by its Runner under torch >= 2.6 (`checkpoint.py`).
+
+`import timm_layerattn` never imports this package. The MMDetection stack is the `mmdet` extra; mmcv
+needs compiled ops, which `python -m timm_layerattn.det.install_mmcv` builds once and caches when no
+official mmcv wheel matches the installed torch.
+"""
+import sys
+
+_INSTALL_HINT = (
+    'install the MMDetection stack with `python -m timm_layerattn.det.install_mmcv` (builds and caches mmcv '
+    'for your torch if no official wheel exists), or `pip install "timm-layerattn[mmdet]"` where an mmcv '
+    'wheel for your torch is available')
+
+try:
+    import mmdet.registry  # noqa: F401  (mmdet itself asserts a compatible mmcv version)
+    import mmcv.ops  # noqa: F401  (detectors need the compiled ops: RoIAlign, NMS)
+except (ImportError, AssertionError) as _err:
+    # `python -m timm_layerattn.det.install_mmcv` imports this package before running the installer, i.e.
+    # before mmdet exists. While `-m` locates its module, sys.argv[0] is '-m' (Python docs, "-m"): let
+    # that import through so the installer can run; everywhere else fail with what to do.
+    if sys.argv[:1] != ['-m']:
+        raise ImportError(f'timm_layerattn.det needs MMDetection 3.3 with a compiled mmcv ({_err}); '
+                          f'{_INSTALL_HINT}') from _err
+else:
+    from .backbone import LayerAttnResNet
+    from .checkpoint import enable_mmengine_checkpoint_loading, mmengine_checkpoint_globals, read_state_dict
+
+    enable_mmengine_checkpoint_loading()
+
+    __all__ = ['LayerAttnResNet', 'enable_mmengine_checkpoint_loading', 'mmengine_checkpoint_globals',
+               'read_state_dict']

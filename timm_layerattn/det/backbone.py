@@ -1,0 +1,249 @@
+"""`LayerAttnResNet`: every layer-attention ResNet of this package as an MMDetection 3.x backbone.
+
+One class serves every registered arch (`type='LayerAttnResNet', arch='resnet50_kcla'`). The trunk is the
+timm model itself, run through its `forward_intermediates` (the method timm's `getter` feature wrapper
+calls): these nets carry attention state from block to block and across stages, so their features
+cannot be taken by re-running children one by one (spec layer_attention.md Q20). Stages after the last
+requested output are pruned, as timm's feature wrapper does.
+
+The options follow mmdet's own `ResNet` with the official KCLA / MRLA detection backbones' semantics
+(spec mmdet_official.md §1.1, §2.1, §4):
+
+* `out_indices`: 0-based stage indices as in mmdet (timm's index 0 is the stem, so stage `i` is timm `i + 1`).
+* `frozen_stages`: -1 none, 0 the stem, `n` the stem plus stages 1..n *including their attention modules*:
+  eval mode (so their DropPath is off too) and `requires_grad=False`.
+* `norm_eval`: every BatchNorm, trunk and attention alike, stays in eval mode while training.
+* `norm_cfg`: `BN` or `SyncBN` (converted with `nn.SyncBatchNorm.convert_sync_batchnorm`), `requires_grad`,
+  optional `eps` / `momentum`, applied to all BatchNorms.
+* `drop_path_rate`: drop rate of the layer-attention branch (the trunk residual is never dropped). The
+  official KCLA detection code hard-codes 0.2 and the MRLA one uses none; configs should set it.
+* Weights: `init_cfg=dict(type='Pretrained', checkpoint=..., prefix=None)` loads in `init_weights()` (as
+  every mmdet backbone does) from a `.safetensors` / torch file, `local-dir:DIR`, `hf-hub:ORG/NAME` or a
+  URL; official KCLA / MRLA classification checkpoints (`module.` prefixes, official key names) are
+  remapped by the model family's `checkpoint_filter_fn`, and a detector checkpoint works with
+  `prefix='backbone.'`. Loading is strict apart from the classifier and pruned stages. `pretrained=True`
+  instead lets timm load the arch's own weights at construction (e.g. `arch='hf-hub:ORG/NAME'`);
+  `init_weights()` then leaves them alone.
+"""
+import copy
+import importlib
+import logging
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import timm
+import torch
+import torch.nn as nn
+from mmdet.registry import MODELS
+from mmengine.logging import print_log
+from mmengine.model import BaseModule
+from mmengine.model.weight_init import initialize, update_init_info
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .checkpoint import read_state_dict
+
+__all__ = ['LayerAttnResNet']
+
+_NORM_TYPES = ('BN', 'BN2d', 'SyncBN')
+
+
+@MODELS.register_module()
+class LayerAttnResNet(BaseModule):
+    """Layer-attention ResNet (KCLA, MRLA-L, MRLA-B, ...) backbone returning a tuple of stage features."""
+
+    def __init__(
+            self,
+            arch: str = 'resnet50_kcla',
+            out_indices: Sequence[int] = (0, 1, 2, 3),
+            frozen_stages: int = -1,
+            norm_eval: bool = True,
+            norm_cfg: Optional[Dict[str, Any]] = None,
+            with_cp: bool = False,
+            drop_path_rate: Optional[float] = None,
+            pretrained: Union[bool, str] = False,
+            style: str = 'pytorch',
+            init_cfg: Optional[Union[Dict[str, Any], List[Dict[str, Any]]]] = None,
+            **model_kwargs,
+    ):
+        """
+        Args:
+            arch: A timm model name of this package (`timm-layerattn list`), optionally with a tag, or
+                `hf-hub:ORG/NAME` / `local-dir:DIR` holding one.
+            out_indices: Stages whose outputs are returned (0-based, mmdet convention).
+            frozen_stages: Freeze the stem (0) and stages up to this one (1-based); -1 freezes nothing.
+            norm_eval: Keep every BatchNorm in eval mode during training.
+            norm_cfg: `dict(type='BN' | 'SyncBN', requires_grad=True[, eps, momentum])`.
+            with_cp: Activation checkpointing per block (less memory, more compute).
+            drop_path_rate: Layer-attention branch drop rate; `None` keeps the arch default (KCLA 0.2, MRLA 0).
+            pretrained: True: timm loads the arch's own weights now. A string: shorthand for
+                `init_cfg=dict(type='Pretrained', checkpoint=pretrained)`.
+            style: Only 'pytorch' (stride on the 3x3 conv), accepted for config compatibility.
+            init_cfg: mmengine init config; a `Pretrained` entry is loaded by this class (see module doc).
+            **model_kwargs: Further `timm.create_model` arguments (e.g. `head_dim`, `output_stride`).
+        """
+        if style != 'pytorch':
+            raise ValueError(f"LayerAttnResNet only has the 'pytorch' style (stride on the 3x3 conv), got {style!r}")
+        if isinstance(pretrained, str):
+            if init_cfg is not None:
+                raise ValueError('give the checkpoint either as pretrained=<str> or in init_cfg, not both')
+            init_cfg, pretrained = dict(type='Pretrained', checkpoint=pretrained), False
+        init_cfgs = [] if init_cfg is None else [init_cfg] if isinstance(init_cfg, dict) else list(init_cfg)
+        pretrained_cfgs = [c for c in init_cfgs if c.get('type') == 'Pretrained']
+        other_cfgs = [c for c in init_cfgs if c.get('type') != 'Pretrained']
+        if len(pretrained_cfgs) > 1:
+            raise ValueError('init_cfg may hold at most one Pretrained entry')
+        if pretrained and init_cfgs:
+            raise ValueError('pretrained=True (timm loads the weights) excludes init_cfg')
+        # mmengine must not run its own PretrainedInit on this module: our keys live under `model.` and
+        # official checkpoints need remapping. Other initialisers stay with mmengine.
+        super().__init__(init_cfg=other_cfgs or None)
+        self._checkpoint = copy.deepcopy(pretrained_cfgs[0]) if pretrained_cfgs else None
+        if self._checkpoint is not None and not self._checkpoint.get('checkpoint'):
+            raise ValueError("init_cfg of type 'Pretrained' needs a 'checkpoint'")
+
+        if 'features_only' in model_kwargs or 'num_classes' in model_kwargs:
+            raise ValueError('LayerAttnResNet builds a headless feature extractor; drop features_only / num_classes')
+        if drop_path_rate is not None:
+            model_kwargs['drop_path_rate'] = drop_path_rate
+        model = timm.create_model(arch, pretrained=bool(pretrained), num_classes=0, global_pool='', **model_kwargs)
+        stage_names = tuple(getattr(model, 'stage_names', ()))
+        if not stage_names or not hasattr(model, 'forward_intermediates'):
+            raise ValueError(f'{arch!r} is not a layer-attention ResNet of timm_layerattn (no stages to extract)')
+        self.arch = arch
+        self.num_stages = len(stage_names)
+
+        out_indices = tuple(int(i) for i in out_indices)
+        if not out_indices or len(set(out_indices)) != len(out_indices) or list(out_indices) != sorted(out_indices) \
+                or not all(0 <= i < self.num_stages for i in out_indices):
+            raise ValueError(f'out_indices must be increasing stage indices in [0, {self.num_stages - 1}], '
+                             f'got {out_indices}')
+        if not -1 <= frozen_stages <= self.num_stages:
+            raise ValueError(f'frozen_stages must be in [-1, {self.num_stages}], got {frozen_stages}')
+        self.out_indices = out_indices
+        self.frozen_stages = frozen_stages
+        self.norm_eval = norm_eval
+        self._stage_names = stage_names
+        # Stages past the last output are replaced by empty ones (their weights are not loaded either).
+        self._pruned_stages = stage_names[max(out_indices) + 1:]
+        self._timm_indices = model.prune_intermediate_layers([i + 1 for i in out_indices], prune_head=True)
+        self.feature_info = [dict(model.feature_info[i]) for i in self._timm_indices]
+        self._classifier = model.pretrained_cfg.get('classifier', 'fc')
+
+        model = _apply_norm_cfg(model, norm_cfg)
+        if with_cp:
+            model.set_grad_checkpointing(True)
+        self.model = model
+        self._freeze_stages()
+
+    @property
+    def out_channels(self) -> List[int]:
+        """Channels of the returned features (FPN `in_channels`)."""
+        return [info['num_chs'] for info in self.feature_info]
+
+    @property
+    def strides(self) -> List[int]:
+        """Strides of the returned features relative to the input."""
+        return [info['reduction'] for info in self.feature_info]
+
+    def _frozen_modules(self) -> List[nn.Module]:
+        if self.frozen_stages < 0:
+            return []
+        frozen_stages = set(self._stage_names[:self.frozen_stages])
+        # The stem is every top-level module that is not a stage (the head is pruned to nothing).
+        return [m for name, m in self.model.named_children() if name not in self._stage_names or name in frozen_stages]
+
+    def _freeze_stages(self) -> None:
+        for module in self._frozen_modules():
+            module.eval()
+            for p in module.parameters():
+                p.requires_grad = False
+
+    def train(self, mode: bool = True) -> 'LayerAttnResNet':
+        super().train(mode)
+        self._freeze_stages()
+        if mode and self.norm_eval:
+            for m in self.modules():
+                if isinstance(m, _BatchNorm):
+                    m.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        return tuple(self.model.forward_intermediates(x, indices=self._timm_indices, intermediates_only=True))
+
+    def init_weights(self) -> None:
+        """Apply non-`Pretrained` init_cfg entries (mmengine), then load the `Pretrained` checkpoint.
+
+        The timm model keeps the official initialisation it got at construction; its own `init_weights`
+        is never re-run, so weights timm loaded (`pretrained=True`) are not overwritten.
+        """
+        if self._is_init:
+            print_log(f'init_weights of {type(self).__name__} has been called more than once.',
+                      logger='current', level=logging.WARNING)
+            return
+        if self.init_cfg:
+            initialize(self, self.init_cfg)
+        if self._checkpoint is not None:
+            source = self._checkpoint['checkpoint']
+            self.load_weights(source, prefix=self._checkpoint.get('prefix'))
+            if hasattr(self, '_params_init_info'):
+                update_init_info(self, init_info=f'Loaded by {type(self).__name__} from {source}')
+        self._is_init = True
+
+    def load_weights(self, source: str, prefix: Optional[str] = None) -> None:
+        """Load trunk weights from `source` (see `read_state_dict`), strictly but for classifier / pruned stages.
+
+        Args:
+            source: File, `local-dir:DIR`, `hf-hub:ORG/NAME[@REV]` or URL.
+            prefix: Keep only keys under this prefix and strip it (e.g. 'backbone.' for a detector checkpoint).
+        """
+        state_dict = read_state_dict(source)
+        if prefix:
+            state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+            if not state_dict:
+                raise ValueError(f'no key of {source} starts with prefix {prefix!r}')
+        if state_dict and all(k.startswith('model.') for k in state_dict):  # saved from this wrapper
+            state_dict = {k[len('model.'):]: v for k, v in state_dict.items()}
+        filter_fn = getattr(importlib.import_module(type(self.model).__module__), 'checkpoint_filter_fn', None)
+        if filter_fn is not None:
+            state_dict = filter_fn(state_dict, self.model)
+        classifiers = (self._classifier,) if isinstance(self._classifier, str) else tuple(self._classifier)
+        ignored = tuple(f'{name}.' for name in (*classifiers, *self._pruned_stages))
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(ignored)}
+        # Check everything before copying anything, so a checkpoint that does not fit leaves the model untouched.
+        expected = self.model.state_dict()
+        missing = [k for k in expected if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in expected]
+        mismatched = [f'{k} {tuple(v.shape)} (model {tuple(expected[k].shape)})'
+                      for k, v in state_dict.items() if k in expected and v.shape != expected[k].shape]
+        if missing or unexpected or mismatched:
+            def some(keys: List[str]) -> str:
+                return ', '.join(keys[:4]) + (f', ... ({len(keys)} in all)' if len(keys) > 4 else '')
+            problems = [f'{what}: {some(keys)}' for what, keys in (
+                ('missing keys', missing), ('unexpected keys', unexpected), ('shape mismatches', mismatched)) if keys]
+            hint = ''
+            if any('.norm_d ' in m for m in mismatched):
+                hint = ' (KCLA head dim differs: the official ImageNet code uses 64, set the backbone\'s head_dim=64)'
+            raise ValueError(f'checkpoint {source} does not fit {self.arch}: ' + '; '.join(problems) + hint)
+        self.model.load_state_dict(state_dict)
+        print_log(f'{type(self).__name__}: loaded {len(state_dict)} tensors from {source}', logger='current')
+
+
+def _apply_norm_cfg(model: nn.Module, norm_cfg: Optional[Dict[str, Any]]) -> nn.Module:
+    """BN -> SyncBN conversion and BatchNorm settings from an mmcv-style `norm_cfg`."""
+    cfg = dict(norm_cfg or dict(type='BN'))
+    norm_type = cfg.pop('type', 'BN')
+    requires_grad = cfg.pop('requires_grad', True)
+    settings = {k: cfg.pop(k) for k in ('eps', 'momentum') if k in cfg}
+    if norm_type not in _NORM_TYPES:
+        raise ValueError(f'norm_cfg type must be one of {_NORM_TYPES} (the nets are built with BatchNorm), '
+                         f'got {norm_type!r}')
+    if cfg:
+        raise ValueError(f'unsupported norm_cfg keys for LayerAttnResNet: {sorted(cfg)}')
+    if norm_type == 'SyncBN':
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for m in model.modules():
+        if isinstance(m, _BatchNorm):
+            for k, v in settings.items():
+                setattr(m, k, v)
+            for p in m.parameters():
+                p.requires_grad = requires_grad
+    return model

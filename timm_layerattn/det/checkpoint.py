@@ -1,0 +1,115 @@
+"""Checkpoint reading for the MMDetection plugin, always with `torch.load(weights_only=True)`.
+
+Two jobs:
+
+* mmengine 0.10 calls `torch.load` without `weights_only`; since torch 2.6 that means `weights_only=True`,
+  and checkpoints saved by mmengine's Runner then fail to load (`load_from`, `--resume`, `tools/test.py`)
+  because their `message_hub` holds a few non-tensor objects (mmengine's `HistoryBuffer`, NumPy arrays and
+  scalars, and `getattr(HistoryBuffer, 'min')`-style method references). `enable_mmengine_checkpoint_loading()`
+  wraps mmengine's registered checkpoint loaders so that, only while one of them runs, exactly those
+  classes are allow-listed (`torch.serialization.safe_globals`) and `getattr` is replaced by a lookup
+  that only reaches `HistoryBuffer` methods. Nothing is unpickled with `weights_only=False`, and
+  `TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD` is never touched.
+* `read_state_dict()` reads backbone weights from a local `.safetensors` / torch file, a `local-dir:`
+  folder, an `hf-hub:` repo or an http(s) URL (timm's readers), for `LayerAttnResNet`'s `Pretrained` init.
+"""
+import contextlib
+import functools
+import os
+import pickle
+from typing import Any, Callable, Dict, Iterator, List
+
+import torch
+
+__all__ = [
+    'mmengine_safe_globals', 'mmengine_checkpoint_globals', 'enable_mmengine_checkpoint_loading', 'read_state_dict',
+]
+
+
+def _history_buffer_getattr(obj: Any, name: str) -> Any:
+    """`getattr` as Runner checkpoints use it, and nothing else: looking up `HistoryBuffer`'s statistics.
+
+    The message hub pickles its `HistoryBuffer`s' statistics methods (`HistoryBuffer.min`, ...) by
+    qualified name, i.e. as `getattr(HistoryBuffer, 'min')`. This stands in for `builtins.getattr` during
+    the load, so no other attribute of any object can be reached.
+    """
+    from mmengine.logging import HistoryBuffer
+    if obj is HistoryBuffer and not name.startswith('_') and callable(getattr(HistoryBuffer, name, None)):
+        return getattr(HistoryBuffer, name)
+    raise pickle.UnpicklingError(f'getattr({obj!r}, {name!r}) is not allowed in an mmengine checkpoint')
+
+
+def mmengine_safe_globals() -> List[Any]:
+    """The non-tensor globals of checkpoints saved by mmengine's Runner (numpy 1.x and 2.x spellings)."""
+    import numpy as np
+    from mmengine.logging import HistoryBuffer
+
+    np_core = getattr(np, '_core', None) or np.core  # numpy 2 renamed `core` to `_core`
+    out: List[Any] = [HistoryBuffer, np.ndarray, np.dtype, (_history_buffer_getattr, 'builtins.getattr')]
+    for name in ('_reconstruct', 'scalar'):
+        fn = getattr(np_core.multiarray, name)
+        # Pickles name the module they were written with; allow both spellings for files from either numpy.
+        out += [(fn, f'numpy.core.multiarray.{name}'), (fn, f'numpy._core.multiarray.{name}')]
+    # numpy >= 1.25 pickles dtypes through per-dtype classes (`numpy.dtypes.Float64DType`, ...).
+    for code in '?bhilqBHILQefdgFDGUSV':
+        out.append(type(np.dtype(code)))
+    return out
+
+
+@contextlib.contextmanager
+def mmengine_checkpoint_globals() -> Iterator[None]:
+    """Allow-list `mmengine_safe_globals()` for `weights_only` loads inside the block only."""
+    if not hasattr(torch.serialization, 'safe_globals'):  # torch < 2.5 never defaults to weights_only
+        yield
+        return
+    with torch.serialization.safe_globals(mmengine_safe_globals()):
+        yield
+
+
+def _scoped(loader: Callable) -> Callable:
+    @functools.wraps(loader)  # keeps `__name__`: mmengine logs the backend name from it
+    def load(*args, **kwargs):
+        with mmengine_checkpoint_globals():
+            return loader(*args, **kwargs)
+    load._timm_layerattn_scoped = True
+    return load
+
+
+def enable_mmengine_checkpoint_loading() -> None:
+    """Make every registered mmengine checkpoint loader read Runner checkpoints under torch >= 2.6.
+
+    Idempotent. Loaders registered later by other code are left as they are.
+    """
+    from mmengine.runner.checkpoint import CheckpointLoader
+
+    for prefix, loader in list(CheckpointLoader._schemes.items()):
+        if not getattr(loader, '_timm_layerattn_scoped', False):
+            CheckpointLoader.register_scheme(prefixes=prefix, loader=_scoped(loader), force=True)
+
+
+def read_state_dict(source: str) -> Dict[str, torch.Tensor]:
+    """Read a state dict (no model needed) from a file, `local-dir:DIR`, `hf-hub:ORG/NAME[@REV]` or a URL.
+
+    Torch pickles are read with `weights_only=True` (mmengine checkpoint contents allowed); a training
+    checkpoint is unwrapped to its `state_dict_ema` / `model_ema` / `state_dict` / `model` entry and a
+    `module.` prefix is stripped (timm's `load_state_dict`).
+    """
+    from timm.models import load_state_dict
+    from timm.models._hub import download_cached_file, load_state_dict_from_hf, load_state_dict_from_path
+
+    with mmengine_checkpoint_globals():
+        if source.startswith('hf-hub:'):
+            return load_state_dict_from_hf(source[len('hf-hub:'):])
+        if source.startswith('local-dir:'):
+            folder = os.path.expanduser(source[len('local-dir:'):])
+            if not os.path.isdir(folder):
+                raise FileNotFoundError(f'backbone checkpoint folder not found: {folder}')
+            return load_state_dict_from_path(folder)
+        if source.startswith(('http://', 'https://')):
+            return load_state_dict(download_cached_file(source))
+        path = os.path.expanduser(source)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f'backbone checkpoint not found: {path} (a .safetensors / torch file, local-dir:DIR, '
+                f'hf-hub:ORG/NAME or a URL; set it with --cfg-options model.backbone.init_cfg.checkpoint=...)')
+        return load_state_dict(path)
