@@ -25,6 +25,7 @@ LAYER_ATTN = {
     'kcla': ('kcla', (50, 101), 0.2),
     'mrlal': ('mrlal', (50, 101), 0.0),
     'mrlab': ('mrlab', (50, 101), 0.0),
+    'as-stages': ('as_stages', (50, 101), 0.0),
 }
 EXPECTED = sorted(
     f'{det}-rcnn_r{depth}-{part}_fpn_1x_coco.py'
