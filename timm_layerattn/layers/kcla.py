@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 from timm.layers import DropPath, register_notrace_function
 
-from ._common import ChannelConv1d, LayerAttnBase, per_channel
+from ._common import ChannelConv1d, DepthwiseConv3x3, LayerAttnBase, per_channel
 
 __all__ = ['KCLA', 'kcla_temperatures']
 
@@ -92,7 +92,7 @@ class KCLA(LayerAttnBase):
 
         self.q = ChannelConv1d(channels, **dd)
         self.k = ChannelConv1d(channels, **dd)
-        self.v = nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False, **dd)
+        self.v = DepthwiseConv3x3(channels, **dd)
         self.head_gate = nn.Linear(self.num_heads, self.num_heads, bias=False, **dd)
         self.norm = norm_layer(channels, **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
@@ -155,8 +155,8 @@ class KCLA(LayerAttnBase):
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         d = self.head_dim
         pooled = x.mean((2, 3))
-        q = self.q(pooled).view(-1, self.num_heads, d)
-        k = self.k(pooled).view(-1, self.num_heads, d)
+        q, k = self._query_key(pooled)
+        q, k = q.view(-1, self.num_heads, d), k.view(-1, self.num_heads, d)
         acc = accumulation_dtype(x)
         key_norm, alpha = self._key_weight(k, acc)
 
@@ -186,9 +186,9 @@ class KCLA(LayerAttnBase):
             scale, shift = self._fold_norm()
             gate = gate * scale[:, None, None]
             if torch.is_grad_enabled():
-                out = x + torch.relu(torch.addcmul(shift[:, None, None], value, gate))
-            else:  # reuse the value buffer
-                out = torch.addcmul(shift[:, None, None], value, gate, out=value).relu_().add_(x)
+                out = x + torch.relu(value * gate + shift[:, None, None])
+            else:  # in place on the value buffer: no new full-size tensor
+                out = value.mul_(gate).add_(shift[:, None, None]).relu_().add_(x)
         else:
             out = x + self.drop_path(torch.relu(self.norm(value * gate)))
         return out, [hist, z]

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from timm.layers import DropPath
 
-from ._common import ChannelConv1d, LayerAttnBase, per_channel
+from ._common import ChannelConv1d, DepthwiseConv3x3, LayerAttnBase, per_channel
 
 __all__ = ['MRLALight', 'MRLABase']
 
@@ -43,7 +43,7 @@ class MRLALight(LayerAttnBase):
         self.scale = 1. / math.sqrt(head_dim)
         self.q = ChannelConv1d(channels, **dd)
         self.k = ChannelConv1d(channels, **dd)
-        self.v = nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False, **dd)
+        self.v = DepthwiseConv3x3(channels, **dd)
         # Official init is an unscaled N(0, 1); kept so from-scratch training matches the paper's runs.
         self.lambda_t = nn.Parameter(torch.randn(channels, 1, 1, **dd))
         self.norm = norm_layer(channels, **dd)
@@ -56,8 +56,8 @@ class MRLALight(LayerAttnBase):
             state: List[torch.Tensor],
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         pooled = x.mean((2, 3))
-        q = self.q(pooled).view(-1, self.num_heads, self.head_dim)
-        k = self.k(pooled).view(-1, self.num_heads, self.head_dim)
+        q, k = self._query_key(pooled)
+        q, k = q.view(-1, self.num_heads, self.head_dim), k.view(-1, self.num_heads, self.head_dim)
         gate = per_channel(torch.sigmoid((q * k).sum(-1) * self.scale), self.head_dim)[:, :, None, None]
         value = self.v(x)
         if self._can_fold_norm():
@@ -102,7 +102,7 @@ class MRLABase(LayerAttnBase):
         self.first_in_stage = first_in_stage
         self.q = ChannelConv1d(channels, **dd)
         self.k = ChannelConv1d(channels, **dd)
-        self.v = nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False, **dd)
+        self.v = DepthwiseConv3x3(channels, **dd)
         self.norm = norm_layer(channels, **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
@@ -114,8 +114,8 @@ class MRLABase(LayerAttnBase):
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         g, d = self.num_heads, self.head_dim
         pooled = x.mean((2, 3))
-        q = self.q(pooled)
-        k = self.k(pooled).unsqueeze(1)
+        q, k = self._query_key(pooled)
+        k = k.unsqueeze(1)
         value = self.v(x)
         if self.first_in_stage or len(state) == 0:
             keys = k
@@ -131,9 +131,10 @@ class MRLABase(LayerAttnBase):
             # relu(BN(sum_j w_j V_j)) == relu(shift + sum_j (scale * w_j) V_j) in inference
             scale, shift = self._fold_norm()
             weights = weights * scale
-            out = torch.addcmul(shift[:, None, None], values[0], weights[:, 0, :, None, None])
+            out = values[0] * weights[:, 0, :, None, None]
             for j in range(1, num_tokens):
                 out = out.addcmul_(values[j], weights[:, j, :, None, None])
+            out = out.add_(shift[:, None, None])
             out = x + torch.relu(out) if torch.is_grad_enabled() else out.relu_().add_(x)
         else:
             attn = values[0] * weights[:, 0, :, None, None]

@@ -108,7 +108,7 @@ class LABottleneck(nn.Module):
         if self.residual:
             if self.drop_path is not None:
                 x = self.drop_path(x)
-            x = x + shortcut
+            x += shortcut  # in place, as timm: no new full-size buffer
         x = self.act3(x)
         if self.attn is not None:
             x, state = self.attn(x, shortcut, state)
@@ -173,7 +173,7 @@ class LABasicBlock(nn.Module):
         if self.residual:
             if self.drop_path is not None:
                 x = self.drop_path(x)
-            x = x + shortcut
+            x += shortcut  # in place, as timm: no new full-size buffer
         x = self.act2(x)
         if self.attn is not None:
             x, state = self.attn(x, shortcut, state)
