@@ -246,6 +246,6 @@ def test_chunked_depthwise_conv_equals_single_call():
     torch.testing.assert_close(out, ref)
     (gx, gw), (rx, rw) = torch.autograd.grad(out.sum(), (x, w)), torch.autograd.grad(ref.sum(), (x, w))
     torch.testing.assert_close(gx, rx)
-    torch.testing.assert_close(gw, rw)
+    torch.testing.assert_close(gw, rw, rtol=1e-5, atol=1e-4)  # summed over chunks: order differs
     xc = x.detach().contiguous(memory_format=torch.channels_last)  # not split: already fast
     torch.testing.assert_close(depthwise_conv3x3(xc, w, split_above=1000, chunk=2000), ref)
