@@ -355,3 +355,23 @@ def test_register_pretrained_validation():
         register_pretrained('resnet50_nope.x', hf_hub_id='acme/x')
     with pytest.raises(ValueError, match='unsupported fields'):
         register_pretrained(f'{NAME}.x', hf_hub_id='acme/x', weights='y')
+
+
+def test_atomic_outputs_get_normal_permissions(tmp_path):
+    """mkdtemp/mkstemp make private entries; results must follow the umask like any other file."""
+    import os
+    from timm_layerattn._utils import atomic_dir, atomic_file
+    mask = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / 'out') as d:
+            (d / 'sub').mkdir()
+            with atomic_file(d / 'sub' / 'f.bin') as f:
+                f.write(b'x')
+        with atomic_file(tmp_path / 'g.bin') as f:
+            f.write(b'y')
+    finally:
+        os.umask(mask)
+    assert (tmp_path / 'out').stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / 'out' / 'sub').stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / 'out' / 'sub' / 'f.bin').stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / 'g.bin').stat().st_mode & 0o777 == 0o644

@@ -11,6 +11,12 @@ __all__ = ['UserError', 'atomic_dir', 'atomic_file']
 PathLike = Union[str, os.PathLike]
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 class UserError(Exception):
     """An error caused by the user's input; the CLI prints it as one line, without a traceback."""
 
@@ -28,6 +34,13 @@ def atomic_dir(dest: PathLike, overwrite: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f'.{dest.name}.', suffix='.tmp', dir=dest.parent))
     try:
         yield tmp
+        # mkdtemp / mkstemp create private (0700 / 0600) entries; give the result the usual permissions
+        mask = _umask()
+        for path in (tmp, *tmp.rglob('*')):
+            if path.is_dir():
+                path.chmod(0o777 & ~mask)
+            elif path.stat().st_mode & 0o777 == 0o600:
+                path.chmod(0o666 & ~mask)
         if dest.exists():
             old = dest.with_name(f'.{dest.name}.old')
             shutil.rmtree(old, ignore_errors=True)
@@ -52,6 +65,7 @@ def atomic_file(dest: PathLike, mode: str = 'wb') -> Iterator:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, dest)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

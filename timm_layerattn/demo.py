@@ -15,7 +15,6 @@ import argparse
 import importlib
 import importlib.util
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -234,9 +233,6 @@ def run(args: argparse.Namespace) -> int:
                           final_top1=r.history[-1]['eval_top1'], train_s_per_epoch=r.train_time_per_epoch,
                           history=r.history) for r in results])
         (tmp / DEMO_MARKER).write_text(json.dumps(summary, indent=1))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(out, 0o777 & ~umask)  # the atomic temporary folder was private (0700)
     print(f'training curves: {out / png.name}')
     print(f'runs (checkpoints, summary.csv, log.json): {out / "runs"}')
 

@@ -221,8 +221,9 @@ def plot_depth_sweep(sweep: Dict[str, List[Tuple[int, float, float]]], path: str
         axes[0].plot(depths, [(p[1] - 1) * 100 for p in pts], marker='o', label=family)
         axes[1].plot(depths, [(p[2] - 1) * 100 for p in pts], marker='o', label=family)
     for ax, what in zip(axes, ('inference time', 'training activation memory')):
+        ax.set_title(f'{what} overhead', fontsize=10)
         ax.set_xlabel('depth')
-        ax.set_ylabel(f'{what} overhead vs plain ResNet (%)')
+        ax.set_ylabel('% over the plain ResNet of the same depth')
         ax.axhline(0, color='grey', lw=0.5)
         ax.grid(alpha=0.3)
         ax.legend()
