@@ -38,14 +38,14 @@ class ChannelConv1d(nn.Conv1d):
 def depthwise_conv3x3(
         x: torch.Tensor,
         weight: torch.Tensor,
-        split_above: int = 1 << 21,
+        split_above: int = 1 << 20,
         chunk: int = 1 << 20,
 ) -> torch.Tensor:
     """3x3 depth-wise convolution, stride 1, zero padding 1, no bias.
 
     oneDNN runs an NCHW depth-wise conv by reordering input and output through blocked scratch buffers
-    of the full tensor size. With glibc's default malloc, buffers above ~8 MB are mapped afresh on every
-    call, and the page faults then dominate: at ResNet-50 stage 1 (batch 4) the conv took 14.5 ms instead
+    of the full tensor size. With glibc's default malloc, such buffers of several MB are often mapped afresh
+    on every call, and the page faults then dominate: at ResNet-50 stage 1 (batch 4) the conv took 14.5 ms instead
     of 2.5 ms (measured on the project's 2-core machines). Convolving large CPU inputs in batch chunks
     keeps every buffer small (CPU inputs of more than `split_above` elements go in batch chunks of at most
     `chunk` elements); the result is identical.

@@ -669,11 +669,12 @@ class ResNetLA(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         x = self.forward_stem(x)
+        keep = self.neck is not None  # only a neck reads every level; otherwise let each be freed early
         feats: List[torch.Tensor] = []
-        if not self.stem_pooled:
+        if keep and not self.stem_pooled:
             feats.append(x)
         x = self.maxpool(x)
-        if self.stem_pooled:
+        if keep and self.stem_pooled:
             feats.append(x)
         state: State = []
         if torch.jit.is_scripting():
@@ -689,7 +690,8 @@ class ResNetLA(nn.Module):
         else:
             for stage in self.stages():
                 x, state = self._forward_stage(stage, x, state)
-                feats.append(x)
+                if keep:
+                    feats.append(x)
         if self.neck is not None:
             x = self.neck(feats)
         return x
