@@ -1,11 +1,11 @@
 """Small helpers shared by the layer-attention modules."""
 import math
-from typing import List, Tuple
+from typing import List, Tuple, Type
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import register_notrace_function
+from timm.layers import DropPath, register_notrace_function
 
 __all__ = ['eca_kernel_size', 'ChannelConv1d', 'DepthwiseConv3x3', 'depthwise_conv3x3', 'per_channel', 'LayerAttnBase']
 
@@ -76,13 +76,39 @@ def per_channel(t: torch.Tensor, head_dim: int) -> torch.Tensor:
 class LayerAttnBase(nn.Module):
     """Common parts of a per-block layer-attention module.
 
-    Subclasses own `q`, `k` (`ChannelConv1d`) and `norm`, and implement `forward(x, shortcut, state) -> (out, state)`, where `x` is the block output
-    (after its final activation), `shortcut` the block's residual input and `state` the carried
-    per-network attention state (a list of tensors whose meaning belongs to the strategy).
+    Every strategy builds a query and a key from the pooled block output with ECA-style channel convs
+    (`q`, `k`), a value with a depth-wise 3x3 conv (`v`), normalises its branch (`norm`) and drops it
+    with `drop_path`. Subclasses implement `forward(x, shortcut, state) -> (out, state)`, where `x` is the
+    block output (after its final activation), `shortcut` the block's residual input and `state` the
+    carried per-network attention state (a list of tensors whose meaning belongs to the strategy).
 
     In inference the attention BatchNorm is a per-channel affine; `_fold_norm()` returns it so the
     per-sample gates can be merged with it and the tail done in fewer full-size memory passes.
     """
+
+    def __init__(
+            self,
+            channels: int,
+            head_dim: int,
+            drop_path: float,
+            norm_layer: Type[nn.Module],
+            device=None,
+            dtype=None,
+    ):
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        if channels % head_dim:
+            raise ValueError(
+                f'{type(self).__name__}: channels ({channels}) must be divisible by head_dim ({head_dim})')
+        self.channels = channels
+        self.head_dim = head_dim
+        self.num_heads = channels // head_dim
+        self.q = ChannelConv1d(channels, **dd)
+        self.k = ChannelConv1d(channels, **dd)
+        self.v = DepthwiseConv3x3(channels, **dd)
+        self.norm = norm_layer(channels, **dd)
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
     def _query_key(self, pooled: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Query and key `[B, C]` of the pooled descriptor: one 2-filter conv over `q` and `k` weights."""
         weight = torch.cat([self.q.weight, self.k.weight])

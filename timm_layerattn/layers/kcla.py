@@ -15,14 +15,13 @@ range of the activations (no `e^10`-scale sums, so it is safe in low precision),
 is needed to normalise it before the value convolution. `A` and `Z` are kept in float32 (float64 for a
 float64 model).
 """
-import math
 from typing import List, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath, register_notrace_function
+from timm.layers import register_notrace_function
 
-from ._common import ChannelConv1d, DepthwiseConv3x3, LayerAttnBase, per_channel
+from ._common import ChannelConv1d, LayerAttnBase, per_channel
 
 __all__ = ['KCLA', 'kcla_temperatures']
 
@@ -80,22 +79,12 @@ class KCLA(LayerAttnBase):
             norm_layer: Norm for the branch output and the rebuilt history.
         """
         dd = {'device': device, 'dtype': dtype}
-        super().__init__()
-        if channels % head_dim:
-            raise ValueError(f'KCLA: channels ({channels}) must be divisible by head_dim ({head_dim})')
-        self.channels = channels
-        self.head_dim = head_dim
-        self.num_heads = channels // head_dim
+        super().__init__(channels, head_dim, drop_path, norm_layer, **dd)
         self.history_eps = _HISTORY_EPS
         self.max_log_weight = _MAX_LOG_WEIGHT
         self.key_norm_eps = _KEY_NORM_EPS
 
-        self.q = ChannelConv1d(channels, **dd)
-        self.k = ChannelConv1d(channels, **dd)
-        self.v = DepthwiseConv3x3(channels, **dd)
         self.head_gate = nn.Linear(self.num_heads, self.num_heads, bias=False, **dd)
-        self.norm = norm_layer(channels, **dd)
-        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.register_buffer('norm_d', kcla_temperatures(self.num_heads, device=device), persistent=True)
 
         # History re-summary (only for cells that can receive a history: never the network's first).

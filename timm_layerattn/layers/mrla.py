@@ -15,9 +15,8 @@ from typing import List, Tuple, Type
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath
 
-from ._common import ChannelConv1d, DepthwiseConv3x3, LayerAttnBase, per_channel
+from ._common import LayerAttnBase, per_channel
 
 __all__ = ['MRLALight', 'MRLABase']
 
@@ -34,20 +33,10 @@ class MRLALight(LayerAttnBase):
             device=None,
             dtype=None,
     ):
-        dd = {'device': device, 'dtype': dtype}
-        super().__init__()
-        if channels % head_dim:
-            raise ValueError(f'MRLA: channels ({channels}) must be divisible by head_dim ({head_dim})')
-        self.head_dim = head_dim
-        self.num_heads = channels // head_dim
+        super().__init__(channels, head_dim, drop_path, norm_layer, device=device, dtype=dtype)
         self.scale = 1. / math.sqrt(head_dim)
-        self.q = ChannelConv1d(channels, **dd)
-        self.k = ChannelConv1d(channels, **dd)
-        self.v = DepthwiseConv3x3(channels, **dd)
         # Official init is an unscaled N(0, 1); kept so from-scratch training matches the paper's runs.
-        self.lambda_t = nn.Parameter(torch.randn(channels, 1, 1, **dd))
-        self.norm = norm_layer(channels, **dd)
-        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.lambda_t = nn.Parameter(torch.randn(channels, 1, 1, device=device, dtype=dtype))
 
     def forward(
             self,
@@ -92,19 +81,9 @@ class MRLABase(LayerAttnBase):
             device=None,
             dtype=None,
     ):
-        dd = {'device': device, 'dtype': dtype}
-        super().__init__()
-        if channels % head_dim:
-            raise ValueError(f'MRLA: channels ({channels}) must be divisible by head_dim ({head_dim})')
-        self.head_dim = head_dim
-        self.num_heads = channels // head_dim
+        super().__init__(channels, head_dim, drop_path, norm_layer, device=device, dtype=dtype)
         self.scale = 1. / math.sqrt(head_dim)
         self.first_in_stage = first_in_stage
-        self.q = ChannelConv1d(channels, **dd)
-        self.k = ChannelConv1d(channels, **dd)
-        self.v = DepthwiseConv3x3(channels, **dd)
-        self.norm = norm_layer(channels, **dd)
-        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
     def forward(
             self,
