@@ -13,6 +13,8 @@ from timm_layerattn.models.cnntention import checkpoint_filter_fn
 from timm_layerattn.models.resnet_la import PadShortcut
 from timm_layerattn.tools.zoo import count_params
 
+from _compile import assert_compiles_fullgraph
+
 NAMES = ['cifar_resnet20_basic'] + [f'cifar_resnet20_basic_{k}' for k in ('selfatt', 'mha', 'cbam')]
 # spec §4: 10 classes, 100 classes, MNIST (1 channel, 10 classes)
 PARAMS = {
@@ -176,8 +178,4 @@ def test_scripting_and_compile():
     with torch.no_grad():
         ref = model(x)
         torch.testing.assert_close(torch.jit.script(model)(x), ref)
-        torch._dynamo.reset()
-        explanation = torch._dynamo.explain(model)(x)
-        assert explanation.graph_break_count == 0 and explanation.graph_count == 1
-        torch.testing.assert_close(torch.compile(model, fullgraph=True, backend='aot_eager')(x), ref,
-                                   rtol=1e-5, atol=1e-5)
+    assert_compiles_fullgraph(model, x, ref)

@@ -12,6 +12,8 @@ import timm_layerattn  # noqa: F401
 from timm_layerattn.models.gradattn import checkpoint_filter_fn, rotary_cos_sin
 from timm_layerattn.tools.zoo import count_params
 
+from _compile import assert_compiles_fullgraph
+
 NAMES = ['resnet18_gradattn_nope', 'resnet18_gradattn_lpe', 'resnet18_gradattn_rope']
 # spec §3: 10 classes / 3 ch, 100 classes, 10 classes / 1 ch, 200 classes
 PARAMS = {
@@ -144,11 +146,7 @@ def test_scripting_and_compile():
     with torch.no_grad():
         ref = model(x)
         torch.testing.assert_close(torch.jit.script(model)(x), ref)
-        torch._dynamo.reset()
-        explanation = torch._dynamo.explain(model)(x)
-        assert explanation.graph_break_count == 0 and explanation.graph_count == 1
-        torch.testing.assert_close(torch.compile(model, fullgraph=True, backend='aot_eager')(x), ref,
-                                   rtol=1e-5, atol=1e-5)
+    assert_compiles_fullgraph(model, x, ref)
 
 
 def test_drop_path_rate_is_rejected():

@@ -12,6 +12,7 @@ import torch
 from timm.models._features_fx import create_feature_extractor
 
 import timm_layerattn
+from _compile import assert_compiles_fullgraph
 
 # Every layer-attention model; for the other families one model per distinct code path (their other models
 # differ only in widths, depths or stems and get cheaper per-model checks in their own test files).
@@ -205,12 +206,9 @@ def test_torchscript(name):
 def test_torch_compile_fullgraph_no_graph_breaks(name):
     model = timm.create_model(name).eval()
     x = _input(model, batch=2)
-    torch._dynamo.reset()
-    explanation = torch._dynamo.explain(model)(x)
-    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
-    compiled = torch.compile(model, fullgraph=True, backend='aot_eager')
     with torch.no_grad():
-        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+        ref = model(x)
+    assert_compiles_fullgraph(model, x, ref)
 
 
 @pytest.mark.parametrize('name', MODELS)
