@@ -3,6 +3,7 @@
     python benchmarks/bench_resnet50.py                               # ours only
     python benchmarks/bench_resnet50.py --official-kcla /tmp/official/KCLA --official-mrla /tmp/official/MRLA
     python benchmarks/bench_resnet50.py --channels-last
+    python benchmarks/bench_resnet50.py --pytorch-ops                 # + our models without the fused CPU kernels
 
 Prints params, GMACs, inference and training-step time and training activation memory, each as a ratio
 to timm's `resnet50` measured in the same run (models interleaved, median of the repeats), plus each of
@@ -15,7 +16,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from timm_layerattn.tools.bench import BenchConfig, benchmark, format_results, timm_factory  # noqa: E402
+from timm_layerattn.tools.bench import (  # noqa: E402
+    PYTORCH_OPS_SUFFIX, BenchConfig, benchmark, format_results, timm_factory)
 
 OURS = {'resnet50_kcla': 'KCLA', 'resnet50_mrlal': 'MRLA-L', 'resnet50_mrlab': 'MRLA-B'}
 
@@ -41,14 +43,20 @@ def main() -> None:
     p.add_argument('--device', default='cpu')
     p.add_argument('--amp', action='store_true')
     p.add_argument('--compile', action='store_true')
+    p.add_argument('--steady-malloc', action='store_true',
+                   help='glibc: keep freed memory for reuse, so page faults do not depend on the run order')
+    p.add_argument('--pytorch-ops', action='store_true',
+                   help='also time our models with the fused CPU kernels off (same run)')
     args = p.parse_args()
 
     cfg = BenchConfig(
         batch_size=args.batch_size, img_size=args.img_size, threads=args.threads, repeats=args.repeats,
         train=not args.no_train, train_repeats=args.train_repeats, channels_last=args.channels_last,
-        device=args.device, amp=args.amp, compile=args.compile)
+        device=args.device, amp=args.amp, compile=args.compile, steady_malloc=args.steady_malloc)
     factories = {'resnet50': timm_factory('resnet50')}
     factories.update({n: timm_factory(n) for n in OURS})
+    if args.pytorch_ops:
+        factories.update({n + PYTORCH_OPS_SUFFIX: timm_factory(n, pytorch_ops=True) for n in OURS})
     pairs = {}
     if args.official_kcla and not args.channels_last:  # its 5-D norm_d parameter cannot be made channels_last
         # head dim 32: the paper's setting and our default (the released code defaults to 64)
@@ -65,6 +73,9 @@ def main() -> None:
     for ours, official in pairs.items():
         o, r = by_name[ours], by_name[official]
         line = f'{OURS[ours]:<7} ours vs official: inference {o.infer_ms / r.infer_ms:.2f}x'
+        plain = by_name.get(ours + PYTORCH_OPS_SUFFIX)
+        if plain is not None:
+            line += f' ({plain.infer_ms / r.infer_ms:.2f}x with PyTorch ops only)'
         if cfg.train:
             line += f', train step {o.train_ms / r.train_ms:.2f}x, activation memory {o.act_mb / r.act_mb:.2f}x'
         print(line + ' (lower is better)')

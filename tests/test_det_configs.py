@@ -83,7 +83,8 @@ def test_config_builds_its_detector(name):
 
 
 def test_configs_load_from_a_wheel_install(tmp_path):
-    """`pip wheel .` then an install of the wheel (no checkout on the path) finds and builds the configs."""
+    """`pip wheel .` then an install of the wheel (no checkout on the path) finds and builds the configs
+    (and ships the C++ source of the fused CPU kernels)."""
     src = tmp_path / 'src'
     files = subprocess.run(['git', 'ls-files', '-co', '--exclude-standard'], cwd=REPO, capture_output=True,
                            text=True, check=True).stdout.split()
@@ -106,6 +107,8 @@ def test_configs_load_from_a_wheel_install(tmp_path):
         import timm_layerattn
         assert timm_layerattn.__file__.startswith(sys.argv[1]), timm_layerattn.__file__
         from timm_layerattn.cli import main
+        from timm_layerattn.layers import native
+        assert native.SOURCE.is_file() and str(native.SOURCE).startswith(sys.argv[1]), native.SOURCE
         from timm_layerattn.tools.det_configs import config_dir
         folder = config_dir()
         assert str(folder).startswith(sys.argv[1]) and not folder.is_symlink(), folder

@@ -6,7 +6,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator, Union
 
-__all__ = ['UserError', 'atomic_dir', 'atomic_file']
+__all__ = ['UserError', 'atomic_dir', 'atomic_file', 'cache_dir']
 
 PathLike = Union[str, os.PathLike]
 
@@ -15,6 +15,18 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def cache_dir() -> Path:
+    """The package's cache: `$TIMM_LAYERATTN_CACHE`, else `${XDG_CACHE_HOME:-~/.cache}/timm-layerattn`.
+
+    Same rule as the standalone `det/install_mmcv.py`, which keeps its own copy (it runs before the
+    package is installed).
+    """
+    explicit = os.environ.get('TIMM_LAYERATTN_CACHE')
+    if explicit:
+        return Path(explicit).expanduser()
+    return Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache').expanduser() / 'timm-layerattn'
 
 
 class UserError(Exception):

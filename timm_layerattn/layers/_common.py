@@ -83,7 +83,9 @@ class LayerAttnBase(nn.Module):
     carried per-network attention state (a list of tensors whose meaning belongs to the strategy).
 
     In inference the attention BatchNorm is a per-channel affine; `_fold_norm()` returns it so the
-    per-sample gates can be merged with it and the tail done in fewer full-size memory passes.
+    per-sample gates can be merged with it and the tail done in fewer full-size memory passes. With autograd
+    off (`torch.no_grad` / `torch.inference_mode`) the branch is then added to `x` in place (the block output,
+    which nothing else holds), on CPU by the fused kernels of `native` where they apply.
     """
 
     def __init__(

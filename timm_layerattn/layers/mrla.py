@@ -15,10 +15,64 @@ from typing import List, Tuple, Type
 
 import torch
 import torch.nn as nn
+from timm.layers import register_notrace_function
 
-from ._common import LayerAttnBase, per_channel
+from . import native
+from ._common import LayerAttnBase, depthwise_conv3x3, per_channel
 
-__all__ = ['MRLALight', 'MRLABase']
+__all__ = ['MRLALight', 'MRLABase', 'mrla_light_inference', 'mrla_base_inference']
+
+
+@register_notrace_function
+def mrla_light_inference(
+        x: torch.Tensor,
+        shortcut: torch.Tensor,
+        weight: torch.Tensor,
+        gate_scale: torch.Tensor,
+        shortcut_scale: torch.Tensor,
+        shift: torch.Tensor,
+) -> torch.Tensor:
+    """`x + gate_scale * DW3(x) + shortcut_scale * shortcut + shift`: MRLA-light with its eval BatchNorm folded in.
+
+    `gate_scale` is `[B, C]`, `shortcut_scale` and `shift` `[C]`. With autograd off the result overwrites `x`
+    (the block output, which nothing else holds); the fused CPU kernel computes it where it applies.
+    """
+    if not torch.jit.is_scripting():
+        if native.usable(x, shortcut, weight):
+            return torch.ops.timm_layerattn.mrla_light_(
+                x, shortcut, weight, gate_scale.contiguous(), shortcut_scale.contiguous(), shift.contiguous())
+    value = depthwise_conv3x3(x, weight)
+    gate_scale = gate_scale[:, :, None, None]
+    out = torch.addcmul(x, value, gate_scale) if torch.is_grad_enabled() else x.addcmul_(value, gate_scale)
+    return out.addcmul_(shortcut, shortcut_scale[:, None, None]).add_(shift[:, None, None])
+
+
+@register_notrace_function
+def mrla_base_inference(
+        x: torch.Tensor,
+        values: List[torch.Tensor],
+        weights: torch.Tensor,
+        weight: torch.Tensor,
+        shift: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`(x + relu(shift + sum_j weights[:, j] * V_j), V_t)` with `V_t = DW3(x)` appended to the earlier `values`.
+
+    MRLA-base with its eval BatchNorm folded into `weights` (`[B, T, C]`). With autograd off the result
+    overwrites `x`; the fused CPU kernel computes it where it applies.
+    """
+    if not torch.jit.is_scripting():
+        if native.usable(x, weight, *values):
+            value = torch.empty_like(x)
+            out = torch.ops.timm_layerattn.mrla_base_(x, value, values, weights.contiguous(), weight, shift.contiguous())
+            return out, value
+    value = depthwise_conv3x3(x, weight)
+    values = values + [value]
+    out = values[0] * weights[:, 0, :, None, None]
+    for j in range(1, len(values)):
+        out = out.addcmul_(values[j], weights[:, j, :, None, None])
+    out = out.add_(shift[:, None, None])
+    out = x + torch.relu(out) if torch.is_grad_enabled() else x.add_(out.relu_())
+    return out, value
 
 
 class MRLALight(LayerAttnBase):
@@ -47,19 +101,15 @@ class MRLALight(LayerAttnBase):
         pooled = x.mean((2, 3))
         q, k = self._query_key(pooled)
         q, k = q.view(-1, self.num_heads, self.head_dim), k.view(-1, self.num_heads, self.head_dim)
-        gate = per_channel(torch.sigmoid((q * k).sum(-1) * self.scale), self.head_dim)[:, :, None, None]
-        value = self.v(x)
+        gate = per_channel(torch.sigmoid((q * k).sum(-1) * self.scale), self.head_dim)
         if self._can_fold_norm():
             # x + BN(gate * V + lambda * r) == x + (scale * gate) * V + (scale * lambda) * r + shift
             scale, shift = self._fold_norm()
-            scale = scale[:, None, None]
-            if torch.is_grad_enabled():
-                out = torch.addcmul(x, value, gate * scale)
-            else:  # reuse the value buffer
-                out = torch.addcmul(x, value, gate * scale, out=value)
-            out = out.addcmul_(shortcut, self.lambda_t * scale).add_(shift[:, None, None])
+            out = mrla_light_inference(
+                x, shortcut, self.v.weight, gate * scale, self.lambda_t.view(-1) * scale, shift)
         else:
-            out = x + self.drop_path(self.norm(value * gate + self.lambda_t * shortcut))
+            value = self.v(x)
+            out = x + self.drop_path(self.norm(value * gate[:, :, None, None] + self.lambda_t * shortcut))
         return out, state
 
 
@@ -95,27 +145,23 @@ class MRLABase(LayerAttnBase):
         pooled = x.mean((2, 3))
         q, k = self._query_key(pooled)
         k = k.unsqueeze(1)
-        value = self.v(x)
         if self.first_in_stage or len(state) == 0:
             keys = k
-            values = [value]
+            earlier: List[torch.Tensor] = []
         else:
             keys = torch.cat([state[0], k], dim=1)
-            values = state[1:] + [value]
-        num_tokens = len(values)
+            earlier = state[1:]
+        num_tokens = len(earlier) + 1
 
         scores = (q.view(-1, 1, g, d) * keys.view(-1, num_tokens, g, d)).sum(-1) * self.scale
         weights = per_channel(scores.softmax(dim=1), d)  # [B, T, C]
         if self._can_fold_norm():
             # relu(BN(sum_j w_j V_j)) == relu(shift + sum_j (scale * w_j) V_j) in inference
             scale, shift = self._fold_norm()
-            weights = weights * scale
-            out = values[0] * weights[:, 0, :, None, None]
-            for j in range(1, num_tokens):
-                out = out.addcmul_(values[j], weights[:, j, :, None, None])
-            out = out.add_(shift[:, None, None])
-            out = x + torch.relu(out) if torch.is_grad_enabled() else out.relu_().add_(x)
+            out, value = mrla_base_inference(x, earlier, weights * scale, self.v.weight, shift)
+            values = earlier + [value]
         else:
+            values = earlier + [self.v(x)]
             attn = values[0] * weights[:, 0, :, None, None]
             for j in range(1, num_tokens):
                 attn = attn.addcmul(values[j], weights[:, j, :, None, None])

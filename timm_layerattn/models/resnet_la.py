@@ -97,7 +97,7 @@ class LABottleneck(nn.Module):
             nn.init.zeros_(self.bn3.weight)
 
     def forward(self, x: torch.Tensor, state: State) -> Tuple[torch.Tensor, State]:
-        shortcut = x if self.downsample is None else self.downsample(x)
+        shortcut = x
         x = self.act1(self.bn1(self.conv1(x)))
         x = self.act2(self.bn2(self.conv2(x)))
         x = self.conv3(x)
@@ -105,6 +105,8 @@ class LABottleneck(nn.Module):
             x = self.bn3(x)
         if self.ln3 is not None:
             x = self.ln3(x)
+        if self.downsample is not None:  # projected last, as timm: its output is not held through the convs
+            shortcut = self.downsample(shortcut)
         if self.residual:
             if self.drop_path is not None:
                 x = self.drop_path(x)
@@ -163,13 +165,15 @@ class LABasicBlock(nn.Module):
             nn.init.zeros_(self.bn2.weight)
 
     def forward(self, x: torch.Tensor, state: State) -> Tuple[torch.Tensor, State]:
-        shortcut = x if self.downsample is None else self.downsample(x)
+        shortcut = x
         x = self.act1(self.bn1(self.conv1(x)))
         x = self.conv2(x)
         if self.bn2 is not None:
             x = self.bn2(x)
         if self.ln2 is not None:
             x = self.ln2(x)
+        if self.downsample is not None:
+            shortcut = self.downsample(shortcut)
         if self.residual:
             if self.drop_path is not None:
                 x = self.drop_path(x)

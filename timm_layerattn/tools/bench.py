@@ -34,6 +34,7 @@ class BenchConfig:
     device: str = 'cpu'
     amp: bool = False
     compile: bool = False
+    steady_malloc: bool = False
 
 
 @dataclass
@@ -62,6 +63,30 @@ def activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
     return sum(storages.values())
 
 
+def steady_glibc_malloc() -> bool:
+    """Make glibc keep freed memory for reuse: no fresh mmap per large block, no trimming of the heap.
+
+    By default glibc maps each block above a moving threshold afresh and returns it on free, so a new
+    multi-MB tensor costs thousands of page faults, and how many depends on the allocation history (on
+    these machines they are a third of ResNet-50's CPU time, and change with the order models run in).
+    With steady thresholds every model reuses warm memory and the ratios reflect compute. Affects this
+    process only; returns False where the C library has no `mallopt` (not glibc).
+    """
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    return all([
+        mallopt(m_mmap_threshold, 32 << 20),  # glibc's largest allowed value on 64-bit
+        mallopt(m_trim_threshold, 2 ** 31 - 1),
+        mallopt(m_top_pad, 64 << 20),
+    ])
+
+
 def _sync(device: str) -> None:
     if device.startswith('cuda'):
         torch.cuda.synchronize()
@@ -84,6 +109,8 @@ def benchmark(
     from .zoo import count_macs, count_params
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.steady_malloc and not steady_glibc_malloc():
+        log('  --steady-malloc: not a glibc C library; allocator left as it is')
     names = list(models)
     built = {n: _prepare(models[n], cfg) for n in names}
     results = {}
@@ -156,10 +183,40 @@ def benchmark(
     return [results[n] for n in names]
 
 
+def cpu_kernels_state() -> str:
+    """How the layer-attention branches run on CPU in eager inference: fused kernels or PyTorch ops."""
+    from ..layers import native
+    if native.available():
+        return 'fused'
+    return f'pytorch ({native.last_error() or native.ENV + "=0"})'
+
+
+PYTORCH_OPS_SUFFIX = ' pytorch-ops'
+
+
+class WithPyTorchOps(nn.Module):
+    """Runs a model with the fused CPU kernels off, to time both paths in the same run."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ..layers import native
+        with native.disabled():
+            return self.model(x)
+
+
 def format_results(results: Sequence[BenchResult], cfg: BenchConfig, baseline: str) -> str:
     head = (f'device={cfg.device} threads={cfg.threads} batch={cfg.batch_size} img={cfg.img_size} '
             f'channels_last={cfg.channels_last} amp={cfg.amp} compile={cfg.compile} '
             f'median of {cfg.repeats} (train {cfg.train_repeats}), interleaved; ratios vs {baseline}')
+    if cfg.steady_malloc:
+        head += '; steady malloc'
+    if cfg.device == 'cpu':
+        head += f'\nlayer-attention CPU kernels: {cpu_kernels_state()}'
+        if any(r.name.endswith(PYTORCH_OPS_SUFFIX) for r in results):
+            head += f' (rows "<model>{PYTORCH_OPS_SUFFIX}" run without them)'
     cols = f'{"model":<28} {"params(M)":>9} {"GMACs":>6} {"infer ms":>9} {"x":>6} {"train ms":>9} {"x":>6} {"act MB":>7} {"x":>6}'
     lines = [head, cols, '-' * len(cols)]
     for r in results:
@@ -169,11 +226,13 @@ def format_results(results: Sequence[BenchResult], cfg: BenchConfig, baseline: s
     return '\n'.join(lines)
 
 
-def timm_factory(name: str, **kwargs) -> ModelFactory:
+def timm_factory(name: str, pytorch_ops: bool = False, **kwargs) -> ModelFactory:
+    """Builds `name` with timm; `pytorch_ops=True` wraps it to run without the fused CPU kernels."""
     def make() -> nn.Module:
         import timm
         from .. import models  # noqa: F401  (registers our models)
-        return timm.create_model(name, **kwargs)
+        model = timm.create_model(name, **kwargs)
+        return WithPyTorchOps(model) if pytorch_ops else model
     return make
 
 
@@ -248,6 +307,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--amp', action='store_true', help='autocast (bf16 on CPU, fp16 on CUDA)')
     parser.add_argument('--compile', action='store_true', help='torch.compile every model')
+    parser.add_argument('--steady-malloc', action='store_true',
+                        help='glibc: keep freed memory for reuse (no page-fault lottery between models)')
+    parser.add_argument('--pytorch-ops', action='store_true',
+                        help=f'also time each model with the fused CPU kernels off (rows "<model>{PYTORCH_OPS_SUFFIX}")')
     parser.add_argument('--plot', default=None, help='also sweep depth and save a PNG of the overheads')
     parser.add_argument('--plot-suite', default='cifar', choices=sorted(DEPTH_SERIES))
 
@@ -256,7 +319,7 @@ def _config(args: argparse.Namespace) -> BenchConfig:
     return BenchConfig(
         batch_size=args.batch_size, img_size=args.img_size, threads=args.threads or None, repeats=args.repeats,
         train=not args.no_train, train_repeats=args.train_repeats, channels_last=args.channels_last,
-        device=args.device, amp=args.amp, compile=args.compile)
+        device=args.device, amp=args.amp, compile=args.compile, steady_malloc=args.steady_malloc)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -271,6 +334,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError('--device cuda given but CUDA is not available')
     cfg = _config(args)
     factories = {args.baseline: timm_factory(args.baseline), **{n: timm_factory(n) for n in names}}
+    if args.pytorch_ops:
+        factories.update({n + PYTORCH_OPS_SUFFIX: timm_factory(n, pytorch_ops=True) for n in names})
     results = benchmark(factories, cfg, baseline=args.baseline)
     print(format_results(results, cfg, args.baseline))
     if args.plot:

@@ -1,0 +1,196 @@
+"""Fused CPU inference kernels for the layer-attention branches, compiled on first use.
+
+On CPU the attention branches are memory-bound: PyTorch runs the depth-wise value conv through oneDNN,
+which reorders NCHW maps through blocked copies, and then needs several full-size elementwise passes for
+the gates, the BatchNorm and the residual. `csrc/layer_attn_cpu.cpp` does the conv and all of that in one
+pass per (sample, channel) plane. It is compiled here with the system C++ compiler against the installed
+torch (about 5 s, once per machine: the library is cached under `~/.cache/timm-layerattn/kernels`, keyed
+by the source, torch build, compiler and CPU) and registered as `torch.ops.timm_layerattn.*`.
+
+The kernels are used only where they apply: float32 CPU tensors in contiguous NCHW, with autograd off
+(`torch.no_grad` / `torch.inference_mode`), in eager mode. Everything else (training, other dtypes or
+layouts, TorchScript, `torch.compile`, which fuses on its own) takes the PyTorch path, which computes the
+same result. If no compiler is found or the build fails, a single warning says so and the PyTorch path is
+used throughout.
+
+`TIMM_LAYERATTN_NATIVE=0` turns the kernels off; `=1` makes a failed build an error instead of a warning.
+`with native.disabled():` turns them off for a block of code (e.g. to compare both paths in one process);
+`timm-layerattn kernels` builds them ahead of time and reports where they are.
+"""
+import contextlib
+import contextvars
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from .._utils import cache_dir
+
+__all__ = ['NativeKernelError', 'available', 'build', 'disabled', 'last_error', 'mode', 'usable']
+
+ENV = 'TIMM_LAYERATTN_NATIVE'
+SOURCE = Path(__file__).with_name('csrc') / 'layer_attn_cpu.cpp'
+_LIB_NAME = 'layer_attn_cpu'
+
+_loaded: Optional[bool] = None  # None: not tried yet in this process
+_error: Optional[str] = None
+_enabled = contextvars.ContextVar('timm_layerattn_native_enabled', default=True)
+_load_lock = threading.Lock()
+
+
+class NativeKernelError(RuntimeError):
+    """The fused CPU kernels could not be built or loaded."""
+
+
+def mode() -> str:
+    """'off', 'on' (required) or 'auto' (default: use when the build works), from `TIMM_LAYERATTN_NATIVE`."""
+    value = os.environ.get(ENV, '').strip().lower()
+    if value in ('0', 'off', 'false', 'no'):
+        return 'off'
+    if value in ('1', 'on', 'true', 'yes'):
+        return 'on'
+    return 'auto'
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Use the PyTorch path inside this block (this thread / task only)."""
+    token = _enabled.set(False)
+    try:
+        yield
+    finally:
+        _enabled.reset(token)
+
+
+def _compiler() -> Optional[str]:
+    for candidate in (os.environ.get('CXX'), 'c++', 'g++', 'clang++'):
+        if candidate and shutil.which(candidate):
+            return candidate
+    return None
+
+
+def _cpu_signature() -> str:
+    # -march=native code is only valid on CPUs with the same features: key the cache on them.
+    try:
+        with open('/proc/cpuinfo') as f:
+            flags = next((line for line in f if line.startswith(('flags', 'Features'))), '')
+    except OSError:
+        flags = ''
+    return f'{platform.machine()} {flags.strip()}'
+
+
+def _flags(std: str) -> List[str]:
+    torch_dir = Path(torch.__file__).parent
+    include = torch_dir / 'include'
+    flags = [
+        '-O3', '-march=native', '-fopenmp', '-fPIC', '-shared', f'-std={std}',
+        f'-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}',
+        f'-I{include}', f'-I{include / "torch" / "csrc" / "api" / "include"}',
+        f'-L{torch_dir / "lib"}', '-lc10', '-ltorch_cpu',
+    ]
+    return flags
+
+
+def _library_path(cxx: str) -> Path:
+    version = subprocess.run([cxx, '--version'], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256('\n'.join([
+        SOURCE.read_text(), torch.__version__, str(torch.version.git_version), version, ' '.join(_flags('')),
+        _cpu_signature(),
+    ]).encode()).hexdigest()[:16]
+    return cache_dir() / 'kernels' / f'{_LIB_NAME}-{key}.so'
+
+
+def build() -> Path:
+    """Compile the kernels (or find them in the cache) and return the shared library's path.
+
+    The library is written under a temporary name and renamed into place, so concurrent builds (e.g. one
+    per DDP worker) never see a partial file.
+    """
+    cxx = _compiler()
+    if cxx is None:
+        raise NativeKernelError('no C++ compiler found (set CXX, or install g++ or clang++)')
+    target = _library_path(cxx)
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{target.name}.', suffix='.tmp', dir=target.parent)
+    os.close(fd)
+    try:
+        errors = []
+        for std in ('c++20', 'c++17'):  # torch >= 2.10 headers need C++20; older compilers may lack it
+            cmd = [cxx, str(SOURCE), '-o', tmp, *_flags(std)]
+            result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+            if result.returncode == 0:
+                os.chmod(tmp, 0o755)
+                os.replace(tmp, target)
+                return target
+            lines = result.stderr.strip().splitlines()
+            detail = ' | '.join(([ln for ln in lines if 'error' in ln] or lines)[:3])
+            errors.append(f'-std={std}: {detail or f"exit status {result.returncode}, no output"}')
+        raise NativeKernelError(f'compiling {SOURCE.name} with {cxx} failed ({"; ".join(errors)})')
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load() -> None:
+    path = build()
+    try:
+        torch.ops.load_library(str(path))
+    except OSError:  # an unreadable cached library (e.g. damaged on disk): build it afresh once
+        path.unlink(missing_ok=True)
+        torch.ops.load_library(str(build()))
+
+
+def available() -> bool:
+    """Whether the kernels are loaded in this process (building / loading them on the first call)."""
+    if _loaded is None and mode() != 'off':
+        with _load_lock:
+            if _loaded is None:
+                _try_load()
+    return bool(_loaded) and mode() != 'off'
+
+
+def _try_load() -> None:
+    global _loaded, _error
+    try:
+        _load()
+        _loaded = True
+    except (NativeKernelError, OSError, RuntimeError, subprocess.SubprocessError) as e:
+        _loaded, _error = False, f'{type(e).__name__}: {e}'
+        if mode() == 'on':
+            raise NativeKernelError(f'{ENV}=1 but the fused CPU kernels are unavailable: {_error}') from e
+        warnings.warn(
+            f'timm_layerattn: the fused CPU kernels are unavailable ({_error}); the layer-attention '
+            f'branches use plain PyTorch ops on CPU (same results, slower). Set {ENV}=0 to silence this.',
+            RuntimeWarning, stacklevel=4)
+
+
+def last_error() -> Optional[str]:
+    """Why the kernels are unavailable, after `available()` returned False (None if they were not tried)."""
+    return _error
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """True when the fused kernels can compute a branch on these tensors right now.
+
+    Eager mode only (TorchScript, torch.compile and dispatch modes such as FLOP counters take the PyTorch
+    path), autograd off, float32 CPU tensors in contiguous NCHW.
+    """
+    if torch.jit.is_scripting() or torch.compiler.is_compiling() or torch.is_grad_enabled() or not _enabled.get():
+        return False
+    if _get_current_dispatch_mode() is not None:  # e.g. FlopCounterMode, FakeTensorMode: let them see aten ops
+        return False
+    for t in tensors:
+        if t.device.type != 'cpu' or t.dtype != torch.float32 or not t.is_contiguous():
+            return False
+    return available()
