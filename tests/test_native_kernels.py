@@ -1,17 +1,19 @@
-"""The fused CPU inference kernels (`timm_layerattn/layers/csrc`): build, parity with the PyTorch path, fallback."""
+"""The fused CPU inference kernels (`timm_layerattn/layers/csrc`): the papers' formulas, parity with the
+PyTorch path, when they are used, input checks, build cache and fallback."""
 import warnings
 
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 
 import timm_layerattn  # noqa: F401  (registers the models)
-from timm_layerattn.layers import native
+from timm_layerattn.layers import KCLA, LayerAttnBase, MRLABase, MRLALight, native
 
+from _reference import ref_kcla, ref_mrla_base, ref_mrla_light
 from test_layer_math import assert_close_scaled, randomize_norms
 
-SHAPES = [(2, 3, 5, 7), (1, 2, 1, 1), (2, 4, 1, 6), (3, 5, 6, 1), (2, 16, 9, 9), (1, 8, 32, 3), (4, 64, 14, 14)]
+# (H, W) of a first stage; the next stage is half that (rounded up), as after a stride-2 block
+SIZES = [(9, 7), (1, 1), (1, 6), (6, 1), (14, 14)]
 
 
 @pytest.fixture(scope='module')
@@ -22,95 +24,120 @@ def ops():
     return torch.ops.timm_layerattn
 
 
-def dw3(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return F.conv2d(x, w, padding=1, groups=x.shape[1])
+def kernel_calls(fn) -> int:
+    """How many of the package's native ops `fn()` ran."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key.startswith('timm_layerattn::'))
 
 
-def col(t: torch.Tensor) -> torch.Tensor:
-    """[B, C] or [C] -> broadcastable over H, W."""
-    return t[..., None, None]
+def half(hw):
+    return tuple((s + 1) // 2 for s in hw)
 
 
-@pytest.mark.parametrize('shape', SHAPES, ids=str)
-def test_dw3x3_equals_conv2d(ops, shape):
-    x, w = torch.randn(shape), torch.randn(shape[1], 1, 3, 3)
-    torch.testing.assert_close(ops.dw3x3(x, w), dw3(x, w), rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize('hw', SIZES, ids=str)
+def test_kcla_kernel_chain_equals_explicit_weighted_sum(ops, hw):
+    """The kernel path of a KCLA chain (first block, same stage, stage change with re-summary, mid-stage
+    re-summary) against the reference that keeps every earlier block output; in place on x."""
+    d = 8
+    cells = [
+        KCLA(32, head_dim=d, drop_path=0.),
+        KCLA(32, head_dim=d, drop_path=0.),
+        KCLA(64, head_dim=d, in_channels=32, rebuild=True, history_stride=2, drop_path=0.),
+        KCLA(64, head_dim=d, drop_path=0.),
+        KCLA(64, head_dim=d, rebuild=True, drop_path=0.),
+        KCLA(64, head_dim=d, drop_path=0.),
+    ]
+    for c in cells:
+        randomize_norms(c).eval()
+        torch.nn.init.normal_(c.v.weight, std=0.3)
+    inputs = [torch.randn(3, 32, *hw).relu() for _ in range(2)] + [torch.randn(3, 64, *half(hw)).relu() for _ in range(4)]
+    state, history = [], None
+    for cell, x in zip(cells, inputs):
+        ref, history = ref_kcla(cell, x, history, False)
+        x_in = x.clone()
+        with torch.no_grad():
+            assert kernel_calls(lambda: cell(x_in.clone(), x_in, [t.clone() for t in state])) == 1
+            out, state = cell(x_in, x_in, state)
+        assert out.data_ptr() == x_in.data_ptr()  # the block output is updated in place
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(state[0], history.normalised(1e-3, cell.num_heads), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(state[1], sum(w for w, _ in history.tokens), rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize('shape', SHAPES, ids=str)
-def test_mrla_light_kernel_formula_in_place(ops, shape):
-    b, c = shape[:2]
-    x, r, w = torch.randn(shape), torch.randn(shape), torch.randn(c, 1, 3, 3)
-    a, lam, s = torch.randn(b, c), torch.randn(c), torch.randn(c)
-    ref = x + col(a) * dw3(x, w) + col(lam) * r + col(s)
-    x_in = x.clone()
-    out = ops.mrla_light_(x_in, r, w, a, lam, s)
-    assert out.data_ptr() == x_in.data_ptr()  # the block output is updated in place
+@pytest.mark.parametrize('hw', SIZES, ids=str)
+def test_mrla_light_kernel_formula(ops, hw):
+    mod = randomize_norms(MRLALight(64, head_dim=16)).eval()
+    x, r = torch.randn(2, 64, *hw).relu(), torch.randn(2, 64, *hw)
+    ref = ref_mrla_light(mod, x, r, False)
+    with torch.no_grad():
+        assert kernel_calls(lambda: mod(x.clone(), r, [])) == 1
+        out, state = mod(x, r, [])
+    assert state == [] and out.data_ptr() == x.data_ptr()
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize('fresh', [False, True], ids=['update', 'fresh'])
-@pytest.mark.parametrize('shape', SHAPES, ids=str)
-def test_kcla_kernel_formula_updates_history_and_output(ops, shape, fresh):
-    b, c = shape[:2]
-    x, hist, w = torch.randn(shape), torch.randn(shape), torch.randn(c, 1, 3, 3)
-    wl, a, s = torch.rand(b, c), torch.randn(b, c), torch.randn(c)
-    new_hist = col(wl) * x if fresh else torch.lerp(hist, x, col(wl))
-    ref = x + torch.relu(col(a) * dw3(new_hist, w) + col(s))
-    x_in, hist_in = x.clone(), torch.empty_like(x) if fresh else hist.clone()
-    out = ops.kcla_(x_in, hist_in, wl, w, a, s, fresh)
-    assert out.data_ptr() == x_in.data_ptr()
-    torch.testing.assert_close(hist_in, new_hist, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize('earlier', [0, 1, 4])
-@pytest.mark.parametrize('shape', SHAPES, ids=str)
-def test_mrla_base_kernel_formula_writes_value_and_output(ops, shape, earlier):
-    b, c = shape[:2]
-    x, w = torch.randn(shape), torch.randn(c, 1, 3, 3)
-    values = [torch.randn(shape) for _ in range(earlier)]
-    weights, s = torch.randn(b, earlier + 1, c), torch.randn(c)
-    v_t = dw3(x, w)
-    attn = sum(col(weights[:, j]) * v for j, v in enumerate(values + [v_t]))
-    ref = x + torch.relu(attn + col(s))
-    x_in, value = x.clone(), torch.empty_like(x)
-    out = ops.mrla_base_(x_in, value, values, weights, w, s)
-    assert out.data_ptr() == x_in.data_ptr()
-    torch.testing.assert_close(value, v_t, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize('hw', SIZES, ids=str)
+def test_mrla_base_kernel_softmax_over_cached_keys(ops, hw):
+    mods = [randomize_norms(MRLABase(32, head_dim=8, first_in_stage=i == 0)).eval() for i in range(4)]
+    mods.append(randomize_norms(MRLABase(32, head_dim=8, first_in_stage=True)).eval())  # a new stage
+    state, keys, values = [], [], []
+    for i, mod in enumerate(mods):
+        x = torch.randn(2, 32, *hw).relu()
+        if mod.first_in_stage:
+            keys, values = [], []
+        ref, keys, values = ref_mrla_base(mod, x, keys, values, False)
+        with torch.no_grad():
+            assert kernel_calls(lambda: mod(x.clone(), x, list(state))) == 1
+            out, state = mod(x, x, state)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        assert state[0].shape == (2, len(values), 32) and len(state) == len(values) + 1
+        for v, r in zip(state[1:], values):
+            torch.testing.assert_close(v, r, rtol=1e-5, atol=1e-5)
 
 
 def test_kernels_are_thread_count_independent(ops):
     """Planes are split across threads; the result must not depend on how."""
-    x, r, w = torch.randn(3, 40, 17, 19), torch.randn(3, 40, 17, 19), torch.randn(40, 1, 3, 3)
-    a, lam, s = torch.randn(3, 40), torch.randn(40), torch.randn(40)
+    mod = randomize_norms(MRLALight(40, head_dim=8)).eval()
+    x, r = torch.randn(3, 40, 17, 19), torch.randn(3, 40, 17, 19)
     threads = torch.get_num_threads()
     outs = []
     try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            outs.append(ops.mrla_light_(x.clone(), r, w, a, lam, s))
+        with torch.no_grad():
+            for n in (1, 2, 3):
+                torch.set_num_threads(n)
+                outs.append(mod(x.clone(), r, [])[0])
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(o, outs[0]) for o in outs[1:])
 
 
 def test_kernels_reject_bad_input_with_clear_errors(ops):
-    x, w = torch.randn(2, 4, 5, 5), torch.randn(4, 1, 3, 3)
-    a, s = torch.randn(2, 4), torch.randn(4)
+    mod = MRLALight(8, head_dim=4).eval()
+    x, w, q, lam = torch.randn(2, 8, 5, 5), mod.v.weight.detach(), mod.q.weight.detach(), mod.lambda_t.detach()
+    s = torch.ones(8)
+
+    def light(x=x, r=x, w=w, q=q, lam=lam, s=s, head_dim=4):
+        return ops.mrla_light_(x, r, w, q, q, lam, s, s, head_dim, 0.5)
+
     with pytest.raises(RuntimeError, match='float32'):
-        ops.mrla_light_(x.double(), x.double(), w, a, s, s)
+        light(x=x.double(), r=x.double())
     with pytest.raises(RuntimeError, match='contiguous'):
-        ops.mrla_light_(x.contiguous(memory_format=torch.channels_last), x, w, a, s, s)
-    with pytest.raises(RuntimeError, match='weight must have shape'):
-        ops.dw3x3(x, torch.randn(4, 1, 5, 5))
-    with pytest.raises(RuntimeError, match='shortcut must have shape'):
-        ops.mrla_light_(x, torch.randn(2, 4, 5, 6), w, a, s, s)
+        light(x=x.contiguous(memory_format=torch.channels_last))
     with pytest.raises(RuntimeError, match='4-D'):
-        ops.dw3x3(x[0], w)
-    with pytest.raises(RuntimeError, match='weights must have shape'):
-        ops.mrla_base_(x, torch.empty_like(x), [torch.randn_like(x)], torch.randn(2, 1, 4), w, s)
+        light(x=x[0])
+    with pytest.raises(RuntimeError, match='shortcut must have shape'):
+        light(r=torch.randn(2, 8, 5, 6))
+    with pytest.raises(RuntimeError, match='v_weight must have shape'):
+        light(w=torch.randn(8, 1, 5, 5))
+    with pytest.raises(RuntimeError, match='odd k'):
+        light(q=torch.randn(1, 1, 4))
+    with pytest.raises(RuntimeError, match='head_dim'):
+        light(head_dim=3)
+    with pytest.raises(RuntimeError, match='keys must be given'):
+        ops.mrla_base_(x, torch.empty_like(x), [torch.randn_like(x)], None, w, q, q, s, s, 4, 0.5)
+    with pytest.raises(RuntimeError, match='hist must not alias x'):
+        ops.kcla_(x, x, None, w, q, q, torch.ones(2), torch.ones(2, 2), s, s, 4, 1e-3, 10., 1e-12)
 
 
 def test_usable_only_for_eager_float32_nchw_without_autograd(ops):
@@ -125,24 +152,30 @@ def test_usable_only_for_eager_float32_nchw_without_autograd(ops):
             assert not native.usable(x)
         assert native.usable(x)
         from torch.utils.flop_counter import FlopCounterMode
-        with FlopCounterMode(display=False):
+        with FlopCounterMode(display=False):  # counters must see the aten ops
             assert not native.usable(x)
+
+
+def test_jit_traced_models_use_plain_ops(ops):
+    """torch.jit.trace records the PyTorch ops (a saved trace then runs anywhere) and still matches."""
+    model = randomize_norms(timm.create_model('cifar_resnet20_mrlal')).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        ref = model(x)
+        traced = torch.jit.trace(model, x)
+    assert 'timm_layerattn::' not in str(traced.inlined_graph)
+    with torch.no_grad():
+        assert_close_scaled(traced(x), ref, tol=1e-5)
 
 
 FAMILIES = [('cifar_resnet20_kcla', 32), ('cifar_resnet20_mrlal', 32), ('cifar_resnet20_mrlab', 32),
             ('cifar_resnet56_kcla', 11), ('resnet50_kcla', 67), ('resnet50_mrlal', 67), ('resnet50_mrlab', 67)]
 
 
-def _kernel_calls(model: torch.nn.Module, x: torch.Tensor) -> int:
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        model(x)
-    return sum(e.count for e in prof.key_averages() if e.key.startswith('timm_layerattn::'))
-
-
 @pytest.mark.parametrize('name,size', FAMILIES, ids=[n for n, _ in FAMILIES])
 def test_models_with_kernels_match_pytorch_path(ops, name, size):
     """Whole networks (every block, stage changes, KCLA re-summaries, MRLA-B caches) give the same logits
-    and features with and without the kernels, and the kernels really run once per block."""
+    and features with and without the kernels, and every attention block runs its kernel."""
     model = randomize_norms(timm.create_model(name, num_classes=7)).eval()
     x = torch.randn(2, 3, size, size + 5)
     with torch.inference_mode():
@@ -151,12 +184,12 @@ def test_models_with_kernels_match_pytorch_path(ops, name, size):
             ref_feats = model.forward_intermediates(x, intermediates_only=True)
         out = model(x)
         feats = model.forward_intermediates(x, intermediates_only=True)
-        calls = _kernel_calls(model, x)
+        calls = kernel_calls(lambda: model(x))
     # float32 rounding differs (summation order) and grows with depth in these random-weight nets
     assert_close_scaled(out, ref, tol=1e-4)
     for f, r in zip(feats, ref_feats):
         assert_close_scaled(f, r, tol=1e-4)
-    assert calls == sum(1 for m in model.modules() if isinstance(m, timm_layerattn.layers.LayerAttnBase))
+    assert calls == sum(1 for m in model.modules() if isinstance(m, LayerAttnBase))
     with torch.no_grad():  # no_grad takes the same path as inference_mode
         assert_close_scaled(model(x), ref, tol=1e-4)
 

@@ -22,9 +22,9 @@ import torch.nn as nn
 from timm.layers import register_notrace_function
 
 from . import native
-from ._common import ChannelConv1d, LayerAttnBase, depthwise_conv3x3, per_channel
+from ._common import ChannelConv1d, LayerAttnBase, per_channel
 
-__all__ = ['KCLA', 'kcla_temperatures', 'update_history', 'kcla_inference']
+__all__ = ['KCLA', 'kcla_temperatures']
 
 _HISTORY_EPS = 1e-3  # added to Z when normalising the history (official value)
 _MAX_LOG_WEIGHT = 10.  # upper clamp of the key-weight exponent (official value)
@@ -46,46 +46,6 @@ def kcla_temperatures(num_heads: int, device=None) -> torch.Tensor:
 def accumulation_dtype(x: torch.Tensor) -> torch.dtype:
     """Dtype of the carried history: float32 for half / bfloat16 / float32 inputs, float64 for float64."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def update_history(hist: Optional[torch.Tensor], x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """`hist + weight * (x - hist)` (`weight` `[B, C]`; `hist=None` is an empty history: `weight * x`).
-
-    With autograd off an incoming history is updated in place: it belongs to this forward pass alone.
-    """
-    weight = weight[:, :, None, None]
-    x = x.to(weight.dtype)
-    if hist is None:
-        return x * weight
-    return torch.lerp(hist, x, weight) if torch.is_grad_enabled() else hist.lerp_(x, weight)
-
-
-@register_notrace_function
-def kcla_inference(
-        x: torch.Tensor,
-        hist: Optional[torch.Tensor],
-        hist_weight: torch.Tensor,
-        weight: torch.Tensor,
-        gate_scale: torch.Tensor,
-        shift: torch.Tensor,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """`(x + relu(gate_scale * DW3(A) + shift), A)` with `A = update_history(hist, x, hist_weight)`.
-
-    KCLA with its eval BatchNorm folded in (`gate_scale`, `hist_weight` `[B, C]`, `shift` `[C]`). With
-    autograd off the result overwrites `x`; the fused CPU kernel computes both where it applies.
-    """
-    if not torch.jit.is_scripting():
-        if native.usable(x, weight) and (hist is None or native.usable(hist)):
-            fresh = hist is None
-            if hist is None:
-                hist = torch.empty_like(x)
-            out = torch.ops.timm_layerattn.kcla_(
-                x, hist, hist_weight.contiguous(), weight, gate_scale.contiguous(), shift.contiguous(), fresh)
-            return out, hist
-    hist = update_history(hist, x, hist_weight)
-    value = depthwise_conv3x3(hist.to(x.dtype), weight).mul_(gate_scale[:, :, None, None]).add_(shift[:, None, None])
-    out = x + torch.relu(value) if torch.is_grad_enabled() else x.add_(value.relu_())
-    return out, hist
 
 
 def grouped_pointwise(x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
@@ -197,6 +157,9 @@ class KCLA(LayerAttnBase):
             shortcut: torch.Tensor,
             state: List[torch.Tensor],
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        if not torch.jit.is_scripting():
+            if self._can_fold_norm() and native.usable(x, *state):
+                return self._forward_native(x, state)
         d = self.head_dim
         pooled = x.mean((2, 3))
         q, k = self._query_key(pooled)
@@ -204,30 +167,49 @@ class KCLA(LayerAttnBase):
         acc = accumulation_dtype(x)
         key_norm, alpha = self._key_weight(k, acc)
 
-        prev: Optional[torch.Tensor] = None  # incoming history, None at the network's first block
+        x_acc = x.to(acc)
         if len(state) == 0:
             z = alpha
-            hist_weight = alpha / (alpha + self.history_eps)
+            hist = x_acc * per_channel(alpha / (alpha + self.history_eps), d)[:, :, None, None]
         else:
-            incoming, z = state[0], state[1]
+            hist, z = state[0], state[1]
             if self.hist_norm is not None:
-                incoming, z = self._rebuild(incoming, z, x.dtype, acc)
-            prev = incoming
+                hist, z = self._rebuild(hist, z, x.dtype, acc)
             z = z + alpha
             # A' = (Z + eps) / (Z' + eps) * A + alpha / (Z' + eps) * x, a convex combination
-            hist_weight = alpha / (z + self.history_eps)
-        hist_weight = per_channel(hist_weight, d)
+            weight = per_channel(alpha / (z + self.history_eps), d)[:, :, None, None]
+            if torch.is_grad_enabled():
+                hist = torch.lerp(hist, x_acc, weight)
+            else:  # the incoming history is ours alone: update it in place, no new full-size buffer
+                hist = hist.lerp_(x_acc, weight)
 
         # Head gate from the projection of Q on the unit key direction.
         score = (q * k).sum(-1) / key_norm.clamp_min(self.key_norm_eps)
-        gate = per_channel(torch.sigmoid(self.head_gate(score)), d)
+        gate = per_channel(torch.sigmoid(self.head_gate(score)), d)[:, :, None, None]
 
+        value = self.v(hist.to(x.dtype))
         if self._can_fold_norm():
             # relu(BN(gate * V)) == relu(gate * scale * V + shift) in inference
             scale, shift = self._fold_norm()
-            out, hist = kcla_inference(x, prev, hist_weight, self.v.weight, gate * scale, shift)
+            gate = gate * scale[:, None, None]
+            if torch.is_grad_enabled():
+                out = x + torch.relu(value * gate + shift[:, None, None])
+            else:  # in place on the value buffer: no new full-size tensor
+                out = value.mul_(gate).add_(shift[:, None, None]).relu_().add_(x)
         else:
-            hist = update_history(prev, x, hist_weight)
-            value = self.v(hist.to(x.dtype))
-            out = x + self.drop_path(torch.relu(self.norm(value * gate[:, :, None, None])))
+            out = x + self.drop_path(torch.relu(self.norm(value * gate)))
         return out, [hist, z]
+
+    @torch.jit.unused
+    def _forward_native(self, x: torch.Tensor, state: List[torch.Tensor]) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        if len(state) == 0:
+            hist, z = torch.empty_like(x), None
+        else:
+            hist, z = state[0], state[1]
+            if self.hist_norm is not None:
+                hist, z = self._rebuild(hist, z, x.dtype, torch.float32)
+        scale, shift = self._fold_norm()
+        z = torch.ops.timm_layerattn.kcla_(
+            x, hist, z, self.v.weight, self.q.weight, self.k.weight, self.norm_d, self.head_gate.weight,
+            scale, shift, self.head_dim, self.history_eps, self.max_log_weight, self.key_norm_eps)
+        return x, [hist, z]

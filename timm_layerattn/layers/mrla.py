@@ -15,64 +15,11 @@ from typing import List, Tuple, Type
 
 import torch
 import torch.nn as nn
-from timm.layers import register_notrace_function
 
 from . import native
-from ._common import LayerAttnBase, depthwise_conv3x3, per_channel
+from ._common import LayerAttnBase, per_channel
 
-__all__ = ['MRLALight', 'MRLABase', 'mrla_light_inference', 'mrla_base_inference']
-
-
-@register_notrace_function
-def mrla_light_inference(
-        x: torch.Tensor,
-        shortcut: torch.Tensor,
-        weight: torch.Tensor,
-        gate_scale: torch.Tensor,
-        shortcut_scale: torch.Tensor,
-        shift: torch.Tensor,
-) -> torch.Tensor:
-    """`x + gate_scale * DW3(x) + shortcut_scale * shortcut + shift`: MRLA-light with its eval BatchNorm folded in.
-
-    `gate_scale` is `[B, C]`, `shortcut_scale` and `shift` `[C]`. With autograd off the result overwrites `x`
-    (the block output, which nothing else holds); the fused CPU kernel computes it where it applies.
-    """
-    if not torch.jit.is_scripting():
-        if native.usable(x, shortcut, weight):
-            return torch.ops.timm_layerattn.mrla_light_(
-                x, shortcut, weight, gate_scale.contiguous(), shortcut_scale.contiguous(), shift.contiguous())
-    value = depthwise_conv3x3(x, weight)
-    gate_scale = gate_scale[:, :, None, None]
-    out = torch.addcmul(x, value, gate_scale) if torch.is_grad_enabled() else x.addcmul_(value, gate_scale)
-    return out.addcmul_(shortcut, shortcut_scale[:, None, None]).add_(shift[:, None, None])
-
-
-@register_notrace_function
-def mrla_base_inference(
-        x: torch.Tensor,
-        values: List[torch.Tensor],
-        weights: torch.Tensor,
-        weight: torch.Tensor,
-        shift: torch.Tensor,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """`(x + relu(shift + sum_j weights[:, j] * V_j), V_t)` with `V_t = DW3(x)` appended to the earlier `values`.
-
-    MRLA-base with its eval BatchNorm folded into `weights` (`[B, T, C]`). With autograd off the result
-    overwrites `x`; the fused CPU kernel computes it where it applies.
-    """
-    if not torch.jit.is_scripting():
-        if native.usable(x, weight, *values):
-            value = torch.empty_like(x)
-            out = torch.ops.timm_layerattn.mrla_base_(x, value, values, weights.contiguous(), weight, shift.contiguous())
-            return out, value
-    value = depthwise_conv3x3(x, weight)
-    values = values + [value]
-    out = values[0] * weights[:, 0, :, None, None]
-    for j in range(1, len(values)):
-        out = out.addcmul_(values[j], weights[:, j, :, None, None])
-    out = out.add_(shift[:, None, None])
-    out = x + torch.relu(out) if torch.is_grad_enabled() else x.add_(out.relu_())
-    return out, value
+__all__ = ['MRLALight', 'MRLABase']
 
 
 class MRLALight(LayerAttnBase):
@@ -98,19 +45,30 @@ class MRLALight(LayerAttnBase):
             shortcut: torch.Tensor,
             state: List[torch.Tensor],
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        if not torch.jit.is_scripting():
+            if self._can_fold_norm() and native.usable(x, shortcut):
+                return self._forward_native(x, shortcut), state
         pooled = x.mean((2, 3))
         q, k = self._query_key(pooled)
         q, k = q.view(-1, self.num_heads, self.head_dim), k.view(-1, self.num_heads, self.head_dim)
-        gate = per_channel(torch.sigmoid((q * k).sum(-1) * self.scale), self.head_dim)
+        gate = per_channel(torch.sigmoid((q * k).sum(-1) * self.scale), self.head_dim)[:, :, None, None]
+        value = self.v(x)
         if self._can_fold_norm():
             # x + BN(gate * V + lambda * r) == x + (scale * gate) * V + (scale * lambda) * r + shift
             scale, shift = self._fold_norm()
-            out = mrla_light_inference(
-                x, shortcut, self.v.weight, gate * scale, self.lambda_t.view(-1) * scale, shift)
+            scale = scale[:, None, None]
+            out = torch.addcmul(x, value, gate * scale) if torch.is_grad_enabled() else x.addcmul_(value, gate * scale)
+            out = out.addcmul_(shortcut, self.lambda_t * scale).add_(shift[:, None, None])
         else:
-            value = self.v(x)
-            out = x + self.drop_path(self.norm(value * gate[:, :, None, None] + self.lambda_t * shortcut))
+            out = x + self.drop_path(self.norm(value * gate + self.lambda_t * shortcut))
         return out, state
+
+    @torch.jit.unused
+    def _forward_native(self, x: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+        scale, shift = self._fold_norm()
+        return torch.ops.timm_layerattn.mrla_light_(
+            x, shortcut, self.v.weight, self.q.weight, self.k.weight, self.lambda_t, scale, shift,
+            self.head_dim, self.scale)
 
 
 class MRLABase(LayerAttnBase):
@@ -141,29 +99,46 @@ class MRLABase(LayerAttnBase):
             shortcut: torch.Tensor,
             state: List[torch.Tensor],
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        if not torch.jit.is_scripting():
+            if self._can_fold_norm() and native.usable(x, *state):
+                return self._forward_native(x, state)
         g, d = self.num_heads, self.head_dim
         pooled = x.mean((2, 3))
         q, k = self._query_key(pooled)
         k = k.unsqueeze(1)
+        value = self.v(x)
         if self.first_in_stage or len(state) == 0:
             keys = k
-            earlier: List[torch.Tensor] = []
+            values = [value]
         else:
             keys = torch.cat([state[0], k], dim=1)
-            earlier = state[1:]
-        num_tokens = len(earlier) + 1
+            values = state[1:] + [value]
+        num_tokens = len(values)
 
         scores = (q.view(-1, 1, g, d) * keys.view(-1, num_tokens, g, d)).sum(-1) * self.scale
         weights = per_channel(scores.softmax(dim=1), d)  # [B, T, C]
         if self._can_fold_norm():
             # relu(BN(sum_j w_j V_j)) == relu(shift + sum_j (scale * w_j) V_j) in inference
             scale, shift = self._fold_norm()
-            out, value = mrla_base_inference(x, earlier, weights * scale, self.v.weight, shift)
-            values = earlier + [value]
+            weights = weights * scale
+            out = values[0] * weights[:, 0, :, None, None]
+            for j in range(1, num_tokens):
+                out = out.addcmul_(values[j], weights[:, j, :, None, None])
+            out = out.add_(shift[:, None, None])
+            out = x + torch.relu(out) if torch.is_grad_enabled() else x.add_(out.relu_())
         else:
-            values = earlier + [self.v(x)]
             attn = values[0] * weights[:, 0, :, None, None]
             for j in range(1, num_tokens):
                 attn = attn.addcmul(values[j], weights[:, j, :, None, None])
             out = x + self.drop_path(torch.relu(self.norm(attn)))
         return out, [keys] + values
+
+    @torch.jit.unused
+    def _forward_native(self, x: torch.Tensor, state: List[torch.Tensor]) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        keys, earlier = (None, []) if self.first_in_stage or len(state) == 0 else (state[0], state[1:])
+        scale, shift = self._fold_norm()
+        value = torch.empty_like(x)
+        keys = torch.ops.timm_layerattn.mrla_base_(
+            x, value, earlier, keys, self.v.weight, self.q.weight, self.k.weight, scale, shift,
+            self.head_dim, self.scale)
+        return x, [keys] + earlier + [value]

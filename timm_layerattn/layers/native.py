@@ -1,17 +1,18 @@
 """Fused CPU inference kernels for the layer-attention branches, compiled on first use.
 
 On CPU the attention branches are memory-bound: PyTorch runs the depth-wise value conv through oneDNN,
-which reorders NCHW maps through blocked copies, and then needs several full-size elementwise passes for
-the gates, the BatchNorm and the residual. `csrc/layer_attn_cpu.cpp` does the conv and all of that in one
-pass per (sample, channel) plane. It is compiled here with the system C++ compiler against the installed
-torch (about 5 s, once per machine: the library is cached under `~/.cache/timm-layerattn/kernels`, keyed
-by the source, torch build, compiler and CPU) and registered as `torch.ops.timm_layerattn.*`.
+which reorders NCHW maps through blocked copies, then needs several full-size elementwise passes for the
+gates, the BatchNorm and the residual, and dozens of tiny ops per block for the gates themselves.
+`csrc/layer_attn_cpu.cpp` computes a block's whole branch in one op, with one pass over the full-size
+maps. It is compiled here with the system C++ compiler against the installed torch (about 5 s, once per
+machine: the library is cached under `~/.cache/timm-layerattn/kernels`, keyed by the source, torch build,
+compiler and CPU) and registered as `torch.ops.timm_layerattn.*`.
 
-The kernels are used only where they apply: float32 CPU tensors in contiguous NCHW, with autograd off
-(`torch.no_grad` / `torch.inference_mode`), in eager mode. Everything else (training, other dtypes or
-layouts, TorchScript, `torch.compile`, which fuses on its own) takes the PyTorch path, which computes the
-same result. If no compiler is found or the build fails, a single warning says so and the PyTorch path is
-used throughout.
+The kernels are used only where they apply: eval mode, float32 CPU tensors in contiguous NCHW, autograd
+off (`torch.no_grad` / `torch.inference_mode`), eager execution. Everything else (training, other dtypes
+or layouts, TorchScript, tracing, `torch.compile`, which fuses on its own) takes the PyTorch path, which
+computes the same result. If no compiler is found or the build fails, a single warning says so and the
+PyTorch path is used throughout.
 
 `TIMM_LAYERATTN_NATIVE=0` turns the kernels off; `=1` makes a failed build an error instead of a warning.
 `with native.disabled():` turns them off for a block of code (e.g. to compare both paths in one process);
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Iterator, List, Optional
 
 import torch
+from torch.fx._symbolic_trace import is_fx_tracing
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .._utils import cache_dir
@@ -183,10 +185,12 @@ def last_error() -> Optional[str]:
 def usable(*tensors: torch.Tensor) -> bool:
     """True when the fused kernels can compute a branch on these tensors right now.
 
-    Eager mode only (TorchScript, torch.compile and dispatch modes such as FLOP counters take the PyTorch
-    path), autograd off, float32 CPU tensors in contiguous NCHW.
+    Eager mode only (TorchScript, tracing by torch.jit / torch.fx, torch.compile and dispatch modes such as
+    FLOP counters see the PyTorch ops), autograd off, float32 CPU tensors in contiguous NCHW.
     """
-    if torch.jit.is_scripting() or torch.compiler.is_compiling() or torch.is_grad_enabled() or not _enabled.get():
+    if torch.is_grad_enabled() or not _enabled.get() or torch.jit.is_scripting() or torch.jit.is_tracing():
+        return False
+    if torch.compiler.is_compiling() or is_fx_tracing():
         return False
     if _get_current_dispatch_mode() is not None:  # e.g. FlopCounterMode, FakeTensorMode: let them see aten ops
         return False
