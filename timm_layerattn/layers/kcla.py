@@ -19,6 +19,7 @@ from typing import List, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import register_notrace_function
 
 from . import native
@@ -49,10 +50,13 @@ def accumulation_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def grouped_pointwise(x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
-    """Grouped 1x1 conv (stride 1, no bias) as one batched matmul: faster than oneDNN's grouped conv on CPU."""
+    """Grouped 1x1 conv (stride 1, no bias). For NCHW maps one batched matmul, faster than oneDNN's grouped
+    conv on CPU; other layouts (channels_last) keep the conv, which preserves their layout."""
+    if not x.is_contiguous():
+        return F.conv2d(x, weight, None, 1, 0, 1, groups)
     b, c, h, w = x.shape
     out_chs = weight.shape[0]
-    x = x.reshape(b, groups, c // groups, h * w)
+    x = x.view(b, groups, c // groups, h * w)
     return torch.matmul(weight.view(groups, out_chs // groups, c // groups), x).view(b, out_chs, h, w)
 
 
