@@ -90,22 +90,23 @@ def _cpu_signature() -> str:
     return f'{platform.machine()} {flags.strip()}'
 
 
-def _flags(std: str) -> List[str]:
+def _flags() -> List[str]:
+    """Compiler flags (the C++ standard is added per attempt): against the installed torch, its C++ ABI and
+    its OpenMP runtime (`at::parallel_for` runs on torch's intra-op threads)."""
     torch_dir = Path(torch.__file__).parent
     include = torch_dir / 'include'
-    flags = [
-        '-O3', '-march=native', '-fopenmp', '-fPIC', '-shared', f'-std={std}',
+    return [
+        '-O3', '-march=native', '-fopenmp', '-fPIC', '-shared',
         f'-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}',
         f'-I{include}', f'-I{include / "torch" / "csrc" / "api" / "include"}',
         f'-L{torch_dir / "lib"}', '-lc10', '-ltorch_cpu',
     ]
-    return flags
 
 
 def _library_path(cxx: str) -> Path:
     version = subprocess.run([cxx, '--version'], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256('\n'.join([
-        SOURCE.read_text(), torch.__version__, str(torch.version.git_version), version, ' '.join(_flags('')),
+        SOURCE.read_text(), torch.__version__, str(torch.version.git_version), version, ' '.join(_flags()),
         _cpu_signature(),
     ]).encode()).hexdigest()[:16]
     return cache_dir() / 'kernels' / f'{_LIB_NAME}-{key}.so'
@@ -129,7 +130,7 @@ def build() -> Path:
     try:
         errors = []
         for std in ('c++20', 'c++17'):  # torch >= 2.10 headers need C++20; older compilers may lack it
-            cmd = [cxx, str(SOURCE), '-o', tmp, *_flags(std)]
+            cmd = [cxx, str(SOURCE), '-o', tmp, f'-std={std}', *_flags()]
             result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
             if result.returncode == 0:
                 os.chmod(tmp, 0o755)

@@ -20,6 +20,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -200,7 +201,7 @@ at::Tensor mrla_light_(at::Tensor x, const at::Tensor& shortcut, const at::Tenso
 //   A    <- A + alpha / (Z' + history_eps) * (x - A)   (in place in `hist`; A = 0 when fresh)
 //   gate = sigmoid(head_gate_weight @ (<Q_h, K_h> / max(||K_h||, key_norm_eps)))
 //   x    <- x + relu((gate * norm_scale) * DW3(A) + norm_shift)
-at::Tensor kcla_(at::Tensor x, at::Tensor hist, const std::optional<at::Tensor>& z, const at::Tensor& v_weight,
+at::Tensor kcla_(at::Tensor x, at::Tensor hist, const c10::optional<at::Tensor>& z, const at::Tensor& v_weight,
                  const at::Tensor& q_weight, const at::Tensor& k_weight, const at::Tensor& norm_d,
                  const at::Tensor& head_gate_weight, const at::Tensor& norm_scale, const at::Tensor& norm_shift,
                  int64_t head_dim, double history_eps, double max_log_weight, double key_norm_eps) {
@@ -278,7 +279,7 @@ at::Tensor kcla_(at::Tensor x, at::Tensor hist, const std::optional<at::Tensor>&
 //   w[b, j, h] = softmax_j(<Q_h, K'_{j,h}> * attn_scale)
 //   V_t = DW3(x)                                                  (written to `value`)
 //   x <- x + relu(norm_shift + sum_j (w_j * norm_scale) * V_j)
-at::Tensor mrla_base_(at::Tensor x, at::Tensor value, at::TensorList values, const std::optional<at::Tensor>& keys,
+at::Tensor mrla_base_(at::Tensor x, at::Tensor value, at::TensorList values, const c10::optional<at::Tensor>& keys,
                       const at::Tensor& v_weight, const at::Tensor& q_weight, const at::Tensor& k_weight,
                       const at::Tensor& norm_scale, const at::Tensor& norm_shift, int64_t head_dim,
                       double attn_scale) {
