@@ -49,6 +49,7 @@ def accumulation_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+@register_notrace_function  # layout-dependent: fx records a call
 def grouped_pointwise(x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
     """Grouped 1x1 conv (stride 1, no bias). For NCHW maps one batched matmul, faster than oneDNN's grouped
     conv on CPU; other layouts (channels_last) keep the conv, which preserves their layout."""

@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Iterator, List, Optional
 
 import torch
-from torch.fx._symbolic_trace import is_fx_tracing
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .._utils import cache_dir
@@ -191,11 +190,13 @@ def usable(*tensors: torch.Tensor) -> bool:
     """
     if torch.is_grad_enabled() or not _enabled.get() or torch.jit.is_scripting() or torch.jit.is_tracing():
         return False
-    if torch.compiler.is_compiling() or is_fx_tracing():
+    if torch.compiler.is_compiling():
         return False
     if _get_current_dispatch_mode() is not None:  # e.g. FlopCounterMode, FakeTensorMode: let them see aten ops
         return False
     for t in tensors:
+        if isinstance(t, torch.fx.Proxy):  # torch.fx symbolic tracing
+            return False
         if t.device.type != 'cpu' or t.dtype != torch.float32 or not t.is_contiguous():
             return False
     return available()
