@@ -123,27 +123,37 @@ struct ColumnMasks {
   }
 };
 
-// The conv at flat position i of a plane held in a buffer with W + 1 zeros before and after it (so rows
-// -1 and H read as zero). Neighbours left of column 0 and right of column W - 1 wrap to the adjacent
-// row in the flat buffer, so the column masks select them away.
-inline float dw3x3_at(const float* p, const Taps& t, const unsigned char* has_left, const unsigned char* has_right,
-                      int64_t W, int64_t i) {
-  const float centre = t.k1 * p[i - W] + t.k4 * p[i] + t.k7 * p[i + W];
-  const float left = t.k0 * p[i - W - 1] + t.k3 * p[i - 1] + t.k6 * p[i + W - 1];
-  const float right = t.k2 * p[i - W + 1] + t.k5 * p[i + 1] + t.k8 * p[i + W + 1];
-  return centre + (has_left[i] ? left : 0.f) + (has_right[i] ? right : 0.f);
-}
+// One (sample, channel) plane copied into a buffer with W + 1 zeros before and after it, so rows -1 and H
+// read as zero. Neighbours left of column 0 and right of column W - 1 wrap to the adjacent row in the flat
+// buffer; the column masks select them away.
+struct BorderedPlane {
+  float* data;  // element (0, 0); the plane's H * W values follow contiguously
+  const unsigned char* has_left;
+  const unsigned char* has_right;
+  int64_t W;
 
-// Runs `plane(p, c, buffer)` for every (sample, channel) plane p = b * C + c in parallel; `buffer` has room
-// for one zero-bordered plane (pointer to its first element) plus `extra` floats of scratch after it.
+  // The depth-wise 3x3 conv (zero padding 1) at flat position i.
+  inline float dw3x3(const Taps& t, int64_t i) const {
+    const float* p = data;
+    const float centre = t.k1 * p[i - W] + t.k4 * p[i] + t.k7 * p[i + W];
+    const float left = t.k0 * p[i - W - 1] + t.k3 * p[i - 1] + t.k6 * p[i + W - 1];
+    const float right = t.k2 * p[i - W + 1] + t.k5 * p[i + 1] + t.k8 * p[i + W + 1];
+    return centre + (has_left[i] ? left : 0.f) + (has_right[i] ? right : 0.f);
+  }
+};
+
+// Runs `plane(p, c, buf, scratch)` for every (sample, channel) plane p = b * C + c in parallel, with a
+// per-thread bordered buffer for the plane and `extra` floats of scratch.
 template <typename PlaneFn>
 void for_each_plane(int64_t B, int64_t C, int64_t H, int64_t W, int64_t extra, const PlaneFn& plane) {
   const int64_t hw = H * W;
+  const ColumnMasks masks(H, W);
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(hw, 1));
   at::parallel_for(0, B * C, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> storage(hw + 2 * (W + 1) + extra, 0.f);
-    float* buffer = storage.data() + W + 1;
-    for (int64_t p = begin; p < end; ++p) plane(p, p % C, buffer);
+    const BorderedPlane buf{storage.data() + W + 1, masks.left.data(), masks.right.data(), W};
+    float* scratch = storage.data() + hw + 2 * (W + 1);
+    for (int64_t p = begin; p < end; ++p) plane(p, p % C, buf, scratch);
   });
 }
 
@@ -180,17 +190,14 @@ at::Tensor mrla_light_(at::Tensor x, const at::Tensor& shortcut, const at::Tenso
 
   const float* R = shortcut.const_data_ptr<float>();
   const float* K = v_weight.const_data_ptr<float>();
-  const ColumnMasks masks(H, W);
-  const unsigned char* ml = masks.left.data();
-  const unsigned char* mr = masks.right.data();
-  for_each_plane(B, C, H, W, 0, [&](int64_t p, int64_t c, float* buf) {
+  for_each_plane(B, C, H, W, 0, [&](int64_t p, int64_t c, const BorderedPlane& buf, float*) {
     float* x_p = X + p * hw;
     const float* r_p = R + p * hw;
-    std::memcpy(buf, x_p, hw * sizeof(float));
+    std::memcpy(buf.data, x_p, hw * sizeof(float));
     const Taps taps(K + c * 9);
     const float a = gate_scale[p], l = shortcut_scale[c], s = NT[c];
 #pragma omp simd
-    for (int64_t i = 0; i < hw; ++i) x_p[i] = buf[i] + a * dw3x3_at(buf, taps, ml, mr, W, i) + l * r_p[i] + s;
+    for (int64_t i = 0; i < hw; ++i) x_p[i] = buf.data[i] + a * buf.dw3x3(taps, i) + l * r_p[i] + s;
   });
   return x;
 }
@@ -250,25 +257,23 @@ at::Tensor kcla_(at::Tensor x, at::Tensor hist, const c10::optional<at::Tensor>&
 
   const bool fresh = !Z;
   const float* K = v_weight.const_data_ptr<float>();
-  const ColumnMasks masks(H, W);
-  const unsigned char* ml = masks.left.data();
-  const unsigned char* mr = masks.right.data();
-  for_each_plane(B, C, H, W, 0, [&](int64_t p, int64_t c, float* buf) {
+  for_each_plane(B, C, H, W, 0, [&](int64_t p, int64_t c, const BorderedPlane& buf, float*) {
     float* x_p = X + p * hw;
     float* u_p = U + p * hw;
+    float* a_p = buf.data;
     const float wl = hist_weight[p];
     if (fresh) {
 #pragma omp simd
-      for (int64_t i = 0; i < hw; ++i) buf[i] = wl * x_p[i];
+      for (int64_t i = 0; i < hw; ++i) a_p[i] = wl * x_p[i];
     } else {
 #pragma omp simd
-      for (int64_t i = 0; i < hw; ++i) buf[i] = u_p[i] + wl * (x_p[i] - u_p[i]);
+      for (int64_t i = 0; i < hw; ++i) a_p[i] = u_p[i] + wl * (x_p[i] - u_p[i]);
     }
-    std::memcpy(u_p, buf, hw * sizeof(float));
+    std::memcpy(u_p, a_p, hw * sizeof(float));
     const Taps taps(K + c * 9);
     const float a = gate_scale[p], s = NT[c];
 #pragma omp simd
-    for (int64_t i = 0; i < hw; ++i) x_p[i] += std::max(a * dw3x3_at(buf, taps, ml, mr, W, i) + s, 0.f);
+    for (int64_t i = 0; i < hw; ++i) x_p[i] += std::max(a * buf.dw3x3(taps, i) + s, 0.f);
   });
   return z_new;
 }
@@ -323,20 +328,16 @@ at::Tensor mrla_base_(at::Tensor x, at::Tensor value, at::TensorList values, con
   for (const auto& v : values) earlier.push_back(v.const_data_ptr<float>());
   float* V = value.data_ptr<float>();
   const float* K = v_weight.const_data_ptr<float>();
-  const ColumnMasks masks(H, W);
-  const unsigned char* ml = masks.left.data();
-  const unsigned char* mr = masks.right.data();
-  for_each_plane(B, C, H, W, hw, [&](int64_t p, int64_t c, float* buf) {
+  for_each_plane(B, C, H, W, hw, [&](int64_t p, int64_t c, const BorderedPlane& buf, float* acc) {
     const int64_t b = p / C;
     float* x_p = X + p * hw;
     float* v_p = V + p * hw;
-    float* acc = buf + hw + W + 1;  // scratch after the bordered plane
-    std::memcpy(buf, x_p, hw * sizeof(float));
+    std::memcpy(buf.data, x_p, hw * sizeof(float));
     const Taps taps(K + c * 9);
     const float w_t = weights[(b * T + T - 1) * C + c], s = NT[c];
 #pragma omp simd
     for (int64_t i = 0; i < hw; ++i) {
-      const float v = dw3x3_at(buf, taps, ml, mr, W, i);
+      const float v = buf.dw3x3(taps, i);
       v_p[i] = v;
       acc[i] = s + w_t * v;
     }
@@ -347,7 +348,7 @@ at::Tensor mrla_base_(at::Tensor x, at::Tensor value, at::TensorList values, con
       for (int64_t i = 0; i < hw; ++i) acc[i] += w_j * e_p[i];
     }
 #pragma omp simd
-    for (int64_t i = 0; i < hw; ++i) x_p[i] = buf[i] + std::max(acc[i], 0.f);
+    for (int64_t i = 0; i < hw; ++i) x_p[i] = buf.data[i] + std::max(acc[i], 0.f);
   });
   return keys_new;
 }
