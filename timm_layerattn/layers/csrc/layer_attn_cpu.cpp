@@ -202,10 +202,10 @@ at::Tensor mrla_light_(at::Tensor x, const at::Tensor& shortcut, const at::Tenso
   return x;
 }
 
-// KCLA, eval mode. With the incoming history A and weight sum Z (`fresh`: none yet, at the network's
-// first block) and alpha[b, h] = exp(min(||K_h|| / norm_d[h], max_log_weight)):
-//   Z'   = Z + alpha                                   (returned, [B, g])
-//   A    <- A + alpha / (Z' + history_eps) * (x - A)   (in place in `hist`; A = 0 when fresh)
+// KCLA, eval mode. With the incoming history A and weight sum Z (no `z`: no history yet, at the network's
+// first block; `hist` is then only written) and alpha[b, h] = exp(min(||K_h|| / norm_d[h], max_log_weight)):
+//   Z'   = Z + alpha                                   (returned, [B, g]; Z = 0 without `z`)
+//   A    <- A + alpha / (Z' + history_eps) * (x - A)   (in place in `hist`; A = 0 without `z`)
 //   gate = sigmoid(head_gate_weight @ (<Q_h, K_h> / max(||K_h||, key_norm_eps)))
 //   x    <- x + relu((gate * norm_scale) * DW3(A) + norm_shift)
 at::Tensor kcla_(at::Tensor x, at::Tensor hist, const c10::optional<at::Tensor>& z, const at::Tensor& v_weight,
