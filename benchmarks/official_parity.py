@@ -11,8 +11,8 @@ Two sources of truth, each optional (with neither, the script reports "skipped" 
 For every model: official state dict -> `convert_official` -> `timm.create_model(name, ...)` with
 `strict=True` -> same input through both -> max |difference| of the logits (and stage outputs, with
 `--refs`) relative to the reference's scale. With checkouts both models also run in float64 (rows `fp64`):
-agreement there to ~1e-9 shows the computation is the same, whatever rounding does in float32. Nothing of the official code is imported unless a
-checkout is given, and it is never copied into this repository.
+agreement there to ~1e-9 shows the computation is the same, whatever rounding does in float32. Nothing of
+the official code is imported unless a checkout is given, and it is never copied into this repository.
 
     python benchmarks/official_parity.py --refs /tmp/official_refs
     python benchmarks/official_parity.py --kcla-repo /tmp/official/KCLA --mrla-repo /tmp/official/MRLA

@@ -51,7 +51,8 @@ def test_kcla_kernel_chain_equals_explicit_weighted_sum(ops, hw):
     for c in cells:
         randomize_norms(c).eval()
         torch.nn.init.normal_(c.v.weight, std=0.3)
-    inputs = [torch.randn(3, 32, *hw).relu() for _ in range(2)] + [torch.randn(3, 64, *half(hw)).relu() for _ in range(4)]
+    inputs = [torch.randn(3, 32, *hw).relu() for _ in range(2)]
+    inputs += [torch.randn(3, 64, *half(hw)).relu() for _ in range(4)]
     state, history = [], None
     for cell, x in zip(cells, inputs):
         ref, history = ref_kcla(cell, x, history, False)

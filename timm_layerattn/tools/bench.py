@@ -68,7 +68,7 @@ def steady_glibc_malloc() -> bool:
 
     By default glibc maps each block above a moving threshold afresh and returns it on free, so a new
     multi-MB tensor costs thousands of page faults, and how many depends on the allocation history (on
-    these machines they are a third of ResNet-50's CPU time, and change with the order models run in).
+    these machines up to a third of ResNet-50's CPU time, changing with the order models run in).
     With steady thresholds every model reuses warm memory and the ratios reflect compute. Affects this
     process only; returns False where the C library has no `mallopt` (not glibc).
     """
@@ -310,7 +310,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--steady-malloc', action='store_true',
                         help='glibc: keep freed memory for reuse (no page-fault lottery between models)')
     parser.add_argument('--pytorch-ops', action='store_true',
-                        help=f'also time each model with the fused CPU kernels off (rows "<model>{PYTORCH_OPS_SUFFIX}")')
+                        help='also time each model with the fused CPU kernels off (extra rows, same run)')
     parser.add_argument('--plot', default=None, help='also sweep depth and save a PNG of the overheads')
     parser.add_argument('--plot-suite', default='cifar', choices=sorted(DEPTH_SERIES))
 
