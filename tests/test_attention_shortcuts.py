@@ -310,10 +310,11 @@ def test_odd_input_sizes(name, size):
         assert model(torch.randn(1, 3, *size)).shape == (1, model.num_classes)
 
 
-def test_torchscript_exclusion_is_explicit_and_stage_sites_script():
-    with pytest.raises(RuntimeError, match='TorchScript is not supported.*torch.compile'):
-        torch.jit.script(timm.create_model('cifar_resnet50_as_out'))
-    model = ResNetLA(replace(as_arch('as_stages', stem_type='cifar'), layers=(1, 1, 1, 1)), num_classes=3).eval()
+@pytest.mark.parametrize('kind,kwargs', [('as_out', dict(q_proj='shared')), ('as_kv', dict(kv_adapter='shared')),
+                                         ('as_stages', {})])
+def test_torchscript_block_and_stage_sites(kind, kwargs):
+    """Block sites receive the shared projections' weights (TorchScript passes tensors, not modules)."""
+    model = timm.create_model(f'cifar_resnet50_{kind}', **kwargs).eval()
     x = torch.randn(1, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(torch.jit.script(model)(x), model(x))

@@ -1,9 +1,12 @@
-"""The timm model contract (conventions.md §1.4, §2.2) for every model this package registers.
+"""The timm model contract for every model this package registers.
 
 Mirrors timm 1.0.31's tests/test_models.py checks and adds the ones timm only runs for its own
 modules (forward_intermediates, pruning, getter features). CIFAR nets run at 32 px, ImageNet nets at
-64 px except where a check needs the default input size.
+64 px except where a check needs the default input size. TorchScript, fx, `torch.compile(fullgraph=True)`,
+`torch.export` and features run for every registered name (`ALL_MODELS`), each model's checks in one xdist
+group so that they share one built model and its eager output.
 """
+import functools
 import inspect
 
 import pytest
@@ -21,7 +24,10 @@ MODELS = timm.list_models(module=['resnet_la', 'cifar_resnet_la']) + [
     'cifar_resnet20_basic_selfatt', 'cifar_resnet20_basic_mha', 'cifar_resnet20_basic_cbam',
     'resnet18_gradattn_rope',
 ]
-# One small model per strategy for the slow checks (scripting, compile).
+# Every registered name: the checks of the whole contract (scripting, fx, compile, export, features).
+ALL_MODELS = timm_layerattn.models.list_models()
+EVERY = [pytest.param(n, marks=pytest.mark.xdist_group(f'contract-{n}')) for n in ALL_MODELS]
+# One small model per strategy for the slow checks (AOT compile).
 REPRESENTATIVE = ['cifar_resnet20', 'cifar_resnet20_kcla', 'cifar_resnet20_mrlal', 'cifar_resnet20_mrlab']
 # Extra kwargs that make a train-mode forward deterministic (GradAttn's token encoder has dropout).
 DETERMINISTIC = {'resnet18_gradattn_rope': dict(encoder_drop_rate=0.)}
@@ -195,13 +201,73 @@ def test_fx_feature_extraction(name):
     assert all(p.grad is not None for p in fx.parameters())
 
 
-@pytest.mark.parametrize('name', REPRESENTATIVE + ['resnet50_kcla'])
-def test_torchscript(name):
+@functools.lru_cache(maxsize=None)
+def _reference(name: str):
+    """`(eval model, input, eager output)`, built once per worker: a model's checks share its xdist group.
+
+    32 px is the smallest size every registered net takes (GradAttn's minimum is 28); the eager output may come
+    from the fused CPU kernels, the other paths run PyTorch ops (other rounding).
+    """
+    torch.manual_seed(0)
     model = timm.create_model(name).eval()
-    x = _input(model)
+    x = torch.randn(1, model.in_chans, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+    return model, x, ref
+
+
+def _assert_matches(out: torch.Tensor, ref: torch.Tensor) -> None:
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5 * max(1., ref.abs().max().item()))
+
+
+@pytest.mark.parametrize('name', EVERY)
+def test_torchscript(name):
+    model, x, ref = _reference(name)
     scripted = torch.jit.script(model)
     with torch.no_grad():
-        torch.testing.assert_close(scripted(x), model(x))
+        _assert_matches(scripted(x), ref)
+
+
+@pytest.mark.parametrize('name', EVERY)
+def test_torch_compile_fullgraph(name):
+    """One graph, no breaks (`fullgraph=True`; the capture only: AOT functionalisation is covered by export)."""
+    model, x, ref = _reference(name)
+    assert_compiles_fullgraph(model, x, ref, backend='eager', rtol=1e-4, atol=1e-5 * max(1., ref.abs().max().item()))
+
+
+@pytest.mark.parametrize('name', EVERY)
+def test_torch_export(name):
+    model, x, ref = _reference(name)
+    exported = torch.export.export(model, (x,))
+    with torch.no_grad():
+        _assert_matches(exported.module()(x), ref)
+
+
+@pytest.mark.parametrize('name', EVERY)
+def test_fx_every_model(name):
+    """Symbolic tracing (timm's fx feature extraction) reproduces the model (`test_fx_feature_extraction`
+    adds training and gradients for one model per code path)."""
+    model, x, ref = _reference(name)
+    fx = create_feature_extractor(model, return_nodes=['fc'])
+    with torch.no_grad():
+        _assert_matches(fx(x)['fc'], ref)
+
+
+@pytest.mark.parametrize('name', EVERY)
+def test_features_every_model(name):
+    """`forward_intermediates` and `features_only` agree on every level (`test_features_only_and_intermediates`
+    adds index selection, pruning and checkpointing for one model per code path)."""
+    model, x, ref = _reference(name)
+    with torch.no_grad():
+        final, inter = model.forward_intermediates(x)
+        _assert_matches(model.forward_head(final), ref)
+        assert [t.shape[1] for t in inter] == [f['num_chs'] for f in model.feature_info]
+        feats = timm.create_model(name, features_only=True).eval()
+        _load_into_features(feats, model)
+        out = feats(x)
+    assert len(out) == len(inter)
+    for a, b in zip(out, inter):
+        _assert_matches(a, b)
 
 
 @pytest.mark.parametrize('name', REPRESENTATIVE[1:])

@@ -7,6 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, register_notrace_function
 
+from ._checks import check_int, check_rate
+
 __all__ = ['eca_kernel_size', 'ChannelConv1d', 'DepthwiseConv3x3', 'depthwise_conv3x3', 'per_channel', 'LayerAttnBase']
 
 
@@ -99,9 +101,13 @@ class LayerAttnBase(nn.Module):
     ):
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
+        owner = type(self).__name__
+        check_int(owner, 'channels', channels)
+        check_int(owner, 'head_dim', head_dim)
+        check_rate(owner, 'drop_path', drop_path)
         if channels % head_dim:
             raise ValueError(
-                f'{type(self).__name__}: channels ({channels}) must be divisible by head_dim ({head_dim})')
+                f'{owner}: channels ({channels}) must be divisible by head_dim ({head_dim})')
         self.channels = channels
         self.head_dim = head_dim
         self.num_heads = channels // head_dim

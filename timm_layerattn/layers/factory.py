@@ -4,6 +4,7 @@ from typing import Optional, Tuple, Type
 
 import torch.nn as nn
 
+from ._checks import check_choice, check_int, check_rate
 from .kcla import KCLA
 from .mrla import MRLABase, MRLALight
 
@@ -29,8 +30,14 @@ class LayerAttnCfg:
     rebuild_blocks: Tuple[int, ...] = (0,)
 
     def __post_init__(self):
-        if self.type not in LAYER_ATTN_TYPES:
-            raise ValueError(f'Unknown layer attention {self.type!r}, expected one of {LAYER_ATTN_TYPES}')
+        owner = 'LayerAttnCfg'
+        check_choice(owner, 'type', self.type, LAYER_ATTN_TYPES)
+        check_int(owner, 'head_dim', self.head_dim)
+        check_rate(owner, 'drop_path', self.drop_path)
+        if not isinstance(self.rebuild_blocks, tuple):
+            raise TypeError(f'{owner}: rebuild_blocks must be a tuple of block indices, got {self.rebuild_blocks!r}')
+        for idx in self.rebuild_blocks:
+            check_int(owner, 'rebuild_blocks', idx, minimum=0, allowed='a tuple of non-negative block indices')
 
 
 def create_layer_attn(

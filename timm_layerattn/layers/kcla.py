@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_function
 
 from . import native
+from ._checks import check_int
 from ._common import ChannelConv1d, LayerAttnBase, per_channel
 
 __all__ = ['KCLA', 'kcla_temperatures']
@@ -94,6 +95,9 @@ class KCLA(LayerAttnBase):
         """
         dd = {'device': device, 'dtype': dtype}
         super().__init__(channels, head_dim, drop_path, norm_layer, **dd)
+        check_int('KCLA', 'history_stride', history_stride)
+        if in_channels is not None:
+            check_int('KCLA', 'in_channels', in_channels)
         self.history_eps = _HISTORY_EPS
         self.max_log_weight = _MAX_LOG_WEIGHT
         self.key_norm_eps = _KEY_NORM_EPS
@@ -106,7 +110,9 @@ class KCLA(LayerAttnBase):
             in_channels = in_channels or channels
             if in_channels != channels:
                 if in_channels % self.num_heads:
-                    raise ValueError(f'KCLA: history width {in_channels} not divisible into {self.num_heads} groups')
+                    raise ValueError(
+                        f'KCLA: the incoming history width ({in_channels}) must be divisible into as many groups as '
+                        f'the block has heads ({self.num_heads} = {channels} channels / head_dim {head_dim})')
                 self.hist_proj = nn.Conv2d(
                     in_channels, channels, 1, stride=history_stride, groups=self.num_heads, bias=False, **dd)
             else:
@@ -117,6 +123,9 @@ class KCLA(LayerAttnBase):
             self.hist_proj = None
             self.hist_k = None
             self.hist_norm = None
+        # Subsampling of the incoming history, a plain int: it exists with or without a projection, which
+        # TorchScript then need not inspect (a `None` submodule has no attributes to read).
+        self.hist_stride = history_stride if self.hist_proj is not None else 1
         self.reset_parameters()
 
     @torch.jit.ignore
@@ -140,14 +149,14 @@ class KCLA(LayerAttnBase):
             acc: torch.dtype,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Compress the incoming history `U / Z` into one token weighted by its own key."""
-        proj = self.hist_proj
-        if proj is not None and proj.stride[0] > 1:
+        stride = self.hist_stride
+        if stride > 1:
             # The projection is 1x1: subsampling first is exact, and the per-channel rescale below then
             # touches a quarter of the map (it is one full-size pass of the previous stage otherwise).
-            stride = proj.stride[0]
             hist = hist[:, :, ::stride, ::stride]
         hist = hist * per_channel((z + self.history_eps) / z, self.head_dim)[:, :, None, None]
         hist = hist.to(dtype)
+        proj = self.hist_proj
         if proj is not None:
             hist = grouped_pointwise(hist, proj.weight, proj.groups)
         assert self.hist_k is not None and self.hist_norm is not None

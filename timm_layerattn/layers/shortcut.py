@@ -21,16 +21,18 @@ that precede it), so the output of the network's last block is never projected, 
 feature extraction projects nothing it does not use.
 """
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 
+from ._checks import check_bool, check_choice, check_float, check_int
+
 __all__ = [
-    'ShortcutCfg', 'ShortcutProj', 'ShortcutProjections', 'AttentionShortcut', 'create_shortcut_site',
-    'depth_attention', 'depth_attention_sdpa',
+    'ShortcutCfg', 'ShortcutProj', 'ShortcutProjections', 'ShortcutWeights', 'AttentionShortcut',
+    'create_shortcut_site', 'depth_attention', 'depth_attention_sdpa',
 ]
 
 _DOWNSAMPLE = ('subsample', 'conv')
@@ -63,16 +65,17 @@ class ShortcutCfg:
     norm_eps: float = 1e-5
 
     def __post_init__(self):
+        owner = 'ShortcutCfg'
         checks = (
             ('placement', self.placement, ('block', 'stage')), ('downsample', self.downsample, _DOWNSAMPLE),
             ('q_proj', self.q_proj, _SHARING), ('kv_adapter', self.kv_adapter, _ADAPTER))
         for name, value, allowed in checks:
-            if value not in allowed:
-                raise ValueError(f'ShortcutCfg: {name} must be one of {allowed}, got {value!r}')
+            check_choice(owner, name, value, allowed)
         if self.placement == 'stage' and self.q_proj != 'per_site':
             raise ValueError("ShortcutCfg: q_proj='shared' needs placement='block' (stage sites share nothing)")
-        if self.num_heads < 1:
-            raise ValueError(f'ShortcutCfg: num_heads must be >= 1, got {self.num_heads}')
+        check_int(owner, 'num_heads', self.num_heads)
+        check_bool(owner, 'pre_norm', self.pre_norm)
+        check_float(owner, 'norm_eps', self.norm_eps, low_inclusive=False)
 
 
 def depth_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -121,16 +124,32 @@ def _conv1x1(in_chs: int, out_chs: int, stride: int = 1, device=None, dtype=None
     return nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False, device=device, dtype=dtype)
 
 
+# The weights `(W^Q or None, W^K or None, W^V, W^O)` of one width's shared projections, as a site receives
+# them: tensors, not the module, because TorchScript has no module-typed arguments.
+ShortcutWeights = Tuple[Optional[torch.Tensor], Optional[torch.Tensor], torch.Tensor, torch.Tensor]
+
+
 class ShortcutProj(nn.Module):
     """W^K, W^V, W^O (and W^Q with `q_proj='shared'`) of one width, shared by every site of that width."""
 
     def __init__(self, dim: int, query: bool = False, device=None, dtype=None):
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
+        self.dim = dim
         self.q = _conv1x1(dim, dim, **dd) if query else None
         self.k = _conv1x1(dim, dim, **dd)
         self.v = _conv1x1(dim, dim, **dd)
         self.o = _conv1x1(dim, dim, **dd)
+
+    def weights(self) -> ShortcutWeights:
+        """The group's weights for `AttentionShortcut.forward_weights` (absent projections as `None`)."""
+        q: Optional[torch.Tensor] = None
+        k: Optional[torch.Tensor] = None
+        if self.q is not None:
+            q = self.q.weight
+        if self.k is not None:
+            k = self.k.weight
+        return q, k, self.v.weight, self.o.weight
 
 
 class ShortcutProjections(nn.ModuleDict):
@@ -148,6 +167,13 @@ class ShortcutProjections(nn.ModuleDict):
     def select(self, block: nn.Module) -> ShortcutProj:
         """The projection group of the site in front of `block` (the group of its input width)."""
         return self[f'w{block.attn_in.dim}']
+
+    def weights(self) -> Dict[int, ShortcutWeights]:
+        """Every group's weights by width: what the network hands to its stages (see `ShortcutWeights`)."""
+        out: Dict[int, ShortcutWeights] = {}
+        for proj in self.values():
+            out[proj.dim] = proj.weights()
+        return out
 
     def prune(self, sites: Iterable['AttentionShortcut']) -> None:
         """Keep only what the given (remaining) sites use: every parameter must receive a gradient (DDP)."""
@@ -206,6 +232,14 @@ class AttentionShortcut(nn.Module):
         """
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
+        owner = 'AttentionShortcut'
+        check_int(owner, 'dim', dim)
+        check_int(owner, 'num_heads', num_heads)
+        check_int(owner, 'cache_stride', cache_stride)
+        if cache_dim is not None:
+            check_int(owner, 'cache_dim', cache_dim)
+        check_choice(owner, 'downsample', downsample, _DOWNSAMPLE)
+        check_choice(owner, 'kv_adapter', kv_adapter, _ADAPTER)
         if dim % num_heads:
             raise ValueError(f'AttentionShortcut: width {dim} is not divisible by num_heads={num_heads}')
         self.dim = dim
@@ -247,13 +281,15 @@ class AttentionShortcut(nn.Module):
         if self.subsample:
             s = self.cache_stride
             cache_k, cache_v = cache_k[..., ::s, ::s], cache_v[..., ::s, ::s]
+        # One conv serves every cached entry: fold the entries into the batch. Both sizes are given when
+        # unfolding, as `-1` is ambiguous for an empty batch.
+        entries = [cache_k.shape[0], cache_k.shape[1]]
         if self.kv_adapt is not None:
-            # One conv serves every cached entry: fold the entries into the batch.
-            cache_k = self.kv_adapt(cache_k.flatten(0, 1)).unflatten(0, (k.shape[0], -1))
-            cache_v = self.kv_adapt(cache_v.flatten(0, 1)).unflatten(0, (k.shape[0], -1))
+            cache_k = self.kv_adapt(cache_k.flatten(0, 1)).unflatten(0, entries)
+            cache_v = self.kv_adapt(cache_v.flatten(0, 1)).unflatten(0, entries)
         if self.kv_adapt_k is not None and self.kv_adapt_v is not None:
-            cache_k = self.kv_adapt_k(cache_k.flatten(0, 1)).unflatten(0, (k.shape[0], -1))
-            cache_v = self.kv_adapt_v(cache_v.flatten(0, 1)).unflatten(0, (k.shape[0], -1))
+            cache_k = self.kv_adapt_k(cache_k.flatten(0, 1)).unflatten(0, entries)
+            cache_v = self.kv_adapt_v(cache_v.flatten(0, 1)).unflatten(0, entries)
         return [torch.cat([cache_k, k], dim=1), torch.cat([cache_v, v], dim=1)]
 
     def attend(self, q: Optional[torch.Tensor], cache: List[torch.Tensor]) -> torch.Tensor:
@@ -277,6 +313,7 @@ class AttentionShortcut(nn.Module):
             q = self.q(x)
         return self.o(self.attend(q, cache)), cache
 
+    @torch.jit.unused
     def forward_shared(
             self,
             x: torch.Tensor,
@@ -284,16 +321,31 @@ class AttentionShortcut(nn.Module):
             proj: ShortcutProj,
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """Site whose K/V/O (and shared W^Q) come from the network's group `proj` (block sites)."""
+        return self.forward_weights(x, state, proj.weights())
+
+    def forward_weights(
+            self,
+            x: torch.Tensor,
+            state: List[torch.Tensor],
+            proj: ShortcutWeights,
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """`forward_shared` with the group given by its weights (`ShortcutProj.weights()`): the projections
+        are bias-free 1x1 convs, so `F.conv2d` on their weights is the same op as calling them."""
+        wq, wk, wv, wo = proj
         if self.norm is not None:
             x = self.norm(x)
-        v = proj.v(x)
-        if proj.k is None:
-            return proj.o(v), state  # the only site of a pruned network (see `ShortcutProjections.prune`)
-        cache = self.update_cache(state, proj.k(x), v)
-        q = None
+        v = F.conv2d(x, wv)
+        if wk is None:
+            return F.conv2d(v, wo), state  # the only site of a pruned network (see `ShortcutProjections.prune`)
+        cache = self.update_cache(state, F.conv2d(x, wk), v)
+        q: Optional[torch.Tensor] = None
         if self.has_query:
-            q = self.q(x) if self.q is not None else proj.q(x)
-        return proj.o(self.attend(q, cache)), cache
+            if self.q is not None:
+                q = self.q(x)
+            else:
+                assert wq is not None, 'site has no query projection'
+                q = F.conv2d(x, wq)
+        return F.conv2d(self.attend(q, cache), wo), cache
 
     def drop_key(self) -> None:
         """Remove W^K of a first site that no later site follows: its keys are only ever read by later sites,

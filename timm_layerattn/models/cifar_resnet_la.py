@@ -6,6 +6,7 @@ blocks per stage, global average pooling (the official `AvgPool2d(8)` equals it 
 input size >= 8 px works). Attention head dim 16; KCLA re-summarises its history at each stage's first
 block only (no block-11 rule, unlike the ImageNet code). No zero-init of the last BN (official CIFAR init).
 """
+from dataclasses import replace
 from typing import Any, Dict
 
 from timm.models import generate_default_cfgs, register_model
@@ -41,8 +42,9 @@ model_cfgs = {
 
 
 def _create_cifar_resnet_la(variant: str, pretrained: bool = False, **kwargs) -> ResNetLA:
+    cfg = replace(model_cfgs[variant], name=variant)
     return build_la_model(
-        ResNetLA, variant, pretrained, model_cfgs[variant], checkpoint_filter_fn, default_out_indices=(0, 1, 2, 3), **kwargs)
+        ResNetLA, variant, pretrained, cfg, checkpoint_filter_fn, default_out_indices=(0, 1, 2, 3), **kwargs)
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:

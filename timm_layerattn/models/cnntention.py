@@ -10,6 +10,7 @@ attention module runs after each stage (`layerS.attn`) and its output replaces t
 module carries its own residual (gamma-gated for SelfAtt / MHA, plain for CBAM). Attention modules are
 stage exit units of the `ResNetLA` skeleton, so they follow its `(x, state) -> (x, state)` contract.
 """
+import math
 from dataclasses import replace
 from functools import partial
 from typing import Any, Dict, List, Optional, Tuple
@@ -19,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models import generate_default_cfgs, register_model
 
+from ..layers._checks import check_divisor, check_int, divisors, fmt_ints
 from ._builder import build_la_model
 from .resnet_la import ResNetLA, ResNetLACfg
 from .resnet_la import checkpoint_filter_fn as _la_checkpoint_filter_fn
@@ -69,6 +71,7 @@ class MultiHeadAttention2d(nn.Module):
     def __init__(self, channels: int, num_heads: int = 8, device=None, dtype=None):
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
+        check_int('MultiHeadAttention2d', 'num_heads', num_heads)
         if channels % num_heads:
             raise ValueError(f'MultiHeadAttention2d: {channels} channels are not divisible into {num_heads} heads')
         self.num_heads = num_heads
@@ -110,6 +113,7 @@ class CBAM(nn.Module):
     def __init__(self, channels: int, reduction: int = 16, kernel_size: int = 7, device=None, dtype=None):
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
+        _check_cbam('CBAM', reduction, kernel_size)
         self.channel_mlp = _ChannelMlp(channels, max(channels // reduction, 1), **dd)
         self.spatial_conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, **dd)
 
@@ -119,6 +123,15 @@ class CBAM(nn.Module):
         s = torch.cat([f.amax(1, keepdim=True), f.mean(1, keepdim=True)], dim=1)
         f = f * torch.sigmoid(self.spatial_conv(s))
         return f + x, state
+
+
+def _check_cbam(owner: str, reduction: Any, kernel_size: Any, names: Tuple[str, str] = ('reduction', 'kernel_size')):
+    check_int(owner, names[0], reduction)
+    # An even kernel would pad unevenly and change the map's size.
+    allowed = 'a positive odd integer'
+    check_int(owner, names[1], kernel_size, allowed=allowed)
+    if kernel_size % 2 == 0:
+        raise ValueError(f'{owner}: {names[1]} must be {allowed}, got {kernel_size!r}')
 
 
 def _stage_attn(
@@ -169,12 +182,19 @@ def _create_cnntention(
         cbam_kernel: Optional[int] = None,
         **kwargs,
 ) -> ResNetLA:
-    cfg, kind = model_cfgs[variant], _KINDS[variant]
+    cfg, kind = replace(model_cfgs[variant], name=variant), _KINDS[variant]
     given = dict(att_heads=att_heads, cbam_reduction=cbam_reduction, cbam_kernel=cbam_kernel)
     takes = dict(att_heads='mha', cbam_reduction='cbam', cbam_kernel='cbam')
     for name, value in given.items():
         if value is not None and takes[name] != kind:
             raise TypeError(f'{variant} does not take {name!r}')
+    if att_heads is not None:
+        widths = cfg.block_widths()[0]
+        check_divisor(variant, 'att_heads', att_heads, divisors(math.gcd(*widths)),
+                      f'attention heads: every stage width {fmt_ints(widths)} must be divisible into heads')
+    if kind == 'cbam':
+        _check_cbam(variant, 16 if cbam_reduction is None else cbam_reduction,
+                    7 if cbam_kernel is None else cbam_kernel, ('cbam_reduction', 'cbam_kernel'))
     given = {k: v for k, v in given.items() if v is not None}
     if given:
         cfg = replace(cfg, stage_post=partial(_stage_attn, kind, **given))

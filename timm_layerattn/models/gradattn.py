@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import generate_default_cfgs, register_model
 
+from ..layers._checks import check_choice, check_int, check_rate
 from ._builder import build_la_model
 from .resnet_la import ResNetLA, ResNetLACfg
 from .resnet_la import checkpoint_filter_fn as _la_checkpoint_filter_fn
@@ -45,6 +46,27 @@ def rotary_cos_sin(
     freqs = torch.outer(torch.arange(num_pos, device=device).float(), inv_freq)
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
+
+
+def _check_encoder(
+        owner: str,
+        embed_dim: Any,
+        num_heads: Any,
+        mlp_dim: Any,
+        drop: Any,
+        rope: bool,
+        names: Tuple[str, str] = ('embed_dim', 'drop'),
+) -> None:
+    """The token encoder's sizes: whole heads (of even size for RoPE, which rotates pairs of channels)."""
+    dim_name, drop_name = names
+    check_int(owner, 'num_heads', num_heads)
+    step = 2 * num_heads if rope else num_heads
+    allowed = f'a positive multiple of {"2 * num_heads" if rope else "num_heads"} ({step})'
+    check_int(owner, dim_name, embed_dim, allowed=allowed)
+    if embed_dim % step:
+        raise ValueError(f'{owner}: {dim_name} must be {allowed}, got {embed_dim!r}')
+    check_int(owner, 'mlp_dim', mlp_dim)
+    check_rate(owner, drop_name, drop)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -71,8 +93,7 @@ class TokenEncoderLayer(nn.Module):
     ):
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f'TokenEncoderLayer: embed_dim {dim} is not divisible by num_heads {num_heads}')
+        _check_encoder('TokenEncoderLayer', dim, num_heads, mlp_dim, drop, rope, ('dim', 'drop'))
         self.num_heads = num_heads
         self.rope = rope
         self.drop = drop
@@ -125,8 +146,9 @@ class GradAttnNeck(nn.Module):
     ):
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
-        if pos not in ('none', 'learned', 'rope'):
-            raise ValueError(f"GradAttnNeck: pos must be 'none', 'learned' or 'rope', got {pos!r}")
+        check_choice('GradAttnNeck', 'pos', pos, ('none', 'learned', 'rope'))
+        _check_encoder('GradAttnNeck', embed_dim, num_heads, mlp_dim, drop, pos == 'rope')
+        check_int('GradAttnNeck', 'depth', depth, minimum=0)
         self.num_features = embed_dim
         self.proj = nn.ModuleList([nn.Linear(c, embed_dim, **dd) for c in in_chs])
         self.pos_embed = nn.Parameter(torch.randn(1, len(in_chs), embed_dim, **dd)) if pos == 'learned' else None
@@ -199,7 +221,13 @@ def _create_gradattn(
 ) -> ResNetLA:
     """Args beyond timm's: the token encoder's `embed_dim` (256), `num_heads` (8), `mlp_dim` (512),
     `depth` (3) and `encoder_drop_rate` (0.1; attention, residual and FFN dropout)."""
-    cfg = model_cfgs[variant]
+    cfg = replace(model_cfgs[variant], name=variant)
+    _check_encoder(
+        variant, 256 if embed_dim is None else embed_dim, 8 if num_heads is None else num_heads,
+        512 if mlp_dim is None else mlp_dim, 0.1 if encoder_drop_rate is None else encoder_drop_rate,
+        _POS[variant] == 'rope', ('embed_dim', 'encoder_drop_rate'))
+    if depth is not None:
+        check_int(variant, 'depth', depth, minimum=0, allowed='a non-negative integer (encoder layers)')
     neck_args = dict(embed_dim=embed_dim, num_heads=num_heads, mlp_dim=mlp_dim, depth=depth, drop=encoder_drop_rate)
     neck_args = {k: v for k, v in neck_args.items() if v is not None}
     if neck_args:

@@ -10,16 +10,15 @@ All variants are strategies on the `ResNetLA` skeleton:
   keys/values of all earlier block outputs (stem output included), in front of every residual-free
   bottleneck that ends in LayerNorm + ReLU. AS_out projects every output to a common width (128) and
   subsamples the cache at strides; AS_KV keeps widths 1/4 of ResNet-50's and converts the cache with
-  1x1 stride-2 convs. K/V/O projections are shared by all sites of a width (`as_proj.w{C}`, one owner),
-  W^Q is per site (`layerS.i.attn_in.q`).
+  1x1 stride-2 convs. K/V/O projections are shared by all sites of a width (`as_proj.w{C}`, one owner;
+  the blocks receive their weights), W^Q is per site (`layerS.i.attn_in.q`).
 * AS_stages: the unchanged ResNet (residuals kept); the input of stages 2-4 is attention over the earlier
   stages' outputs (`layerS.attn_in`, pre-LayerNorm, own projections).
 * Baselines: ResNet-50 (timm's), ResNet-50 0.5x (block outputs halved, D17) and plain ResNet-50 (no
   shortcuts at all, D18).
 
 The ImageNet-stem models are our extension (D14), e.g. as detection backbones; the paper's CIFAR models are
-in `cifar_resnet_as`. TorchScript: AS_out / AS_KV are not scriptable (their blocks receive the shared
-projection group as an argument); use torch.compile or torch.fx. Everything else scripts.
+in `cifar_resnet_as`.
 """
 from dataclasses import replace
 from typing import Any, Dict, Optional
@@ -28,6 +27,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import generate_default_cfgs, register_model
 
+from ..layers._checks import check_bool, check_choice, check_int
 from ..layers.shortcut import ShortcutCfg
 from ._builder import build_la_model
 from .resnet_la import ResNetLA, ResNetLACfg
@@ -99,6 +99,21 @@ def apply_as_args(
     for name, value in given.items():
         if value is not None and not valid[name]:
             raise TypeError(f'{variant} does not take {name!r}')
+    # Types and ranges here, where the variant is known; `ResNetLA` checks the heads against every site width.
+    if q_proj is not None:
+        check_choice(variant, 'q_proj', q_proj, ('per_site', 'shared'))
+    if kv_adapter is not None:
+        check_choice(variant, 'kv_adapter', kv_adapter, ('separate', 'shared'))
+    if as_heads is not None:
+        check_int(variant, 'as_heads', as_heads)
+    if as_dim is not None:
+        heads = as_heads if as_heads is not None else sc.num_heads
+        check_int(variant, 'as_dim', as_dim, allowed=f'a positive multiple of as_heads ({heads})')
+        if as_dim % heads:
+            raise ValueError(f'{variant}: as_dim must be a positive multiple of as_heads ({heads}), got {as_dim!r}')
+    for name, value in (('act_after_ln', act_after_ln), ('pre_ln', pre_ln)):
+        if value is not None:
+            check_bool(variant, name, value)
     if as_dim is not None:
         cfg = replace(cfg, stem_width=as_dim, out_channels=(as_dim,) * len(cfg.layers))
     if act_after_ln is not None:
@@ -139,7 +154,7 @@ def create_as_model(
         **kwargs,
 ) -> ResNetLA:
     """Build `variant` from its architecture `arch` with the family's kwargs folded in (CIFAR and ImageNet)."""
-    cfg = apply_as_args(variant, arch, as_dim, as_heads, q_proj, kv_adapter, act_after_ln, pre_ln)
+    cfg = apply_as_args(variant, replace(arch, name=variant), as_dim, as_heads, q_proj, kv_adapter, act_after_ln, pre_ln)
     return build_la_model(ResNetLA, variant, pretrained, cfg, checkpoint_filter_fn, **kwargs)
 
 

@@ -16,9 +16,10 @@ The same skeleton carries the other layer-interaction families of the package (e
 module): residual-free "plain" blocks, option-A (parameter-free) shortcuts, LayerNorm-ended blocks, optional
 modules at a stage's entry / exit that follow the same `(x, state)` contract (CNNtention, AS_stages), a
 network-level module shared by the sites of several blocks (attention shortcuts: `ASBottleneck` blocks
-receive their width's projection group at call time, so shared tensors are owned exactly once), and an
+receive their width's projection weights at call time, so shared tensors are owned exactly once), and an
 optional neck that reads every feature level (GradAttn's token encoder).
 """
+import math
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, replace
@@ -34,7 +35,9 @@ from timm.models._features import feature_take_indices
 from torch.utils.checkpoint import checkpoint
 
 from ..layers import LayerAttnCfg, create_layer_attn
-from ..layers.shortcut import AttentionShortcut, ShortcutCfg, ShortcutProj, ShortcutProjections, create_shortcut_site
+from ..layers._checks import check_bool, check_choice, check_divisor, check_int, check_rate, divisors, fmt_ints
+from ..layers.shortcut import (
+    AttentionShortcut, ShortcutCfg, ShortcutProjections, ShortcutWeights, create_shortcut_site)
 from ._builder import build_la_model
 
 __all__ = [
@@ -43,6 +46,8 @@ __all__ = [
 ]
 
 State = List[torch.Tensor]
+# The network-level shared projections by site width, handed to every stage (see `ASBottleneck`).
+SharedWeights = Dict[int, ShortcutWeights]
 
 
 class LABottleneck(nn.Module):
@@ -96,7 +101,9 @@ class LABottleneck(nn.Module):
         if self.residual and self.bn3 is not None:
             nn.init.zeros_(self.bn3.weight)
 
-    def forward(self, x: torch.Tensor, state: State) -> Tuple[torch.Tensor, State]:
+    def forward_trunk(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The block without its attention: `(output, residual input)`. A method of its own so that
+        subclasses (`ASBottleneck`) reuse it: TorchScript has no `super().forward`."""
         shortcut = x
         x = self.act1(self.bn1(self.conv1(x)))
         x = self.act2(self.bn2(self.conv2(x)))
@@ -111,7 +118,10 @@ class LABottleneck(nn.Module):
             if self.drop_path is not None:
                 x = self.drop_path(x)
             x += shortcut  # in place, as timm: no new full-size buffer
-        x = self.act3(x)
+        return self.act3(x), shortcut
+
+    def forward(self, x: torch.Tensor, state: State) -> Tuple[torch.Tensor, State]:
+        x, shortcut = self.forward_trunk(x)
         if self.attn is not None:
             x, state = self.attn(x, shortcut, state)
         return x, state
@@ -203,8 +213,9 @@ class ASBottleneck(LABottleneck):
     """Attention-shortcut bottleneck (AS_out / AS_KV): `X_l = H_l(g_l(X_1, ..., X_{l-1}))`.
 
     `attn_in` is the site g_l in front of the convs, holding what is its own (query, cache adapters). The
-    K/V/O projections it shares with every site of its width are owned by the network and passed in, so
-    they exist once in the state dict. H_l is the bottleneck without residual (built with `residual=False`,
+    K/V/O projections it shares with every site of its width are owned by the network and passed in (as
+    their weights, `ShortcutWeights`, which TorchScript can pass where it cannot pass a module), so they
+    exist once in the state dict. H_l is the bottleneck without residual (built with `residual=False`,
     `last_norm='ln'`: paper §4.1, D2, D12).
     """
 
@@ -212,9 +223,9 @@ class ASBottleneck(LABottleneck):
         super().__init__(*args, **kwargs)
         self.attn_in = site
 
-    def forward(self, x: torch.Tensor, state: State, proj: ShortcutProj) -> Tuple[torch.Tensor, State]:
-        x, state = self.attn_in.forward_shared(x, state, proj)
-        x, _ = super().forward(x, [])
+    def forward(self, x: torch.Tensor, state: State, proj: ShortcutWeights) -> Tuple[torch.Tensor, State]:
+        x, state = self.attn_in.forward_weights(x, state, proj)
+        x, _ = self.forward_trunk(x)  # a residual-free block without layer attention
         return x, state
 
 
@@ -238,7 +249,7 @@ class PadShortcut(nn.Module):
 
 def _checkpoint_block(block: nn.Module, x: torch.Tensor, state: State, *args: Any) -> Tuple[torch.Tensor, State]:
     """Activation-checkpoint one block, passing the carried state through as extra tensor arguments
-    (`args`: non-tensor call arguments, e.g. a shared projection group)."""
+    (`args`: further call arguments, e.g. a shared projection group's weights)."""
     def run(x: torch.Tensor, *state: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         x, new_state = block(x, list(state), *args)
         return (x, *new_state)
@@ -254,6 +265,9 @@ class LAStage(nn.Sequential):
     follow the block contract `(x, state) -> (x, state)`, so they are checkpointed, pruned and scripted with
     the stage. As in any `nn.Sequential`, integer indexing counts every unit: address blocks by name
     (`stage.get_submodule('0')`, state-dict keys `layerS.i.*`) when a stage has an entry unit.
+
+    Blocks with an attention-shortcut site (`ASBottleneck`, the units with an `attn_in`) also receive the
+    weights of their width's shared projections from `shared`.
     """
 
     def __init__(self, *blocks: nn.Module, pre: Optional[nn.Module] = None, post: Optional[nn.Module] = None):
@@ -266,29 +280,25 @@ class LAStage(nn.Sequential):
         super().__init__(units)
         self.grad_checkpointing = False
 
-    def forward(self, x: torch.Tensor, state: State) -> Tuple[torch.Tensor, State]:
+    def forward(
+            self,
+            x: torch.Tensor,
+            state: State,
+            shared: Optional[SharedWeights] = None,
+    ) -> Tuple[torch.Tensor, State]:
         for block in self:
-            if self.grad_checkpointing and not torch.jit.is_scripting():
+            if hasattr(block, 'attn_in'):  # a block site (static under TorchScript: one call form per unit)
+                assert shared is not None, 'blocks with attention-shortcut sites need the shared projections'
+                proj = shared[block.attn_in.dim]
+                if self.grad_checkpointing and not torch.jit.is_scripting():
+                    x, state = _checkpoint_block(block, x, state, proj)
+                else:
+                    x, state = block(x, state, proj)
+            elif self.grad_checkpointing and not torch.jit.is_scripting():
                 x, state = _checkpoint_block(block, x, state)
             else:
                 x, state = block(x, state)
         return x, state
-
-
-def _forward_shared_stage(
-        stage: LAStage,
-        x: torch.Tensor,
-        state: State,
-        shared: ShortcutProjections,
-) -> Tuple[torch.Tensor, State]:
-    """Run a stage whose blocks take the network-level shared module group of their site as third argument."""
-    for block in stage:
-        proj = shared.select(block)
-        if stage.grad_checkpointing:
-            x, state = _checkpoint_block(block, x, state, proj)
-        else:
-            x, state = block(x, state, proj)
-    return x, state
 
 
 _BLOCKS = {'bottleneck': (LABottleneck, 4), 'basic': (LABasicBlock, 1)}
@@ -322,6 +332,7 @@ class ResNetLACfg:
         neck: Builds the module that turns all feature levels into `forward_features`'s output,
             `fn(feature_chs, device, dtype)`; it has `num_features` and returns an NCHW map.
         stem_feat: Feature level 0: 'act' (stem activation, before the max-pool) or 'pool' (after it).
+        name: The registered variant, named by error messages (the class name when empty).
     """
     layers: Tuple[int, ...]
     channels: Tuple[int, ...] = (64, 128, 256, 512)
@@ -339,6 +350,79 @@ class ResNetLACfg:
     stage_post: Optional[Callable[..., Optional[nn.Module]]] = None
     neck: Optional[Callable[..., nn.Module]] = None
     stem_feat: str = 'act'
+    name: str = ''
+
+    def __post_init__(self):
+        owner = self.name or 'ResNetLACfg'
+        if not isinstance(self.layers, tuple) or not 3 <= len(self.layers) <= 4:
+            raise ValueError(f'{owner}: layers must be a tuple of 3 or 4 stage depths, got {self.layers!r}')
+        for depth in self.layers:
+            check_int(owner, 'layers', depth, allowed='a tuple of positive stage depths')
+        for field, widths in (('channels', self.channels), ('out_channels', self.out_channels)):
+            if widths is None and field == 'out_channels':
+                continue
+            if not isinstance(widths, tuple) or len(widths) != len(self.layers):
+                raise ValueError(
+                    f'{owner}: {field} must be a tuple of {len(self.layers)} widths (one per stage), got {widths!r}')
+            for width in widths:
+                check_int(owner, field, width, allowed='a tuple of positive widths')
+        check_choice(owner, 'block', self.block, tuple(_BLOCKS))
+        if self.expansion is not None:
+            check_int(owner, 'expansion', self.expansion)
+        check_choice(owner, 'stem_type', self.stem_type, ('', 'deep', 'cifar'))
+        check_int(owner, 'stem_width', self.stem_width)
+        check_choice(owner, 'residual', self.residual, ('proj', 'pad', 'none'))
+        check_choice(owner, 'last_norm', self.last_norm, ('bn', 'ln'))
+        check_choice(owner, 'stem_feat', self.stem_feat, ('act', 'pool'))
+        check_bool(owner, 'zero_init_last', self.zero_init_last)
+        check_bool(owner, 'last_act', self.last_act)
+        if self.attn is not None and not isinstance(self.attn, LayerAttnCfg):
+            raise TypeError(f'{owner}: attn must be a LayerAttnCfg or None, got {self.attn!r}')
+        if self.shortcut is not None and not isinstance(self.shortcut, ShortcutCfg):
+            raise TypeError(f'{owner}: shortcut must be a ShortcutCfg or None, got {self.shortcut!r}')
+
+    def block_widths(self) -> Tuple[Tuple[int, ...], Tuple[int, int]]:
+        """`(block output width per stage, (stem output width, block expansion))`."""
+        expansion = self.expansion or _BLOCKS[self.block][1]
+        widths = self.out_channels or tuple(c * expansion for c in self.channels)
+        stem = self.stem_width * 2 if self.stem_type == 'deep' else self.stem_width
+        return widths, (stem, expansion)
+
+
+# Global pooling types of timm's `SelectAdaptivePool2d` ('' for none).
+POOL_TYPES = ('', 'avg', 'max', 'avgmax', 'catavgmax', 'fast', 'fastavg', 'fastmax', 'fastavgmax', 'fastcatavgmax')
+
+
+def _check_head_dim(owner: str, head_dim: int, attn: LayerAttnCfg, widths: Tuple[int, ...]) -> None:
+    """Every block must split into whole heads and, for KCLA, every stage's incoming history (a different
+    width) into as many groups as the stage's blocks have heads."""
+    transitions = [(a, b) for a, b in zip(widths[:-1], widths[1:]) if a != b] \
+        if attn.type == 'kcla' and 0 in attn.rebuild_blocks else []
+    valid = [d for d in divisors(math.gcd(*widths)) if all(a % (b // d) == 0 for a, b in transitions)]
+    why = f'channels per head: every block width {fmt_ints(widths)} must be divisible into heads'
+    if transitions:
+        why += ", and KCLA projects each stage's incoming history in as many groups"
+    check_divisor(owner, 'head_dim', head_dim, valid, why)
+
+
+def _check_shortcut_heads(owner: str, sc: ShortcutCfg, site_widths: List[int]) -> None:
+    g = math.gcd(*site_widths)
+    why = f'attention heads: every attention-shortcut site width {fmt_ints(sorted(set(site_widths)))} must be ' \
+          f'divisible into heads'
+    check_divisor(owner, 'as_heads (ShortcutCfg.num_heads)', sc.num_heads, divisors(g), why)
+
+
+def _site_widths(cfg: ResNetLACfg) -> List[int]:
+    """Input width of every attention-shortcut site: each block's input, or each later stage's input."""
+    widths, (inplanes, _) = cfg.block_widths()
+    if cfg.shortcut is not None and cfg.shortcut.placement == 'stage':
+        return list(widths[:-1])
+    inputs = []
+    for width, depth in zip(widths, cfg.layers):
+        for _ in range(depth):
+            inputs.append(inplanes)
+            inplanes = width
+    return inputs
 
 
 def _make_downsample(
@@ -391,31 +475,46 @@ class ResNetLA(nn.Module):
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
+        if not isinstance(cfg, ResNetLACfg):
+            raise TypeError(f'{type(self).__name__}: cfg must be a ResNetLACfg, got {cfg!r}')
+        name = cfg.name or type(self).__name__
+        num_classes = check_int(name, 'num_classes', num_classes, minimum=0,
+                                allowed='a non-negative integer (0: no classifier)')
+        in_chans = check_int(name, 'in_chans', in_chans)
+        check_choice(name, 'global_pool', global_pool, POOL_TYPES)
+        output_stride = check_int(name, 'output_stride', output_stride, allowed='one of 8, 16, 32')
         if output_stride not in (8, 16, 32):
-            raise ValueError(f'output_stride must be 8, 16 or 32, got {output_stride}')
+            raise ValueError(f'{name}: output_stride must be one of 8, 16, 32, got {output_stride!r}')
+        drop_rate = check_rate(name, 'drop_rate', drop_rate)
+        if drop_path_rate is not None:
+            drop_path_rate = check_rate(name, 'drop_path_rate', drop_path_rate)
         attn_cfg = cfg.attn
+        widths, _ = cfg.block_widths()
         if head_dim is not None:
             if attn_cfg is None:
-                raise ValueError('head_dim is only valid for models with layer attention')
+                raise ValueError(f'{name}: head_dim is only valid for models with layer attention, got {head_dim!r}')
+            _check_head_dim(name, head_dim, attn_cfg, widths)
             attn_cfg = replace(attn_cfg, head_dim=head_dim)
+        elif attn_cfg is not None:
+            _check_head_dim(name, attn_cfg.head_dim, attn_cfg, widths)
         if drop_path_rate is None:
             drop_path_rate = attn_cfg.drop_path if attn_cfg is not None else 0.
         if drop_path_rate and attn_cfg is None and cfg.residual == 'none':
-            raise ValueError(f'drop_path_rate={drop_path_rate}: this model has no residual branch to drop')
+            raise ValueError(
+                f'{name}: drop_path_rate must be 0 for this model (it has no residual branch to drop), '
+                f'got {drop_path_rate!r}')
         block_sites = cfg.shortcut is not None and cfg.shortcut.placement == 'block'
         if block_sites and (cfg.block != 'bottleneck' or cfg.residual != 'none' or attn_cfg is not None):
             raise ValueError("attention shortcuts in front of blocks need block='bottleneck', residual='none' "
                              "and no layer attention")
-        if cfg.stem_feat not in ('act', 'pool'):
-            raise ValueError(f"stem_feat must be 'act' or 'pool', got {cfg.stem_feat!r}")
+        if cfg.shortcut is not None:
+            _check_shortcut_heads(name, cfg.shortcut, _site_widths(cfg))
         self.cfg = replace(cfg, attn=attn_cfg)
-        self._name = type(self).__name__
+        self._name = name
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
-        if not 3 <= len(cfg.layers) <= 4:
-            raise ValueError(f'{self._name} supports 3 or 4 stages, got {len(cfg.layers)}')
         block_cls, default_expansion = _BLOCKS[cfg.block]
         if block_sites:
             block_cls = ASBottleneck
@@ -546,16 +645,6 @@ class ResNetLA(nn.Module):
                 if isinstance(m, (LABottleneck, LABasicBlock)):
                     m.zero_init_last()
 
-    def __prepare_scriptable__(self) -> 'ResNetLA':
-        # Called by torch.jit.script: fail with a clear message rather than a compiler error deep inside.
-        if self.as_proj is not None:
-            arch = getattr(self, 'pretrained_cfg', {}).get('architecture') or self._name
-            raise RuntimeError(
-                f'{arch}: TorchScript is not supported for models whose blocks share a network-level module '
-                f'(block-placed attention shortcuts pass it to each block as an argument); use torch.compile '
-                f'or torch.fx instead')
-        return self
-
     @torch.jit.ignore
     def stages(self) -> List[LAStage]:
         return [getattr(self, n) for n in self.stage_names]
@@ -584,28 +673,36 @@ class ResNetLA(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         dd = get_device_dtype(self)
-        self.num_classes = num_classes
+        num_classes = check_int(self._name, 'num_classes', num_classes, minimum=0,
+                                allowed='a non-negative integer (0: no classifier)')
         if global_pool is None:
             global_pool = self.global_pool.pool_type
+        check_choice(self._name, 'global_pool', global_pool, POOL_TYPES)
+        self.num_classes = num_classes
         self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
         self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
         self.global_pool.train(self.training)
         self.fc.train(self.training)
 
     def _check_input(self, x: torch.Tensor) -> None:
-        # torch._assert stays traceable (fx) and scriptable; messages must not format traced values.
+        # torch._assert stays traceable (fx) and scriptable; messages must not format traced values. Shapes and
+        # dtype only: no data is read. An empty batch (B == 0) is valid and gives an empty output.
         torch._assert(x.dim() == 4, f'{self._name} expects a 4-D input [B, {self.in_chans}, H, W]')
         torch._assert(x.shape[1] == self.in_chans, f'{self._name} expects {self.in_chans} input channels')
+        torch._assert(
+            x.is_floating_point(),
+            f'{self._name} expects a floating-point input (convert integer images with .float() and normalise them)')
+        torch._assert(x.shape[2] * x.shape[3] > 0, f'{self._name} expects a non-empty image (H > 0 and W > 0)')
 
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act1(self.bn1(self.conv1(x)))
         return x
 
-    @torch.jit.ignore
-    def _forward_stage(self, stage: LAStage, x: torch.Tensor, state: State) -> Tuple[torch.Tensor, State]:
+    def _shared_weights(self) -> Optional[SharedWeights]:
+        """The shared projections' weights for the stages (`None` without block-placed attention shortcuts)."""
         if self.as_proj is None:
-            return stage(x, state)
-        return _forward_shared_stage(stage, x, state, self.as_proj)
+            return None
+        return self.as_proj.weights()
 
     def forward_intermediates(
             self,
@@ -632,8 +729,9 @@ class ResNetLA(nn.Module):
         if stop_early:
             stages = stages[:max_index]
         state: State = []
+        shared = self._shared_weights()
         for stage in stages:
-            x, state = self._forward_stage(stage, x, state)
+            x, state = stage(x, state, shared)
             feats.append(x)
         intermediates = [feats[i] for i in take_indices]
         if intermediates_only:
@@ -681,19 +779,20 @@ class ResNetLA(nn.Module):
         if keep and self.stem_pooled:
             feats.append(x)
         state: State = []
+        shared = self._shared_weights()
         if torch.jit.is_scripting():
-            x, state = self.layer1(x, state)
+            x, state = self.layer1(x, state, shared)
             feats.append(x)
-            x, state = self.layer2(x, state)
+            x, state = self.layer2(x, state, shared)
             feats.append(x)
-            x, state = self.layer3(x, state)
+            x, state = self.layer3(x, state, shared)
             feats.append(x)
             if hasattr(self, 'layer4'):
-                x, state = self.layer4(x, state)
+                x, state = self.layer4(x, state, shared)
                 feats.append(x)
         else:
             for stage in self.stages():
-                x, state = self._forward_stage(stage, x, state)
+                x, state = stage(x, state, shared)
                 if keep:
                     feats.append(x)
         if self.neck is not None:
@@ -776,7 +875,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[s
 
 
 def _create_resnet_la(variant: str, pretrained: bool = False, **kwargs) -> ResNetLA:
-    return build_la_model(ResNetLA, variant, pretrained, model_cfgs[variant], checkpoint_filter_fn, **kwargs)
+    cfg = replace(model_cfgs[variant], name=variant)
+    return build_la_model(ResNetLA, variant, pretrained, cfg, checkpoint_filter_fn, **kwargs)
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:

@@ -214,7 +214,8 @@ at::Tensor kcla_(at::Tensor x, at::Tensor hist, const c10::optional<at::Tensor>&
                  int64_t head_dim, double history_eps, double max_log_weight, double key_norm_eps) {
   check_block(x, v_weight, q_weight, k_weight, norm_scale, norm_shift, head_dim);
   check_map(hist, x, "hist");
-  TORCH_CHECK(hist.data_ptr() != x.data_ptr(), "hist must not alias x");
+  // Empty maps (a batch of 0) have no storage to alias: their null data pointers compare equal.
+  TORCH_CHECK(x.numel() == 0 || hist.data_ptr() != x.data_ptr(), "hist must not alias x");
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), hw = H * W, g = C / head_dim;
   check_vec(norm_d, {g}, "norm_d");
   check_vec(head_gate_weight, {g, g}, "head_gate_weight");
@@ -290,7 +291,7 @@ at::Tensor mrla_base_(at::Tensor x, at::Tensor value, at::TensorList values, con
                       double attn_scale) {
   check_block(x, v_weight, q_weight, k_weight, norm_scale, norm_shift, head_dim);
   check_map(value, x, "value");
-  TORCH_CHECK(value.data_ptr() != x.data_ptr(), "value must not alias x");
+  TORCH_CHECK(x.numel() == 0 || value.data_ptr() != x.data_ptr(), "value must not alias x");
   for (const auto& v : values) check_map(v, x, "values[j]");
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), hw = H * W;
   const int64_t T = static_cast<int64_t>(values.size()) + 1;
