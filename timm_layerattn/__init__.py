@@ -7,7 +7,9 @@ from .version import __version__
 from . import models
 from .layers import LayerAttnCfg
 from .models.resnet_la import ResNetLA, ResNetLACfg
-from .pretrained import PretrainedWeightsError, register_pretrained, unregister_pretrained
+from .pretrained import (
+    CheckpointError, CheckpointMismatchError, CheckpointNotCachedError, CheckpointNotFoundError,
+    PretrainedWeightsError, register_pretrained, unregister_pretrained)
 
 # Imported on first use (keeps `import timm_layerattn` light): name -> submodule.
 _LAZY = {

@@ -4,16 +4,31 @@ No official weights exist for these architectures yet (every registry tag is `.u
 `pretrained=True` must say how to get weights instead of failing deep inside timm. Labs that publish
 weights register them as a new `arch.tag` pretrained cfg; `pretrained=True` then loads them like any
 timm weights (through `hf_hub_id`, `file` or `url`).
+
+A checkpoint that cannot be used (missing, truncated, corrupt, not a state dict, NaN / Inf values, keys or
+shapes that do not fit) raises a `CheckpointError` subclass naming the file and the problem
+(`checkpoint_io.py` does the checking, for every entry point of timm).
 """
 import dataclasses
 import logging
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from timm.models import PretrainedCfg, get_pretrained_cfg, is_model, split_model_name_tag
 from timm.models import _registry
 
-__all__ = ['PretrainedWeightsError', 'no_weights_message', 'check_pretrained_source', 'register_pretrained',
-           'unregister_pretrained']
+from ._utils import UserError
+
+try:
+    from huggingface_hub.errors import LocalEntryNotFoundError as _HubNotCached
+except ImportError:  # huggingface_hub < 0.24 keeps its errors in `utils`
+    try:
+        from huggingface_hub.utils import LocalEntryNotFoundError as _HubNotCached
+    except ImportError:
+        _HubNotCached = FileNotFoundError
+
+__all__ = ['PretrainedWeightsError', 'CheckpointError', 'CheckpointNotFoundError', 'CheckpointNotCachedError',
+           'CheckpointMismatchError', 'no_weights_message', 'resolve_pretrained_source', 'check_pretrained_source',
+           'register_pretrained', 'unregister_pretrained']
 
 _logger = logging.getLogger(__name__)
 
@@ -21,8 +36,37 @@ _logger = logging.getLogger(__name__)
 _SOURCE_FIELDS = ('hf_hub_id', 'file', 'url')
 
 
-class PretrainedWeightsError(RuntimeError):
-    """`pretrained=True` was requested for a model tag that has no weights."""
+class PretrainedWeightsError(RuntimeError, UserError):
+    """`pretrained=True` cannot load weights: the tag has none, or its checkpoint is unusable (subclasses).
+
+    A `UserError` too, so the command line prints it as one line.
+    """
+
+
+class CheckpointError(PretrainedWeightsError):
+    """A pretrained checkpoint cannot be used; the message names the file (or Hub repo) and the problem."""
+
+    def __init__(self, message: str, path: Optional[str] = None):
+        super().__init__(message)
+        self.path = path
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """The checkpoint file, or a weights file in a `local-dir:` folder, does not exist.
+
+    Also a `FileNotFoundError`, which is what timm raises (with an empty message) in this case.
+    """
+
+
+class CheckpointNotCachedError(CheckpointNotFoundError, _HubNotCached):
+    """Hub weights are not in the local cache and cannot be downloaded (offline mode or no connection).
+
+    Also huggingface_hub's `LocalEntryNotFoundError`, which is what it raises in this case.
+    """
+
+
+class CheckpointMismatchError(CheckpointError):
+    """The checkpoint's tensors do not fit the model (missing / unexpected keys, shape mismatches)."""
 
 
 def no_weights_message(variant: str, tag: Optional[str] = None) -> str:
@@ -43,21 +87,39 @@ def no_weights_message(variant: str, tag: Optional[str] = None) -> str:
     )
 
 
+def resolve_pretrained_source(
+        variant: str,
+        pretrained_cfg: Any = None,
+        pretrained_cfg_overlay: Optional[Dict[str, Any]] = None,
+) -> Tuple[str, Any, Dict[str, Any]]:
+    """Where `build_model_with_cfg` will load weights from: `(load_from, location, cfg dict)`.
+
+    Resolves the cfg exactly as timm will (tag string, dict or registry default, plus overlay); `load_from`
+    is timm's source kind ('file', 'local-dir', 'hf-hub', 'url', 'state_dict') or '' when there is none.
+    """
+    from timm.models._builder import _resolve_pretrained_source, resolve_pretrained_cfg
+    from timm.models._pretrained import filter_pretrained_cfg
+    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=pretrained_cfg_overlay)
+    # `cfg.to_dict()` (dataclasses.asdict) would deep-copy a `state_dict` source's tensors: read the fields instead
+    cfg_dict = filter_pretrained_cfg({f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)})
+    load_from, location = _resolve_pretrained_source(cfg_dict)
+    return load_from, location, cfg_dict
+
+
 def check_pretrained_source(
         variant: str,
         pretrained_cfg: Any = None,
         pretrained_cfg_overlay: Optional[Dict[str, Any]] = None,
-) -> None:
+) -> Tuple[str, Any, Dict[str, Any]]:
     """Raise `PretrainedWeightsError` if the resolved pretrained cfg has nowhere to load weights from.
 
-    Resolves the cfg exactly as `build_model_with_cfg` will (tag string, dict or registry default, plus
-    overlay), so a `local-dir:` / `hf-hub:` source, an overlay `file` or a registered tag all pass.
+    A `local-dir:` / `hf-hub:` source, an overlay `file` or a registered tag all pass. Returns what
+    `resolve_pretrained_source` does.
     """
-    from timm.models._builder import _resolve_pretrained_source, resolve_pretrained_cfg
-    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=pretrained_cfg_overlay)
-    load_from, _ = _resolve_pretrained_source(cfg.to_dict())
+    load_from, location, cfg = resolve_pretrained_source(variant, pretrained_cfg, pretrained_cfg_overlay)
     if not load_from:
-        raise PretrainedWeightsError(no_weights_message(variant, cfg.tag))
+        raise PretrainedWeightsError(no_weights_message(variant, cfg.get('tag')))
+    return load_from, location, cfg
 
 
 def _validate_hub_id(hf_hub_id: str) -> None:

@@ -23,16 +23,17 @@ def build_la_model(
     Features always go through `forward_intermediates` (timm's `getter` wrapper): these nets carry
     state between layers, which the default wrapper (re-running children one by one) would drop.
     `default_out_indices` is the feature selection when the caller gives no `out_indices`.
-    `pretrained=True` for a tag without weights fails up front with instructions (`PretrainedWeightsError`).
+    `pretrained=True` for a tag without weights fails up front with instructions (`PretrainedWeightsError`);
+    a missing, unreadable, corrupt, non-finite or non-fitting checkpoint fails with one line naming the file
+    and the problem (a `CheckpointError`, see `checkpoint_io.py`).
     """
-    if pretrained:
-        check_pretrained_source(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
-    return build_model_with_cfg(
-        model_cls,
-        variant,
-        pretrained,
-        model_cfg=model_cfg,
-        pretrained_filter_fn=filter_fn,
-        feature_cfg=dict(feature_cls='getter', out_indices=tuple(default_out_indices)),
-        **kwargs,
-    )
+    feature_cfg = dict(feature_cls='getter', out_indices=tuple(default_out_indices))
+    if not pretrained:
+        return build_model_with_cfg(
+            model_cls, variant, pretrained, model_cfg=model_cfg, pretrained_filter_fn=filter_fn,
+            feature_cfg=feature_cfg, **kwargs)
+    source = check_pretrained_source(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
+    from ..checkpoint_io import build_checked  # only needed when loading weights
+    return build_checked(
+        build_model_with_cfg, model_cls, variant, pretrained, filter_fn, source,
+        model_cfg=model_cfg, feature_cfg=feature_cfg, **kwargs)

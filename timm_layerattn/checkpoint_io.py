@@ -1,0 +1,506 @@
+"""Pretrained checkpoints loaded through timm's own entry points, with one clear error per bad checkpoint.
+
+`timm.create_model(name, pretrained=True, ...)` reads and loads weights inside timm (`load_pretrained`), so
+a bad checkpoint surfaces from deep inside torch / safetensors: a bare `FileNotFoundError()`, a
+`SafetensorError` naming no file, an `AttributeError` for a file holding a list, a multi-line strict-load
+error, or, for NaN weights, nothing at all. Every model of this package is built by `build_la_model`, which
+runs timm's build through `build_checked`:
+
+* a `file` / `local-dir:` source is checked up front with stat calls only (exists, is a file, not empty,
+  the folder has a weights file), before the model is built;
+* the family's checkpoint filter is wrapped, so what timm read is checked (a dict of tensors, all finite)
+  before timm adapts and loads it;
+* an error from timm's reading or strict loading becomes a `CheckpointError` (`pretrained.py`) naming the
+  file and the problem. Only then is the file read again (safely, `weights_only=True`) to find out why, so
+  a good checkpoint is read once.
+
+timm itself is never patched. Errors raised before any of this package's code runs (reading a `local-dir:`
+folder's or a Hub repo's `config.json` in `timm.create_model`) stay timm's and huggingface_hub's.
+"""
+import argparse
+import contextlib
+import itertools
+import os
+import re
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from .pretrained import (
+    CheckpointError, CheckpointMismatchError, CheckpointNotCachedError, CheckpointNotFoundError,
+    PretrainedWeightsError)
+
+__all__ = ['build_checked', 'check_state_dict_values', 'non_finite_keys']
+
+# The weights files `timm.models._hub.load_state_dict_from_path` looks for in a `local-dir:` folder, in order
+# (then the first file per extension, extensions in this order).
+_FOLDER_FILES = ('model.safetensors', 'pytorch_model.bin', 'pytorch_model.pth', 'model.pth',
+                 'open_clip_model.safetensors', 'open_clip_pytorch_model.safetensors',
+                 'open_clip_pytorch_model.bin', 'open_clip_pytorch_model.pth')
+_FOLDER_EXTS = ('.safetensors', '.pth', '.pth.tar', '.bin')
+# What `timm.models._hub.load_state_dict_from_hf` downloads when the cfg names no file: the safetensors
+# alternative first, then the torch file.
+_HUB_FILES = ('model.safetensors', 'pytorch_model.bin')
+# A few keys of each kind in a message, the rest counted.
+_SHOW = 3
+
+
+def _first_line(e: BaseException, default: str = '') -> str:
+    text = str(e).strip()
+    line = text.splitlines()[0].strip() if text else default
+    return line if len(line) <= 200 else line[:197] + '...'
+
+
+def _a(obj: Any) -> str:
+    """'a list', 'an int': the type of `obj` with its article."""
+    name = type(obj).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+def _keys(keys: Sequence[str]) -> str:
+    shown = ', '.join(keys[:_SHOW])
+    return shown + (f', ... ({len(keys) - _SHOW} more)' if len(keys) > _SHOW else '')
+
+
+class _Source:
+    """A resolved weight source: timm's kind, its location, the name used in messages, the file once known."""
+
+    def __init__(self, kind: str, location: Any, cfg: Dict[str, Any], cache_dir: Any = None):
+        self.kind = kind
+        self.location = location
+        self.cfg = cfg
+        self.cache_dir = cache_dir
+        self.path: Optional[Path] = None
+        if kind == 'file':
+            self.path = Path(location)
+            self.label = str(location)
+        elif kind == 'local-dir':
+            self.label = f'local-dir:{location}'
+        elif kind == 'hf-hub':
+            self.repo = location[0] if isinstance(location, (list, tuple)) else location
+            self.label = f'hf-hub:{self.repo}'
+        elif kind == 'url':
+            self.label = str(location)
+        else:
+            self.label = 'the state_dict of the pretrained cfg'
+
+    def where(self) -> str:
+        """The label, plus the file it resolved to when that differs (a folder's or the Hub cache's file)."""
+        if self.path is None and self.kind == 'hf-hub':
+            self.path = _hub_cached_file(self)
+        if self.path is not None and str(self.path) != self.label:
+            return f'{self.label} ({self.path})'
+        return self.label
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Up-front checks (stat calls only)
+# -----------------------------------------------------------------------------------------------------------
+
+def _check_file(path: Path, label: str) -> None:
+    if not path.exists():
+        hint = ''
+        if path.parent.is_dir():
+            entries = itertools.islice(path.parent.iterdir(), 1000)  # a hint only: never list a huge folder
+            near = sorted(p.name for p in entries if p.suffix in ('.safetensors', '.pth', '.bin'))
+            if near:
+                hint = f' ({path.parent} has: {", ".join(near[:_SHOW])})'
+        if str(path).startswith('~'):
+            hint = ' (timm does not expand ~: pass os.path.expanduser(path))'
+        raise CheckpointNotFoundError(f'pretrained weights file not found: {label}{hint}', path=str(path))
+    if path.is_dir():
+        hint = ''
+        if (path / 'config.json').is_file():
+            hint = f"; for an exported folder use timm.create_model('local-dir:{path}', pretrained=True)"
+        raise CheckpointError(f'{label}: is a folder, not a checkpoint file{hint}', path=str(path))
+    if not path.is_file():
+        raise CheckpointError(f'{label}: not a regular file', path=str(path))
+    if not os.access(path, os.R_OK):
+        raise CheckpointError(f'{label}: permission denied (the file is not readable)', path=str(path))
+    if path.stat().st_size == 0:
+        raise CheckpointError(f'{label}: file is empty', path=str(path))
+
+
+def _folder_weights(folder: Path) -> Optional[Path]:
+    """The file timm's `load_state_dict_from_path` will pick in `folder` (same order), None if none."""
+    for name in _FOLDER_FILES:
+        if (folder / name).exists():
+            return folder / name
+    for ext in _FOLDER_EXTS:
+        files = sorted(folder.glob(f'*{ext}'))
+        if files:
+            return files[0]
+    return None
+
+
+def _check_source(source: _Source) -> None:
+    if source.kind == 'file':
+        _check_file(source.path, source.label)
+    elif source.kind == 'local-dir':
+        folder = Path(source.location)
+        if not folder.is_dir():
+            raise CheckpointNotFoundError(f'{source.label}: folder not found', path=str(folder))
+        found = _folder_weights(folder)
+        if found is None:
+            raise CheckpointNotFoundError(
+                f'{source.label}: no weights file in the folder (looked for model.safetensors, pytorch_model.bin, '
+                f'model.pth, ... and any *.safetensors / *.pth / *.pth.tar / *.bin); export a model into it with '
+                f'`timm-layerattn export`', path=str(folder))
+        source.path = found
+        _check_file(found, str(found))
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Checks of what was read
+# -----------------------------------------------------------------------------------------------------------
+
+def _nonfinite(t: torch.Tensor) -> str:
+    nan = int(torch.isnan(t).sum())
+    inf = t.numel() - nan - int(torch.isfinite(t).sum())
+    return ', '.join(p for p in (f'{nan} NaN' if nan else '', f'{inf} Inf' if inf else '') if p)
+
+
+def non_finite_keys(state_dict: Mapping[str, Any]) -> List[str]:
+    """Keys of the floating-point / complex tensors of `state_dict` holding NaN or Inf (other values skipped).
+
+    A tensor's sum is finite only if every element is (NaN and Inf propagate), and a plain sum is the
+    cheapest full pass (about 5x cheaper than `isfinite(x).all()` or a max-abs norm on CPU); one host sync
+    for the whole dict. A non-finite sum is confirmed element-wise, as a finite tensor's sum can overflow.
+    """
+    keys = [k for k, v in state_dict.items()
+            if isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex()) and v.numel() and v.layout == torch.strided
+            and not v.is_meta]
+    if not keys:
+        return []
+    sums = torch.stack([state_dict[k].sum().to('cpu', torch.complex128) for k in keys])
+    finite = torch.isfinite(sums)
+    if bool(finite.all()):
+        return []
+    return [k for k, ok in zip(keys, finite.tolist()) if not ok and not bool(torch.isfinite(state_dict[k]).all())]
+
+
+def check_state_dict_values(state_dict: Any, where: str) -> None:
+    """Raise `CheckpointError` unless `state_dict` is a non-empty dict of tensors with finite values.
+
+    NaN / Inf weights load without a complaint and give NaN outputs; they mean a corrupt file or a diverged
+    training run, never weights worth loading. The scan costs about as much as one pass over the tensors.
+    """
+    if not isinstance(state_dict, Mapping):
+        raise CheckpointError(
+            f'{where}: holds {_a(state_dict)}, expected a state dict (a dict of tensors)')
+    others = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+    if len(others) == len(state_dict):
+        keys = ', '.join(map(str, list(state_dict)[:_SHOW])) or 'it is empty'
+        raise CheckpointError(f'{where}: holds no tensors (keys: {keys}); expected a state dict')
+    if others:
+        raise CheckpointError(f'{where}: {len(others)} entr{"y is" if len(others) == 1 else "ies are"} not a tensor: '
+                              + _keys([f'{k} ({type(state_dict[k]).__name__})' for k in others]))
+    bad = non_finite_keys(state_dict)
+    if bad:
+        raise CheckpointError(
+            f'{where}: {len(bad)} tensor(s) hold NaN / Inf values, refusing to load them: '
+            + _keys([f'{k} ({_nonfinite(state_dict[k])})' for k in bad])
+            + '; the file is corrupt or comes from a diverged training run')
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Why a file could not be read (only run after timm failed to read it)
+# -----------------------------------------------------------------------------------------------------------
+
+def _diagnose_file(path: Path, where: str, error: BaseException) -> CheckpointError:
+    """A `CheckpointError` explaining why timm could not read `path`."""
+    from ._utils import UserError
+    from .convert import _read_raw, unwrap_state_dict
+    if not path.exists():
+        return CheckpointNotFoundError(f'pretrained weights file not found: {where}', path=str(path))
+    named_safetensors = path.name.endswith('.safetensors')
+    if named_safetensors and zipfile.is_zipfile(path):
+        return CheckpointError(
+            f'{where}: a torch checkpoint (zip archive) named .safetensors; timm picks the reader by the name, '
+            f'rename it to .pth', path=str(path))
+    # timm's reader allows `argparse.Namespace` (the `args` of timm training checkpoints); so does this one
+    safe_globals = getattr(torch.serialization, 'safe_globals', None)  # torch >= 2.5
+    allowed = safe_globals([argparse.Namespace]) if safe_globals is not None else contextlib.nullcontext()
+    try:
+        with allowed:
+            obj, fmt = _read_raw(path)
+    except UserError as e:
+        text = str(e)
+        if text.startswith(str(path)):
+            text = text[len(str(path)):].lstrip(': ')
+        return CheckpointError(f'{where}: {text}', path=str(path))
+    if fmt == 'safetensors' and not named_safetensors:
+        return CheckpointError(
+            f"{where}: a safetensors file whose name does not end in .safetensors; timm picks the reader by the "
+            f"name (this one is read with torch.load), rename it to {path.stem}.safetensors", path=str(path))
+    if not isinstance(obj, Mapping):
+        return CheckpointError(
+            f'{where}: holds {_a(obj)}, expected a state dict (a dict of tensors)', path=str(path))
+    try:
+        unwrap_state_dict(obj)
+    except UserError as e:
+        return CheckpointError(f'{where}: {e}', path=str(path))
+    return CheckpointError(f'{where}: cannot be loaded ({type(error).__name__}: {_first_line(error)})',
+                           path=str(path))
+
+
+def _hub_names(source: _Source) -> List[str]:
+    """The weights files timm tries in an `hf-hub` source: the cfg's `hf_hub_filename`, else `_HUB_FILES`."""
+    return [source.location[1]] if isinstance(source.location, (list, tuple)) else list(_HUB_FILES)
+
+
+def _hub_cached_file(source: _Source) -> Optional[Path]:
+    """The cached weights file of an `hf-hub` source (the one timm read), None if none is cached."""
+    from huggingface_hub import try_to_load_from_cache
+    from timm.models._hub import hf_split
+    repo, revision = hf_split(source.repo)
+    for name in _hub_names(source):
+        found = try_to_load_from_cache(repo, name, cache_dir=source.cache_dir, revision=revision)
+        if isinstance(found, str):
+            return Path(found)
+    return None
+
+
+def _hub_error(source: _Source, error: BaseException) -> Optional[CheckpointError]:
+    """A clear error for a failed Hub weights download, None for errors huggingface_hub already words well."""
+    try:
+        from huggingface_hub import constants
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    except ImportError:
+        return None
+    if isinstance(error, LocalEntryNotFoundError):
+        cache = source.cache_dir or constants.HF_HUB_CACHE
+        if constants.HF_HUB_OFFLINE:
+            why = 'and offline mode is on (HF_HUB_OFFLINE=1): unset it to download them, or download them once online'
+        else:
+            why = f'and downloading them failed ({_first_line(error)})'
+        return CheckpointNotCachedError(
+            f'{source.label}: the weights ({" / ".join(_hub_names(source))}) are not in the local Hub cache ({cache}) '
+            f'{why}',
+            path=source.repo)
+    if isinstance(error, EntryNotFoundError):
+        return CheckpointNotFoundError(
+            f'{source.label}: the repo has no weights file ({" or ".join(_hub_names(source))}); is it an export of '
+            f'`timm-layerattn export` / `push`?', path=source.repo)
+    return None
+
+
+def _read_error(source: _Source, error: BaseException) -> Optional[CheckpointError]:
+    """Explain an error raised while timm read the checkpoint; None if it is not about the checkpoint."""
+    if source.kind == 'hf-hub':
+        hub = _hub_error(source, error)
+        if hub is not None:
+            return hub
+        source.path = _hub_cached_file(source)
+        if source.path is None:
+            return None
+        err = _diagnose_file(source.path, source.where(), error)
+        cache = next((p for p in source.path.parents if p.name.startswith('models--')), None)
+        if cache is not None and not isinstance(err, CheckpointNotFoundError):
+            err = CheckpointError(f'{err}; delete {cache} to download it again', path=err.path)
+        return err
+    if source.kind == 'url':
+        name = os.path.basename(str(source.location).split('?')[0])
+        cached = Path(source.cache_dir or Path(torch.hub.get_dir()) / 'checkpoints') / name
+        if not cached.is_file():
+            if isinstance(error, OSError):  # urllib's URLError / HTTPError name no URL
+                return CheckpointError(f'{source.label}: download failed ({_first_line(error)})',
+                                       path=source.label)
+            return None
+        source.path = cached
+        return _diagnose_file(cached, source.where(), error)
+    if source.path is not None:
+        return _diagnose_file(source.path, source.where(), error)
+    return None
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Why a checkpoint does not fit the model (only run after timm's strict load failed)
+# -----------------------------------------------------------------------------------------------------------
+
+def _family(keys: Sequence[str]) -> str:
+    """The layer-interaction family a state dict in this package's layout belongs to, from its key names."""
+    text = '\n'.join(keys)
+    for family, pattern in (
+            ('kcla', r'\.attn\.norm_d$'), ('mrla_light', r'\.attn\.lambda_t$'),
+            ('mrla_base', r'^layer\d+\.\d+\.attn\.v\.weight$'), ('CNNtention cbam', r'\.attn\.channel_mlp\.'),
+            ('CNNtention mha', r'^layer\d+\.attn\.proj\.'), ('CNNtention selfatt', r'^layer\d+\.attn\.gamma$'),
+            ('attention-shortcut', r'(^as_proj\.|\.attn_in\.)'), ('gradattn', r'^neck\.')):
+        if re.search(pattern, text, re.M):
+            return family
+    return 'plain'
+
+
+def _hints(source: _Source, model: nn.Module, sd: Mapping[str, torch.Tensor],
+           expected: Mapping[str, torch.Tensor], mismatched: List[str]) -> List[str]:
+    from .convert import _blocks_per_stage, _suggest_arch, infer_kcla_head_dim
+    arch = source.cfg.get('architecture') or type(model).__name__
+    cfg = getattr(model, 'cfg', None)
+    hints = []
+    family, model_family = _family(list(sd)), _family(list(expected))
+    blocks, model_blocks = _blocks_per_stage(sd), _blocks_per_stage(expected)
+    if family != model_family or (blocks and blocks != model_blocks):
+        hint = f"the checkpoint holds {family} weights"
+        if blocks and blocks != model_blocks:
+            hint += f' with {"-".join(map(str, blocks))} blocks per stage'
+        hint += f", '{arch}' is {model_family}"
+        if blocks and blocks != model_blocks:
+            hint += f' with {"-".join(map(str, model_blocks))}'
+        stem = getattr(cfg, 'stem_type', None)
+        suggestion = _suggest_arch(family, blocks, stem) if stem is not None and blocks else None
+        if suggestion and suggestion != arch:
+            hint += f"; create '{suggestion}' instead"
+        if family == 'plain' and model_family != 'plain':
+            hint += ('; to start from plain ResNet weights (e.g. timm\'s), create the model with pretrained=False '
+                     'and call timm_layerattn.load_trunk(model, path)')
+        hints.append(hint)
+    else:
+        attn = getattr(cfg, 'attn', None)
+        head_dim = infer_kcla_head_dim(sd) if family == 'kcla' else None
+        if head_dim and attn is not None and getattr(attn, 'head_dim', head_dim) != head_dim:
+            hints.append(f"the checkpoint's KCLA head dim is {head_dim}, the model's {attn.head_dim}: pass "
+                         f"head_dim={head_dim} to timm.create_model")
+    classifier = source.cfg.get('classifier') or 'fc'
+    classifier = classifier if isinstance(classifier, str) else classifier[0]
+    weight = sd.get(classifier + '.weight')
+    if classifier + '.weight' in mismatched and weight is not None and weight.ndim == 2:
+        n, m = weight.shape[0], expected[classifier + '.weight'].shape[0]
+        hints.append(
+            f"the checkpoint's classifier has {n} classes, the model {m} (the pretrained cfg says "
+            f"{source.cfg.get('num_classes')}): declare the checkpoint's with pretrained_cfg_overlay=dict(..., "
+            f"num_classes={n}) and pass num_classes={m} for a new {m}-class head")
+    return hints
+
+
+def _mismatch_error(source: _Source, model: nn.Module, sd: Mapping[str, torch.Tensor],
+                    error: BaseException) -> CheckpointMismatchError:
+    """One line for torch's multi-line strict `load_state_dict` error: what does not fit, and what to do."""
+    text = str(error)
+    expected = model.state_dict()
+    parts = []
+    # Only the kinds torch complained about: timm loads non-strictly after dropping a classifier.
+    if 'Missing key(s)' in text:
+        missing = [k for k in expected if k not in sd]
+        parts.append(f'{len(missing)} missing key(s): {_keys(missing)}')
+    if 'Unexpected key(s)' in text:
+        unexpected = [k for k in sd if k not in expected]
+        parts.append(f'{len(unexpected)} unexpected key(s): {_keys(unexpected)}')
+    mismatched = [k for k, v in sd.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    if 'size mismatch' in text and mismatched:
+        parts.append(f'{len(mismatched)} shape mismatch(es): ' + _keys(
+            [f'{k} checkpoint {list(sd[k].shape)} vs model {list(expected[k].shape)}' for k in mismatched]))
+    if not parts:
+        parts.append(_first_line(error))
+    arch = source.cfg.get('architecture') or type(model).__name__
+    message = f"{source.where()}: checkpoint does not fit '{arch}': " + '; '.join(parts)
+    hints = _hints(source, model, sd, expected, mismatched)
+    if hints:
+        message += '. Hint: ' + '; '.join(hints)
+    return CheckpointMismatchError(message, path=str(source.path or source.label))
+
+
+def _stem_error(source: _Source, model: nn.Module, sd: Mapping[str, torch.Tensor],
+                error: BaseException) -> CheckpointMismatchError:
+    """timm's 'inconsistent with input_size' stem error, naming the file and saying what to declare."""
+    message = f'{source.where()}: {_first_line(error)}'
+    m = re.match(r"Pretrained (\S+) weight", str(error))
+    weight = sd.get(m.group(1) + '.weight') if m else None
+    if weight is not None and weight.ndim == 4:
+        size = tuple((source.cfg.get('input_size') or (3, 224, 224))[1:])
+        message += (f' Hint: the checkpoint\'s stem takes {weight.shape[1]} channel(s); declare it with '
+                    f'pretrained_cfg_overlay=dict(..., input_size={(weight.shape[1], *size)}) and timm adapts it to '
+                    f'the in_chans you ask for')
+    return CheckpointMismatchError(message, path=str(source.path or source.label))
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The guarded build
+# -----------------------------------------------------------------------------------------------------------
+
+class _Watch:
+    """Stands in for the model class and the filter fn, to know which stage of timm's build an error came from."""
+
+    def __init__(self, model_cls: Callable[..., nn.Module], filter_fn: Optional[Callable], source: _Source):
+        self.model_cls = model_cls
+        self.filter_fn = filter_fn
+        self.source = source
+        self.model: Optional[nn.Module] = None
+        self.state_dict: Optional[Dict[str, torch.Tensor]] = None
+
+    def build(self, *args: Any, **kwargs: Any) -> nn.Module:
+        self.model = self.model_cls(*args, **kwargs)
+        return self.model
+
+    def error(self, problem: str) -> CheckpointError:
+        where = self.source.where()  # resolves a Hub source's cached file: on error paths only
+        return CheckpointError(f'{where}: {problem}', path=str(self.source.path or self.source.label))
+
+    def filter(self, state_dict: Any, model: nn.Module) -> Dict[str, torch.Tensor]:
+        # Never raises TypeError: timm retries a filter that does with one argument (an old filter signature).
+        if not isinstance(state_dict, Mapping):
+            raise self.error(f'holds {_a(state_dict)}, expected a state dict (a dict of tensors)')
+        if self.filter_fn is not None:
+            try:
+                state_dict = self.filter_fn(state_dict, model)
+            except PretrainedWeightsError:
+                raise
+            except Exception as e:
+                raise self.error(
+                    f'not a checkpoint of this model family ({type(e).__name__}: {_first_line(e)})') from None
+        label = self.source.label
+        try:
+            check_state_dict_values(state_dict, label)
+        except CheckpointError as e:
+            raise self.error(str(e)[len(label) + 2:]) from None
+        self.state_dict = state_dict
+        return state_dict
+
+
+def _translate(watch: _Watch, error: BaseException) -> Optional[CheckpointError]:
+    """Our error for an exception of timm's build, None if it is not about the checkpoint."""
+    if watch.model is None or isinstance(error, MemoryError):
+        return None  # the constructor failed, or the machine did: not ours to explain
+    if watch.state_dict is None:
+        return _read_error(watch.source, error)
+    if isinstance(error, RuntimeError):
+        text = str(error)
+        if text.startswith('Error(s) in loading state_dict'):
+            return _mismatch_error(watch.source, watch.model, watch.state_dict, error)
+        if text.startswith('Pretrained ') and 'inconsistent with input_size' in text:
+            return _stem_error(watch.source, watch.model, watch.state_dict, error)
+    return None
+
+
+def build_checked(
+        build_fn: Callable[..., nn.Module],
+        model_cls: Callable[..., nn.Module],
+        variant: str,
+        pretrained: bool,
+        filter_fn: Optional[Callable],
+        source: Tuple[str, Any, Dict[str, Any]],
+        **kwargs: Any,
+) -> nn.Module:
+    """Run `build_fn` (timm's `build_model_with_cfg`) with the checks and error translation described above.
+
+    Args:
+        build_fn: Called as `build_fn(model_cls, variant, pretrained, pretrained_filter_fn=..., **kwargs)`.
+        model_cls: The model class (or factory).
+        filter_fn: The family's checkpoint filter, `(state_dict, model) -> state_dict`.
+        source: `resolve_pretrained_source(...)` of the call: `(load_from, location, cfg)`.
+    """
+    load_from, location, cfg = source
+    src = _Source(load_from, location, cfg, cache_dir=kwargs.get('cache_dir'))
+    _check_source(src)
+    watch = _Watch(model_cls, filter_fn, src)
+    try:
+        return build_fn(watch.build, variant, pretrained, pretrained_filter_fn=watch.filter, **kwargs)
+    except PretrainedWeightsError as e:
+        raise e.with_traceback(None) from None  # ours already, raised below timm: drop timm's frames
+    except Exception as e:
+        err = _translate(watch, e)
+        if err is None:
+            raise
+        raise err from None
