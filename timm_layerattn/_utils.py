@@ -1,12 +1,33 @@
-"""Small shared utilities: user-facing errors and atomic file output."""
-import contextlib
-import os
-import shutil
-import tempfile
-from pathlib import Path
-from typing import Iterator, Union
+"""Small shared utilities: user-facing errors, checked command-line numbers and atomic output.
 
-__all__ = ['UserError', 'atomic_dir', 'atomic_file', 'cache_dir']
+Atomic output never loses a file: a folder or file is written under a temporary sibling name and renamed
+into place only when complete; an existing folder is replaced only when the caller recognises it as one
+of its own outputs (and `overwrite` is given), never a regular file or a user's other folder. Temporary
+siblings carry the writer's pid, so the next run removes those of runs that were killed (`kill -9`),
+and SIGTERM is turned into an exception while one is open, so its cleanup runs.
+"""
+import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Union
+
+from .version import __version__
+
+__all__ = ['UserError', 'Terminated', 'atomic_dir', 'atomic_file', 'cache_dir', 'check_output_dir',
+           'check_writable', 'int_arg', 'float_arg', 'output_marker', 'read_marker', 'MARKER_KEY']
+
+_logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 
@@ -33,53 +54,386 @@ class UserError(Exception):
     """An error caused by the user's input; the CLI prints it as one line, without a traceback."""
 
 
-@contextlib.contextmanager
-def atomic_dir(dest: PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling folder that replaces `dest` only if the block completes.
+class Terminated(SystemExit):
+    """SIGTERM (or an unhandled SIGINT) arrived while an atomic output was open.
 
-    On any exception the temporary folder is removed and `dest` is left as it was.
+    A `SystemExit` (exit status 128 + signal number), so `except Exception` blocks let it through while
+    the atomic writers' cleanup (`except BaseException`) still runs.
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(128 + signum)
+        self.signum = signum
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command-line numbers: argparse `type=` functions, so an out-of-range value is refused at parse time with a
+# message naming the flag ("argument --lr: must be a finite number > 0, got 'nan'").
+# ---------------------------------------------------------------------------------------------------------------
+
+def _range_text(lo: Optional[float], hi: Optional[float], lo_open: bool, hi_open: bool) -> str:
+    if lo is not None and hi is not None:
+        return f'in {"(" if lo_open else "["}{lo:g}, {hi:g}{")" if hi_open else "]"}'
+    if lo is not None:
+        return f'{">" if lo_open else ">="} {lo:g}'
+    if hi is not None:
+        return f'{"<" if hi_open else "<="} {hi:g}'
+    return ''
+
+
+def int_arg(min: Optional[int] = None, max: Optional[int] = None) -> Callable[[str], int]:
+    """An argparse type: an integer in [min, max] (either bound optional)."""
+    want = ' '.join(['an integer', _range_text(min, max, False, False)]).strip()
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'must be {want}, got {text!r}') from None
+        if (min is not None and value < min) or (max is not None and value > max):
+            raise argparse.ArgumentTypeError(f'must be {want}, got {text!r}')
+        return value
+
+    parse.__name__ = 'int'  # argparse names the type in some messages
+    return parse
+
+
+def float_arg(
+        min: Optional[float] = None,
+        max: Optional[float] = None,
+        min_open: bool = False,
+        max_open: bool = False,
+) -> Callable[[str], float]:
+    """An argparse type: a finite number in the given range (`*_open`: the bound itself is excluded)."""
+    want = ' '.join(['a finite number', _range_text(min, max, min_open, max_open)]).strip()
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'must be {want}, got {text!r}') from None
+        bad = not math.isfinite(value)
+        if min is not None:
+            bad = bad or value < min or (min_open and value == min)
+        if max is not None:
+            bad = bad or value > max or (max_open and value == max)
+        if bad:
+            raise argparse.ArgumentTypeError(f'must be {want}, got {text!r}')
+        return value
+
+    parse.__name__ = 'float'
+    return parse
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output markers: how a folder says it was written by this package (and may be replaced with --overwrite)
+# ---------------------------------------------------------------------------------------------------------------
+
+# Key of the marker entry in a JSON file an output folder holds anyway (an export's config.json, a demo's
+# demo.json), so the folders hold exactly the files their users expect and nothing else.
+MARKER_KEY = 'timm_layerattn'
+
+
+def output_marker(kind: str, **extra: Any) -> Dict[str, Any]:
+    """The marker entry (`{MARKER_KEY: ...}` value) of an output of `kind` ('export', 'demo')."""
+    return {'version': __version__, 'kind': kind, **extra}
+
+
+def read_marker(path: PathLike) -> Optional[Dict[str, Any]]:
+    """The marker entry of the JSON file `path`, None if it is missing, unreadable or has none."""
+    path = Path(path)
+    try:
+        if not path.is_file() or path.stat().st_size > 100 << 20:
+            return None
+        obj = json.loads(path.read_text(encoding='utf-8'))
+    except (OSError, ValueError):
+        return None
+    entry = obj.get(MARKER_KEY) if isinstance(obj, dict) else None
+    return entry if isinstance(entry, dict) and 'version' in entry else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output checks
+# ---------------------------------------------------------------------------------------------------------------
+
+def _nearest_existing(path: Path) -> Path:
+    probe = path
+    while not os.path.lexists(probe) and probe != probe.parent:
+        probe = probe.parent
+    return probe
+
+
+def _check_creatable(path: Path, what: str) -> None:
+    """Raise `UserError` unless `path` (absent) could be created: its nearest existing ancestor is a writable folder."""
+    probe = _nearest_existing(path.parent)
+    if not probe.is_dir():
+        raise UserError(f'{what} {path} cannot be created: {probe} is not a folder')
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise UserError(f'{what} {path} cannot be created: {probe} is not writable ({e.strerror or e})') from None
+
+
+def check_writable(path: PathLike, what: str = 'output folder') -> None:
+    """Raise `UserError` unless folder `path` exists as a folder or can be created; creates nothing lasting."""
+    path = Path(path).absolute()
+    if os.path.lexists(path) and not path.is_dir():
+        raise UserError(f'{what} {path} exists and is not a folder')
+    if path.is_dir():
+        try:
+            with tempfile.TemporaryFile(dir=path):
+                pass
+        except OSError as e:
+            raise UserError(f'{what} {path} is not writable ({e.strerror or e})') from None
+    else:
+        _check_creatable(path, what)
+
+
+def check_output_dir(
+        dest: PathLike,
+        overwrite: bool = False,
+        is_ours: Optional[Callable[[Path], bool]] = None,
+        kind: str = 'an output folder of timm_layerattn',
+        what: str = 'output folder',
+) -> None:
+    """Raise `UserError` unless `atomic_dir(dest, overwrite, is_ours)` may write `dest`.
+
+    Replaceable with `overwrite`: an empty folder, or one that `is_ours` recognises as an earlier output of
+    the same kind. Never replaced: a regular file, a symbolic link, any other folder.
     """
     dest = Path(dest)
-    if dest.exists() and not overwrite:
-        raise UserError(f'output folder already exists: {dest} (remove it or pass --overwrite)')
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{dest.name}.', suffix='.tmp', dir=dest.parent))
+    if dest.is_symlink():
+        raise UserError(f'{what} {dest} is a symbolic link; it is never replaced (remove it or choose another path)')
+    if dest.exists():
+        if not dest.is_dir():
+            raise UserError(f'{what} {dest} exists and is not a folder; it is never replaced '
+                            f'(remove it or choose another path)')
+        if not overwrite:
+            raise UserError(f'{what} already exists: {dest} (remove it or pass --overwrite)')
+        try:
+            empty = not any(dest.iterdir())
+        except OSError as e:
+            raise UserError(f'{what} {dest} cannot be read ({e.strerror or e})') from None
+        if not empty and not (is_ours is not None and is_ours(dest)):
+            raise UserError(f'{what} {dest} is not {kind}; it is never replaced, even with --overwrite '
+                            f'(remove it yourself or choose another path)')
+    _check_creatable(dest.absolute(), what)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Temporary siblings: `.{name}.{pid}-{host}-{random}.tmp`
+# ---------------------------------------------------------------------------------------------------------------
+
+_HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
+
+
+def _tmp_prefix(dest: Path) -> str:
+    return f'.{dest.name}.{os.getpid()}-{_HOST}-'
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
     try:
-        yield tmp
-        # mkdtemp / mkstemp create private (0700 / 0600) entries; give the result the usual permissions
-        mask = _umask()
-        for path in (tmp, *tmp.rglob('*')):
-            if path.is_dir():
-                path.chmod(0o777 & ~mask)
-            elif path.stat().st_mode & 0o777 == 0o600:
-                path.chmod(0o666 & ~mask)
-        if dest.exists():
-            old = dest.with_name(f'.{dest.name}.old')
-            shutil.rmtree(old, ignore_errors=True)
-            dest.rename(old)
-            tmp.rename(dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: someone else's live process
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _clean_stale(dest: Path) -> List[Path]:
+    """Remove temporary siblings of `dest` whose writer process (on this host) is gone; returns them.
+
+    A folder that was moved aside while replacing `dest` (`*.old`) is moved back if `dest` is missing.
+    Temporary siblings without a pid (older versions of this package) are reported, not removed.
+    """
+    parent = dest.parent
+    if not parent.is_dir():
+        return []
+    ours = re.compile(rf'^\.{re.escape(dest.name)}\.(\d+)-([0-9a-f]{{6}})-.+\.(tmp|old)$')
+    legacy = re.compile(rf'^\.{re.escape(dest.name)}\.([a-z0-9_]{{8}}\.tmp|old)$')
+    removed = []
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return []
+    for entry in entries:
+        m = ours.match(entry.name)
+        if m is None:
+            if legacy.match(entry.name):
+                _logger.warning(f'found {entry}, probably left by an interrupted run of an older timm_layerattn; '
+                                f'remove it if nothing is writing {dest} now')
+            continue
+        pid, host, ext = int(m.group(1)), m.group(2), m.group(3)
+        if host != _HOST or _pid_alive(pid):
+            continue
+        if ext == 'old' and not os.path.lexists(dest):
+            with contextlib.suppress(OSError):
+                entry.rename(dest)
+                _logger.warning(f'restored {dest} from {entry.name}, left by an interrupted run (pid {pid})')
+                continue
+        _remove(entry)
+        removed.append(entry)
+        _logger.warning(f'removed {entry}, a temporary {"folder" if ext == "tmp" else "copy"} left by an '
+                        f'interrupted run (pid {pid})')
+    return removed
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Signals
+# ---------------------------------------------------------------------------------------------------------------
+
+_SIGNALS = tuple(s for s in (getattr(signal, 'SIGTERM', None), signal.SIGINT) if s is not None)
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def _terminate_cleanly() -> Iterator[None]:
+    """While open, SIGTERM (and SIGINT, if left at the OS default) raise `Terminated` instead of killing us.
+
+    Only signals at their default action are taken over (an application's own handler, or an ignored
+    signal, stays as it is), only in the main thread (the only one Python delivers signals to), and the
+    previous handlers are restored on exit.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+    for s in _SIGNALS:
+        if signal.getsignal(s) is signal.SIG_DFL:
+            previous[s] = signal.signal(s, _raise_terminated)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGTERM / SIGINT back during a few renames that must not be cut in half; re-deliver them after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: List[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in _SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(pending):
+            signal.raise_signal(s)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Atomic output
+# ---------------------------------------------------------------------------------------------------------------
+
+def _make_parent(dest: Path, what: str) -> None:
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        probe = _nearest_existing(dest.parent)
+        reason = f'{probe} is not a folder' if not probe.is_dir() else (e.strerror or str(e))
+        raise UserError(f'{what} {dest} cannot be created: {reason}') from None
+
+
+def _fix_permissions(tmp: Path) -> None:
+    """mkdtemp / mkstemp create private (0700 / 0600) entries; give the result the usual permissions."""
+    mask = _umask()
+    for path in (tmp, *tmp.rglob('*')):
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            path.chmod(0o777 & ~mask)
+        elif path.stat().st_mode & 0o777 == 0o600:
+            path.chmod(0o666 & ~mask)
+
+
+@contextlib.contextmanager
+def atomic_dir(
+        dest: PathLike,
+        overwrite: bool = False,
+        is_ours: Optional[Callable[[Path], bool]] = None,
+        kind: str = 'an output folder of timm_layerattn',
+        what: str = 'output folder',
+) -> Iterator[Path]:
+    """Yield a temporary sibling folder that replaces `dest` only if the block completes.
+
+    On any exception, SIGTERM included, the temporary folder is removed and `dest` is left as it was. An
+    existing `dest` is replaced only with `overwrite`, and only if it is empty or `is_ours(dest)` (see
+    `check_output_dir`, whose arguments these are); checked again just before the swap.
+    """
+    dest = Path(dest)
+    _clean_stale(dest)  # first: it may put back a folder that an interrupted swap had moved aside
+    check_output_dir(dest, overwrite, is_ours, kind, what)
+    _make_parent(dest, what)
+    with _terminate_cleanly():
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(dest), suffix='.tmp', dir=dest.parent))
+        except OSError as e:
+            raise UserError(f'{what} {dest} cannot be written: {e.strerror or e}') from None
+        try:
+            yield tmp
+            _fix_permissions(tmp)
+            if os.path.lexists(dest):  # again: something may have appeared while the block ran
+                check_output_dir(dest, overwrite, is_ours, kind, what)
+            with _signals_deferred():
+                if os.path.lexists(dest):
+                    old = dest.with_name(f'{_tmp_prefix(dest)}swap.old')
+                    dest.rename(old)
+                    try:
+                        tmp.rename(dest)
+                    except BaseException:
+                        old.rename(dest)
+                        raise
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    tmp.rename(dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 @contextlib.contextmanager
 def atomic_file(dest: PathLike, mode: str = 'wb') -> Iterator:
-    """Open a temporary sibling of `dest` for writing; rename it over `dest` on success only."""
+    """Open a temporary sibling of `dest` for writing; rename it over `dest` on success only.
+
+    Replaces an existing file (callers decide whether that needs `--overwrite`), never a folder.
+    """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{dest.name}.', suffix='.tmp', dir=dest.parent)
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    if dest.is_dir() and not dest.is_symlink():
+        raise UserError(f'output file {dest} is an existing folder; it is never replaced (choose a file name)')
+    _make_parent(dest, 'output file')
+    _clean_stale(dest)
+    with _terminate_cleanly():
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(dest), suffix='.tmp', dir=dest.parent)
+        except OSError as e:
+            raise UserError(f'output file {dest} cannot be written: {e.strerror or e}') from None
+        try:
+            with os.fdopen(fd, mode) as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())
+            os.replace(tmp, dest)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise

@@ -25,9 +25,11 @@ import torch
 import torch.nn as nn
 
 from ._utils import UserError, atomic_file
+from .checkpoint_io import non_finite_keys
 
 __all__ = ['read_state_dict', 'unwrap_state_dict', 'convert_official', 'convert_official_with_report',
-           'remap_cnntention_keys', 'detect_official_family', 'infer_kcla_head_dim', 'check_state_dict', 'load_trunk',
+           'remap_cnntention_keys', 'detect_official_family', 'infer_kcla_head_dim', 'check_state_dict',
+           'non_finite_keys', 'check_finite', 'load_trunk',
            'TrunkLoadResult']
 
 _logger = logging.getLogger(__name__)
@@ -163,6 +165,19 @@ def check_state_dict(
             f'{name(k)} checkpoint {list(state_dict[k].shape)} vs model {list(expected[k].shape)}'
             for k in mismatched[:3]))
     raise UserError(f'checkpoint does not fit {what}: ' + '; '.join(parts))
+
+
+def check_finite(state_dict: Mapping[str, Any], what: str = 'the checkpoint') -> None:
+    """Raise one `UserError` line naming the tensors of `state_dict` that hold NaN / inf values.
+
+    Such weights load without complaint and give NaN outputs (and NaN != NaN breaks every equality
+    check after them), so they are refused where they enter.
+    """
+    bad = non_finite_keys(state_dict)
+    if bad:
+        more = f' and {len(bad) - 3} more' if len(bad) > 3 else ''
+        raise UserError(f'{what} holds non-finite values (NaN or inf) in {len(bad)} tensor(s): '
+                        f'{", ".join(bad[:3])}{more}')
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -537,12 +552,13 @@ def load_trunk(
 # ---------------------------------------------------------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ._utils import int_arg
     parser.description = ('Convert a checkpoint of the official KCLA / MRLA / CNNtention code to this package\'s '
                           'layout (safetensors), checked strictly against the target architecture.')
     parser.add_argument('input', help='official checkpoint (torch file read with weights_only=True, or safetensors)')
     parser.add_argument('output', help='output .safetensors file')
     parser.add_argument('--model', required=True, help='target architecture, e.g. resnet50_kcla')
-    parser.add_argument('--head-dim', type=int, default=None,
+    parser.add_argument('--head-dim', type=int_arg(min=1), default=None,
                         help='KCLA head dim of the target (the official ImageNet code defaults to 64)')
     parser.add_argument('--overwrite', action='store_true', help='replace an existing output file')
 
@@ -552,9 +568,16 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.suffix != '.safetensors':
         raise UserError(f'output must be a .safetensors file, got {out}')
-    if out.exists() and not args.overwrite:
+    if out.is_dir():
+        raise UserError(f'output {out} is a folder; give the path of a .safetensors file')
+    if os.path.lexists(out) and not args.overwrite:
         raise UserError(f'output file already exists: {out} (remove it or pass --overwrite)')
+    if os.path.lexists(out) and not out.is_file():
+        raise UserError(f'output {out} exists and is not a regular file; it is never replaced')
+    from ._utils import check_writable
+    check_writable(out.parent, 'output folder')
     state_dict, container = read_state_dict(args.input, prefer_ema=False)
+    check_finite(state_dict, f'checkpoint {args.input}')
     converted, report = convert_official_with_report(state_dict, args.model, head_dim=args.head_dim)
     tensors = {k: v.contiguous() for k, v in converted.items()}
     with atomic_file(out) as f:

@@ -20,9 +20,10 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
-from ._utils import UserError
+from ._utils import MARKER_KEY, UserError, check_output_dir, float_arg, int_arg, output_marker, read_marker
 
-__all__ = ['DEFAULT_MODELS', 'EXTRA_FAMILY_MODELS', 'default_models', 'add_arguments', 'run', 'plot_curves']
+__all__ = ['DEFAULT_MODELS', 'EXTRA_FAMILY_MODELS', 'default_models', 'is_demo_folder', 'add_arguments', 'run',
+           'plot_curves']
 
 # Always trained: the layer-attention papers' CIFAR baseline and KCLA on it.
 DEFAULT_MODELS = ('cifar_resnet20', 'cifar_resnet20_kcla')
@@ -30,7 +31,22 @@ DEFAULT_MODELS = ('cifar_resnet20', 'cifar_resnet20_kcla')
 # `--models ... cifar_resnet20_mrlal cifar_resnet20_mrlab` to keep `make demo` well inside 10 minutes on 2 cores).
 EXTRA_FAMILY_MODELS = ('cifar_resnet20_basic_cbam',)
 
+# The demo's summary; its marker entry (`_utils.output_marker`) says the folder is a demo output, which a
+# later demo replaces. Any other folder is never replaced.
 DEMO_MARKER = 'demo.json'
+DEMO_KIND = 'a demo output folder (one with the demo.json of an earlier demo)'
+
+
+def is_demo_folder(folder: Path) -> bool:
+    """Whether `folder` holds an earlier demo's output (marker in demo.json; older demos: its summary keys)."""
+    marker = read_marker(folder / DEMO_MARKER)
+    if marker is not None:
+        return marker.get('kind') == 'demo'
+    try:
+        summary = json.loads((folder / DEMO_MARKER).read_text(encoding='utf-8'))
+    except (OSError, ValueError):
+        return False
+    return isinstance(summary, dict) and {'models', 'results', 'reload'} <= summary.keys()
 
 
 def default_models() -> List[str]:
@@ -48,15 +64,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--models', nargs='+', default=None, metavar='NAME',
                         help=f'models to train (default: {", ".join(DEFAULT_MODELS)}, plus '
                              f'{", ".join(EXTRA_FAMILY_MODELS)} when registered)')
-    parser.add_argument('--epochs', type=int, default=None, help='epochs per model (default: the digits recipe\'s)')
-    parser.add_argument('--batch-size', '-b', type=int, default=None, help='batch size (default: the recipe\'s)')
-    parser.add_argument('--lr', type=float, default=None, help='learning rate (default: the recipe\'s)')
-    parser.add_argument('--train-samples', type=int, default=None, metavar='N', help='train on N images only')
-    parser.add_argument('--val-samples', type=int, default=None, metavar='N', help='validate on N images only')
-    parser.add_argument('--seed', type=int, default=42)
+    parser.add_argument('--epochs', type=int_arg(min=1), default=None,
+                        help='epochs per model (default: the digits recipe\'s)')
+    parser.add_argument('--batch-size', '-b', type=int_arg(min=1), default=None,
+                        help='batch size (default: the recipe\'s)')
+    parser.add_argument('--lr', type=float_arg(min=0, min_open=True), default=None,
+                        help='learning rate (default: the recipe\'s)')
+    parser.add_argument('--train-samples', type=int_arg(min=1), default=None, metavar='N',
+                        help='train on N images only')
+    parser.add_argument('--val-samples', type=int_arg(min=1), default=None, metavar='N',
+                        help='validate on N images only')
+    parser.add_argument('--seed', type=int_arg(0, 2 ** 31 - 1), default=42)
     parser.add_argument('--output', '-o', default='demo_output', metavar='DIR',
-                        help='results folder (default: ./demo_output; a previous demo there is replaced)')
-    parser.add_argument('--overwrite', action='store_true', help='replace --output even if it is not a demo folder')
+                        help='results folder (default: ./demo_output; a previous demo there is replaced, any '
+                             'other non-empty folder is refused)')
+    # An earlier demo's folder is always replaced and any other folder never is; the flag is kept so that
+    # existing command lines still parse.
+    parser.add_argument('--overwrite', action='store_true', help=argparse.SUPPRESS)
     parser.add_argument('--export-model', default=None, metavar='NAME',
                         help='model to export and reload (default: the one with the best val accuracy)')
     parser.add_argument('--bench', action=argparse.BooleanOptionalAction, default=True,
@@ -64,11 +88,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--progress', action=argparse.BooleanOptionalAction, default=True, help='progress bars')
 
 
-def _check_output(out: Path, overwrite: bool) -> None:
-    from .train import _check_writable_dir
-    _check_writable_dir(out, 'output folder')
-    if out.exists() and any(out.iterdir()) and not (out / DEMO_MARKER).is_file() and not overwrite:
-        raise UserError(f'{out} exists and is not a demo output folder; choose another --output or pass --overwrite')
+def _check_output(out: Path) -> None:
+    check_output_dir(out, overwrite=True, is_ours=is_demo_folder, kind=DEMO_KIND)
 
 
 def _train_argv(args: argparse.Namespace, model: str, run_dir: Path) -> List[str]:
@@ -179,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f'dataset folder not found: {args.data_dir}' +
                             (' (add --dataset-download to fetch it)' if is_torch else ''))
     out = Path(args.output)
-    _check_output(out, args.overwrite)
+    _check_output(out)
     # Validate every run's arguments (recipe, data paths) before the first one starts.
     train_args = {m: parse_args(_train_argv(args, m, out / 'runs' / m)) for m in models}
     for a in train_args.values():
@@ -190,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(model_table(models, num_classes=10 if is_embedded_dataset(args.dataset) else None)), '\n',
           flush=True)
 
-    with atomic_dir(out, overwrite=True) as tmp:
+    with atomic_dir(out, overwrite=True, is_ours=is_demo_folder, kind=DEMO_KIND) as tmp:
         results = []
         for i, m in enumerate(models):
             print(f'== [{i + 1}/{len(models)}] {m} ==', flush=True)
@@ -227,6 +248,7 @@ def run(args: argparse.Namespace) -> int:
 
         png = plot_curves(results, tmp / 'training_curves.png')
         summary = dict(
+            **{MARKER_KEY: output_marker('demo')},
             dataset=args.dataset, models=models, seed=args.seed, exported=chosen.model_name,
             reload=dict(trained_top1=chosen.best_metric, reloaded_top1=reloaded['top1'], identical=same),
             results=[dict(model=r.model_name, params=r.num_params, best_top1=r.best_metric, best_epoch=r.best_epoch,

@@ -24,10 +24,11 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from ._utils import UserError, atomic_dir
+from ._utils import MARKER_KEY, UserError, atomic_dir, check_output_dir, output_marker, read_marker
 from .version import __version__
 
-__all__ = ['export_folder', 'load_model_from_checkpoint', 'render_model_card', 'model_family', 'validate_folder',
+__all__ = ['export_folder', 'is_export_folder', 'check_export_dir', 'load_model_from_checkpoint', 'render_model_card',
+           'model_family', 'validate_folder',
            'push_folder', 'PushResult', 'card_template_path', 'CARD_FAMILIES', 'HUB_FILES']
 
 _logger = logging.getLogger(__name__)
@@ -360,6 +361,27 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+EXPORT_KIND = 'an export folder of timm_layerattn (config.json with its marker, nothing else)'
+
+
+def is_export_folder(folder: PathLike) -> bool:
+    """Whether `folder` is an export of ours that `--overwrite` may replace: its config.json carries the
+    package's marker entry and it holds nothing but the exported files (so replacing it loses nothing else)."""
+    folder = Path(folder)
+    try:
+        return read_marker(folder / 'config.json') is not None and all(p.name in HUB_FILES for p in folder.iterdir())
+    except OSError:
+        return False
+
+
+def check_export_dir(out_dir: PathLike, overwrite: bool = False, what: str = 'output folder') -> None:
+    """Raise `UserError` unless `export_folder(..., out_dir, overwrite=overwrite)` may write `out_dir`.
+
+    For early checks, before the work that precedes an export (loading, training).
+    """
+    check_output_dir(out_dir, overwrite, is_ours=is_export_folder, kind=EXPORT_KIND, what=what)
+
+
 def export_folder(
         model: nn.Module,
         out_dir: PathLike,
@@ -387,7 +409,8 @@ def export_folder(
         metrics: Evaluation results, e.g. `{'top1': 91.2, 'top5': 99.7}`; they go into the card's model-index.
         label_names: Class names, one per output.
         recipe: Training recipe (markdown) for the card.
-        overwrite: Replace an existing `out_dir`.
+        overwrite: Replace an existing `out_dir`, if it is an earlier export (see `is_export_folder`); another
+            folder or a file is never replaced.
         repo_id: The Hub repo the folder is meant for (used in the card's usage snippet).
         license: Licence of the weights (default: the registry cfg's).
         verify: Reload the folder through `local-dir:` and require bit-identical weights and outputs.
@@ -416,6 +439,9 @@ def export_folder(
     if repo_id is not None:
         _check_repo_id(repo_id)
     license = license or pretrained_cfg.get('license')
+    check_export_dir(out_dir, overwrite)
+    from .convert import check_finite
+    check_finite(model.state_dict(), f'the model ({arch})')
 
     cfg_overrides: Dict[str, Any] = {'tag': tag, 'license': license}
     model_config: Dict[str, Any] = {'pretrained_cfg': cfg_overrides}
@@ -424,7 +450,7 @@ def export_folder(
     card = render_model_card(
         model, model_name=arch, tag=tag, dataset=dataset, metrics=metrics, recipe=recipe, repo_id=repo_id,
         license=license)
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite, is_ours=is_export_folder, kind=EXPORT_KIND) as tmp:
         try:
             save_for_hf(model, str(tmp), model_config=model_config, safe_serialization=True)
         except ValueError as e:
@@ -432,7 +458,7 @@ def export_folder(
         config_path = tmp / 'config.json'
         config = json.loads(config_path.read_text())
         config['pretrained_cfg'] = {k: v for k, v in config['pretrained_cfg'].items() if v is not None}
-        config['timm_layerattn'] = {'version': __version__, 'family': model_family(arch)}
+        config[MARKER_KEY] = output_marker('export', family=model_family(arch))
         config_path.write_text(json.dumps(config, indent=2) + '\n')
         (tmp / 'README.md').write_text(card, encoding='utf-8')
         if verify:
@@ -462,13 +488,14 @@ def load_model_from_checkpoint(
     import timm
     from timm.models import get_pretrained_cfg, is_model, split_model_name_tag
     from .convert import (
-        check_state_dict, convert_official, detect_official_family, infer_kcla_head_dim, read_state_dict)
+        check_finite, check_state_dict, convert_official, detect_official_family, infer_kcla_head_dim, read_state_dict)
     arch = split_model_name_tag(model_name)[0]
     if not is_model(arch):
         raise UserError(f"unknown model '{arch}'; see `timm-layerattn list`")
     model_family(arch)
     state_dict, container = read_state_dict(checkpoint, prefer_ema=prefer_ema)
     note = f"'{container}' of {checkpoint}" if container else str(checkpoint)
+    check_finite(state_dict, f'checkpoint {checkpoint}' + (f" ('{container}')" if container else ''))
     head_dim = infer_kcla_head_dim(state_dict)
     if head_dim is not None and 'head_dim' not in model_kwargs and model_family(arch) == 'kcla':
         default = getattr(timm.create_model(arch, device='meta').cfg.attn, 'head_dim', None)
@@ -490,8 +517,8 @@ def load_model_from_checkpoint(
     kwargs = {k: v for k, v in dict(model_kwargs, num_classes=num_classes, in_chans=in_chans).items() if v is not None}
     try:
         model = timm.create_model(arch, pretrained=False, **kwargs)
-    except TypeError as e:
-        raise UserError(f'cannot build {arch}: {e}') from None
+    except (TypeError, ValueError) as e:  # the constructors' checks of their arguments
+        raise UserError(f'cannot build {arch} with {kwargs}: {e}') from None
     check_state_dict(state_dict, model.state_dict(), what=f"'{arch}'")
     model.load_state_dict(state_dict, strict=True)
     return model.eval(), note

@@ -23,7 +23,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,9 +31,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from ._utils import UserError, atomic_file
+from ._utils import UserError, atomic_file, check_writable, float_arg, int_arg
 
-__all__ = ['RECIPES', 'TrainResult', 'add_arguments', 'resolve_args', 'train', 'run', 'main', 'evaluate',
+__all__ = ['RECIPES', 'TrainResult', 'TrainingDiverged', 'add_arguments', 'resolve_args', 'train', 'run', 'main',
+           'evaluate',
            'export_checkpoint', 'parse_args']
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -102,6 +102,18 @@ RECIPE_HELP = {
 
 CHECKPOINT_EXT = '.pth.tar'
 
+# Argument types (`timm_layerattn._utils`): out-of-range values are refused at parse time, naming the flag.
+POS_INT = int_arg(min=1)
+POS_FLOAT = float_arg(min=0, min_open=True)
+NONNEG_FLOAT = float_arg(min=0)
+PROB = float_arg(0, 1)
+PROB_OPEN = float_arg(0, 1, max_open=True)
+SEED = int_arg(0, 2 ** 31 - 1)  # NumPy takes seeds below 2**32; rank offsets are added
+
+
+class TrainingDiverged(UserError, RuntimeError):
+    """The loss became NaN / inf: a matter of the settings (learning rate) or the data, not of the code."""
+
 
 @dataclass
 class TrainResult:
@@ -131,8 +143,28 @@ class TrainResult:
 # Arguments
 # ---------------------------------------------------------------------------------------------------------------
 
+class _ParseKwargs(argparse.Action):
+    """`K=V ...` -> dict, values as Python literals where they parse (else strings), like timm's `ParseKwargs`,
+    but a malformed item is a usage error naming the flag (timm's raises a bare ValueError)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import ast
+        kwargs = {}
+        for item in values:
+            key, sep, value = item.partition('=')
+            if not sep or not key.isidentifier():
+                parser.error(f'argument {option_string}: expected KEY=VALUE with a Python name as KEY, got {item!r}')
+            try:
+                kwargs[key] = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                kwargs[key] = str(value)
+        setattr(namespace, self.dest, kwargs)
+
+
+INTERPOLATIONS = ('', 'bilinear', 'bicubic', 'nearest', 'lanczos', 'hamming', 'box', 'random')
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from timm.utils import ParseKwargs
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = 'recipes (--recipe; any flag overrides a recipe value):\n' + '\n'.join(
         f'  {k:<14} {v}' for k, v in RECIPE_HELP.items())
@@ -150,75 +182,79 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument('--val-split', default='validation', help='validation split (default: validation)')
     g.add_argument('--dataset-download', action='store_true', help='download torch/ datasets if missing')
     g.add_argument('--class-map', default='', metavar='FILE', help='class -> index mapping file (ImageFolder)')
-    g.add_argument('--train-samples', type=int, default=None, metavar='N',
+    g.add_argument('--train-samples', type=POS_INT, default=None, metavar='N',
                    help='train on a fixed random subset of N images (quick runs)')
-    g.add_argument('--val-samples', type=int, default=None, metavar='N',
+    g.add_argument('--val-samples', type=POS_INT, default=None, metavar='N',
                    help='validate on a fixed random subset of N images')
-    g.add_argument('--workers', '-j', type=int, default=None, metavar='N',
+    g.add_argument('--workers', '-j', type=int_arg(min=0), default=None, metavar='N',
                    help='data loader processes per rank (default: 0 for in-memory digits, else min(4, cores))')
 
     g = parser.add_argument_group('model')
     g.add_argument('--model', required=True, metavar='NAME', help='model name, e.g. cifar_resnet20_kcla')
     g.add_argument('--pretrained', action='store_true', help='start from the pretrained weights')
     g.add_argument('--initial-checkpoint', default='', metavar='PATH', help='initialise the model from a checkpoint')
-    g.add_argument('--num-classes', type=int, default=None, metavar='N', help='default: number of dataset classes')
-    g.add_argument('--drop', type=float, default=None, metavar='P', help='classifier dropout')
-    g.add_argument('--drop-path', type=float, default=None, metavar='P', help='stochastic depth rate')
-    g.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='K=V',
+    g.add_argument('--num-classes', type=POS_INT, default=None, metavar='N', help='default: number of dataset classes')
+    g.add_argument('--drop', type=PROB_OPEN, default=None, metavar='P', help='classifier dropout')
+    g.add_argument('--drop-path', type=PROB_OPEN, default=None, metavar='P', help='stochastic depth rate')
+    g.add_argument('--model-kwargs', nargs='*', default={}, action=_ParseKwargs, metavar='K=V',
                    help='extra create_model keyword arguments')
-    g.add_argument('--img-size', type=int, default=None, metavar='N', help='input size (default: model cfg)')
-    g.add_argument('--input-size', type=int, nargs=3, default=None, metavar=('C', 'H', 'W'))
-    g.add_argument('--mean', type=float, nargs='+', default=None, metavar='M', help='normalisation mean')
-    g.add_argument('--std', type=float, nargs='+', default=None, metavar='S', help='normalisation std')
-    g.add_argument('--crop-pct', type=float, default=None, help='eval center-crop fraction (default: model cfg)')
-    g.add_argument('--interpolation', default='', help='resize interpolation (default: model cfg)')
+    g.add_argument('--img-size', type=POS_INT, default=None, metavar='N', help='input size (default: model cfg)')
+    g.add_argument('--input-size', type=POS_INT, nargs=3, default=None, metavar=('C', 'H', 'W'))
+    g.add_argument('--mean', type=float_arg(), nargs='+', default=None, metavar='M', help='normalisation mean')
+    g.add_argument('--std', type=POS_FLOAT, nargs='+', default=None, metavar='S', help='normalisation std')
+    g.add_argument('--crop-pct', type=float_arg(0, 1, min_open=True), default=None,
+                   help='eval center-crop fraction (default: model cfg)')
+    g.add_argument('--interpolation', default='', choices=INTERPOLATIONS, metavar='MODE',
+                   help='resize interpolation: ' + ', '.join(INTERPOLATIONS[1:]) + ' (default: model cfg)')
 
     g = parser.add_argument_group('recipe, optimizer and schedule')
     g.add_argument('--recipe', default=None, metavar='NAME', help='preset: ' + ', '.join(RECIPES))
     g.add_argument('--opt', default=None, help='timm optimizer name; "momentum" = SGD with classical momentum' + R)
-    g.add_argument('--lr', type=float, default=None, help='base learning rate' + R)
-    g.add_argument('--momentum', type=float, default=None, help='optimizer momentum' + R)
-    g.add_argument('--weight-decay', '--wd', type=float, default=None, help='weight decay' + R)
+    g.add_argument('--lr', type=POS_FLOAT, default=None, help='base learning rate' + R)
+    g.add_argument('--momentum', type=PROB_OPEN, default=None, help='optimizer momentum' + R)
+    g.add_argument('--weight-decay', '--wd', type=NONNEG_FLOAT, default=None, help='weight decay' + R)
     g.add_argument('--decay-all', action=argparse.BooleanOptionalAction, default=None,
                    help='weight decay on norms and biases too (the papers\' setting)' + R)
-    g.add_argument('--clip-grad', type=float, default=None, metavar='NORM', help='gradient clipping')
-    g.add_argument('--clip-mode', default='norm', help='norm, value or agc (default: norm)')
-    g.add_argument('--batch-size', '-b', type=int, default=None, metavar='N', help='batch size per rank' + R)
-    g.add_argument('--validation-batch-size', '-vb', type=int, default=None, metavar='N',
+    g.add_argument('--clip-grad', type=POS_FLOAT, default=None, metavar='NORM', help='gradient clipping')
+    g.add_argument('--clip-mode', default='norm', choices=('norm', 'value', 'agc'),
+                   help='norm, value or agc (default: norm)')
+    g.add_argument('--batch-size', '-b', type=POS_INT, default=None, metavar='N', help='batch size per rank' + R)
+    g.add_argument('--validation-batch-size', '-vb', type=POS_INT, default=None, metavar='N',
                    help='validation batch size (default: the training batch size)')
-    g.add_argument('--epochs', type=int, default=None, help='epochs to train' + R)
-    g.add_argument('--iters', type=int, default=None, metavar='N',
+    g.add_argument('--epochs', type=POS_INT, default=None, help='epochs to train' + R)
+    g.add_argument('--iters', type=POS_INT, default=None, metavar='N',
                    help='stop after N optimizer steps instead (the epoch count follows)' + R)
     g.add_argument('--sched', default=None, help='timm scheduler: cosine, step, multistep, ...' + R)
     g.add_argument('--sched-on-updates', action=argparse.BooleanOptionalAction, default=None,
                    help='step the schedule every update instead of every epoch' + R)
-    g.add_argument('--decay-milestones', type=int, nargs='+', default=None, metavar='EPOCH',
+    g.add_argument('--decay-milestones', type=int_arg(min=0), nargs='+', default=None, metavar='EPOCH',
                    help='multistep: epoch indices from which the lr is decayed (PyTorch MultiStepLR timing)' + R)
-    g.add_argument('--decay-epochs', type=float, default=None, help='step decay interval' + R)
-    g.add_argument('--decay-iters', type=int, nargs='+', default=None, metavar='ITER',
+    g.add_argument('--decay-epochs', type=POS_FLOAT, default=None, help='step decay interval' + R)
+    g.add_argument('--decay-iters', type=POS_INT, nargs='+', default=None, metavar='ITER',
                    help='multistep: decay after this many optimizer steps (overrides --decay-milestones)' + R)
-    g.add_argument('--decay-rate', type=float, default=None, help='lr decay factor' + R)
-    g.add_argument('--warmup-epochs', type=int, default=None, help='linear warm-up epochs' + R)
-    g.add_argument('--warmup-lr', type=float, default=None, help='warm-up start lr' + R)
-    g.add_argument('--min-lr', type=float, default=None, help='cosine floor' + R)
+    g.add_argument('--decay-rate', type=float_arg(0, 1, min_open=True), default=None, help='lr decay factor' + R)
+    g.add_argument('--warmup-epochs', type=int_arg(min=0), default=None, help='linear warm-up epochs' + R)
+    g.add_argument('--warmup-lr', type=NONNEG_FLOAT, default=None, help='warm-up start lr' + R)
+    g.add_argument('--min-lr', type=NONNEG_FLOAT, default=None, help='cosine floor' + R)
 
     g = parser.add_argument_group('augmentation and regularisation')
     g.add_argument('--train-aug', default=None, choices=('timm', 'cifar', 'none'),
                    help='"cifar" = the papers\' pad-and-random-crop + flip; "timm" = timm\'s RandomResizedCrop '
                         'pipeline; "none" = eval transform' + R)
-    g.add_argument('--pad', type=int, default=None, help='padding of the cifar crop' + R)
-    g.add_argument('--hflip', type=float, default=None, help='horizontal flip probability' + R)
-    g.add_argument('--color-jitter', type=float, default=None, help='timm aug colour jitter' + R)
-    g.add_argument('--scale', type=float, nargs=2, default=None, help='timm aug RandomResizedCrop scale' + R)
-    g.add_argument('--ratio', type=float, nargs=2, default=None, help='timm aug RandomResizedCrop ratio' + R)
+    g.add_argument('--pad', type=int_arg(min=0), default=None, help='padding of the cifar crop' + R)
+    g.add_argument('--hflip', type=PROB, default=None, help='horizontal flip probability' + R)
+    g.add_argument('--color-jitter', type=NONNEG_FLOAT, default=None, help='timm aug colour jitter' + R)
+    g.add_argument('--scale', type=float_arg(0, 1, min_open=True), nargs=2, default=None,
+                   help='timm aug RandomResizedCrop scale' + R)
+    g.add_argument('--ratio', type=POS_FLOAT, nargs=2, default=None, help='timm aug RandomResizedCrop ratio' + R)
     g.add_argument('--aa', default=None, help='timm auto-augment policy, e.g. rand-m9-mstd0.5')
-    g.add_argument('--reprob', type=float, default=0.0, help='random erasing probability (timm aug)')
-    g.add_argument('--smoothing', type=float, default=None, help='label smoothing' + R)
-    g.add_argument('--mixup', type=float, default=0.0, help='mixup alpha (0 = off)')
-    g.add_argument('--cutmix', type=float, default=0.0, help='cutmix alpha (0 = off)')
+    g.add_argument('--reprob', type=PROB, default=0.0, help='random erasing probability (timm aug)')
+    g.add_argument('--smoothing', type=PROB_OPEN, default=None, help='label smoothing' + R)
+    g.add_argument('--mixup', type=NONNEG_FLOAT, default=0.0, help='mixup alpha (0 = off)')
+    g.add_argument('--cutmix', type=NONNEG_FLOAT, default=0.0, help='cutmix alpha (0 = off)')
     g.add_argument('--model-ema', action='store_true', help='keep an EMA of the weights (ModelEmaV3); the EMA '
                                                             'is validated, ranked and exported')
-    g.add_argument('--model-ema-decay', type=float, default=0.9998)
+    g.add_argument('--model-ema-decay', type=PROB_OPEN, default=0.9998)
 
     g = parser.add_argument_group('device and distributed')
     g.add_argument('--device', default=None, help='cuda, cpu, ... (default: cuda if available)')
@@ -229,7 +265,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help='channels_last memory format (default: on for CUDA)')
     g.add_argument('--sync-bn', action='store_true', help='SyncBatchNorm across ranks (distributed, GPU)')
     g.add_argument('--dist-backend', default=None, help='default: nccl on CUDA, gloo on CPU')
-    g.add_argument('--seed', type=int, default=42)
+    g.add_argument('--seed', type=SEED, default=42)
 
     g = parser.add_argument_group('output')
     g.add_argument('--output', '-o', default=None, metavar='DIR',
@@ -237,7 +273,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument('--overwrite', action='store_true', help='replace a previous run in --output / --export')
     g.add_argument('--resume', default='', metavar='CKPT', help='resume model, optimizer and epoch from a checkpoint')
     g.add_argument('--no-resume-opt', action='store_true', help='do not restore the optimizer state')
-    g.add_argument('--checkpoint-hist', type=int, default=1, metavar='N', help='best epoch checkpoints to keep')
+    g.add_argument('--checkpoint-hist', type=POS_INT, default=1, metavar='N', help='best epoch checkpoints to keep')
     g.add_argument('--export', default=None, metavar='DIR',
                    help='at the end, export the best checkpoint to this Hub-ready folder')
     g.add_argument('--export-tag', default=None, help='pretrained tag of the export (default: <dataset>)')
@@ -280,19 +316,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
 
 def _check_writable_dir(path: Path, what: str) -> None:
     """Fail early (before any training) if `path` cannot be created or written, without creating it."""
-    path = Path(path).absolute()
-    if path.exists() and not path.is_dir():
-        raise UserError(f'{what} {path} exists and is not a folder')
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise UserError(f'{what} {path} cannot be created: {probe} is not a folder')
-    try:
-        with tempfile.TemporaryFile(dir=probe):
-            pass
-    except OSError as e:
-        raise UserError(f'{what} {path} is not writable ({probe}: {e.strerror or e})') from None
+    check_writable(path, what)
 
 
 def _is_run_dir(path: Path) -> bool:
@@ -385,9 +409,13 @@ def create_transforms(args: argparse.Namespace, data_config: Dict[str, Any]) -> 
     if args.train_aug == 'cifar':
         train_tf = cifar_train_transform(img_size, data_config['mean'], data_config['std'], args.pad, args.hflip)
     elif args.train_aug == 'timm':
-        train_tf = create_transform(
-            **data_config, is_training=True, scale=tuple(args.scale), ratio=tuple(args.ratio), hflip=args.hflip,
-            color_jitter=args.color_jitter, auto_augment=args.aa, re_prob=args.reprob)
+        try:
+            train_tf = create_transform(
+                **data_config, is_training=True, scale=tuple(args.scale), ratio=tuple(args.ratio), hflip=args.hflip,
+                color_jitter=args.color_jitter, auto_augment=args.aa, re_prob=args.reprob)
+        except (AssertionError, ValueError, KeyError) as e:  # timm's checks of the policy strings
+            raise UserError(f'--aa {args.aa!r}: {str(e) or type(e).__name__} (timm policies look like '
+                            f'rand-m9-mstd0.5, augmix-m5-w4-d2, v0)') from None
     else:
         train_tf = eval_tf
     return train_tf, eval_tf
@@ -618,8 +646,8 @@ def _train_one_epoch(
             out = model(x)
             loss = criterion(out, y)
         if not torch.isfinite(loss):
-            raise RuntimeError(f'loss is {loss.item()} at epoch {epoch}, step {state["updates"]}: lower --lr or '
-                               f'check the data')
+            raise TrainingDiverged(f'loss is {loss.item()} at epoch {epoch + 1}, step {state["updates"] + 1}: lower '
+                                   f'--lr, add --clip-grad or check the data')
         optimizer.zero_grad(set_to_none=True)
         last_lr = optimizer.param_groups[0]['lr']
         if ctx['loss_scaler'] is not None:
@@ -659,6 +687,14 @@ def _train_one_epoch(
     return metrics
 
 
+def _read_initial_checkpoint(path: str) -> Dict[str, torch.Tensor]:
+    """The weights of `--initial-checkpoint`, read safely (weights_only) and checked to be finite."""
+    from .convert import check_finite, read_state_dict
+    state_dict, _ = read_state_dict(path)
+    check_finite(state_dict, f'--initial-checkpoint {path}')
+    return state_dict
+
+
 def _create_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
     import timm
     kwargs = dict(args.model_kwargs or {})
@@ -666,25 +702,39 @@ def _create_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
         kwargs['drop_rate'] = args.drop
     if args.drop_path is not None:
         kwargs['drop_path_rate'] = args.drop_path
+    initial = None
     if args.initial_checkpoint:
         if not Path(args.initial_checkpoint).is_file():
             raise UserError(f'--initial-checkpoint not found: {args.initial_checkpoint}')
-        kwargs['checkpoint_path'] = args.initial_checkpoint
+        initial = _read_initial_checkpoint(args.initial_checkpoint)
     name = args.model
     if ':' not in name and not timm.is_model(name):
         close = timm.list_models(f'*{name.split(".")[0][-12:]}*')[:5]
         raise UserError(f'unknown model {name!r}' + (f' (similar: {", ".join(close)})' if close else '') +
                         '; see `timm-layerattn list`')
     try:
-        return timm.create_model(name, pretrained=args.pretrained, num_classes=num_classes, **kwargs)
-    except TypeError as e:
+        model = timm.create_model(name, pretrained=args.pretrained, num_classes=num_classes, **kwargs)
+    except (TypeError, ValueError) as e:  # the constructors' checks of their arguments
         raise UserError(f'cannot create {name} with {kwargs}: {e}') from None
+    if initial is not None:  # as timm's `checkpoint_path=` does (strict), with the package's safe reader
+        from .convert import check_state_dict
+        check_state_dict(initial, model.state_dict(), what=f'--model {name} (--initial-checkpoint)')
+        model.load_state_dict(initial, strict=True)
+    return model
 
 
 def _data_config(args: argparse.Namespace, model: nn.Module, train_ds) -> Dict[str, Any]:
     from timm.data import resolve_data_config
     overrides = dict(input_size=args.input_size, img_size=args.img_size, mean=args.mean, std=args.std,
                      crop_pct=args.crop_pct, interpolation=args.interpolation)
+    in_chans = getattr(model, 'in_chans', None) or (getattr(model, 'pretrained_cfg', None) or {}).get(
+        'input_size', (3,))[0]
+    if args.input_size is not None and args.input_size[0] != in_chans:
+        raise UserError(f'--input-size has {args.input_size[0]} channel(s) but {args.model} takes {in_chans} '
+                        f'(build it with --model-kwargs in_chans={args.input_size[0]})')
+    for flag, value in (('--mean', args.mean), ('--std', args.std)):
+        if value is not None and len(value) not in (1, in_chans):
+            raise UserError(f'{flag} takes 1 or {in_chans} values (one per input channel), got {len(value)}')
     base = train_ds.dataset if isinstance(train_ds, torch.utils.data.Subset) else train_ds
     if args.mean is None and args.std is None and hasattr(base, 'mean_std'):
         # In-memory data normalised with its own train statistics (the model cfgs carry CIFAR's).
@@ -769,9 +819,8 @@ def train(args: argparse.Namespace) -> TrainResult:
         raise UserError(f'output folder {out_dir} already holds a training run; choose another --output, '
                         f'--resume from its checkpoint, or pass --overwrite')
     if args.export:
-        _check_writable_dir(Path(args.export), 'export folder')
-        if Path(args.export).exists() and not args.overwrite:
-            raise UserError(f'export folder already exists: {args.export} (remove it or pass --overwrite)')
+        from .hub import check_export_dir
+        check_export_dir(args.export, args.overwrite, what='export folder')  # now, not after the training
 
     # ---- data and model ----------------------------------------------------------------------------------------
     train_ds, val_ds = create_datasets(args, distributed, is_primary)
@@ -782,8 +831,14 @@ def train(args: argparse.Namespace) -> TrainResult:
     if label_names and num_classes < len(label_names):
         raise UserError(f'--num-classes {num_classes} is smaller than the {len(label_names)} dataset classes')
     model = _create_model(args, num_classes)
+    in_chans = getattr(model, 'in_chans', 3)
+    if in_chans != 3 and not (args.dataset or '').lower().startswith('torch/'):
+        raise UserError(f'{args.model} takes {in_chans} input channel(s), but this dataset\'s images are loaded as RGB '
+                        f'(3 channels); drop in_chans from --model-kwargs')
     if resume_ckpt is not None:
         check_checkpoint_matches(resume_ckpt, model, args.model, args.resume)
+        from .convert import check_finite
+        check_finite(resume_ckpt['state_dict'], f'--resume checkpoint {args.resume}')
     data_config = _data_config(args, model, train_ds)
     train_tf, eval_tf = create_transforms(args, data_config)
     set_transform(train_ds, train_tf)
@@ -802,8 +857,12 @@ def train(args: argparse.Namespace) -> TrainResult:
     elif args.sync_bn and is_primary:
         print('note: --sync-bn has no effect in a single process')
 
-    optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
-                                    momentum=args.momentum, filter_bias_and_bn=not args.decay_all)
+    try:
+        optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
+                                        momentum=args.momentum, filter_bias_and_bn=not args.decay_all)
+    except (ValueError, AssertionError) as e:  # timm: unknown optimizer name
+        raise UserError(f'--opt {args.opt}: {str(e) or type(e).__name__} (names: timm.optim.list_optimizers(); '
+                        f'"momentum" = SGD with classical momentum)') from None
     loss_scaler = None
     amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
     if use_amp:
@@ -1049,12 +1108,12 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """`python -m timm_layerattn.train` (what torchrun launches on every rank)."""
-    args = parse_args(argv)
+    from .cli import run_reporting_errors
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = '--debug' in argv
+    args = parse_args([a for a in argv if a != '--debug'])
     try:
-        return run(args)
-    except UserError as e:
-        print(f'timm-layerattn train: error: {e}', file=sys.stderr)
-        return 2
+        return run_reporting_errors('timm-layerattn train', lambda: run(args), debug=debug)
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -7,9 +7,11 @@ times on shared machines move a lot between runs; compare ratios, and only withi
 import argparse
 import contextlib
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -295,13 +297,14 @@ def plot_depth_sweep(sweep: Dict[str, List[Tuple[int, float, float]]], path: str
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .._utils import int_arg
     parser.add_argument('--models', default=','.join(DEFAULT_MODELS), help='comma-separated model names')
     parser.add_argument('--baseline', default='resnet50', help='timm model every ratio refers to')
-    parser.add_argument('--batch-size', type=int, default=4)
-    parser.add_argument('--img-size', type=int, default=224)
-    parser.add_argument('--threads', type=int, default=2, help='CPU threads (0: leave torch default)')
-    parser.add_argument('--repeats', type=int, default=7, help='timed inference rounds (median taken)')
-    parser.add_argument('--train-repeats', type=int, default=5, help='timed training-step rounds')
+    parser.add_argument('--batch-size', type=int_arg(min=1), default=4)
+    parser.add_argument('--img-size', type=int_arg(min=16), default=224)
+    parser.add_argument('--threads', type=int_arg(min=0), default=2, help='CPU threads (0: leave torch default)')
+    parser.add_argument('--repeats', type=int_arg(min=1), default=7, help='timed inference rounds (median taken)')
+    parser.add_argument('--train-repeats', type=int_arg(min=1), default=5, help='timed training-step rounds')
     parser.add_argument('--no-train', action='store_true', help='skip training-step timing and memory')
     parser.add_argument('--channels-last', action='store_true')
     parser.add_argument('--device', default='cpu')
@@ -311,8 +314,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='glibc: keep freed memory for reuse (no page-fault lottery between models)')
     parser.add_argument('--pytorch-ops', action='store_true',
                         help='also time each model with the fused CPU kernels off (extra rows, same run)')
-    parser.add_argument('--plot', default=None, help='also sweep depth and save a PNG of the overheads')
+    parser.add_argument('--plot', default=None, metavar='FILE.png',
+                        help='also sweep depth and save a PNG of the overheads (an existing PNG is replaced, '
+                             'any other file is not)')
     parser.add_argument('--plot-suite', default='cifar', choices=sorted(DEPTH_SERIES))
+
+
+_PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
+
+
+def _check_plot_path(path: Path) -> None:
+    """`--plot` may replace an earlier plot (a PNG), never another file or a folder."""
+    from .._utils import UserError, check_writable
+    if path.is_dir():
+        raise UserError(f'--plot {path} is a folder; give a file name, e.g. overheads.png')
+    if os.path.lexists(path):
+        try:
+            with path.open('rb') as f:
+                is_png = path.is_file() and f.read(8) == _PNG_MAGIC
+        except OSError:
+            is_png = False
+        if not is_png:
+            raise UserError(f'--plot {path} exists and is not a PNG; it is never replaced (choose another name)')
+    check_writable(path.absolute().parent, '--plot folder')
 
 
 def _config(args: argparse.Namespace) -> BenchConfig:
@@ -327,11 +351,24 @@ def run(args: argparse.Namespace) -> int:
     from .. import models
     from .._utils import UserError
     names = [n.strip() for n in args.models.split(',') if n.strip()]
+    if not names:
+        raise UserError('--models names no model; give comma-separated names, e.g. resnet50_kcla,resnet50_mrlal')
     for n in [args.baseline, *names]:
         if not timm.is_model(n):
             raise UserError(f'unknown model {n!r}; see `timm-layerattn list`')
-    if args.device.startswith('cuda') and not torch.cuda.is_available():
-        raise UserError('--device cuda given but CUDA is not available')
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        raise UserError(f'--device {args.device!r}: {str(e).splitlines()[0]}') from None
+    if device.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise UserError('--device cuda given but CUDA is not available')
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f'--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)')
+    elif device.type not in ('cpu', 'cuda', 'mps', 'xpu'):
+        raise UserError(f'--device {args.device}: bench runs on cpu, cuda, mps or xpu')
+    if args.plot:
+        _check_plot_path(Path(args.plot))  # now, not after minutes of benchmarking
     cfg = _config(args)
     factories = {args.baseline: timm_factory(args.baseline), **{n: timm_factory(n) for n in names}}
     if args.pytorch_ops:

@@ -59,12 +59,15 @@ def _model_kwargs(items: List[str]) -> Dict[str, Any]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .._utils import int_arg
     parser.add_argument('model', help='architecture, e.g. cifar_resnet20_kcla (optionally with .tag)')
     parser.add_argument('--checkpoint', required=True,
                         help='weights: safetensors, or a torch file (state dict or timm/official training checkpoint)')
     parser.add_argument('--out', required=True, help='output folder (must not exist unless --overwrite)')
-    parser.add_argument('--num-classes', type=int, default=None, help='default: the checkpoint classifier size')
-    parser.add_argument('--in-chans', type=int, default=None, help='default: the checkpoint stem input channels')
+    parser.add_argument('--num-classes', type=int_arg(min=1), default=None,
+                        help='default: the checkpoint classifier size')
+    parser.add_argument('--in-chans', type=int_arg(min=1), default=None,
+                        help='default: the checkpoint stem input channels')
     parser.add_argument('--tag', default=None, help='pretrained tag, e.g. mylab_cifar10 (default: dataset name)')
     parser.add_argument('--dataset', default=None, help='training dataset: cifar10, cifar100, imagenet-1k, or a Hub id')
     parser.add_argument('--metrics', default=None,
@@ -77,13 +80,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='extra model arguments, e.g. head_dim=64')
     parser.add_argument('--no-ema', action='store_true',
                         help='use the checkpoint\'s raw weights even if it holds EMA weights (default: prefer EMA)')
-    parser.add_argument('--overwrite', action='store_true', help='replace an existing output folder')
+    parser.add_argument('--overwrite', action='store_true',
+                        help='replace an existing output folder if it is an earlier export (never any other folder)')
 
 
 def run(args: argparse.Namespace) -> int:
     from .. import models  # noqa: F401  (registers the architectures)
     from .._utils import UserError
-    from ..hub import export_folder, load_model_from_checkpoint
+    from ..hub import check_export_dir, export_folder, load_model_from_checkpoint
     metrics = _json_arg(args.metrics, '--metrics')
     if metrics is not None and not isinstance(metrics, dict):
         raise UserError('--metrics must be a JSON object of name -> number')
@@ -93,8 +97,7 @@ def run(args: argparse.Namespace) -> int:
         if not path.is_file():
             raise UserError(f'--recipe file not found: {path}')
         recipe = path.read_text(encoding='utf-8')
-    if Path(args.out).exists() and not args.overwrite:
-        raise UserError(f'output folder already exists: {args.out} (remove it or pass --overwrite)')
+    check_export_dir(args.out, args.overwrite)  # before loading: fail fast
     model, note = load_model_from_checkpoint(
         args.model, args.checkpoint, num_classes=args.num_classes, in_chans=args.in_chans,
         prefer_ema=not args.no_ema, **_model_kwargs(args.model_kwargs))

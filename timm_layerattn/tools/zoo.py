@@ -57,7 +57,9 @@ def format_table(rows: List[Dict]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('filter', nargs='?', default='*', help='wildcard filter on model names (default: all)')
-    parser.add_argument('--num-classes', type=int, default=None, help='count params for this many classes')
+    from .._utils import int_arg
+    parser.add_argument('--num-classes', type=int_arg(min=0), default=None,
+                        help='count params for this many classes (0: without the classifier)')
     parser.add_argument('--markdown', action='store_true', help='print a markdown table')
 
 
