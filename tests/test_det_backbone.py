@@ -60,6 +60,8 @@ def test_out_indices_select_stages_and_prune_the_rest():
     dict(norm_cfg=dict(type='BN', affine=False)), dict(num_classes=10),
     dict(pretrained=True, init_cfg=dict(type='Kaiming')),
     dict(init_cfg=dict(type='Pretrained')),
+    dict(out_indices=(0.5, 1)), dict(out_indices=3), dict(frozen_stages=1.5),
+    dict(norm_cfg=dict(type='BN', eps=0.)), dict(norm_cfg=dict(type='BN', momentum=1.5)),
 ])
 def test_bad_arguments_are_refused(kwargs):
     with pytest.raises(ValueError):
@@ -255,6 +257,13 @@ def test_bad_checkpoints_fail_clearly(tmp_path):
     with pytest.raises(ValueError, match='shape mismatches: .*norm_d.*head_dim=64'):
         LayerAttnResNet(arch='resnet50_kcla', pretrained=str(path)).init_weights()
     LayerAttnResNet(arch='resnet50_kcla', head_dim=64, pretrained=str(path)).init_weights()
+    # NaN weights are refused, naming the file and the tensor.
+    nan = timm.create_model('resnet50_kcla').state_dict()
+    nan['layer1.0.conv1.weight'][0] = float('nan')
+    path = tmp_path / 'nan.safetensors'
+    save_file(nan, str(path))
+    with pytest.raises(RuntimeError, match=r'nan\.safetensors.*NaN.*layer1\.0\.conv1\.weight'):
+        LayerAttnResNet(arch='resnet50_kcla', pretrained=str(path)).init_weights()
     # Nothing was copied from the checkpoints that did not fit.
     assert all(torch.equal(v, before[k]) for k, v in wrong.model.state_dict().items())
 

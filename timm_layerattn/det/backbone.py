@@ -39,6 +39,7 @@ from mmengine.model import BaseModule
 from mmengine.model.weight_init import initialize, update_init_info
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..checkpoint_io import check_state_dict_values
 from .checkpoint import read_state_dict
 
 __all__ = ['LayerAttnResNet']
@@ -111,12 +112,15 @@ class LayerAttnResNet(BaseModule):
         self.arch = arch
         self.num_stages = len(stage_names)
 
-        out_indices = tuple(int(i) for i in out_indices)
+        if isinstance(out_indices, int) or not all(isinstance(i, int) and not isinstance(i, bool) for i in out_indices):
+            raise ValueError(f'out_indices must be a sequence of integer stage indices, got {out_indices!r}')
+        out_indices = tuple(out_indices)
         if not out_indices or len(set(out_indices)) != len(out_indices) or list(out_indices) != sorted(out_indices) \
                 or not all(0 <= i < self.num_stages for i in out_indices):
             raise ValueError(f'out_indices must be increasing stage indices in [0, {self.num_stages - 1}], '
                              f'got {out_indices}')
-        if not -1 <= frozen_stages <= self.num_stages:
+        if isinstance(frozen_stages, bool) or not isinstance(frozen_stages, int) \
+                or not -1 <= frozen_stages <= self.num_stages:
             raise ValueError(f'frozen_stages must be in [-1, {self.num_stages}], got {frozen_stages}')
         self.out_indices = out_indices
         self.frozen_stages = frozen_stages
@@ -205,6 +209,7 @@ class LayerAttnResNet(BaseModule):
         filter_fn = getattr(importlib.import_module(type(self.model).__module__), 'checkpoint_filter_fn', None)
         if filter_fn is not None:
             state_dict = filter_fn(state_dict, self.model)
+        check_state_dict_values(state_dict, f'checkpoint {source}')
         classifiers = (self._classifier,) if isinstance(self._classifier, str) else tuple(self._classifier)
         ignored = tuple(f'{name}.' for name in (*classifiers, *self._pruned_stages))
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith(ignored)}
@@ -238,6 +243,11 @@ def _apply_norm_cfg(model: nn.Module, norm_cfg: Optional[Dict[str, Any]]) -> nn.
                          f'got {norm_type!r}')
     if cfg:
         raise ValueError(f'unsupported norm_cfg keys for LayerAttnResNet: {sorted(cfg)}')
+    eps, momentum = settings.get('eps', 1e-5), settings.get('momentum', 0.1)
+    if not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        raise ValueError(f'norm_cfg eps must be a number in (0, 1), got {eps!r}')
+    if momentum is not None and (not isinstance(momentum, (int, float)) or not 0 <= momentum <= 1):
+        raise ValueError(f'norm_cfg momentum must be a number in [0, 1] or None, got {momentum!r}')
     if norm_type == 'SyncBN':
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     for m in model.modules():
