@@ -32,19 +32,15 @@ from timm_layerattn.pretrained import (
     PretrainedWeightsError)
 
 from _hub_server import FakeHub
+from test_hub_export import _trained_like
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NAME = 'cifar_resnet20_kcla'
 
 
 def _model(name: str = NAME, seed: int = 1, **kwargs) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    model = timm.create_model(name, **kwargs)
-    with torch.no_grad():
-        for k, v in model.state_dict().items():
-            if v.is_floating_point() and not k.endswith('norm_d'):
-                v.add_(torch.rand_like(v) * 0.1 if k.endswith('running_var') else torch.randn_like(v) * 0.05)
-    return model.eval()
+    """A model whose every tensor differs from its init (so a load that silently did nothing shows)."""
+    return _trained_like(name, seed, **kwargs)
 
 
 def _sd(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
