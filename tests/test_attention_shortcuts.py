@@ -81,7 +81,7 @@ def test_site_computes_eq_3_2_with_cache_conversion(downsample):
     proj = ShortcutProj(c).double()
     x = torch.randn(2, c, 3, 3, dtype=torch.float64)  # odd size: the cache (5x5) subsamples to ceil(5/2)
     cache = [torch.randn(2, 3, c_in, 5, 5, dtype=torch.float64) for _ in range(2)]
-    out, (K, V) = site.forward_shared(x, cache, proj)
+    out, (K, V) = site.forward_weights(x, cache, proj.weights())
 
     def conv(t, m):
         return F.conv2d(t, m.weight, stride=m.stride)
@@ -107,7 +107,7 @@ def test_first_site_is_wo_v1_and_owns_no_query():
     proj = ShortcutProj(8).double()
     assert site.q is None and not site.has_query
     x = torch.randn(1, 8, 4, 4, dtype=torch.float64)
-    out, (K, V) = site.forward_shared(x, [], proj)
+    out, (K, V) = site.forward_weights(x, [], proj.weights())
     torch.testing.assert_close(out, proj.o(proj.v(x)))
     assert K.shape == V.shape == (1, 1, 8, 4, 4)
 

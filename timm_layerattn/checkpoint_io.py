@@ -378,20 +378,14 @@ def _hints(source: _Source, model: nn.Module, sd: Mapping[str, torch.Tensor],
 def _mismatch_error(source: _Source, model: nn.Module, sd: Mapping[str, torch.Tensor],
                     error: BaseException) -> CheckpointMismatchError:
     """One line for torch's multi-line strict `load_state_dict` error: what does not fit, and what to do."""
+    from .convert import mismatch_parts
     text = str(error)
     expected = model.state_dict()
-    parts = []
     # Only the kinds torch complained about: timm loads non-strictly after dropping a classifier.
-    if 'Missing key(s)' in text:
-        missing = [k for k in expected if k not in sd]
-        parts.append(f'{len(missing)} missing key(s): {_keys(missing)}')
-    if 'Unexpected key(s)' in text:
-        unexpected = [k for k in sd if k not in expected]
-        parts.append(f'{len(unexpected)} unexpected key(s): {_keys(unexpected)}')
+    kinds = tuple(kind for kind, said in (('unexpected', 'Unexpected key(s)'), ('missing', 'Missing key(s)'),
+                                          ('shape', 'size mismatch')) if said in text)
+    parts = mismatch_parts(sd, expected, kinds=kinds)
     mismatched = [k for k, v in sd.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
-    if 'size mismatch' in text and mismatched:
-        parts.append(f'{len(mismatched)} shape mismatch(es): ' + _keys(
-            [f'{k} checkpoint {list(sd[k].shape)} vs model {list(expected[k].shape)}' for k in mismatched]))
     if not parts:
         parts.append(_first_line(error))
     arch = source.cfg.get('architecture') or type(model).__name__

@@ -29,7 +29,7 @@ from .checkpoint_io import non_finite_keys
 
 __all__ = ['read_state_dict', 'unwrap_state_dict', 'convert_official', 'convert_official_with_report',
            'remap_cnntention_keys', 'detect_official_family', 'infer_kcla_head_dim', 'check_state_dict',
-           'non_finite_keys', 'check_finite', 'load_trunk',
+           'non_finite_keys', 'check_finite', 'mismatch_parts', 'load_trunk',
            'TrunkLoadResult']
 
 _logger = logging.getLogger(__name__)
@@ -134,37 +134,49 @@ def read_state_dict(path: PathLike, prefer_ema: bool = True) -> Tuple[StateDict,
     return unwrap_state_dict(obj, prefer_ema=prefer_ema)
 
 
-def check_state_dict(
+def mismatch_parts(
         state_dict: Mapping[str, torch.Tensor],
         expected: Mapping[str, Any],
-        what: str = 'the model',
         source_names: Optional[Mapping[str, str]] = None,
-) -> None:
-    """Raise one `UserError` line if `state_dict` does not fit `expected` (a model state dict, meta is fine).
+        kinds: Tuple[str, ...] = ('unexpected', 'missing', 'shape'),
+) -> List[str]:
+    """How `state_dict` does not fit `expected` (a model state dict, meta is fine), one phrase per kind.
 
-    Names unexpected keys, missing keys and shape mismatches (a few of each, with counts);
-    `source_names` maps converted keys back to the checkpoint's own names for the message.
+    Each phrase names a few keys and counts the rest; `source_names` maps converted keys back to the
+    checkpoint's own names. `kinds` selects which of unexpected keys, missing keys and shape mismatches count.
     """
     src = source_names or {}
 
     def name(k: str) -> str:
         return f'{src[k]} (-> {k})' if k in src and src[k] != k else k
 
-    unexpected = [k for k in state_dict if k not in expected]
-    missing = [k for k in expected if k not in state_dict]
-    mismatched = [k for k in state_dict if k in expected and tuple(state_dict[k].shape) != tuple(expected[k].shape)]
-    if not (unexpected or missing or mismatched):
-        return
+    def some(items: List[str]) -> str:
+        return ', '.join(items[:3]) + (f', ... ({len(items) - 3} more)' if len(items) > 3 else '')
+
     parts = []
-    if unexpected:
-        parts.append(f'{len(unexpected)} unexpected key(s): ' + ', '.join(name(k) for k in unexpected[:3]))
-    if missing:
-        parts.append(f'{len(missing)} missing key(s): ' + ', '.join(missing[:3]))
-    if mismatched:
-        parts.append(f'{len(mismatched)} shape mismatch(es): ' + ', '.join(
-            f'{name(k)} checkpoint {list(state_dict[k].shape)} vs model {list(expected[k].shape)}'
-            for k in mismatched[:3]))
-    raise UserError(f'checkpoint does not fit {what}: ' + '; '.join(parts))
+    unexpected = [k for k in state_dict if k not in expected]
+    if 'unexpected' in kinds and unexpected:
+        parts.append(f'{len(unexpected)} unexpected key(s): ' + some([name(k) for k in unexpected]))
+    missing = [k for k in expected if k not in state_dict]
+    if 'missing' in kinds and missing:
+        parts.append(f'{len(missing)} missing key(s): ' + some(missing))
+    mismatched = [k for k in state_dict if k in expected and tuple(state_dict[k].shape) != tuple(expected[k].shape)]
+    if 'shape' in kinds and mismatched:
+        parts.append(f'{len(mismatched)} shape mismatch(es): ' + some(
+            [f'{name(k)} checkpoint {list(state_dict[k].shape)} vs model {list(expected[k].shape)}' for k in mismatched]))
+    return parts
+
+
+def check_state_dict(
+        state_dict: Mapping[str, torch.Tensor],
+        expected: Mapping[str, Any],
+        what: str = 'the model',
+        source_names: Optional[Mapping[str, str]] = None,
+) -> None:
+    """Raise one `UserError` line if `state_dict` does not fit `expected` (see `mismatch_parts`)."""
+    parts = mismatch_parts(state_dict, expected, source_names)
+    if parts:
+        raise UserError(f'checkpoint does not fit {what}: ' + '; '.join(parts))
 
 
 def check_finite(state_dict: Mapping[str, Any], what: str = 'the checkpoint') -> None:

@@ -164,10 +164,6 @@ class ShortcutProjections(nn.ModuleDict):
         super().__init__({f'w{c}': ShortcutProj(c, query=c in query_dims, device=device, dtype=dtype)
                           for c in sorted(set(dims))})
 
-    def select(self, block: nn.Module) -> ShortcutProj:
-        """The projection group of the site in front of `block` (the group of its input width)."""
-        return self[f'w{block.attn_in.dim}']
-
     def weights(self) -> Dict[int, ShortcutWeights]:
         """Every group's weights by width: what the network hands to its stages (see `ShortcutWeights`)."""
         out: Dict[int, ShortcutWeights] = {}
@@ -197,7 +193,7 @@ class AttentionShortcut(nn.Module):
     A site's parts that are its own: its query projection W^Q (absent at the network's first site, where the
     softmax over one entry is identically 1 and g reduces to W^O V_1; D4), the cache adapters when the cache
     changes width here (D10), the optional pre-norm (D16) and, for stage sites, its K/V/O projections. The
-    K/V/O of block sites are shared per width and passed to `forward_shared` by the network.
+    K/V/O of block sites are shared per width and passed to `forward_weights` by the network.
 
     State: `[]` before the first site, then `[K, V]`, each `[B, n, C, H, W]` at this site's width and
     resolution after the site ran.
@@ -313,24 +309,15 @@ class AttentionShortcut(nn.Module):
             q = self.q(x)
         return self.o(self.attend(q, cache)), cache
 
-    @torch.jit.unused
-    def forward_shared(
-            self,
-            x: torch.Tensor,
-            state: List[torch.Tensor],
-            proj: ShortcutProj,
-    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        """Site whose K/V/O (and shared W^Q) come from the network's group `proj` (block sites)."""
-        return self.forward_weights(x, state, proj.weights())
-
     def forward_weights(
             self,
             x: torch.Tensor,
             state: List[torch.Tensor],
             proj: ShortcutWeights,
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        """`forward_shared` with the group given by its weights (`ShortcutProj.weights()`): the projections
-        are bias-free 1x1 convs, so `F.conv2d` on their weights is the same op as calling them."""
+        """Site whose K/V/O (and shared W^Q) come from the network's group, given by its weights
+        (`ShortcutProj.weights()`; block sites): the projections are bias-free 1x1 convs, so `F.conv2d` on
+        their weights is the same op as calling them."""
         wq, wk, wv, wo = proj
         if self.norm is not None:
             x = self.norm(x)
