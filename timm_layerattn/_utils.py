@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Union
 
 from .version import __version__
 
-__all__ = ['UserError', 'Terminated', 'atomic_dir', 'atomic_file', 'cache_dir', 'check_output_dir',
+__all__ = ['UserError', 'first_line', 'Terminated', 'atomic_dir', 'atomic_file', 'cache_dir', 'check_output_dir',
            'check_writable', 'int_arg', 'float_arg', 'output_marker', 'read_marker', 'MARKER_KEY']
 
 _logger = logging.getLogger(__name__)
@@ -48,6 +48,16 @@ def cache_dir() -> Path:
     if explicit:
         return Path(explicit).expanduser()
     return Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache').expanduser() / 'timm-layerattn'
+
+
+def first_line(e: BaseException, default: Optional[str] = None, limit: int = 200) -> str:
+    """The first line of `e`'s message, cut to `limit` characters, for one-line error reports.
+
+    An empty message gives `default`, or the exception's type name.
+    """
+    text = str(e).strip()
+    line = text.splitlines()[0].strip() if text else (default if default is not None else type(e).__name__)
+    return line if len(line) <= limit else line[:limit - 3] + '...'
 
 
 class UserError(Exception):

@@ -29,6 +29,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from ._utils import first_line
 from .pretrained import (
     CheckpointError, CheckpointMismatchError, CheckpointNotCachedError, CheckpointNotFoundError,
     PretrainedWeightsError)
@@ -46,12 +47,6 @@ _FOLDER_EXTS = ('.safetensors', '.pth', '.pth.tar', '.bin')
 _HUB_FILES = ('model.safetensors', 'pytorch_model.bin')
 # A few keys of each kind in a message, the rest counted.
 _SHOW = 3
-
-
-def _first_line(e: BaseException, default: str = '') -> str:
-    text = str(e).strip()
-    line = text.splitlines()[0].strip() if text else default
-    return line if len(line) <= 200 else line[:197] + '...'
 
 
 def _a(obj: Any) -> str:
@@ -243,7 +238,7 @@ def _diagnose_file(path: Path, where: str, error: BaseException) -> CheckpointEr
         unwrap_state_dict(obj)
     except UserError as e:
         return CheckpointError(f'{where}: {e}', path=str(path))
-    return CheckpointError(f'{where}: cannot be loaded ({type(error).__name__}: {_first_line(error)})',
+    return CheckpointError(f'{where}: cannot be loaded ({type(error).__name__}: {first_line(error)})',
                            path=str(path))
 
 
@@ -276,7 +271,7 @@ def _hub_error(source: _Source, error: BaseException) -> Optional[CheckpointErro
         if constants.HF_HUB_OFFLINE:
             why = 'and offline mode is on (HF_HUB_OFFLINE=1): unset it to download them, or download them once online'
         else:
-            why = f'and downloading them failed ({_first_line(error)})'
+            why = f'and downloading them failed ({first_line(error)})'
         return CheckpointNotCachedError(
             f'{source.label}: the weights ({" / ".join(_hub_names(source))}) are not in the local Hub cache ({cache}) '
             f'{why}',
@@ -307,7 +302,7 @@ def _read_error(source: _Source, error: BaseException) -> Optional[CheckpointErr
         cached = Path(source.cache_dir or Path(torch.hub.get_dir()) / 'checkpoints') / name
         if not cached.is_file():
             if isinstance(error, OSError):  # urllib's URLError / HTTPError name no URL
-                return CheckpointError(f'{source.label}: download failed ({_first_line(error)})',
+                return CheckpointError(f'{source.label}: download failed ({first_line(error)})',
                                        path=source.label)
             return None
         source.path = cached
@@ -387,7 +382,7 @@ def _mismatch_error(source: _Source, model: nn.Module, sd: Mapping[str, torch.Te
     parts = mismatch_parts(sd, expected, kinds=kinds)
     mismatched = [k for k, v in sd.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
     if not parts:
-        parts.append(_first_line(error))
+        parts.append(first_line(error))
     arch = source.cfg.get('architecture') or type(model).__name__
     message = f"{source.where()}: checkpoint does not fit '{arch}': " + '; '.join(parts)
     hints = _hints(source, model, sd, expected, mismatched)
@@ -399,7 +394,7 @@ def _mismatch_error(source: _Source, model: nn.Module, sd: Mapping[str, torch.Te
 def _stem_error(source: _Source, model: nn.Module, sd: Mapping[str, torch.Tensor],
                 error: BaseException) -> CheckpointMismatchError:
     """timm's 'inconsistent with input_size' stem error, naming the file and saying what to declare."""
-    message = f'{source.where()}: {_first_line(error)}'
+    message = f'{source.where()}: {first_line(error)}'
     m = re.match(r"Pretrained (\S+) weight", str(error))
     weight = sd.get(m.group(1) + '.weight') if m else None
     if weight is not None and weight.ndim == 4:
@@ -443,7 +438,7 @@ class _Watch:
                 raise
             except Exception as e:
                 raise self.error(
-                    f'not a checkpoint of this model family ({type(e).__name__}: {_first_line(e)})') from None
+                    f'not a checkpoint of this model family ({type(e).__name__}: {first_line(e)})') from None
         label = self.source.label
         try:
             check_state_dict_values(state_dict, label)

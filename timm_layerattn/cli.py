@@ -11,7 +11,7 @@ import sys
 import traceback
 from typing import Callable, List, Optional
 
-from ._utils import Terminated, UserError
+from ._utils import Terminated, UserError, first_line
 from .version import __version__
 
 # name -> (module, one-line help)
@@ -27,10 +27,6 @@ COMMANDS = {
     'kernels': ('timm_layerattn.tools.kernels', 'build the fused CPU inference kernels now and say where they are'),
 }
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0].strip() if text else type(e).__name__
-
 
 def user_error_message(e: BaseException) -> Optional[str]:
     """The one-line message of an error caused by the user's input or environment, None for a bug.
@@ -43,15 +39,15 @@ def user_error_message(e: BaseException) -> Optional[str]:
     turning it into a `UserError` at the boundary (model constructors): elsewhere it is a bug.
     """
     if isinstance(e, UserError):
-        return _first_line(e)
+        return first_line(e)
     if isinstance(e, OSError):  # includes the Hub's and the network's errors (huggingface_hub, requests)
         where = ' -> '.join(str(f) for f in (e.filename, e.filename2) if f is not None)
-        reason = e.strerror or _first_line(e)
+        reason = e.strerror or first_line(e)
         return f'{reason}: {where}' if where else reason
     if isinstance(e, RuntimeError) and str(e).startswith('Unknown model'):
-        return _first_line(e) + '; see `timm-layerattn list`'
+        return first_line(e) + '; see `timm-layerattn list`'
     if isinstance(e, MemoryError) or type(e).__name__ == 'OutOfMemoryError':
-        return f'out of memory ({_first_line(e)}); try a smaller --batch-size or input size'
+        return f'out of memory ({first_line(e)}); try a smaller --batch-size or input size'
     return None
 
 
@@ -116,7 +112,7 @@ def run_reporting_errors(prog: str, fn: Callable[[], Optional[int]], debug: bool
             print(f'{prog}: error: {message}', file=sys.stderr)
             return 2
         hint = '' if debug else ' (a bug, not your input; run with --debug for the traceback)'
-        print(f'{prog}: internal error: {type(e).__name__}: {_first_line(e)}{hint}', file=sys.stderr)
+        print(f'{prog}: internal error: {type(e).__name__}: {first_line(e)}{hint}', file=sys.stderr)
         return 1
 
 

@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from ._utils import UserError, atomic_file
+from ._utils import UserError, atomic_file, first_line
 from .checkpoint_io import non_finite_keys
 
 __all__ = ['read_state_dict', 'unwrap_state_dict', 'convert_official', 'convert_official_with_report',
@@ -69,7 +69,7 @@ def _read_raw(path: Path) -> Tuple[Any, str]:
             return safetensors.torch.load_file(str(path), device='cpu'), 'safetensors'
         except Exception as e:
             raise UserError(
-                f'{path}: not a readable safetensors file, it may be truncated or corrupt ({_first_line(e)})')
+                f'{path}: not a readable safetensors file, it may be truncated or corrupt ({first_line(e)})')
     try:
         obj = torch.load(str(path), map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
@@ -81,19 +81,13 @@ def _read_raw(path: Path) -> Tuple[Any, str]:
                 f'can read, and checkpoints are only ever loaded with weights_only=True. In a session where you '
                 f'trust the file, re-save just the weights, e.g. torch.save(ckpt["state_dict"], "weights.pth") '
                 f'or safetensors.torch.save_file(...)')
-        raise UserError(f'{path}: not a torch checkpoint, or it is corrupt ({_first_line(e, "unpickling failed")})')
+        raise UserError(f'{path}: not a torch checkpoint, or it is corrupt ({first_line(e, "unpickling failed")})')
     except (EOFError, RuntimeError, ValueError, OSError) as e:
         raise UserError(f'{path}: cannot read the torch checkpoint, it may be truncated or corrupt '
-                        f'({type(e).__name__}: {_first_line(e, "unexpected end of file")})')
+                        f'({type(e).__name__}: {first_line(e, "unexpected end of file")})')
     except Exception as e:  # the weights-only unpickler fails in many ways on data that is not a checkpoint
-        raise UserError(f'{path}: not a torch checkpoint, or it is corrupt ({type(e).__name__}: {_first_line(e)})')
+        raise UserError(f'{path}: not a torch checkpoint, or it is corrupt ({type(e).__name__}: {first_line(e)})')
     return obj, 'torch'
-
-
-def _first_line(e: BaseException, default: str = '') -> str:
-    text = str(e).strip()
-    line = text.splitlines()[0].strip() if text else default
-    return line if len(line) <= 200 else line[:197] + '...'
 
 
 def unwrap_state_dict(obj: Any, prefer_ema: bool = True) -> Tuple[StateDict, str]:

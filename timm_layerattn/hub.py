@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from ._utils import MARKER_KEY, UserError, atomic_dir, check_output_dir, output_marker, read_marker
+from ._utils import MARKER_KEY, UserError, atomic_dir, first_line, check_output_dir, output_marker, read_marker
 from .version import __version__
 
 __all__ = ['export_folder', 'is_export_folder', 'check_export_dir', 'load_model_from_checkpoint', 'render_model_card',
@@ -668,12 +668,12 @@ def push_folder(
                 repo_id=repo_id, folder_path=staging, repo_type='model', revision=revision,
                 commit_message=message, allow_patterns=files, create_pr=create_pr)
     except HfHubHTTPError as e:
-        raise UserError(f'push to {repo_id} failed: {_first_line(e)}') from None
+        raise UserError(f'push to {repo_id} failed: {first_line(e)}') from None
     except OSError as e:  # network errors (connection refused, DNS, timeouts)
-        raise UserError(f'push to {repo_id} failed, the Hub could not be reached: {_first_line(e)}') from None
+        raise UserError(f'push to {repo_id} failed, the Hub could not be reached: {first_line(e)}') from None
     except Exception as e:
         if type(e).__module__.startswith(('httpx', 'httpcore')):
-            raise UserError(f'push to {repo_id} failed, the Hub could not be reached: {_first_line(e)}') from None
+            raise UserError(f'push to {repo_id} failed, the Hub could not be reached: {first_line(e)}') from None
         raise
     oid = getattr(commit, 'oid', None)
     print_fn(f'pushed: commit {oid}')
@@ -683,6 +683,3 @@ def push_folder(
                       commit_url=getattr(commit, 'commit_url', None))
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
