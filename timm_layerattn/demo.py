@@ -88,10 +88,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--progress', action=argparse.BooleanOptionalAction, default=True, help='progress bars')
 
 
-def _check_output(out: Path) -> None:
-    check_output_dir(out, overwrite=True, is_ours=is_demo_folder, kind=DEMO_KIND)
-
-
 def _train_argv(args: argparse.Namespace, model: str, run_dir: Path) -> List[str]:
     argv = ['--recipe', 'digits', '--model', model, '--seed', str(args.seed), '--output', str(run_dir),
             '--dataset', args.dataset or '']
@@ -200,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f'dataset folder not found: {args.data_dir}' +
                             (' (add --dataset-download to fetch it)' if is_torch else ''))
     out = Path(args.output)
-    _check_output(out)
+    check_output_dir(out, overwrite=True, is_ours=is_demo_folder, kind=DEMO_KIND)  # before any training
     # Validate every run's arguments (recipe, data paths) before the first one starts.
     train_args = {m: parse_args(_train_argv(args, m, out / 'runs' / m)) for m in models}
     for a in train_args.values():

@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from ._utils import MARKER_KEY, UserError, atomic_dir, first_line, check_output_dir, output_marker, read_marker
+from ._utils import MARKER_KEY, UserError, atomic_dir, check_output_dir, first_line, output_marker, read_marker
 from .version import __version__
 
 __all__ = ['export_folder', 'is_export_folder', 'check_export_dir', 'load_model_from_checkpoint', 'render_model_card',
@@ -439,7 +439,6 @@ def export_folder(
     if repo_id is not None:
         _check_repo_id(repo_id)
     license = license or pretrained_cfg.get('license')
-    check_export_dir(out_dir, overwrite)
     from .convert import check_finite
     check_finite(model.state_dict(), f'the model ({arch})')
 
@@ -681,5 +680,3 @@ def push_folder(
              f'timm_layerattn)')
     return PushResult(repo_id=repo_id, revision=revision_name, files=files, dry_run=False, commit_oid=oid,
                       commit_url=getattr(commit, 'commit_url', None))
-
-

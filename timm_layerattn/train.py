@@ -314,11 +314,6 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
 # Set-up helpers
 # ---------------------------------------------------------------------------------------------------------------
 
-def _check_writable_dir(path: Path, what: str) -> None:
-    """Fail early (before any training) if `path` cannot be created or written, without creating it."""
-    check_writable(path, what)
-
-
 def _is_run_dir(path: Path) -> bool:
     return path.is_dir() and any((path / n).exists() for n in ('log.json', 'summary.csv', 'last' + CHECKPOINT_EXT))
 
@@ -813,7 +808,7 @@ def train(args: argparse.Namespace) -> TrainResult:
             stamp = time.strftime('%Y%m%d-%H%M%S')
             args.output = str(Path('output') / 'train' / f'{stamp}-{args.model.replace("/", "_")}')
     out_dir = Path(args.output)
-    _check_writable_dir(out_dir, 'output folder')
+    check_writable(out_dir, 'output folder')  # before any training, without creating it
     resuming_here = bool(args.resume) and Path(args.resume).resolve().parent == out_dir.resolve()
     if _is_run_dir(out_dir) and not resuming_here and not args.overwrite:
         raise UserError(f'output folder {out_dir} already holds a training run; choose another --output, '
