@@ -30,8 +30,8 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 # mmcv has no wheel for this torch: the installer builds a CPU wheel once (about 25 min on 2 cores), caches
 # it in ~/.cache/timm-layerattn (or $$TIMM_LAYERATTN_CACHE) and reinstalls it from there (under a minute).
 # With mmcv in place the `mmdet` extra resolves without building anything.
-$(VENV)/.installed-test: $(VENV)/.installed pyproject.toml timm_layerattn/det/install_mmcv.py
-	$(BIN)/python timm_layerattn/det/install_mmcv.py
+$(VENV)/.installed-test: $(VENV)/.installed pyproject.toml timm_layerattn/tools/install_mmcv.py
+	$(BIN)/python timm_layerattn/tools/install_mmcv.py
 	$(PIP) install -q -e '.[test,demo,mmdet]'
 	touch $@
 

@@ -38,7 +38,7 @@ def _our_model(name: str, state_dict: Dict[str, torch.Tensor], head_dim: Optiona
     """Our model holding the converted official weights (KCLA's head dim read from the checkpoint if not given)."""
     import timm
     from timm_layerattn import convert_official
-    from timm_layerattn.convert import infer_kcla_head_dim
+    from timm_layerattn.checkpoints.kcla_mrla import infer_head_dim as infer_kcla_head_dim
     head_dim = head_dim or infer_kcla_head_dim(state_dict)
     converted = convert_official(state_dict, name, head_dim=head_dim)
     kwargs = {'num_classes': converted['fc.weight'].shape[0]}

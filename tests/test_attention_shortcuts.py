@@ -12,7 +12,7 @@ import timm_layerattn  # noqa: F401  (registers the models)
 from timm_layerattn.layers.shortcut import (
     AttentionShortcut, ShortcutCfg, ShortcutProj, depth_attention, depth_attention_sdpa)
 from timm_layerattn.models.resnet_as import as_arch, checkpoint_filter_fn
-from timm_layerattn.models.resnet_la import ResNetLA
+from timm_layerattn.models.skeleton import ResNetLA
 from timm_layerattn.tools.zoo import count_params
 
 AS_VARIANTS = ('as_out', 'as_kv', 'as_stages')
@@ -169,7 +169,7 @@ def ref_stage_sites(model, img):
                 x = site.o(V[:, 0])
         for name, block in stage.named_children():
             if name.isdigit():
-                x = block(x, [])[0]
+                x = block(x, [], [])[0]
     return model.forward_head(x)
 
 

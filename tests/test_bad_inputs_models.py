@@ -15,7 +15,7 @@ from timm_layerattn.layers import KCLA, LayerAttnCfg, MRLABase, MRLALight, nativ
 from timm_layerattn.layers.shortcut import AttentionShortcut, ShortcutCfg
 from timm_layerattn.models.cnntention import CBAM, MultiHeadAttention2d
 from timm_layerattn.models.gradattn import GradAttnNeck, TokenEncoderLayer
-from timm_layerattn.models.resnet_la import ResNetLA, ResNetLACfg
+from timm_layerattn.models.skeleton import ResNetLA, ResNetLACfg
 
 NAN = float('nan')
 ALL_MODELS = timm_layerattn.models.list_models()
@@ -138,7 +138,7 @@ CONFIG_CASES = [
     (lambda: ResNetLACfg(**_CFG, residual='sum'), ValueError, 'residual must be one of'),
     (lambda: ResNetLACfg(**_CFG, expansion=0), ValueError, 'expansion must be a positive integer'),
     (lambda: ResNetLACfg(**_CFG, zero_init_last='no'), TypeError, 'zero_init_last must be True or False'),
-    (lambda: ResNetLACfg(**_CFG, attn='kcla'), TypeError, 'attn must be a LayerAttnCfg or None'),
+    (lambda: ResNetLACfg(**_CFG, strategy='kcla'), TypeError, 'strategy must be a LayerStrategy or None'),
     (lambda: ResNetLA({'layers': (1, 1, 1)}), TypeError, 'ResNetLA: cfg must be a ResNetLACfg'),
     (lambda: KCLA(64, head_dim=0), ValueError, 'KCLA: head_dim must be a positive integer, got 0'),
     (lambda: KCLA(64, head_dim=3), ValueError, 'KCLA: channels (64) must be divisible by head_dim (3)'),

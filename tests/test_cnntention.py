@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 import timm_layerattn  # noqa: F401
 from timm_layerattn.models.cnntention import checkpoint_filter_fn
-from timm_layerattn.models.resnet_la import PadShortcut
+from timm_layerattn.models.skeleton import PadShortcut
 from timm_layerattn.tools.zoo import count_params
 
 from _compile import assert_compiles_fullgraph
@@ -112,7 +112,7 @@ def test_modules_match_official_maths_through_key_conversion(name, tmp_path):
     for i, c in enumerate((16, 32, 64), start=1):
         x = torch.randn(2, c, 8, 6)
         with torch.no_grad():
-            out, _ = model.get_submodule(f'layer{i}.attn')(x, [])
+            out, _ = model.get_submodule(f'layer{i}.attn')(x, [], [])
         torch.testing.assert_close(out, ref(official, f'att{i}.', x), rtol=1e-5, atol=1e-5)
     if kind == 'mha':  # the literal (unswapped) reading is a different function: the test can tell
         swapped = dict(official)
@@ -121,7 +121,7 @@ def test_modules_match_official_maths_through_key_conversion(name, tmp_path):
             swapped[key], swapped[query] = official[query], official[key]
         x = torch.randn(2, 16, 8, 6)
         with torch.no_grad():
-            assert (model.layer1.attn(x, [])[0] - ref_mha(swapped, 'att1.', x)).abs().max() > 1e-3
+            assert (model.layer1.attn(x, [], [])[0] - ref_mha(swapped, 'att1.', x)).abs().max() > 1e-3
     # idempotent on our own layout
     assert checkpoint_filter_fn(model.state_dict(), model).keys() == model.state_dict().keys()
 
@@ -143,9 +143,9 @@ def test_every_model_forward_backward_features(name):
         # level i is the stage output *after* its attention module (spec §8)
         y = model.maxpool(model.forward_stem(x))
         for blk in [b for n, b in model.layer1.named_children() if n.isdigit()]:
-            y = blk(y, [])[0]
+            y = blk(y, [], [])[0]
         if hasattr(model.layer1, 'attn'):
-            y = model.layer1.attn(y, [])[0]
+            y = model.layer1.attn(y, [], [])[0]
         torch.testing.assert_close(feats[1], y)
 
 

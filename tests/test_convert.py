@@ -19,7 +19,8 @@ import timm_layerattn  # noqa: F401  (registers the models)
 from timm_layerattn import convert_official, load_trunk
 from timm_layerattn._utils import UserError
 from timm_layerattn.cli import main as cli_main
-from timm_layerattn.convert import convert_official_with_report, remap_cnntention_keys
+from timm_layerattn.checkpoints.cnntention import remap_keys as remap_cnntention_keys
+from timm_layerattn.convert import convert_official_with_report
 
 Shapes = Dict[str, Tuple[int, ...]]
 

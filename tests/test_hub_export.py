@@ -14,7 +14,7 @@ import timm_layerattn
 from timm_layerattn import export_folder, register_pretrained, unregister_pretrained
 from timm_layerattn._utils import UserError
 from timm_layerattn.cli import main as cli_main
-from timm_layerattn.hub import CARD_FAMILIES, CARD_TAGS, card_template_path, model_family
+from timm_layerattn.hub import CARD_TAGS, card_families, card_template_path, model_family
 from timm_layerattn.pretrained import PretrainedWeightsError
 from timm_layerattn.tools.zoo import count_macs, count_params
 
@@ -122,7 +122,7 @@ def test_card_without_results_or_dataset(tmp_path):
     assert json.loads((out / 'config.json').read_text())['pretrained_cfg'].get('tag') is None
 
 
-@pytest.mark.parametrize('family', sorted({f for _, f in CARD_FAMILIES}))
+@pytest.mark.parametrize('family', card_families())
 def test_card_templates(family):
     text = card_template_path(family).read_text()
     values = dict(title='T', model_name='m.t', arch='m', repo_id='o/m.t', details='D', usage='U', recipe='R',
@@ -259,7 +259,8 @@ def test_cli_export_refuses_bad_arguments(tmp_path, capsys):
 
 
 def test_export_requires_a_timm_model(tmp_path):
-    from timm_layerattn.models.resnet_la import ResNetLA, model_cfgs
+    from timm_layerattn.models.resnet_la import model_cfgs
+    from timm_layerattn.models.skeleton import ResNetLA
     with pytest.raises(UserError, match='pretrained_cfg'):
         export_folder(ResNetLA(model_cfgs['resnet50_kcla']), tmp_path / 'x', model_name='resnet50_kcla')
     with pytest.raises(UserError, match='does not match'):

@@ -1,4 +1,4 @@
-"""Fast, torch-free tests for timm_layerattn/det/install_mmcv.py (no build is run)."""
+"""Fast, torch-free tests for the mmcv installer, timm_layerattn/tools/install_mmcv.py (no build is run)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-MODULE_PATH = Path(__file__).resolve().parents[1] / "timm_layerattn" / "det" / "install_mmcv.py"
+MODULE_PATH = Path(__file__).resolve().parents[1] / "timm_layerattn" / "tools" / "install_mmcv.py"
 
 
 def _load():

@@ -1,4 +1,4 @@
-"""The two routes to timm's own scripts (conventions.md §4), run with stand-ins shaped like timm's scripts.
+"""The two routes to timm's own scripts (`--device-modules` and the runner), run with stand-ins shaped like timm's.
 
 timm's train.py / validate.py are not in the timm wheel, so `tests/scripts/` holds stand-ins that reproduce the
 parts that matter: train.py's `--device-modules` (and YAML `device_modules:`) import before `create_model`, and
@@ -43,8 +43,8 @@ def test_validate_like_needs_the_runner(tmp_path):
     assert out['sibling'] == 'sibling-ok'
 
 
-def test_runner_tools_alias_and_exit_code(tmp_path):
-    res = _run(['-m', 'timm_layerattn.tools.run', VALIDATE_LIKE, '--model', 'cifar_resnet20', '--exit-code', '3'],
+def test_runner_exit_code(tmp_path):
+    res = _run(['-m', 'timm_layerattn.run', VALIDATE_LIKE, '--model', 'cifar_resnet20', '--exit-code', '3'],
                cwd=tmp_path)
     assert res.returncode == 3, res.stderr
     assert _json_line(res.stdout)['logits'] == [2, 10]

@@ -41,7 +41,7 @@ def _umask() -> int:
 def cache_dir() -> Path:
     """The package's cache: `$TIMM_LAYERATTN_CACHE`, else `${XDG_CACHE_HOME:-~/.cache}/timm-layerattn`.
 
-    Same rule as the standalone `det/install_mmcv.py`, which keeps its own copy (it runs before the
+    Same rule as the standalone `tools/install_mmcv.py`, which keeps its own copy (it runs before the
     package is installed).
     """
     explicit = os.environ.get('TIMM_LAYERATTN_CACHE')

@@ -7,7 +7,8 @@ timm weights (through `hf_hub_id`, `file` or `url`).
 
 A checkpoint that cannot be used (missing, truncated, corrupt, not a state dict, NaN / Inf values, keys or
 shapes that do not fit) raises a `CheckpointError` subclass naming the file and the problem
-(`checkpoint_io.py` does the checking, for every entry point of timm).
+(`checkpoints.timm_entry` does the checking, for every entry point of timm; the error classes live in
+`checkpoints.errors` and are re-exported here).
 """
 import dataclasses
 import logging
@@ -16,15 +17,9 @@ from typing import Any, Dict, Optional, Tuple
 from timm.models import PretrainedCfg, get_pretrained_cfg, is_model, split_model_name_tag
 from timm.models import _registry
 
-from ._utils import UserError
-
-try:
-    from huggingface_hub.errors import LocalEntryNotFoundError as _HubNotCached
-except ImportError:  # huggingface_hub < 0.24 keeps its errors in `utils`
-    try:
-        from huggingface_hub.utils import LocalEntryNotFoundError as _HubNotCached
-    except ImportError:
-        _HubNotCached = FileNotFoundError
+from .checkpoints.errors import (
+    CheckpointError, CheckpointMismatchError, CheckpointNotCachedError, CheckpointNotFoundError,
+    PretrainedWeightsError)
 
 __all__ = ['PretrainedWeightsError', 'CheckpointError', 'CheckpointNotFoundError', 'CheckpointNotCachedError',
            'CheckpointMismatchError', 'no_weights_message', 'resolve_pretrained_source', 'check_pretrained_source',
@@ -34,39 +29,6 @@ _logger = logging.getLogger(__name__)
 
 # Fields that locate weights; one of them must be set for `pretrained=True` to load anything.
 _SOURCE_FIELDS = ('hf_hub_id', 'file', 'url')
-
-
-class PretrainedWeightsError(RuntimeError, UserError):
-    """`pretrained=True` cannot load weights: the tag has none, or its checkpoint is unusable (subclasses).
-
-    A `UserError` too, so the command line prints it as one line.
-    """
-
-
-class CheckpointError(PretrainedWeightsError):
-    """A pretrained checkpoint cannot be used; the message names the file (or Hub repo) and the problem."""
-
-    def __init__(self, message: str, path: Optional[str] = None):
-        super().__init__(message)
-        self.path = path
-
-
-class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
-    """The checkpoint file, or a weights file in a `local-dir:` folder, does not exist.
-
-    Also a `FileNotFoundError`, which is what timm raises (with an empty message) in this case.
-    """
-
-
-class CheckpointNotCachedError(CheckpointNotFoundError, _HubNotCached):
-    """Hub weights are not in the local cache and cannot be downloaded (offline mode or no connection).
-
-    Also huggingface_hub's `LocalEntryNotFoundError`, which is what it raises in this case.
-    """
-
-
-class CheckpointMismatchError(CheckpointError):
-    """The checkpoint's tensors do not fit the model (missing / unexpected keys, shape mismatches)."""
 
 
 def no_weights_message(variant: str, tag: Optional[str] = None) -> str:

@@ -5,26 +5,20 @@ Configs load it with `custom_imports = dict(imports=['timm_layerattn.det'], allo
 Importing it also lets mmengine read checkpoints saved by its Runner under torch >= 2.6 (`checkpoint.py`).
 
 `import timm_layerattn` never imports this package. The MMDetection stack is the `mmdet` extra; mmcv
-needs compiled ops, which `python -m timm_layerattn.det.install_mmcv` builds once and caches when no
-official mmcv wheel matches the installed torch.
+needs compiled ops, which the standalone installer `python -m timm_layerattn.tools.install_mmcv` builds
+once and caches when no official mmcv wheel matches the installed torch.
 """
-import sys
-
 _INSTALL_HINT = (
-    'install the MMDetection stack with `python -m timm_layerattn.det.install_mmcv` (builds and caches mmcv '
-    'for your torch if no official wheel exists), or `pip install "timm-layerattn[mmdet]"` where an mmcv '
-    'wheel for your torch is available')
+    'install the MMDetection stack with `python -m timm_layerattn.tools.install_mmcv` (builds and '
+    'caches mmcv for your torch if no official wheel exists), or `pip install "timm-layerattn[mmdet]"` where an '
+    'mmcv wheel for your torch is available')
 
 try:
     import mmdet.registry  # noqa: F401  (mmdet itself asserts a compatible mmcv version)
     import mmcv.ops  # noqa: F401  (detectors need the compiled ops: RoIAlign, NMS)
 except (ImportError, AssertionError) as _err:
-    # `python -m timm_layerattn.det.install_mmcv` imports this package before running the installer, i.e.
-    # before mmdet exists. While `-m` locates its module, sys.argv[0] is '-m' (Python docs, "-m"): let
-    # that import through so the installer can run; everywhere else fail with what to do.
-    if sys.argv[:1] != ['-m']:
-        raise ImportError(f'timm_layerattn.det needs MMDetection 3.3 with a compiled mmcv ({_err}); '
-                          f'{_INSTALL_HINT}') from _err
+    raise ImportError(f'timm_layerattn.det needs MMDetection 3.3 with a compiled mmcv ({_err}); '
+                      f'{_INSTALL_HINT}') from _err
 else:
     from .backbone import LayerAttnResNet
     from .checkpoint import enable_mmengine_checkpoint_loading, mmengine_checkpoint_globals, read_state_dict

@@ -3,11 +3,10 @@
 One class serves every registered arch (`type='LayerAttnResNet', arch='resnet50_kcla'`). The trunk is the
 timm model itself, run through its `forward_intermediates` (the method timm's `getter` feature wrapper
 calls): these nets carry attention state from block to block and across stages, so their features
-cannot be taken by re-running children one by one (spec layer_attention.md Q20). Stages after the last
+cannot be taken by re-running children one by one (docs/design/layer_attention.md). Stages after the last
 requested output are pruned, as timm's feature wrapper does.
 
-The options follow mmdet's own `ResNet` with the official KCLA / MRLA detection backbones' semantics
-(spec mmdet_official.md §1.1, §2.1, §4):
+The options follow mmdet's own `ResNet` with the official KCLA / MRLA detection backbones' semantics:
 
 * `out_indices`: 0-based stage indices as in mmdet (timm's index 0 is the stem, so stage `i` is timm `i + 1`).
 * `frozen_stages`: -1 none, 0 the stem, `n` the stem plus stages 1..n *including their attention modules*:
@@ -20,15 +19,14 @@ The options follow mmdet's own `ResNet` with the official KCLA / MRLA detection 
 * Weights: `init_cfg=dict(type='Pretrained', checkpoint=..., prefix=None)` loads in `init_weights()` (as
   every mmdet backbone does) from a `.safetensors` / torch file, `local-dir:DIR`, `hf-hub:ORG/NAME` or a
   URL; official KCLA / MRLA classification checkpoints (`module.` prefixes, official key names) are
-  remapped by the model family's `checkpoint_filter_fn`, and a detector checkpoint works with
+  remapped by the model family's checkpoint filter (from the family registry), and a detector checkpoint works with
   `prefix='backbone.'`. Loading is strict apart from the classifier and pruned stages. `pretrained=True`
   instead lets timm load the arch's own weights at construction (e.g. `arch='hf-hub:ORG/NAME'`);
   `init_weights()` then leaves them alone.
 """
 import copy
-import importlib
 import logging
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import timm
 import torch
@@ -39,7 +37,9 @@ from mmengine.model import BaseModule
 from mmengine.model.weight_init import initialize, update_init_info
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..checkpoint_io import check_state_dict_values
+from ..checkpoints.io import check_state_dict_values
+from ..checkpoints.kcla_mrla import infer_head_dim
+from ..checkpoints.match import match_keys
 from .checkpoint import read_state_dict
 
 __all__ = ['LayerAttnResNet']
@@ -199,14 +199,14 @@ class LayerAttnResNet(BaseModule):
             source: File, `local-dir:DIR`, `hf-hub:ORG/NAME[@REV]` or URL.
             prefix: Keep only keys under this prefix and strip it (e.g. 'backbone.' for a detector checkpoint).
         """
-        state_dict = read_state_dict(source)
+        state_dict, _ = read_state_dict(source)
         if prefix:
             state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
             if not state_dict:
                 raise ValueError(f'no key of {source} starts with prefix {prefix!r}')
         if state_dict and all(k.startswith('model.') for k in state_dict):  # saved from this wrapper
             state_dict = {k[len('model.'):]: v for k, v in state_dict.items()}
-        filter_fn = getattr(importlib.import_module(type(self.model).__module__), 'checkpoint_filter_fn', None)
+        filter_fn = _family_filter(self.model, self.arch)
         if filter_fn is not None:
             state_dict = filter_fn(state_dict, self.model)
         check_state_dict_values(state_dict, f'checkpoint {source}')
@@ -214,22 +214,37 @@ class LayerAttnResNet(BaseModule):
         ignored = tuple(f'{name}.' for name in (*classifiers, *self._pruned_stages))
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith(ignored)}
         # Check everything before copying anything, so a checkpoint that does not fit leaves the model untouched.
-        expected = self.model.state_dict()
-        missing = [k for k in expected if k not in state_dict]
-        unexpected = [k for k in state_dict if k not in expected]
-        mismatched = [f'{k} {tuple(v.shape)} (model {tuple(expected[k].shape)})'
-                      for k, v in state_dict.items() if k in expected and v.shape != expected[k].shape]
-        if missing or unexpected or mismatched:
+        found = match_keys(state_dict, self.model.state_dict())
+        if not found.ok:
             def some(keys: List[str]) -> str:
                 return ', '.join(keys[:4]) + (f', ... ({len(keys)} in all)' if len(keys) > 4 else '')
+            mismatched = [f'{k} {found.shapes[k][0]} (model {found.shapes[k][1]})' for k in found.mismatched]
             problems = [f'{what}: {some(keys)}' for what, keys in (
-                ('missing keys', missing), ('unexpected keys', unexpected), ('shape mismatches', mismatched)) if keys]
+                ('missing keys', found.missing), ('unexpected keys', found.unexpected),
+                ('shape mismatches', mismatched)) if keys]
             hint = ''
-            if any('.norm_d ' in m for m in mismatched):
-                hint = ' (KCLA head dim differs: the official ImageNet code uses 64, set the backbone\'s head_dim=64)'
+            if any(k.endswith('.norm_d') for k in found.mismatched):
+                head_dim = infer_head_dim(state_dict)
+                if head_dim in (None, 64):
+                    hint = (" (KCLA head dim differs: the official ImageNet code uses 64, set the backbone's "
+                            "head_dim=64)")
+                else:
+                    hint = (f" (KCLA head dim differs: the checkpoint's is {head_dim}, set the backbone's "
+                            f"head_dim={head_dim})")
             raise ValueError(f'checkpoint {source} does not fit {self.arch}: ' + '; '.join(problems) + hint)
         self.model.load_state_dict(state_dict)
         print_log(f'{type(self).__name__}: loaded {len(state_dict)} tensors from {source}', logger='current')
+
+
+def _family_filter(model: nn.Module, arch: str) -> Optional[Callable[..., Dict[str, torch.Tensor]]]:
+    """The checkpoint filter of `model`'s family (official layouts -> ours), from the family registry.
+
+    The architecture is the model's own (`arch` may be an `hf-hub:` / `local-dir:` source); `None` for a model
+    that is not one of this package's.
+    """
+    from ..families import find_family
+    family = find_family((getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or arch)
+    return family.filter_fn if family is not None else None
 
 
 def _apply_norm_cfg(model: nn.Module, norm_cfg: Optional[Dict[str, Any]]) -> nn.Module:

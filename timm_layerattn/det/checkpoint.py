@@ -11,13 +11,13 @@ Two jobs:
   that only reaches `HistoryBuffer` methods. Nothing is unpickled with `weights_only=False`, and
   `TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD` is never touched.
 * `read_state_dict()` reads backbone weights from a local `.safetensors` / torch file, a `local-dir:`
-  folder, an `hf-hub:` repo or an http(s) URL (timm's readers), for `LayerAttnResNet`'s `Pretrained` init.
+  folder, an `hf-hub:` repo or an http(s) URL, for `LayerAttnResNet`'s `Pretrained` init.
 """
 import contextlib
 import functools
 import os
 import pickle
-from typing import Any, Callable, Dict, Iterator, List
+from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import torch
 
@@ -87,29 +87,37 @@ def enable_mmengine_checkpoint_loading() -> None:
             CheckpointLoader.register_scheme(prefixes=prefix, loader=_scoped(loader), force=True)
 
 
-def read_state_dict(source: str) -> Dict[str, torch.Tensor]:
+def read_state_dict(source: str, prefer_ema: bool = True) -> Tuple[Dict[str, torch.Tensor], str]:
     """Read a state dict (no model needed) from a file, `local-dir:DIR`, `hf-hub:ORG/NAME[@REV]` or a URL.
 
-    Torch pickles are read with `weights_only=True` (mmengine checkpoint contents allowed); a training
-    checkpoint is unwrapped to its `state_dict_ema` / `model_ema` / `state_dict` / `model` entry and a
-    `module.` prefix is stripped (timm's `load_state_dict`).
+    Files (local or downloaded) go through the package's one reader, `checkpoints.io.read_state_dict`; folders
+    and Hub repos through timm's, which find the weights file. Torch pickles are read with `weights_only=True`
+    (mmengine checkpoint contents and timm's `args` allowed); training containers and `module.` /
+    `_orig_mod.` prefixes are unwrapped by the one rule of `checkpoints.io`.
+
+    Returns:
+        `(state_dict, container)`, `container` the dotted container path used ('' for a bare state dict).
     """
-    from timm.models import load_state_dict
+    import argparse
     from timm.models._hub import download_cached_file, load_state_dict_from_hf, load_state_dict_from_path
+
+    from ..checkpoints.io import read_state_dict as read_file
+    from ..checkpoints.io import unwrap_state_dict
 
     with mmengine_checkpoint_globals():
         if source.startswith('hf-hub:'):
-            return load_state_dict_from_hf(source[len('hf-hub:'):])
+            return unwrap_state_dict(load_state_dict_from_hf(source[len('hf-hub:'):]), prefer_ema=prefer_ema)
         if source.startswith('local-dir:'):
             folder = os.path.expanduser(source[len('local-dir:'):])
             if not os.path.isdir(folder):
                 raise FileNotFoundError(f'backbone checkpoint folder not found: {folder}')
-            return load_state_dict_from_path(folder)
+            return unwrap_state_dict(load_state_dict_from_path(folder), prefer_ema=prefer_ema)
         if source.startswith(('http://', 'https://')):
-            return load_state_dict(download_cached_file(source))
-        path = os.path.expanduser(source)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f'backbone checkpoint not found: {path} (a .safetensors / torch file, local-dir:DIR, '
-                f'hf-hub:ORG/NAME or a URL; set it with --cfg-options model.backbone.init_cfg.checkpoint=...)')
-        return load_state_dict(path)
+            path = download_cached_file(source)
+        else:
+            path = os.path.expanduser(source)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(
+                    f'backbone checkpoint not found: {path} (a .safetensors / torch file, local-dir:DIR, '
+                    f'hf-hub:ORG/NAME or a URL; set it with --cfg-options model.backbone.init_cfg.checkpoint=...)')
+        return read_file(path, prefer_ema=prefer_ema, allowed_globals=[argparse.Namespace])

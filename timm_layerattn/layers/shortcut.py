@@ -1,20 +1,20 @@
 """Attention shortcuts: the skip combiner of a ResNet as multi-head attention over all earlier outputs.
 
 Paper: `Introducing attention shortcuts in convolutional neural networks` (D. Erroz, M. Galar, AIMS 2025).
-Spec: attention_shortcuts.md (every decision D1-D20 referenced below lives there).
+Design notes: docs/design/attention_shortcuts.md; the `#as-...` anchors cited below are sections of that page.
 
 Block `l` of the network computes `X_l = H_l(g_l(X_1, ..., X_{l-1}))`, where the site `g_l` is attention
-along the *depth* axis, independently at every pixel p (D1, Eq 3.2):
+along the *depth* axis, independently at every pixel p (#as-depth-attention, Eq 3.2):
 
     q      = W^Q X_{l-1}[p]                    one query per pixel, from the newest output
     K_j    = W^K X_j[p],  V_j = W^V X_j[p]      one key / value per earlier output, j = 1 .. l-1
     g_l[p] = W^O concat_k softmax_j(q_k . K_jk / sqrt(c/h)) V_jk        (h heads of c/h channels)
 
-Keys and values are projected once, when their output is produced, and kept in a cache (D8). The cache is
-a pair of tensors `[K, V]` of shape `[B, n, C, H, W]` that grows along dim 1 (tensors, not Python lists,
-so that `torch.fx` can trace the cache adapters). When the width or resolution changes between two sites
-the cache is brought to the new shape: subsampled with a 1x1 window and stride 2 (AS_out, D9), or passed
-through 1x1 convs with the stride (AS_KV / AS_stages, D10).
+Keys and values are projected once, when their output is produced, and kept in a cache (#as-cache-kv). The cache
+is a pair of tensors `[K, V]` of shape `[B, n, C, H, W]` that grows along dim 1 (tensors, not Python
+lists, so that `torch.fx` can trace the cache adapters). When the width or resolution changes between two
+sites the cache is brought to the new shape: subsampled with a 1x1 window and stride 2 (AS_out,
+#as-cache-subsample), or passed through 1x1 convs with the stride (AS_KV / AS_stages, #as-cache-adapters).
 
 Each site appends the newest output's K/V itself, just before attending (a site sees exactly the outputs
 that precede it), so the output of the network's last block is never projected, and a network pruned for
@@ -42,18 +42,20 @@ _ADAPTER = ('separate', 'shared')
 
 @dataclass(frozen=True)
 class ShortcutCfg:
-    """Attention-shortcut strategy of a ResNet (spec attention_shortcuts.md).
+    """Attention-shortcut strategy of a ResNet (docs/design/attention_shortcuts.md#as-package).
 
     Attributes:
         placement: 'block': a site in front of every block, K/V/O projections shared by all sites of one
             width and owned once by the network (AS_out, AS_KV); 'stage': a site between stages, each with
             its own projections (AS_stages).
-        num_heads: Attention heads h (D5).
+        num_heads: Attention heads h (#as-heads).
         downsample: How the cache follows a stride: 'subsample' (parameter-free, widths must not change;
             AS_out) or 'conv' (1x1 convs with the stride, mapping the old width to the new; AS_KV, AS_stages).
-        q_proj: 'per_site' (D7, default) or 'shared' (one W^Q per width, in the shared group; 'block' only).
-        kv_adapter: 'separate' K and V adapters (D10, default) or one 'shared' adapter for both.
-        pre_norm: LayerNorm2d on each site's input (AS_stages, whose stage outputs are not normalised; D16).
+        q_proj: 'per_site' (default) or 'shared' (one W^Q per width, in the shared group; 'block' only;
+            #as-projection-sharing).
+        kv_adapter: 'separate' K and V adapters (default) or one 'shared' adapter for both (#as-cache-adapters).
+        pre_norm: LayerNorm2d on each site's input (AS_stages, whose stage outputs are not normalised;
+            #as-stages-design).
         norm_eps: LayerNorm epsilon (the PyTorch default; the paper gives none).
     """
     placement: str = 'block'
@@ -107,7 +109,7 @@ def depth_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads
 def depth_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int) -> torch.Tensor:
     """`depth_attention` as `F.scaled_dot_product_attention` with batch B*H*W, query length 1, key length n.
 
-    The spec's recommended formulation (§1); numerically the same as `depth_attention`, faster on some
+    The recommended formulation (#as-mechanism); numerically the same as `depth_attention`, faster on some
     accelerators, slower on CPU.
     """
     B, n, C, H, W = k.shape
@@ -120,7 +122,7 @@ def depth_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_
 
 
 def _conv1x1(in_chs: int, out_chs: int, stride: int = 1, device=None, dtype=None) -> nn.Conv2d:
-    # D6: projections and adapters are bias-free 1x1 convs.
+    # Projections and adapters are bias-free 1x1 convs (#as-bias-free).
     return nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False, device=device, dtype=dtype)
 
 
@@ -165,14 +167,44 @@ class ShortcutProjections(nn.ModuleDict):
                           for c in sorted(set(dims))})
 
     def weights(self) -> Dict[int, ShortcutWeights]:
-        """Every group's weights by width: what the network hands to its stages (see `ShortcutWeights`)."""
+        """Every group's weights by width (see `ShortcutWeights`)."""
         out: Dict[int, ShortcutWeights] = {}
         for proj in self.values():
             out[proj.dim] = proj.weights()
         return out
 
+    def shared_tensors(self) -> List[torch.Tensor]:
+        """All groups' weights as one flat list, in the order `bind` indexes: what the network hands to
+        every unit (a site finds its group's weights at its `slots`)."""
+        out: List[torch.Tensor] = []
+        for proj in self.values():
+            q, k, v, o = proj.weights()
+            if q is not None:
+                out.append(q)
+            if k is not None:
+                out.append(k)
+            out.append(v)
+            out.append(o)
+        return out
+
+    def bind(self, sites: Iterable['AttentionShortcut']) -> None:
+        """Tell each site where its group's weights are in `shared_tensors()` (again after pruning)."""
+        index: Dict[int, Tuple[int, int, int, int]] = {}
+        i = 0
+        for proj in self.values():
+            q, k, _, _ = proj.weights()
+            iq = i if q is not None else -1
+            i += q is not None
+            ik = i if k is not None else -1
+            i += k is not None
+            index[proj.dim] = (iq, ik, i, i + 1)
+            i += 2
+        for site in sites:
+            site.slots = index[site.dim]
+
     def prune(self, sites: Iterable['AttentionShortcut']) -> None:
-        """Keep only what the given (remaining) sites use: every parameter must receive a gradient (DDP)."""
+        """Keep only what the given (remaining) sites use, and rebind them: every parameter must receive a
+        gradient (DDP)."""
         sites = list(sites)
         used = {s.dim for s in sites}
         queried = {s.dim for s in sites if s.has_query}
@@ -185,15 +217,17 @@ class ShortcutProjections(nn.ModuleDict):
                 self[key].q = None
             if len(sites) == 1:
                 self[key].k = None  # a lone first site reads no keys
+        self.bind(sites)
 
 
 class AttentionShortcut(nn.Module):
     """One attention-shortcut site g: cache update, then per-pixel attention of the newest output over it.
 
     A site's parts that are its own: its query projection W^Q (absent at the network's first site, where the
-    softmax over one entry is identically 1 and g reduces to W^O V_1; D4), the cache adapters when the cache
-    changes width here (D10), the optional pre-norm (D16) and, for stage sites, its K/V/O projections. The
-    K/V/O of block sites are shared per width and passed to `forward_weights` by the network.
+    softmax over one entry is identically 1 and g reduces to W^O V_1; #as-site-placement), the cache adapters
+    when the cache changes width here (#as-cache-adapters), the optional pre-norm (#as-stages-design) and, for
+    stage sites, its K/V/O projections. The K/V/O of block sites are shared per width and passed to
+    `forward_weights` by the network.
 
     State: `[]` before the first site, then `[K, V]`, each `[B, n, C, H, W]` at this site's width and
     resolution after the site ran.
@@ -252,6 +286,9 @@ class AttentionShortcut(nn.Module):
         self.kv_adapt_k: Optional[nn.Module] = None
         self.kv_adapt_v: Optional[nn.Module] = None
         self.kv_adapt: Optional[nn.Module] = None
+        # Where the shared group's (W^Q, W^K, W^V, W^O) are in the network's shared tensors (-1: absent);
+        # set by `ShortcutProjections.bind` for sites without projections of their own.
+        self.slots: Tuple[int, int, int, int] = (-1, -1, -1, -1)
         if not self.first and (cache_dim != dim or cache_stride != 1):
             if downsample == 'subsample':
                 if cache_dim != dim:
@@ -294,20 +331,30 @@ class AttentionShortcut(nn.Module):
             return cache[1][:, 0]
         return depth_attention(q, cache[0], cache[1], self.num_heads)
 
-    def forward(self, x: torch.Tensor, state: List[torch.Tensor]) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        """Site with its own projections (stage sites)."""
-        if self.norm is not None:
-            x = self.norm(x)
-        assert self.v is not None and self.o is not None, 'site has no projections of its own'
-        v = self.v(x)
-        if self.k is None:
-            # The only site of a pruned network: nothing reads its keys (see `drop_key`).
-            return self.o(v), state
-        cache = self.update_cache(state, self.k(x), v)
-        q: Optional[torch.Tensor] = None
-        if self.q is not None:
-            q = self.q(x)
-        return self.o(self.attend(q, cache)), cache
+    def forward(
+            self,
+            x: torch.Tensor,
+            state: List[torch.Tensor],
+            shared: List[torch.Tensor],
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """The site with its own K/V/O (stage sites) or its group's, found in the network's `shared` tensors
+        at `slots` (block sites)."""
+        return self.forward_weights(x, state, self._weights(shared))
+
+    def _weights(self, shared: List[torch.Tensor]) -> ShortcutWeights:
+        wk: Optional[torch.Tensor] = None
+        if self.v is not None and self.o is not None:
+            if self.k is not None:
+                wk = self.k.weight
+            return None, wk, self.v.weight, self.o.weight
+        iq, ik, iv, io = self.slots
+        assert iv >= 0, 'site has no projections of its own and is not bound to a shared group'
+        wq: Optional[torch.Tensor] = None
+        if iq >= 0:
+            wq = shared[iq]
+        if ik >= 0:
+            wk = shared[ik]
+        return wq, wk, shared[iv], shared[io]
 
     def forward_weights(
             self,
@@ -315,9 +362,9 @@ class AttentionShortcut(nn.Module):
             state: List[torch.Tensor],
             proj: ShortcutWeights,
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        """Site whose K/V/O (and shared W^Q) come from the network's group, given by its weights
-        (`ShortcutProj.weights()`; block sites): the projections are bias-free 1x1 convs, so `F.conv2d` on
-        their weights is the same op as calling them."""
+        """The site's maths on explicit K/V/O (and shared W^Q) weights, `proj` (`ShortcutProj.weights()`):
+        the projections are bias-free 1x1 convs, so `F.conv2d` on their weights is the same op as calling
+        them. A per-site W^Q is the site's own `q`."""
         wq, wk, wv, wo = proj
         if self.norm is not None:
             x = self.norm(x)

@@ -1,16 +1,17 @@
-"""Model families; importing this package registers every model with timm."""
-import pkgutil as _pkgutil
+"""Model families; importing this package registers every model with timm and with the family registry."""
 from typing import List as _List
 
+from .skeleton import *
 from .resnet_la import *
 from .cifar_resnet_la import *
 from .resnet_as import *
 from .cifar_resnet_as import *
 from .cnntention import *
 from .gradattn import *
+from ..families import families as _families
 
 # timm keys its registry by the last component of each family module's name.
-MODEL_MODULES = tuple(m.name for m in _pkgutil.iter_modules(__path__) if not m.name.startswith('_'))
+MODEL_MODULES = tuple(dict.fromkeys(m for f in _families() for m in f.modules))
 
 
 def list_models(filter: str = '', include_tags: bool = False) -> _List[str]:

@@ -25,7 +25,7 @@ def build_la_model(
     `default_out_indices` is the feature selection when the caller gives no `out_indices`.
     `pretrained=True` for a tag without weights fails up front with instructions (`PretrainedWeightsError`);
     a missing, unreadable, corrupt, non-finite or non-fitting checkpoint fails with one line naming the file
-    and the problem (a `CheckpointError`, see `checkpoint_io.py`).
+    and the problem (a `CheckpointError`, see `checkpoints/timm_entry.py`).
     """
     feature_cfg = dict(feature_cls='getter', out_indices=tuple(default_out_indices))
     if not pretrained:
@@ -33,7 +33,8 @@ def build_la_model(
             model_cls, variant, pretrained, model_cfg=model_cfg, pretrained_filter_fn=filter_fn,
             feature_cfg=feature_cfg, **kwargs)
     source = check_pretrained_source(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
-    from ..checkpoint_io import build_checked  # only needed when loading weights
+    from ..checkpoints.timm_entry import build_checked  # only needed when loading weights
     return build_checked(
         build_model_with_cfg, model_cls, variant, pretrained, filter_fn, source,
         model_cfg=model_cfg, feature_cfg=feature_cfg, **kwargs)
+

@@ -11,9 +11,10 @@ from typing import Any, Dict
 
 from timm.models import generate_default_cfgs, register_model
 
+from ..families import cifar_cfg, register_family
 from .cifar_resnet_la import CIFAR_DEFAULT_MEAN, CIFAR_DEFAULT_STD
-from .resnet_as import AS_PAPER, as_arch, create_as_model
-from .resnet_la import ResNetLA
+from .resnet_as import AS_FAMILY, AS_PAPER, as_arch, create_as_model
+from .skeleton import ResNetLA
 
 __all__ = []
 
@@ -28,17 +29,11 @@ def _create_cifar_resnet_as(variant: str, pretrained: bool = False, **kwargs) ->
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:
-    return {
-        'num_classes': 10, 'input_size': (3, 32, 32), 'pool_size': (4, 4), 'min_input_size': (3, 8, 8),
-        'crop_pct': 1.0, 'interpolation': 'bilinear',
-        'mean': CIFAR_DEFAULT_MEAN, 'std': CIFAR_DEFAULT_STD,
-        'first_conv': 'conv1', 'classifier': 'fc',
-        'license': 'apache-2.0', 'paper_name': AS_PAPER,
-        **kwargs,
-    }
+    return cifar_cfg(CIFAR_DEFAULT_MEAN, CIFAR_DEFAULT_STD, pool_size=(4, 4), paper_name=AS_PAPER, **kwargs)
 
 
 default_cfgs = generate_default_cfgs({f'{name}.untrained': _cfg() for name in model_cfgs})
+register_family(AS_FAMILY, model_cfgs)
 
 
 @register_model

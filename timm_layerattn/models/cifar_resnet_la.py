@@ -6,14 +6,14 @@ blocks per stage, global average pooling (the official `AvgPool2d(8)` equals it 
 input size >= 8 px works). Attention head dim 16; KCLA re-summarises its history at each stage's first
 block only (no block-11 rule, unlike the ImageNet code). No zero-init of the last BN (official CIFAR init).
 """
-from dataclasses import replace
 from typing import Any, Dict
 
 from timm.models import generate_default_cfgs, register_model
 
+from ..families import Family, cifar_cfg, register_family
 from ..layers import LayerAttnCfg
-from ._builder import build_la_model
-from .resnet_la import ResNetLA, ResNetLACfg, checkpoint_filter_fn
+from .resnet_la import BlockAttention, checkpoint_filter_fn, create_la_model, register_la_models
+from .skeleton import ResNetLA, ResNetLACfg
 
 __all__ = ['CIFAR_DEFAULT_MEAN', 'CIFAR_DEFAULT_STD']
 
@@ -22,9 +22,9 @@ CIFAR_DEFAULT_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_DEFAULT_STD = (0.2023, 0.1994, 0.2010)
 
 _ATTN = dict(
-    kcla=LayerAttnCfg('kcla', head_dim=16, drop_path=0.2, rebuild_blocks=(0,)),
-    mrlal=LayerAttnCfg('mrla_light', head_dim=16),
-    mrlab=LayerAttnCfg('mrla_base', head_dim=16),
+    kcla=BlockAttention(LayerAttnCfg('kcla', head_dim=16, drop_path=0.2, rebuild_blocks=(0,))),
+    mrlal=BlockAttention(LayerAttnCfg('mrla_light', head_dim=16)),
+    mrlab=BlockAttention(LayerAttnCfg('mrla_base', head_dim=16)),
 )
 
 
@@ -32,7 +32,7 @@ def _cifar_arch(depth: int, attn: str = '') -> ResNetLACfg:
     n = (depth - 2) // 9
     return ResNetLACfg(
         layers=(n, n, n), channels=(16, 32, 64), stem_type='cifar', stem_width=16,
-        attn=_ATTN[attn] if attn else None, zero_init_last=False)
+        strategy=_ATTN[attn] if attn else None, zero_init_last=False)
 
 
 model_cfgs = {
@@ -42,23 +42,20 @@ model_cfgs = {
 
 
 def _create_cifar_resnet_la(variant: str, pretrained: bool = False, **kwargs) -> ResNetLA:
-    cfg = replace(model_cfgs[variant], name=variant)
-    return build_la_model(
-        ResNetLA, variant, pretrained, cfg, checkpoint_filter_fn, default_out_indices=(0, 1, 2, 3), **kwargs)
+    return create_la_model(variant, model_cfgs[variant], pretrained, default_out_indices=(0, 1, 2, 3), **kwargs)
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:
-    return {
-        'num_classes': 10, 'input_size': (3, 32, 32), 'pool_size': (8, 8), 'min_input_size': (3, 8, 8),
-        'crop_pct': 1.0, 'interpolation': 'bilinear',
-        'mean': CIFAR_DEFAULT_MEAN, 'std': CIFAR_DEFAULT_STD,
-        'first_conv': 'conv1', 'classifier': 'fc',
-        'license': 'apache-2.0', 'origin_url': 'https://github.com/bgx666/KCLA',
-        **kwargs,
-    }
+    return cifar_cfg(CIFAR_DEFAULT_MEAN, CIFAR_DEFAULT_STD, origin_url='https://github.com/bgx666/KCLA', **kwargs)
 
 
 default_cfgs = generate_default_cfgs({f'{name}.untrained': _cfg() for name in model_cfgs})
+
+register_la_models(model_cfgs)
+register_family(
+    Family('cifar_resnet', 'CIFAR ResNet', card='cifar_resnet', filter_fn=checkpoint_filter_fn,
+           modules=('cifar_resnet_la',)),
+    {name: cfg for name, cfg in model_cfgs.items() if cfg.strategy is None})
 
 
 @register_model

@@ -11,8 +11,7 @@ module carries its own residual (gamma-gated for SelfAtt / MHA, plain for CBAM).
 stage exit units of the `ResNetLA` skeleton, so they follow its `(x, state) -> (x, state)` contract.
 """
 import math
-from dataclasses import replace
-from functools import partial
+from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -20,15 +19,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models import generate_default_cfgs, register_model
 
+from ..checkpoints import cnntention as official_rules
+from ..families import Family, cifar_cfg, register_family, reject_kwargs
 from ..layers._checks import check_divisor, check_int, divisors, fmt_ints
 from ._builder import build_la_model
-from .resnet_la import ResNetLA, ResNetLACfg
-from .resnet_la import checkpoint_filter_fn as _la_checkpoint_filter_fn
+from .skeleton import Dd, LayerStrategy, ResNetLA, ResNetLACfg, StageSite
 
-__all__ = ['SelfAttention2d', 'MultiHeadAttention2d', 'CBAM', 'checkpoint_filter_fn', 'CNNTENTION_MEAN',
-           'CNNTENTION_STD']
+__all__ = ['SelfAttention2d', 'MultiHeadAttention2d', 'CBAM', 'StageAttention', 'checkpoint_filter_fn',
+           'CNNTENTION_MEAN', 'CNNTENTION_STD']
 
 State = List[torch.Tensor]
+Shared = List[torch.Tensor]
 
 # The authors' normalisation (grey statistics, spec §5): right for their checkpoints, fine for new training.
 CNNTENTION_MEAN = (0.4919, 0.4919, 0.4919)
@@ -54,7 +55,7 @@ class SelfAttention2d(nn.Module):
         self.v = nn.Conv2d(channels, channels, 1, **dd)
         self.gamma = nn.Parameter(torch.zeros(1, **dd))
 
-    def forward(self, x: torch.Tensor, state: State) -> Tuple[torch.Tensor, State]:
+    def forward(self, x: torch.Tensor, state: State, shared: Shared) -> Tuple[torch.Tensor, State]:
         B, C, H, W = x.shape
         q = self.q(x).flatten(2).transpose(1, 2).unsqueeze(1)  # [B, 1, N, C]
         k = self.k(x).flatten(2).transpose(1, 2).unsqueeze(1)
@@ -81,7 +82,7 @@ class MultiHeadAttention2d(nn.Module):
         self.proj = nn.Conv2d(channels, channels, 1, **dd)
         self.gamma = nn.Parameter(torch.zeros(1, **dd))
 
-    def forward(self, x: torch.Tensor, state: State) -> Tuple[torch.Tensor, State]:
+    def forward(self, x: torch.Tensor, state: State, shared: Shared) -> Tuple[torch.Tensor, State]:
         B, C, H, W = x.shape
         h = self.num_heads
         q = self.q(x).reshape(B, h, C // h, H * W).transpose(2, 3)  # [B, h, N, d]
@@ -117,7 +118,7 @@ class CBAM(nn.Module):
         self.channel_mlp = _ChannelMlp(channels, max(channels // reduction, 1), **dd)
         self.spatial_conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, **dd)
 
-    def forward(self, x: torch.Tensor, state: State) -> Tuple[torch.Tensor, State]:
+    def forward(self, x: torch.Tensor, state: State, shared: Shared) -> Tuple[torch.Tensor, State]:
         gate = self.channel_mlp(x.amax((2, 3))) + self.channel_mlp(x.mean((2, 3)))
         f = x * torch.sigmoid(gate)[:, :, None, None]
         s = torch.cat([f.amax(1, keepdim=True), f.mean(1, keepdim=True)], dim=1)
@@ -134,44 +135,48 @@ def _check_cbam(owner: str, reduction: Any, kernel_size: Any, names: Tuple[str, 
         raise ValueError(f'{owner}: {names[1]} must be {allowed}, got {kernel_size!r}')
 
 
-def _stage_attn(
-        kind: str,
-        stage_idx: int,
-        channels: int,
-        att_heads: int = 8,
-        cbam_reduction: int = 16,
-        cbam_kernel: int = 7,
-        device=None,
-        dtype=None,
-) -> nn.Module:
-    dd = {'device': device, 'dtype': dtype}
-    if kind == 'selfatt':
-        return SelfAttention2d(channels, **dd)
-    if kind == 'mha':
-        return MultiHeadAttention2d(channels, att_heads, **dd)
-    return CBAM(channels, cbam_reduction, cbam_kernel, **dd)
+@dataclass(frozen=True)
+class StageAttention(LayerStrategy):
+    """One attention module after each stage ('selfatt', 'mha' or 'cbam'); its output replaces the stage's."""
+    kind: str
+    att_heads: int = 8
+    cbam_reduction: int = 16
+    cbam_kernel: int = 7
+
+    def check(self, cfg: ResNetLACfg, owner: str) -> None:
+        if self.kind == 'mha':
+            widths = cfg.block_widths()
+            check_divisor(owner, 'att_heads', self.att_heads, divisors(math.gcd(*widths)),
+                          f'attention heads: every stage width {fmt_ints(widths)} must be divisible into heads')
+        if self.kind == 'cbam':
+            _check_cbam(owner, self.cbam_reduction, self.cbam_kernel, ('cbam_reduction', 'cbam_kernel'))
+
+    def stage_exit(self, site: StageSite, dd: Dd) -> Optional[nn.Module]:
+        if self.kind == 'selfatt':
+            return SelfAttention2d(site.out_chs, **dd)
+        if self.kind == 'mha':
+            return MultiHeadAttention2d(site.out_chs, self.att_heads, **dd)
+        return CBAM(site.out_chs, self.cbam_reduction, self.cbam_kernel, **dd)
 
 
 def _cnntention_arch(kind: str = '') -> ResNetLACfg:
     return ResNetLACfg(
         layers=(3, 3, 3), channels=(16, 32, 64), block='basic', stem_type='cifar', stem_width=16,
-        residual='pad', zero_init_last=False, stage_post=partial(_stage_attn, kind) if kind else None)
+        residual='pad', zero_init_last=False, strategy=StageAttention(kind) if kind else None)
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: ResNetLA) -> Dict[str, torch.Tensor]:
-    """Map the authors' checkpoints (`att{i}.*` -> `layer{i}.attn.*`, spec §6, incl. MHA's swapped key/query)
-    to this layout. A checkpoint already in this layout passes through unchanged."""
-    from ..convert import _cnntention_variant_from_keys, remap_cnntention_keys
-    state_dict = _la_checkpoint_filter_fn(state_dict, model)
-    variant = _cnntention_variant_from_keys(state_dict)
-    if variant is None:
-        return state_dict
-    return {k: v.reshape(1) if k.endswith('.attn.gamma') else v
-            for k, v in remap_cnntention_keys(state_dict, variant).items()}
+    """Map the authors' checkpoints (`att{i}.*` -> `layer{i}.attn.*`, incl. MHA's swapped key / query) to
+    this layout. A checkpoint already in this layout passes through unchanged."""
+    return official_rules.filter_checkpoint(state_dict, model)
 
 
 _KINDS = {f'cifar_resnet20_basic{"_" + kind if kind else ""}': kind for kind in ('', 'selfatt', 'mha', 'cbam')}
 model_cfgs = {name: _cnntention_arch(kind) for name, kind in _KINDS.items()}
+
+
+# Model kwargs beyond timm's, by the variant kind that takes them.
+_KIND_KWARGS = {'': (), 'selfatt': (), 'mha': ('att_heads',), 'cbam': ('cbam_reduction', 'cbam_kernel')}
 
 
 def _create_cnntention(
@@ -183,38 +188,24 @@ def _create_cnntention(
         **kwargs,
 ) -> ResNetLA:
     cfg, kind = replace(model_cfgs[variant], name=variant), _KINDS[variant]
-    given = dict(att_heads=att_heads, cbam_reduction=cbam_reduction, cbam_kernel=cbam_kernel)
-    takes = dict(att_heads='mha', cbam_reduction='cbam', cbam_kernel='cbam')
-    for name, value in given.items():
-        if value is not None and takes[name] != kind:
-            raise TypeError(f'{variant} does not take {name!r}')
-    if att_heads is not None:
-        widths = cfg.block_widths()[0]
-        check_divisor(variant, 'att_heads', att_heads, divisors(math.gcd(*widths)),
-                      f'attention heads: every stage width {fmt_ints(widths)} must be divisible into heads')
-    if kind == 'cbam':
-        _check_cbam(variant, 16 if cbam_reduction is None else cbam_reduction,
-                    7 if cbam_kernel is None else cbam_kernel, ('cbam_reduction', 'cbam_kernel'))
-    given = {k: v for k, v in given.items() if v is not None}
+    given = reject_kwargs(variant, dict(att_heads=att_heads, cbam_reduction=cbam_reduction, cbam_kernel=cbam_kernel),
+                          _KIND_KWARGS[kind])
     if given:
-        cfg = replace(cfg, stage_post=partial(_stage_attn, kind, **given))
+        cfg = replace(cfg, strategy=replace(cfg.strategy, **given))
     return build_la_model(
         ResNetLA, variant, pretrained, cfg, checkpoint_filter_fn, default_out_indices=(0, 1, 2, 3), **kwargs)
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:
-    return {
-        'num_classes': 10, 'input_size': (3, 32, 32), 'pool_size': (8, 8), 'min_input_size': (3, 8, 8),
-        'crop_pct': 1.0, 'interpolation': 'bilinear',
-        'mean': CNNTENTION_MEAN, 'std': CNNTENTION_STD,
-        'first_conv': 'conv1', 'classifier': 'fc',
-        'license': 'apache-2.0', 'paper_ids': 'arXiv:2412.11657',
-        'origin_url': 'https://github.com/AttentionSeekers/CNNtention',
-        **kwargs,
-    }
+    return cifar_cfg(CNNTENTION_MEAN, CNNTENTION_STD, paper_ids='arXiv:2412.11657',
+                     origin_url='https://github.com/AttentionSeekers/CNNtention', **kwargs)
 
 
 default_cfgs = generate_default_cfgs({f'{name}.untrained': _cfg() for name in model_cfgs})
+
+register_family(Family(
+    'cnntention', 'CNNtention', card='cnntention', filter_fn=checkpoint_filter_fn,
+    detect_official=official_rules.is_official, model_kwargs=('att_heads', 'cbam_reduction', 'cbam_kernel'), modules=('cnntention',)), model_cfgs)
 
 
 @register_model

@@ -15,23 +15,21 @@ an NCHW map `[B, 256, 1, 5]`, so timm's standard head (global average pool = mea
 is the paper's classifier. `features_only` gives the five taps (64/64/128/256/512 channels at reductions
 4/4/8/16/32) and prunes the neck.
 """
-import re
-from dataclasses import replace
-from functools import partial
+from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import generate_default_cfgs, register_model
 
+from ..checkpoints import gradattn as official_rules
+from ..families import Family, imagenet_cfg, register_family
 from ..layers._checks import check_choice, check_int, check_rate
 from ._builder import build_la_model
-from .resnet_la import ResNetLA, ResNetLACfg
-from .resnet_la import checkpoint_filter_fn as _la_checkpoint_filter_fn
+from .skeleton import Dd, LayerStrategy, ResNetLA, ResNetLACfg
 
-__all__ = ['GradAttnNeck', 'TokenEncoderLayer', 'rotary_cos_sin', 'checkpoint_filter_fn']
+__all__ = ['GradAttnNeck', 'TokenEncoder', 'TokenEncoderLayer', 'rotary_cos_sin', 'checkpoint_filter_fn']
 
 
 def rotary_cos_sin(
@@ -165,44 +163,31 @@ class GradAttnNeck(nn.Module):
         return x.transpose(1, 2).unsqueeze(2)
 
 
+@dataclass(frozen=True)
+class TokenEncoder(LayerStrategy):
+    """GradAttn's neck: one token per feature level, encoded over the depth axis (see `GradAttnNeck`)."""
+    pos: str = 'none'
+    embed_dim: int = 256
+    depth: int = 3
+    num_heads: int = 8
+    mlp_dim: int = 512
+    drop: float = 0.1
+
+    def neck(self, feature_chs: List[int], dd: Dd) -> Optional[nn.Module]:
+        return GradAttnNeck(feature_chs, self.embed_dim, self.depth, self.num_heads, self.mlp_dim, self.drop,
+                            self.pos, **dd)
+
+
 def _gradattn_arch(pos: str) -> ResNetLACfg:
     return ResNetLACfg(
         layers=(2, 2, 2, 2), channels=(64, 128, 256, 512), block='basic', residual='none', stem_feat='pool',
-        zero_init_last=False, neck=partial(GradAttnNeck, pos=pos))
-
-
-# Official notebook names (spec §6) -> ours.
-_OFFICIAL_RULES: Tuple[Tuple[str, str], ...] = (
-    (r'^projections\.(\d+)\.2\.', r'neck.proj.\1.'),
-    (r'^positional_embedding$', 'neck.pos_embed'),
-    (r'^(?:transformer_encoder\.layers|transformer_layers)\.(\d+)\.', r'neck.layers.\1.'),
-    (r'\.self_attn\.in_proj_(weight|bias)$', r'.qkv.\1'),
-    (r'\.self_attn\.(?:out_proj|w_o)\.', '.proj.'),
-    (r'\.linear([12])\.', r'.fc\1.'),
-    (r'^classifier\.', 'fc.'),
-)
+        zero_init_last=False, strategy=TokenEncoder(pos))
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: ResNetLA) -> Dict[str, torch.Tensor]:
-    """Map a notebook-trained GradAttn state dict to this layout (RoPE: concatenate `w_q/w_k/w_v` into `qkv`,
-    drop the `inv_freq` buffers). A checkpoint already in this layout passes through unchanged."""
-    state_dict = _la_checkpoint_filter_fn(state_dict, model)
-    if not any(k.startswith(('projections.', 'classifier.')) for k in state_dict):
-        return state_dict
-    out, qkv = {}, {}
-    for k, v in state_dict.items():
-        if k.endswith('.rotary_emb.inv_freq'):
-            continue
-        m = re.match(r'^transformer_layers\.(\d+)\.self_attn\.w_([qkv])\.weight$', k)
-        if m:
-            qkv.setdefault(int(m.group(1)), {})[m.group(2)] = v
-            continue
-        for pattern, repl in _OFFICIAL_RULES:
-            k = re.sub(pattern, repl, k)
-        out[k] = v
-    for j, parts in qkv.items():
-        out[f'neck.layers.{j}.qkv.weight'] = torch.cat([parts['q'], parts['k'], parts['v']], dim=0)
-    return out
+    """Map a notebook-trained GradAttn state dict to this layout (RoPE: `w_q/w_k/w_v` concatenated into
+    `qkv`). A checkpoint already in this layout passes through unchanged."""
+    return official_rules.filter_checkpoint(state_dict, model)
 
 
 _POS = {'resnet18_gradattn_nope': 'none', 'resnet18_gradattn_lpe': 'learned', 'resnet18_gradattn_rope': 'rope'}
@@ -231,23 +216,21 @@ def _create_gradattn(
     neck_args = dict(embed_dim=embed_dim, num_heads=num_heads, mlp_dim=mlp_dim, depth=depth, drop=encoder_drop_rate)
     neck_args = {k: v for k, v in neck_args.items() if v is not None}
     if neck_args:
-        cfg = replace(cfg, neck=partial(GradAttnNeck, pos=_POS[variant], **neck_args))
+        cfg = replace(cfg, strategy=replace(cfg.strategy, **neck_args))
     return build_la_model(ResNetLA, variant, pretrained, cfg, checkpoint_filter_fn, **kwargs)
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:
-    return {
-        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (1, 5), 'min_input_size': (3, 28, 28),
-        'crop_pct': 0.875, 'interpolation': 'bilinear',
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'conv1', 'classifier': 'fc',
-        'license': 'apache-2.0', 'paper_ids': 'arXiv:2603.26756',
-        'origin_url': 'https://github.com/SoudeepGhoshal/GradAttn',
-        **kwargs,
-    }
+    return imagenet_cfg(pool_size=(1, 5), min_input_size=(3, 28, 28), paper_ids='arXiv:2603.26756',
+                        origin_url='https://github.com/SoudeepGhoshal/GradAttn', **kwargs)
 
 
 default_cfgs = generate_default_cfgs({f'{name}.untrained': _cfg() for name in model_cfgs})
+
+register_family(Family(
+    'gradattn', 'GradAttn', card='gradattn', filter_fn=checkpoint_filter_fn,
+    model_kwargs=('embed_dim', 'num_heads', 'mlp_dim', 'depth', 'encoder_drop_rate'), modules=('gradattn',)),
+    model_cfgs)
 
 
 @register_model

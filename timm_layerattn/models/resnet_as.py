@@ -1,8 +1,9 @@
 """ResNets with attention shortcuts (AS_out, AS_KV, AS_stages) and the paper's baselines, ImageNet stem.
 
 Paper: `Introducing attention shortcuts in convolutional neural networks` (D. Erroz, M. Galar, AIMS
-Mathematics 2025, CC BY 4.0). No public code exists; the interpretation follows the project spec
-(attention_shortcuts.md, decisions D1-D20) and reproduces its parameter tables exactly.
+Mathematics 2025, CC BY 4.0). No public code exists; the interpretation follows the design notes
+(docs/design/attention_shortcuts.md: decisions at #as-decisions, parameter tables at #as-param-counts,
+reproduced exactly). The `#as-...` anchors cited below are sections of that page.
 
 All variants are strategies on the `ResNetLA` skeleton:
 
@@ -14,51 +15,118 @@ All variants are strategies on the `ResNetLA` skeleton:
   the blocks receive their weights), W^Q is per site (`layerS.i.attn_in.q`).
 * AS_stages: the unchanged ResNet (residuals kept); the input of stages 2-4 is attention over the earlier
   stages' outputs (`layerS.attn_in`, pre-LayerNorm, own projections).
-* Baselines: ResNet-50 (timm's), ResNet-50 0.5x (block outputs halved, D17) and plain ResNet-50 (no
-  shortcuts at all, D18).
+* Baselines: ResNet-50 (timm's), ResNet-50 0.5x (block outputs halved, #as-half-baseline) and plain
+  ResNet-50 (no shortcuts at all, #as-plain-baseline).
 
-The ImageNet-stem models are our extension (D14), e.g. as detection backbones; the paper's CIFAR models are
-in `cifar_resnet_as`.
+The ImageNet-stem models are our extension (#as-stems), e.g. as detection backbones; the paper's CIFAR models
+are in `cifar_resnet_as`.
 """
-from dataclasses import replace
-from typing import Any, Dict, Optional
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+import torch.nn as nn
 from timm.models import generate_default_cfgs, register_model
 
-from ..layers._checks import check_bool, check_choice, check_int
-from ..layers.shortcut import ShortcutCfg
+from ..checkpoints import attention_shortcuts
+from ..families import Family, imagenet_cfg, register_family
+from ..layers._checks import check_bool, check_choice, check_divisor, check_int, divisors, fmt_ints
+from ..layers.shortcut import AttentionShortcut, ShortcutCfg, ShortcutProjections, create_shortcut_site
 from ._builder import build_la_model
-from .resnet_la import ResNetLA, ResNetLACfg
-from .resnet_la import checkpoint_filter_fn as _la_checkpoint_filter_fn
+from .skeleton import BlockSite, Dd, LAStage, LayerStrategy, ResNetLA, ResNetLACfg, StageSite
 
-__all__ = ['as_arch', 'apply_as_args', 'create_as_model', 'checkpoint_filter_fn']
+__all__ = ['AttentionShortcuts', 'as_arch', 'apply_as_args', 'create_as_model', 'checkpoint_filter_fn', 'AS_FAMILY']
 
 _DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 _INNER = (64, 128, 256, 512)
 AS_PAPER = 'Introducing attention shortcuts in convolutional neural networks'
 
 
+@dataclass(frozen=True)
+class AttentionShortcuts(LayerStrategy):
+    """Attention-shortcut sites in front of every block (AS_out, AS_KV) or between stages (AS_stages).
+
+    Block sites share their width's K/V/O projections, owned once by the network (`as_proj`, a
+    network-level module whose weights reach every site at call time); stage sites own theirs.
+    """
+    cfg: ShortcutCfg
+
+    @property
+    def block_sites(self) -> bool:
+        return self.cfg.placement == 'block'
+
+    def check(self, cfg: ResNetLACfg, owner: str) -> None:
+        if self.block_sites and (cfg.block != 'bottleneck' or cfg.residual != 'none'):
+            raise ValueError("attention shortcuts in front of blocks need block='bottleneck', residual='none' "
+                             "and no layer attention")
+        # Input width of every site: each block's input, or each later stage's input.
+        widths = cfg.block_inputs() if self.block_sites else list(cfg.block_widths()[:-1])
+        why = f'attention heads: every attention-shortcut site width {fmt_ints(sorted(set(widths)))} must be ' \
+              f'divisible into heads'
+        check_divisor(owner, 'as_heads (ShortcutCfg.num_heads)', self.cfg.num_heads,
+                      divisors(math.gcd(*widths)), why)
+
+    def block_entry(self, site: BlockSite, dd: Dd) -> Optional[nn.Module]:
+        if not self.block_sites:
+            return None
+        # The cache arrives at the previous block's input width and resolution.
+        prev = site.prev
+        cache_dim, cache_stride = (prev.in_chs, prev.stride) if prev is not None else (None, 1)
+        return create_shortcut_site(self.cfg, site.in_chs, cache_dim, cache_stride, **dd)
+
+    def stage_entry(self, site: StageSite, dd: Dd) -> Optional[nn.Module]:
+        # Stage s's input is g(X_1 .. X_{s-1}) over the earlier stages' outputs; stage 0 has no site.
+        if self.block_sites or site.stage_idx == 0:
+            return None
+        prev = site.prev if site.stage_idx > 1 else None
+        cache_dim, cache_stride = (prev.in_chs, prev.stride) if prev is not None else (None, 1)
+        return create_shortcut_site(self.cfg, site.in_chs, cache_dim, cache_stride, **dd)
+
+    def network_module(self, stages: Sequence[LAStage], dd: Dd) -> Optional[Tuple[str, nn.Module]]:
+        if not self.block_sites:
+            return None
+        sites = _block_sites(stages)
+        queried = [s.dim for s in sites if s.has_query] if self.cfg.q_proj == 'shared' else []
+        proj = ShortcutProjections([s.dim for s in sites], queried, **dd)
+        proj.bind(sites)
+        return 'as_proj', proj
+
+    def prune(self, model: ResNetLA) -> None:
+        proj = getattr(model, 'as_proj', None)
+        if isinstance(proj, ShortcutProjections):
+            proj.prune(_block_sites(model.stages()))
+        stage_sites = [s.attn_in for s in model.stages() if isinstance(getattr(s, 'attn_in', None), AttentionShortcut)]
+        if len(stage_sites) == 1:
+            stage_sites[0].drop_key()
+
+
+def _block_sites(stages: Sequence[LAStage]) -> List[AttentionShortcut]:
+    return [b.attn_in for stage in stages for b in stage.blocks() if isinstance(b.attn_in, AttentionShortcut)]
+
+
+
 def as_arch(kind: str, depth: int = 50, stem_type: str = '', zero_init_last: bool = True) -> ResNetLACfg:
     """Architecture of one variant: 'as_out', 'as_kv', 'as_stages', '' (ResNet), 'half' or 'plain'."""
     base = ResNetLACfg(layers=_DEPTHS[depth], channels=_INNER, stem_type=stem_type, zero_init_last=zero_init_last)
     if kind == 'as_out':
-        # Table 1 middle column: stem and every block output 128 wide; the cache is subsampled (D9).
+        # Table 1 middle column (#as-out): stem and every block output 128 wide; the cache is subsampled
+        # (#as-cache-subsample).
         return replace(
             base, stem_width=128, out_channels=(128,) * 4, residual='none', last_norm='ln', zero_init_last=False,
-            shortcut=ShortcutCfg(placement='block', downsample='subsample'))
+            strategy=AttentionShortcuts(ShortcutCfg(placement='block', downsample='subsample')))
     if kind == 'as_kv':
-        # Table 1 right column: block outputs 1/4 of ResNet-50's; K/V adapters at each stride (D10, D11).
+        # Table 1 right column (#as-kv): block outputs 1/4 of ResNet-50's; K/V adapters at each stride
+        # (#as-cache-adapters, #as-kv-transition).
         return replace(
             base, expansion=1, residual='none', last_norm='ln', zero_init_last=False,
-            shortcut=ShortcutCfg(placement='block', downsample='conv'))
+            strategy=AttentionShortcuts(ShortcutCfg(placement='block', downsample='conv')))
     if kind == 'as_stages':
-        return replace(base, shortcut=ShortcutCfg(placement='stage', downsample='conv', pre_norm=True))
+        return replace(base, strategy=AttentionShortcuts(ShortcutCfg(placement='stage', downsample='conv', pre_norm=True)))
     if kind == 'half':
-        return replace(base, expansion=2)  # D17: block output widths halved, inner widths kept
+        return replace(base, expansion=2)  # block output widths halved, inner widths kept (#as-half-baseline)
     if kind == 'plain':
-        return replace(base, residual='none')  # D18: no identity and no projection shortcuts
+        return replace(base, residual='none')  # no identity and no projection shortcuts (#as-plain-baseline)
     if kind == '':
         return base
     raise ValueError(f'Unknown attention-shortcut variant {kind!r}')
@@ -74,17 +142,17 @@ def apply_as_args(
         act_after_ln: Optional[bool] = None,
         pre_ln: Optional[bool] = None,
 ) -> ResNetLACfg:
-    """Fold the family's model kwargs (spec §8) into the architecture; a kwarg the variant lacks is a TypeError.
+    """Fold the family's model kwargs (#as-kwargs) into the architecture; a kwarg the variant lacks is a TypeError.
 
     Args:
         as_dim: Common width of AS_out (stem and every block output; 128).
         as_heads: Attention heads h (4).
-        q_proj: 'per_site' or 'shared' W^Q (AS_out, AS_KV; D7).
-        kv_adapter: 'separate' or 'shared' K/V cache adapter (AS_KV, AS_stages; D10).
-        act_after_ln: ReLU after each block's LayerNorm (AS_out, AS_KV; D12).
-        pre_ln: LayerNorm on each site's input (AS_stages; D16).
+        q_proj: 'per_site' or 'shared' W^Q (AS_out, AS_KV; #as-projection-sharing).
+        kv_adapter: 'separate' or 'shared' K/V cache adapter (AS_KV, AS_stages; #as-cache-adapters).
+        act_after_ln: ReLU after each block's LayerNorm (AS_out, AS_KV; #as-block-ending).
+        pre_ln: LayerNorm on each site's input (AS_stages; #as-stages-design).
     """
-    sc = cfg.shortcut
+    sc = cfg.strategy.cfg if isinstance(cfg.strategy, AttentionShortcuts) else None
     block_sites = sc is not None and sc.placement == 'block'
     given = dict(as_dim=as_dim, as_heads=as_heads, q_proj=q_proj, kv_adapter=kv_adapter,
                  act_after_ln=act_after_ln, pre_ln=pre_ln)
@@ -121,24 +189,14 @@ def apply_as_args(
     sc_args = dict(num_heads=as_heads, q_proj=q_proj, kv_adapter=kv_adapter, pre_norm=pre_ln)
     sc_args = {k: v for k, v in sc_args.items() if v is not None}
     if sc_args:
-        cfg = replace(cfg, shortcut=replace(sc, **sc_args))
+        cfg = replace(cfg, strategy=AttentionShortcuts(replace(sc, **sc_args)))
     return cfg
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: ResNetLA) -> Dict[str, torch.Tensor]:
-    """Unwrap containers / `module.`; warm-start a stage-site model from a plain ResNet checkpoint.
-
-    A timm / torchvision ResNet checkpoint has every AS_stages trunk key; its attention-site keys
-    (`layerS.attn_in.*`) are filled from the model's own init, so loading stays strict and any other
-    mismatch still fails loudly.
-    """
-    state_dict = _la_checkpoint_filter_fn(state_dict, model)
-    model_sd = model.state_dict()
-    if not any('.attn_in.' in k for k in state_dict):
-        for k, v in model_sd.items():
-            if '.attn_in.' in k and k not in state_dict:
-                state_dict[k] = v
-    return state_dict
+    """Unwrap containers / wrapper prefixes; warm-start a stage-site model from a plain ResNet checkpoint
+    (its attention-site keys are filled from the model's own init, so loading stays strict)."""
+    return attention_shortcuts.filter_checkpoint(state_dict, model)
 
 
 def create_as_model(
@@ -163,14 +221,7 @@ def _create_resnet_as(variant: str, pretrained: bool = False, **kwargs) -> ResNe
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:
-    return {
-        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
-        'crop_pct': 0.875, 'interpolation': 'bilinear',
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'conv1', 'classifier': 'fc',
-        'license': 'apache-2.0', 'paper_name': AS_PAPER,
-        **kwargs,
-    }
+    return imagenet_cfg(paper_name=AS_PAPER, **kwargs)
 
 
 model_cfgs = {
@@ -180,6 +231,11 @@ model_cfgs = {
 model_cfgs.update(resnet50_half=as_arch('half'), resnet50_plain=as_arch('plain'))
 
 default_cfgs = generate_default_cfgs({f'{name}.untrained': _cfg() for name in model_cfgs})
+
+AS_FAMILY = register_family(Family(
+    'attention_shortcuts', 'Attention shortcuts', card='attention_shortcuts', filter_fn=checkpoint_filter_fn,
+    model_kwargs=('as_dim', 'as_heads', 'q_proj', 'kv_adapter', 'act_after_ln', 'pre_ln'),
+    modules=('resnet_as', 'cifar_resnet_as')), model_cfgs)
 
 
 @register_model

@@ -1,4 +1,4 @@
-"""`timm-layerattn list`: the model table (params, GMACs) of every registered model."""
+"""`timm-layerattn list`: the model table (params, GMACs, family) of every registered model."""
 import argparse
 import fnmatch
 from typing import Dict, List, Optional, Tuple
@@ -26,8 +26,9 @@ def count_macs(model: torch.nn.Module, input_size: Tuple[int, int, int], device:
 
 
 def model_table(names: List[str], num_classes: Optional[int] = None) -> List[Dict]:
-    """One row per model: name, params, GMACs at the model's default input size, input size, block."""
+    """One row per model: name, params, GMACs at the model's default input size, input size, block, family."""
     import timm
+    from ..families import find_family
     rows = []
     for name in names:
         kwargs = {} if num_classes is None else dict(num_classes=num_classes)
@@ -41,17 +42,18 @@ def model_table(names: List[str], num_classes: Optional[int] = None) -> List[Dic
             input_size=input_size,
             block=getattr(cfg, 'block', ''),
             num_classes=model.num_classes,
+            family=getattr(find_family(name), 'title', ''),
         ))
     return rows
 
 
 def format_table(rows: List[Dict]) -> str:
-    header = f'{"model":<34} {"params (M)":>11} {"GMACs":>8} {"input":>10} {"classes":>8}  block'
+    header = f'{"model":<34} {"params (M)":>11} {"GMACs":>8} {"input":>10} {"classes":>8}  {"block":<10}  family'
     lines = [header, '-' * len(header)]
     for r in rows:
         size = 'x'.join(str(s) for s in r['input_size'][1:])
         lines.append(
-            f'{r["model"]:<34} {r["params"] / 1e6:>11.3f} {r["gmacs"]:>8.3f} {size:>10} {r["num_classes"]:>8}  {r["block"]}')
+            f'{r["model"]:<34} {r["params"] / 1e6:>11.3f} {r["gmacs"]:>8.3f} {size:>10} {r["num_classes"]:>8}  {r["block"]:<10}  {r["family"]}')
     return '\n'.join(lines)
 
 
@@ -71,10 +73,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f'no registered model matches {args.filter!r}; see `timm-layerattn list`')
     rows = model_table(names, num_classes=args.num_classes)
     if args.markdown:
-        print('| model | params (M) | GMACs | input | classes | block |\n|---|---:|---:|---:|---:|---|')
+        print('| model | params (M) | GMACs | input | classes | block | family |\n|---|---:|---:|---:|---:|---|---|')
         for r in rows:
             size = 'x'.join(str(s) for s in r['input_size'][1:])
-            print(f'| `{r["model"]}` | {r["params"] / 1e6:.3f} | {r["gmacs"]:.3f} | {size} | {r["num_classes"]} | {r["block"]} |')
+            print(f'| `{r["model"]}` | {r["params"] / 1e6:.3f} | {r["gmacs"]:.3f} | {size} | {r["num_classes"]} | {r["block"]} | {r["family"]} |')
     else:
         print(format_table(rows))
     return 0

@@ -10,7 +10,7 @@ runs timm's build through `build_checked`:
   the folder has a weights file), before the model is built;
 * the family's checkpoint filter is wrapped, so what timm read is checked (a dict of tensors, all finite)
   before timm adapts and loads it;
-* an error from timm's reading or strict loading becomes a `CheckpointError` (`pretrained.py`) naming the
+* an error from timm's reading or strict loading becomes a `CheckpointError` (`errors.py`) naming the
   file and the problem. Only then is the file read again (safely, `weights_only=True`) to find out why, so
   a good checkpoint is read once.
 
@@ -18,23 +18,26 @@ timm itself is never patched. Errors raised before any of this package's code ru
 folder's or a Hub repo's `config.json` in `timm.create_model`) stay timm's and huggingface_hub's.
 """
 import argparse
-import contextlib
 import itertools
 import os
 import re
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-from ._utils import first_line
-from .pretrained import (
+from .._utils import UserError, first_line
+from .errors import (
     CheckpointError, CheckpointMismatchError, CheckpointNotCachedError, CheckpointNotFoundError,
     PretrainedWeightsError)
+from .io import check_state_dict_values, describe_type, read_raw, unwrap_state_dict
+from .match import fit_hints, match_keys
 
-__all__ = ['build_checked', 'check_state_dict_values', 'non_finite_keys']
+__all__ = ['build_checked']
+
+# `name -> architecture config` to suggest architectures from, or None for the family registry.
 
 # The weights files `timm.models._hub.load_state_dict_from_path` looks for in a `local-dir:` folder, in order
 # (then the first file per extension, extensions in this order).
@@ -45,19 +48,8 @@ _FOLDER_EXTS = ('.safetensors', '.pth', '.pth.tar', '.bin')
 # What `timm.models._hub.load_state_dict_from_hf` downloads when the cfg names no file: the safetensors
 # alternative first, then the torch file.
 _HUB_FILES = ('model.safetensors', 'pytorch_model.bin')
-# A few keys of each kind in a message, the rest counted.
+# A few file names in a hint.
 _SHOW = 3
-
-
-def _a(obj: Any) -> str:
-    """'a list', 'an int': the type of `obj` with its article."""
-    name = type(obj).__name__
-    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
-
-
-def _keys(keys: Sequence[str]) -> str:
-    shown = ', '.join(keys[:_SHOW])
-    return shown + (f', ... ({len(keys) - _SHOW} more)' if len(keys) > _SHOW else '')
 
 
 class _Source:
@@ -149,66 +141,11 @@ def _check_source(source: _Source) -> None:
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Checks of what was read
-# -----------------------------------------------------------------------------------------------------------
-
-def _nonfinite(t: torch.Tensor) -> str:
-    nan = int(torch.isnan(t).sum())
-    inf = t.numel() - nan - int(torch.isfinite(t).sum())
-    return ', '.join(p for p in (f'{nan} NaN' if nan else '', f'{inf} Inf' if inf else '') if p)
-
-
-def non_finite_keys(state_dict: Mapping[str, Any]) -> List[str]:
-    """Keys of the floating-point / complex tensors of `state_dict` holding NaN or Inf (other values skipped).
-
-    A tensor's sum is finite only if every element is (NaN and Inf propagate), and a plain sum is the
-    cheapest full pass (about 5x cheaper than `isfinite(x).all()` or a max-abs norm on CPU); one host sync
-    for the whole dict. A non-finite sum is confirmed element-wise, as a finite tensor's sum can overflow.
-    """
-    keys = [k for k, v in state_dict.items()
-            if isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex()) and v.numel() and v.layout == torch.strided
-            and not v.is_meta]
-    if not keys:
-        return []
-    sums = torch.stack([state_dict[k].sum().to('cpu', torch.complex128) for k in keys])
-    finite = torch.isfinite(sums)
-    if bool(finite.all()):
-        return []
-    return [k for k, ok in zip(keys, finite.tolist()) if not ok and not bool(torch.isfinite(state_dict[k]).all())]
-
-
-def check_state_dict_values(state_dict: Any, where: str) -> None:
-    """Raise `CheckpointError` unless `state_dict` is a non-empty dict of tensors with finite values.
-
-    NaN / Inf weights load without a complaint and give NaN outputs; they mean a corrupt file or a diverged
-    training run, never weights worth loading. The scan costs about as much as one pass over the tensors.
-    """
-    if not isinstance(state_dict, Mapping):
-        raise CheckpointError(
-            f'{where}: holds {_a(state_dict)}, expected a state dict (a dict of tensors)')
-    others = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
-    if len(others) == len(state_dict):
-        keys = ', '.join(map(str, list(state_dict)[:_SHOW])) or 'it is empty'
-        raise CheckpointError(f'{where}: holds no tensors (keys: {keys}); expected a state dict')
-    if others:
-        raise CheckpointError(f'{where}: {len(others)} entr{"y is" if len(others) == 1 else "ies are"} not a tensor: '
-                              + _keys([f'{k} ({type(state_dict[k]).__name__})' for k in others]))
-    bad = non_finite_keys(state_dict)
-    if bad:
-        raise CheckpointError(
-            f'{where}: {len(bad)} tensor(s) hold NaN / Inf values, refusing to load them: '
-            + _keys([f'{k} ({_nonfinite(state_dict[k])})' for k in bad])
-            + '; the file is corrupt or comes from a diverged training run')
-
-
-# -----------------------------------------------------------------------------------------------------------
 # Why a file could not be read (only run after timm failed to read it)
 # -----------------------------------------------------------------------------------------------------------
 
 def _diagnose_file(path: Path, where: str, error: BaseException) -> CheckpointError:
     """A `CheckpointError` explaining why timm could not read `path`."""
-    from ._utils import UserError
-    from .convert import _read_raw, unwrap_state_dict
     if not path.exists():
         return CheckpointNotFoundError(f'pretrained weights file not found: {where}', path=str(path))
     named_safetensors = path.name.endswith('.safetensors')
@@ -216,12 +153,9 @@ def _diagnose_file(path: Path, where: str, error: BaseException) -> CheckpointEr
         return CheckpointError(
             f'{where}: a torch checkpoint (zip archive) named .safetensors; timm picks the reader by the name, '
             f'rename it to .pth', path=str(path))
-    # timm's reader allows `argparse.Namespace` (the `args` of timm training checkpoints); so does this one
-    safe_globals = getattr(torch.serialization, 'safe_globals', None)  # torch >= 2.5
-    allowed = safe_globals([argparse.Namespace]) if safe_globals is not None else contextlib.nullcontext()
     try:
-        with allowed:
-            obj, fmt = _read_raw(path)
+        # timm's reader allows `argparse.Namespace` (the `args` of timm training checkpoints); so does this one
+        obj, fmt = read_raw(path, allowed_globals=[argparse.Namespace])
     except UserError as e:
         text = str(e)
         if text.startswith(str(path)):
@@ -233,7 +167,7 @@ def _diagnose_file(path: Path, where: str, error: BaseException) -> CheckpointEr
             f"name (this one is read with torch.load), rename it to {path.stem}.safetensors", path=str(path))
     if not isinstance(obj, Mapping):
         return CheckpointError(
-            f'{where}: holds {_a(obj)}, expected a state dict (a dict of tensors)', path=str(path))
+            f'{where}: holds {describe_type(obj)}, expected a state dict (a dict of tensors)', path=str(path))
     try:
         unwrap_state_dict(obj)
     except UserError as e:
@@ -316,76 +250,29 @@ def _read_error(source: _Source, error: BaseException) -> Optional[CheckpointErr
 # Why a checkpoint does not fit the model (only run after timm's strict load failed)
 # -----------------------------------------------------------------------------------------------------------
 
-def _family(keys: Sequence[str]) -> str:
-    """The layer-interaction family a state dict in this package's layout belongs to, from its key names."""
-    text = '\n'.join(keys)
-    for family, pattern in (
-            ('kcla', r'\.attn\.norm_d$'), ('mrla_light', r'\.attn\.lambda_t$'),
-            ('mrla_base', r'^layer\d+\.\d+\.attn\.v\.weight$'), ('CNNtention cbam', r'\.attn\.channel_mlp\.'),
-            ('CNNtention mha', r'^layer\d+\.attn\.proj\.'), ('CNNtention selfatt', r'^layer\d+\.attn\.gamma$'),
-            ('attention-shortcut', r'(^as_proj\.|\.attn_in\.)'), ('gradattn', r'^neck\.')):
-        if re.search(pattern, text, re.M):
-            return family
-    return 'plain'
-
-
 def _hints(source: _Source, model: nn.Module, sd: Mapping[str, torch.Tensor],
-           expected: Mapping[str, torch.Tensor], mismatched: List[str]) -> List[str]:
-    from .convert import _blocks_per_stage, _suggest_arch, infer_kcla_head_dim
-    arch = source.cfg.get('architecture') or type(model).__name__
-    cfg = getattr(model, 'cfg', None)
-    hints = []
-    family, model_family = _family(list(sd)), _family(list(expected))
-    blocks, model_blocks = _blocks_per_stage(sd), _blocks_per_stage(expected)
-    if family != model_family or (blocks and blocks != model_blocks):
-        hint = f"the checkpoint holds {family} weights"
-        if blocks and blocks != model_blocks:
-            hint += f' with {"-".join(map(str, blocks))} blocks per stage'
-        hint += f", '{arch}' is {model_family}"
-        if blocks and blocks != model_blocks:
-            hint += f' with {"-".join(map(str, model_blocks))}'
-        stem = getattr(cfg, 'stem_type', None)
-        suggestion = _suggest_arch(family, blocks, stem) if stem is not None and blocks else None
-        if suggestion and suggestion != arch:
-            hint += f"; create '{suggestion}' instead"
-        if family == 'plain' and model_family != 'plain':
-            hint += ('; to start from plain ResNet weights (e.g. timm\'s), create the model with pretrained=False '
-                     'and call timm_layerattn.load_trunk(model, path)')
-        hints.append(hint)
-    else:
-        attn = getattr(cfg, 'attn', None)
-        head_dim = infer_kcla_head_dim(sd) if family == 'kcla' else None
-        if head_dim and attn is not None and getattr(attn, 'head_dim', head_dim) != head_dim:
-            hints.append(f"the checkpoint's KCLA head dim is {head_dim}, the model's {attn.head_dim}: pass "
-                         f"head_dim={head_dim} to timm.create_model")
+           expected: Mapping[str, torch.Tensor]) -> List[str]:
     classifier = source.cfg.get('classifier') or 'fc'
-    classifier = classifier if isinstance(classifier, str) else classifier[0]
-    weight = sd.get(classifier + '.weight')
-    if classifier + '.weight' in mismatched and weight is not None and weight.ndim == 2:
-        n, m = weight.shape[0], expected[classifier + '.weight'].shape[0]
-        hints.append(
-            f"the checkpoint's classifier has {n} classes, the model {m} (the pretrained cfg says "
-            f"{source.cfg.get('num_classes')}): declare the checkpoint's with pretrained_cfg_overlay=dict(..., "
-            f"num_classes={n}) and pass num_classes={m} for a new {m}-class head")
-    return hints
+    return fit_hints(
+        sd, expected, arch=source.cfg.get('architecture') or type(model).__name__,
+        model_cfg=getattr(model, 'cfg', None), classifier=classifier if isinstance(classifier, str) else classifier[0],
+        declared_classes=source.cfg.get('num_classes'))
 
 
 def _mismatch_error(source: _Source, model: nn.Module, sd: Mapping[str, torch.Tensor],
                     error: BaseException) -> CheckpointMismatchError:
     """One line for torch's multi-line strict `load_state_dict` error: what does not fit, and what to do."""
-    from .convert import mismatch_parts
     text = str(error)
     expected = model.state_dict()
     # Only the kinds torch complained about: timm loads non-strictly after dropping a classifier.
     kinds = tuple(kind for kind, said in (('unexpected', 'Unexpected key(s)'), ('missing', 'Missing key(s)'),
                                           ('shape', 'size mismatch')) if said in text)
-    parts = mismatch_parts(sd, expected, kinds=kinds)
-    mismatched = [k for k, v in sd.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    parts = match_keys(sd, expected).parts(kinds=kinds)
     if not parts:
         parts.append(first_line(error))
     arch = source.cfg.get('architecture') or type(model).__name__
     message = f"{source.where()}: checkpoint does not fit '{arch}': " + '; '.join(parts)
-    hints = _hints(source, model, sd, expected, mismatched)
+    hints = _hints(source, model, sd, expected)
     if hints:
         message += '. Hint: ' + '; '.join(hints)
     return CheckpointMismatchError(message, path=str(source.path or source.label))
@@ -430,7 +317,7 @@ class _Watch:
     def filter(self, state_dict: Any, model: nn.Module) -> Dict[str, torch.Tensor]:
         # Never raises TypeError: timm retries a filter that does with one argument (an old filter signature).
         if not isinstance(state_dict, Mapping):
-            raise self.error(f'holds {_a(state_dict)}, expected a state dict (a dict of tensors)')
+            raise self.error(f'holds {describe_type(state_dict)}, expected a state dict (a dict of tensors)')
         if self.filter_fn is not None:
             try:
                 state_dict = self.filter_fn(state_dict, model)

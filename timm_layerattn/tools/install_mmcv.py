@@ -19,8 +19,10 @@ receive mmcv:
 The compiled ops link against torch's C++ ABI, so cached wheels are keyed on
 the exact ``torch.__version__``.  The build is CPU-only even on a GPU host.
 
-Run it as ``python -m timm_layerattn.det.install_mmcv`` or as a plain script.
-It uses the standard library only and never imports torch in this process:
+Run it as ``python -m timm_layerattn.tools.install_mmcv`` or, in a checkout, as
+``python timm_layerattn/tools/install_mmcv.py`` (``make install-test`` does). It uses the standard library
+only and never imports torch in this process (run as a module, the package's ``__init__`` imports torch;
+run as a file, nothing of the package is imported):
 everything touching torch runs in a child interpreter (``sys.executable``).
 """
 
@@ -723,7 +725,7 @@ def run(opts: Options) -> int:
 def parse_args(argv: Sequence[str] | None) -> Options:
     """Parse command-line arguments."""
     parser = argparse.ArgumentParser(
-        prog="python -m timm_layerattn.det.install_mmcv",
+        prog="python -m timm_layerattn.tools.install_mmcv",
         description=f"Install mmcv {MMCV_VERSION} (building and caching a CPU wheel if "
         "needed), mmengine and mmdet into the running interpreter.",
     )

@@ -1,0 +1,22 @@
+"""Weights to the Hugging Face Hub: export a Hub-ready folder, render its model card, push it.
+
+A folder holds exactly what timm loads: `model.safetensors` (the plain state dict), `config.json` in timm's
+format (written by `timm.models.save_for_hf`) and `README.md`, a model card rendered from the family's template
+in `hub_cards/`. Every export is written to a temporary sibling folder, reloaded through
+`timm.create_model('local-dir:...', pretrained=True)` and compared bit for bit with the source model before it
+is renamed into place, so a folder that exists is a folder that loads.
+
+Pushing uses `huggingface_hub` (`create_repo` + `upload_folder`); it is imported only when used.
+
+Modules: `card` (dataset metadata, card families, card rendering), `export` (export, verification, checkpoint
+loading, output-folder checks), `push` (folder validation, staging, upload).
+"""
+from .card import (
+    CARD_TAGS, card_families, YOUR_ORG, card_template_path, model_family, render_model_card, resolve_dataset)
+from .export import HUB_FILES, check_export_dir, export_folder, is_export_folder, load_model_from_checkpoint
+from .push import PushResult, push_folder, validate_folder
+
+__all__ = ['export_folder', 'is_export_folder', 'check_export_dir', 'load_model_from_checkpoint', 'render_model_card',
+           'model_family', 'validate_folder',
+           'push_folder', 'PushResult', 'card_template_path', 'card_families', 'CARD_TAGS', 'HUB_FILES', 'YOUR_ORG',
+           'resolve_dataset']

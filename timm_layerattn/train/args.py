@@ -1,0 +1,192 @@
+"""Arguments of `timm-layerattn train`: the parser, and the resolution of unset values from `--recipe`.
+
+Every flag that a recipe sets defaults to None here, so `resolve_args` can tell "not given" from "given":
+given values win, then the recipe's, then `BASE_DEFAULTS`.
+"""
+import argparse
+import copy
+from typing import Optional, Sequence
+
+from .._utils import UserError, float_arg, int_arg
+from .recipes import BASE_DEFAULTS, RECIPE_HELP, RECIPES
+
+__all__ = ['DESCRIPTION', 'INTERPOLATIONS', 'add_arguments', 'parse_args', 'resolve_args']
+
+DESCRIPTION = "`timm-layerattn train`: train a model with the papers' recipes, built from timm's training parts."
+
+# Argument types (`timm_layerattn._utils`): out-of-range values are refused at parse time, naming the flag.
+POS_INT = int_arg(min=1)
+POS_FLOAT = float_arg(min=0, min_open=True)
+NONNEG_FLOAT = float_arg(min=0)
+PROB = float_arg(0, 1)
+PROB_OPEN = float_arg(0, 1, max_open=True)
+SEED = int_arg(0, 2 ** 31 - 1)  # NumPy takes seeds below 2**32; rank offsets are added
+
+
+class _ParseKwargs(argparse.Action):
+    """`K=V ...` -> dict, values as Python literals where they parse (else strings), like timm's `ParseKwargs`,
+    but a malformed item is a usage error naming the flag (timm's raises a bare ValueError)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import ast
+        kwargs = {}
+        for item in values:
+            key, sep, value = item.partition('=')
+            if not sep or not key.isidentifier():
+                parser.error(f'argument {option_string}: expected KEY=VALUE with a Python name as KEY, got {item!r}')
+            try:
+                kwargs[key] = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                kwargs[key] = str(value)
+        setattr(namespace, self.dest, kwargs)
+
+
+INTERPOLATIONS = ('', 'bilinear', 'bicubic', 'nearest', 'lanczos', 'hamming', 'box', 'random')
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the trainer's flags to `parser`; values a recipe sets default to None (see `resolve_args`)."""
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = 'recipes (--recipe; any flag overrides a recipe value):\n' + '\n'.join(
+        f'  {k:<14} {v}' for k, v in RECIPE_HELP.items())
+    R = ' (default: from --recipe)'
+
+    g = parser.add_argument_group('data')
+    g.add_argument('data_dir', nargs='?', default=None, metavar='DATA_DIR',
+                   help='dataset root: an ImageFolder with train/ and val/ (or validation/) sub-folders, or the '
+                        'download folder of a torch/ dataset; not needed for --dataset digits')
+    g.add_argument('--data-dir', dest='data_dir_opt', default=None, metavar='DIR', help='same as DATA_DIR')
+    g.add_argument('--dataset', '-d', default=None, metavar='NAME',
+                   help='"" = ImageFolder/ImageTar, "digits" = embedded sklearn digits, or any timm create_dataset '
+                        'name such as torch/cifar10, torch/cifar100' + R)
+    g.add_argument('--train-split', default='train', help='train split (default: train)')
+    g.add_argument('--val-split', default='validation', help='validation split (default: validation)')
+    g.add_argument('--dataset-download', action='store_true', help='download torch/ datasets if missing')
+    g.add_argument('--class-map', default='', metavar='FILE', help='class -> index mapping file (ImageFolder)')
+    g.add_argument('--train-samples', type=POS_INT, default=None, metavar='N',
+                   help='train on a fixed random subset of N images (quick runs)')
+    g.add_argument('--val-samples', type=POS_INT, default=None, metavar='N',
+                   help='validate on a fixed random subset of N images')
+    g.add_argument('--workers', '-j', type=int_arg(min=0), default=None, metavar='N',
+                   help='data loader processes per rank (default: 0 for in-memory digits, else min(4, cores))')
+
+    g = parser.add_argument_group('model')
+    g.add_argument('--model', required=True, metavar='NAME', help='model name, e.g. cifar_resnet20_kcla')
+    g.add_argument('--pretrained', action='store_true', help='start from the pretrained weights')
+    g.add_argument('--initial-checkpoint', default='', metavar='PATH', help='initialise the model from a checkpoint')
+    g.add_argument('--num-classes', type=POS_INT, default=None, metavar='N', help='default: number of dataset classes')
+    g.add_argument('--drop', type=PROB_OPEN, default=None, metavar='P', help='classifier dropout')
+    g.add_argument('--drop-path', type=PROB_OPEN, default=None, metavar='P', help='stochastic depth rate')
+    g.add_argument('--model-kwargs', nargs='*', default={}, action=_ParseKwargs, metavar='K=V',
+                   help='extra create_model keyword arguments')
+    g.add_argument('--img-size', type=POS_INT, default=None, metavar='N', help='input size (default: model cfg)')
+    g.add_argument('--input-size', type=POS_INT, nargs=3, default=None, metavar=('C', 'H', 'W'))
+    g.add_argument('--mean', type=float_arg(), nargs='+', default=None, metavar='M', help='normalisation mean')
+    g.add_argument('--std', type=POS_FLOAT, nargs='+', default=None, metavar='S', help='normalisation std')
+    g.add_argument('--crop-pct', type=float_arg(0, 1, min_open=True), default=None,
+                   help='eval center-crop fraction (default: model cfg)')
+    g.add_argument('--interpolation', default='', choices=INTERPOLATIONS, metavar='MODE',
+                   help='resize interpolation: ' + ', '.join(INTERPOLATIONS[1:]) + ' (default: model cfg)')
+
+    g = parser.add_argument_group('recipe, optimizer and schedule')
+    g.add_argument('--recipe', default=None, metavar='NAME', help='preset: ' + ', '.join(RECIPES))
+    g.add_argument('--opt', default=None, help='timm optimizer name; "momentum" = SGD with classical momentum' + R)
+    g.add_argument('--lr', type=POS_FLOAT, default=None, help='base learning rate' + R)
+    g.add_argument('--momentum', type=PROB_OPEN, default=None, help='optimizer momentum' + R)
+    g.add_argument('--weight-decay', '--wd', type=NONNEG_FLOAT, default=None, help='weight decay' + R)
+    g.add_argument('--decay-all', action=argparse.BooleanOptionalAction, default=None,
+                   help='weight decay on norms and biases too (the papers\' setting)' + R)
+    g.add_argument('--clip-grad', type=POS_FLOAT, default=None, metavar='NORM', help='gradient clipping')
+    g.add_argument('--clip-mode', default='norm', choices=('norm', 'value', 'agc'),
+                   help='norm, value or agc (default: norm)')
+    g.add_argument('--batch-size', '-b', type=POS_INT, default=None, metavar='N', help='batch size per rank' + R)
+    g.add_argument('--validation-batch-size', '-vb', type=POS_INT, default=None, metavar='N',
+                   help='validation batch size (default: the training batch size)')
+    g.add_argument('--epochs', type=POS_INT, default=None, help='epochs to train' + R)
+    g.add_argument('--iters', type=POS_INT, default=None, metavar='N',
+                   help='stop after N optimizer steps instead (the epoch count follows)' + R)
+    g.add_argument('--sched', default=None, help='timm scheduler: cosine, step, multistep, ...' + R)
+    g.add_argument('--sched-on-updates', action=argparse.BooleanOptionalAction, default=None,
+                   help='step the schedule every update instead of every epoch' + R)
+    g.add_argument('--decay-milestones', type=int_arg(min=0), nargs='+', default=None, metavar='EPOCH',
+                   help='multistep: epoch indices from which the lr is decayed (PyTorch MultiStepLR timing)' + R)
+    g.add_argument('--decay-epochs', type=POS_FLOAT, default=None, help='step decay interval' + R)
+    g.add_argument('--decay-iters', type=POS_INT, nargs='+', default=None, metavar='ITER',
+                   help='multistep: decay after this many optimizer steps (overrides --decay-milestones)' + R)
+    g.add_argument('--decay-rate', type=float_arg(0, 1, min_open=True), default=None, help='lr decay factor' + R)
+    g.add_argument('--warmup-epochs', type=int_arg(min=0), default=None, help='linear warm-up epochs' + R)
+    g.add_argument('--warmup-lr', type=NONNEG_FLOAT, default=None, help='warm-up start lr' + R)
+    g.add_argument('--min-lr', type=NONNEG_FLOAT, default=None, help='cosine floor' + R)
+
+    g = parser.add_argument_group('augmentation and regularisation')
+    g.add_argument('--train-aug', default=None, choices=('timm', 'cifar', 'none'),
+                   help='"cifar" = the papers\' pad-and-random-crop + flip; "timm" = timm\'s RandomResizedCrop '
+                        'pipeline; "none" = eval transform' + R)
+    g.add_argument('--pad', type=int_arg(min=0), default=None, help='padding of the cifar crop' + R)
+    g.add_argument('--hflip', type=PROB, default=None, help='horizontal flip probability' + R)
+    g.add_argument('--color-jitter', type=NONNEG_FLOAT, default=None, help='timm aug colour jitter' + R)
+    g.add_argument('--scale', type=float_arg(0, 1, min_open=True), nargs=2, default=None,
+                   help='timm aug RandomResizedCrop scale' + R)
+    g.add_argument('--ratio', type=POS_FLOAT, nargs=2, default=None, help='timm aug RandomResizedCrop ratio' + R)
+    g.add_argument('--aa', default=None, help='timm auto-augment policy, e.g. rand-m9-mstd0.5')
+    g.add_argument('--reprob', type=PROB, default=0.0, help='random erasing probability (timm aug)')
+    g.add_argument('--smoothing', type=PROB_OPEN, default=None, help='label smoothing' + R)
+    g.add_argument('--mixup', type=NONNEG_FLOAT, default=0.0, help='mixup alpha (0 = off)')
+    g.add_argument('--cutmix', type=NONNEG_FLOAT, default=0.0, help='cutmix alpha (0 = off)')
+    g.add_argument('--model-ema', action='store_true', help='keep an EMA of the weights (ModelEmaV3); the EMA '
+                                                            'is validated, ranked and exported')
+    g.add_argument('--model-ema-decay', type=PROB_OPEN, default=0.9998)
+
+    g = parser.add_argument_group('device and distributed')
+    g.add_argument('--device', default=None, help='cuda, cpu, ... (default: cuda if available)')
+    g.add_argument('--amp', action=argparse.BooleanOptionalAction, default=None,
+                   help='mixed precision (default: on for CUDA, off on CPU)')
+    g.add_argument('--amp-dtype', default='float16', choices=('float16', 'bfloat16'))
+    g.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=None,
+                   help='channels_last memory format (default: on for CUDA)')
+    g.add_argument('--sync-bn', action='store_true', help='SyncBatchNorm across ranks (distributed, GPU)')
+    g.add_argument('--dist-backend', default=None, help='default: nccl on CUDA, gloo on CPU')
+    g.add_argument('--seed', type=SEED, default=42)
+
+    g = parser.add_argument_group('output')
+    g.add_argument('--output', '-o', default=None, metavar='DIR',
+                   help='run folder (default: output/train/<time>-<model>; with --resume: the checkpoint\'s folder)')
+    g.add_argument('--overwrite', action='store_true', help='replace a previous run in --output / --export')
+    g.add_argument('--resume', default='', metavar='CKPT', help='resume model, optimizer and epoch from a checkpoint')
+    g.add_argument('--no-resume-opt', action='store_true', help='do not restore the optimizer state')
+    g.add_argument('--checkpoint-hist', type=POS_INT, default=1, metavar='N', help='best epoch checkpoints to keep')
+    g.add_argument('--export', default=None, metavar='DIR',
+                   help='at the end, export the best checkpoint to this Hub-ready folder')
+    g.add_argument('--export-tag', default=None, help='pretrained tag of the export (default: <dataset>)')
+    g.add_argument('--progress', action=argparse.BooleanOptionalAction, default=True, help='progress bar')
+    g.add_argument('--quiet', action='store_true', help='no per-epoch lines')
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The parser of `python -m timm_layerattn.train` (the CLI builds its own with `add_arguments`)."""
+    parser = argparse.ArgumentParser(prog='timm-layerattn train', description=DESCRIPTION)
+    add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill unset (None) arguments from the recipe, then from the base defaults; validate the combination."""
+    args = copy.copy(args)
+    if args.recipe is not None and args.recipe not in RECIPES:
+        raise UserError(f'unknown recipe {args.recipe!r}; choose one of: {", ".join(RECIPES)}')
+    recipe = RECIPES.get(args.recipe, {})
+    for key, base in BASE_DEFAULTS.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, copy.copy(recipe.get(key, base)))
+    if getattr(args, 'data_dir_opt', None):
+        if args.data_dir and args.data_dir != args.data_dir_opt:
+            raise UserError('give the dataset folder once: as DATA_DIR or as --data-dir')
+        args.data_dir = args.data_dir_opt
+    for name in ('batch_size', 'epochs'):
+        if getattr(args, name) < 1:
+            raise UserError(f'--{name.replace("_", "-")} must be >= 1')
+    if args.iters is not None and args.iters < 1:
+        raise UserError('--iters must be >= 1')
+    if args.lr <= 0:
+        raise UserError('--lr must be > 0')
+    return args
