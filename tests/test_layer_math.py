@@ -1,12 +1,17 @@
-"""The layer-attention modules compute the spec's formulas (checked against tests/_reference.py)."""
+"""The layer-attention modules compute the formulas of docs/design/layer_attention.md (checked against
+tests/_reference.py), and their PyTorch paths agree."""
+import functools
 import math
+
+from typing import List, Tuple
 
 import pytest
 import timm
 import torch
 
 import timm_layerattn  # noqa: F401  (registers the models)
-from timm_layerattn.layers import KCLA, MRLABase, MRLALight, eca_kernel_size, kcla_temperatures
+from timm_layerattn.layers import KCLA, LayerAttnBase, MRLABase, MRLALight, eca_kernel_size, kcla_temperatures
+from timm_layerattn.layers import native
 
 from _reference import KCLAHistory, ref_kcla, ref_mrla_base, ref_mrla_light, ref_model_features
 
@@ -57,7 +62,7 @@ def test_kcla_recurrent_state_equals_explicit_weighted_sum(training):
         KCLA(32, head_dim=d, drop_path=0.),
         KCLA(64, head_dim=d, in_channels=32, rebuild=True, history_stride=2, drop_path=0.),
         KCLA(64, head_dim=d, drop_path=0.),
-        KCLA(64, head_dim=d, rebuild=True, drop_path=0.),  # mid-stage re-summary (R101 block 11 rule)
+        KCLA(64, head_dim=d, rebuild=True, drop_path=0.),  # mid-stage re-summary (as ResNet-101 layer3.11)
         KCLA(64, head_dim=d, drop_path=0.),
     ]
     for c in cells:
@@ -149,7 +154,7 @@ def test_resnet101_kcla_resummarises_history_at_block_11_of_layer3():
 
 
 def test_kcla_all_zero_input_is_finite():
-    """Official code divides by a zero key norm here and returns NaN (spec Q7)."""
+    """Official code divides by a zero key norm here and returns NaN (docs/design/layer_attention.md#la-key-norm-eps)."""
     model = timm.create_model('cifar_resnet20_kcla').eval()
     with torch.no_grad():
         out = model(torch.zeros(2, 3, 32, 32))
@@ -157,7 +162,8 @@ def test_kcla_all_zero_input_is_finite():
 
 
 def test_kcla_history_stays_float32_under_low_precision():
-    """State accumulates in float32 (spec Q18) for a model cast to bfloat16 and under autocast."""
+    """State accumulates in float32 (docs/design/layer_attention.md#la-float32-state) for a model cast to
+    bfloat16 and under autocast."""
     cell = KCLA(32, head_dim=8).eval()
     x = torch.rand(2, 32, 4, 4) * 50
     _, state = cell.to(torch.bfloat16)(x.to(torch.bfloat16), x, [])
@@ -190,7 +196,8 @@ def test_kcla_branch_drop_path_default_and_override():
 
 
 def test_kcla_dilated_stages_use_stride_one_history_projection():
-    """Official KCLA fails with dilation (spec Q11); here the projection follows the stage's stride."""
+    """Official KCLA fails with dilation (docs/design/layer_attention.md#la-dilation); here the projection
+    follows the stage's stride."""
     model = timm.create_model('resnet50_kcla', output_stride=8).eval()
     strides = [blk.attn.hist_proj.stride for st in model.stages() for blk in st if blk.attn.hist_proj is not None]
     assert strides == [(2, 2), (1, 1), (1, 1)]
@@ -249,3 +256,109 @@ def test_chunked_depthwise_conv_equals_single_call():
     torch.testing.assert_close(gw, rw, rtol=1e-5, atol=1e-4)  # summed over chunks: order differs
     xc = x.detach().contiguous(memory_format=torch.channels_last)  # not split: already fast
     torch.testing.assert_close(depthwise_conv3x3(xc, w, split_above=1000, chunk=2000), ref)
+
+
+CHAINS = ['kcla', 'mrla_base', 'mrla_light']
+
+
+def layer_attn_chain(kind: str) -> List[Tuple[LayerAttnBase, torch.Tensor, torch.Tensor]]:
+    """Eval-mode modules of one strategy with their inputs `(module, x, shortcut)`, covering every state case:
+    KCLA first block, same stage, width change with re-summary and mid-stage re-summary; MRLA-B first block,
+    growing cache and a new stage. Drop path is set (identity in eval)."""
+    torch.manual_seed(0)
+    d = 8
+    if kind == 'kcla':
+        mods = [
+            KCLA(32, head_dim=d, drop_path=0.1),
+            KCLA(32, head_dim=d, drop_path=0.1),
+            KCLA(64, head_dim=d, in_channels=32, rebuild=True, history_stride=2, drop_path=0.1),
+            KCLA(64, head_dim=d, drop_path=0.1),
+            KCLA(64, head_dim=d, rebuild=True, drop_path=0.1),
+        ]
+        shapes = [(3, 32, 9, 7)] * 2 + [(3, 64, 5, 4)] * 3
+    elif kind == 'mrla_base':
+        mods = [MRLABase(32, head_dim=d, first_in_stage=first, drop_path=0.1)
+                for first in (True, False, False, True, False)]
+        shapes = [(2, 32, 5, 6)] * len(mods)
+    else:
+        mods = [MRLALight(64, head_dim=16, drop_path=0.1) for _ in range(2)]
+        shapes = [(2, 64, 6, 5)] * len(mods)
+    for m in mods:
+        randomize_norms(m).eval()
+        torch.nn.init.normal_(m.v.weight, std=0.3)
+    return [(m, torch.randn(s).relu(), torch.randn(s)) for m, s in zip(mods, shapes)]
+
+
+def run_path(
+        mod: LayerAttnBase,
+        path: str,
+        x: torch.Tensor,
+        shortcut: torch.Tensor,
+        state: List[torch.Tensor],
+        grad: bool = False,
+) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """One path (`reference`, `folded`, `native`) of `mod` on copies of the inputs (paths may work in place)."""
+    with torch.set_grad_enabled(grad):
+        out, new_state = getattr(mod, f'forward_{path}')(x.clone(), shortcut.clone(), [t.clone() for t in state])
+    return out.detach(), [t.detach() for t in new_state]
+
+
+def assert_same_step(a: Tuple[torch.Tensor, List[torch.Tensor]], b: Tuple[torch.Tensor, List[torch.Tensor]]):
+    """Equal block outputs and carried states."""
+    torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-5)
+    assert len(a[1]) == len(b[1])
+    for s, r in zip(a[1], b[1]):
+        torch.testing.assert_close(s, r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('kind', CHAINS)
+def test_eval_paths_agree(kind):
+    """In eval mode the folded path, with autograd off (in place) and on, equals the reference path (which
+    applies the eval-mode BatchNorm as a module), in output and carried state, block by block."""
+    state = []
+    for mod, x, r in layer_attn_chain(kind):
+        ref = run_path(mod, 'reference', x, r, state)
+        assert_same_step(run_path(mod, 'folded', x, r, state), ref)
+        assert_same_step(run_path(mod, 'folded', x, r, state, grad=True), ref)
+        state = ref[1]
+
+
+def test_forward_is_defined_once_in_the_base():
+    """`LayerAttnBase.forward` is the one dispatch point: the strategies implement only the paths."""
+    for cls in (KCLA, MRLALight, MRLABase):
+        assert [k for k in cls.__mro__ if 'forward' in vars(k)] == [LayerAttnBase, torch.nn.Module]
+        assert all(f'forward_{p}' in vars(cls) for p in ('reference', 'folded', 'native'))
+
+
+def record_paths(mod: LayerAttnBase) -> List[str]:
+    """Patch `mod`'s path methods to log which one each call takes."""
+    taken = []
+    for path in ('reference', 'folded', 'native'):
+        def wrapped(*args, _path=path, _fn=getattr(mod, f'forward_{path}')):
+            taken.append(_path)
+            return _fn(*args)
+        setattr(mod, f'forward_{path}', wrapped)
+    return taken
+
+
+@pytest.mark.parametrize('kind', CHAINS)
+def test_forward_dispatch_rule(kind):
+    """Reference in training and for norms without running statistics, folded in eval (autograd on, or no
+    fused kernel); the native cases are in test_native_kernels.py."""
+    mod, x, r = layer_attn_chain(kind)[0]
+    taken = record_paths(mod)
+    mod(x.clone(), r, [])
+    with torch.no_grad(), native.disabled():
+        mod(x.clone(), r, [])
+        mod.norm.train()  # a norm in batch-statistics mode cannot be folded
+        mod(x.clone(), r, [])
+        mod.train()
+        mod(x.clone(), r, [])
+    mod(x.clone(), r, [])
+    assert taken == ['folded', 'folded', 'reference', 'reference', 'reference']
+    no_stats = functools.partial(torch.nn.BatchNorm2d, track_running_stats=False)
+    stateless = type(mod)(mod.channels, head_dim=mod.head_dim, norm_layer=no_stats).eval()
+    taken = record_paths(stateless)
+    with torch.no_grad():
+        stateless(x.clone(), r, [])
+    assert taken == ['reference']

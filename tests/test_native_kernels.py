@@ -10,7 +10,8 @@ import timm_layerattn  # noqa: F401  (registers the models)
 from timm_layerattn.layers import KCLA, LayerAttnBase, MRLABase, MRLALight, native
 
 from _reference import ref_kcla, ref_mrla_base, ref_mrla_light
-from test_layer_math import assert_close_scaled, randomize_norms
+from test_layer_math import (
+    CHAINS, assert_close_scaled, assert_same_step, layer_attn_chain, randomize_norms, record_paths, run_path)
 
 # (H, W) of a first stage; the next stage is half that (rounded up), as after a stride-2 block
 SIZES = [(9, 7), (1, 1), (1, 6), (6, 1), (14, 14)]
@@ -263,3 +264,57 @@ def test_kernels_cli(ops, capsys, monkeypatch):
     monkeypatch.setenv(native.ENV, '0')
     assert main(['kernels']) == 1
     assert 'off' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('kind', CHAINS)
+def test_native_path_agrees_with_pytorch_paths(ops, kind):
+    """In eval mode the fused op equals the folded path and the reference path (the eval-mode BatchNorm
+    applied as a module), in output and carried state, block by block."""
+    state = []
+    for mod, x, r in layer_attn_chain(kind):
+        ref = run_path(mod, 'reference', x, r, state)
+        with torch.no_grad():
+            assert kernel_calls(lambda: run_path(mod, 'native', x, r, state)) == 1
+        native_step = run_path(mod, 'native', x, r, state)
+        assert_same_step(native_step, ref)
+        assert_same_step(native_step, run_path(mod, 'folded', x, r, state))
+        state = ref[1]
+
+
+def strided_copy(t: torch.Tensor) -> torch.Tensor:
+    """Same shape and values, not contiguous."""
+    return t.transpose(0, -1).contiguous().transpose(0, -1)
+
+
+@pytest.mark.parametrize('kind', CHAINS)
+def test_forward_takes_native_path_exactly_when_usable(ops, kind):
+    """The fused op runs in eval mode with autograd off when `native.usable` accepts `x` and the tensors the
+    op reads (the state for KCLA and MRLA-B, the shortcut for MRLA-L); the folded path runs otherwise."""
+    (first, x0, r0), (mod, x, r) = layer_attn_chain(kind)[:2]
+    state = run_path(first, 'reference', x0, r0, [])[1]
+    taken = record_paths(mod)
+    with torch.no_grad():
+        mod(x.clone(), r, [t.clone() for t in state])
+        mod(x.clone(), strided_copy(r), [t.clone() for t in state])
+        mod(strided_copy(x), r, [t.clone() for t in state])
+        mod(x.clone(), r, [strided_copy(t) for t in state])
+    mod(x.clone(), r, [t.clone() for t in state])  # autograd on
+    reads_shortcut, reads_state = kind == 'mrla_light', kind != 'mrla_light'
+    assert taken == [
+        'native',
+        'folded' if reads_shortcut else 'native',
+        'folded',
+        'folded' if reads_state else 'native',
+        'folded',
+    ]
+
+
+@pytest.mark.parametrize('name', ['kcla_', 'mrla_light_', 'mrla_base_'])
+def test_wrappers_take_the_op_schema_arguments(ops, name):
+    """The typed wrappers in `native` take the op's arguments by their schema names, in schema order,
+    everything after `x` keyword-only."""
+    import inspect
+    params = list(inspect.signature(getattr(native, name)).parameters.values())
+    assert [p.name for p in params] == [a.name for a in getattr(ops, name).default._schema.arguments]
+    assert params[0].kind is params[0].POSITIONAL_OR_KEYWORD
+    assert all(p.kind is p.KEYWORD_ONLY for p in params[1:])

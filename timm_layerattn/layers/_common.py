@@ -7,10 +7,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, register_notrace_function
 
+from . import native
 from ._checks import check_int, check_rate
 
 __all__ = ['eca_kernel_size', 'ChannelConv1d', 'DepthwiseConv3x3', 'depthwise_conv3x3', 'per_channel', 'LayerAttnBase']
-
 
 
 def eca_kernel_size(channels: int, gamma: int = 2, beta: int = 1) -> int:
@@ -76,18 +76,30 @@ def per_channel(t: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 
 class LayerAttnBase(nn.Module):
-    """Common parts of a per-block layer-attention module.
+    """Common parts of a per-block layer-attention module, and its one dispatch point.
 
     Every strategy builds a query and a key from the pooled block output with ECA-style channel convs
     (`q`, `k`), a value with a depth-wise 3x3 conv (`v`), normalises its branch (`norm`) and drops it
-    with `drop_path`. Subclasses implement `forward(x, shortcut, state) -> (out, state)`, where `x` is the
-    block output (after its final activation), `shortcut` the block's residual input and `state` the
-    carried per-network attention state (a list of tensors whose meaning belongs to the strategy).
+    with `drop_path`. `forward(x, shortcut, state) -> (out, state)` takes the block output `x` (after its
+    final activation), the block's residual input `shortcut` and the carried per-network attention state (a
+    list of tensors whose meaning belongs to the strategy).
 
-    In inference the attention BatchNorm is a per-channel affine; `_fold_norm()` returns it so the
-    per-sample gates can be merged with it and the tail done in fewer full-size memory passes. With autograd
-    off (`torch.no_grad` / `torch.inference_mode`) the branch is then added to `x` in place (the block output,
-    which nothing else holds), on CPU by the fused kernels of `native` where they apply.
+    `forward` chooses, by one rule, between three implementations of the same function, which subclasses
+    provide:
+
+    * `forward_reference`: the definition, in plain ops, with `norm` and `drop_path` applied as modules. Used
+      in training and whenever the norm cannot be folded; the reference the other two paths are held to.
+    * `forward_folded`: eval mode. The BatchNorm is then a per-channel affine (`_fold_norm`), merged into the
+      per-sample gates: fewer full-size passes, forward and backward. With autograd off
+      (`torch.no_grad` / `torch.inference_mode`) the branch is also added in place to a buffer this forward
+      owns. GPUs, TorchScript, `torch.compile` and `torch.export` run it in inference. Measured on CPU
+      (ResNet-50 variants, batch 4, 224 px, kernels off), the branches take 26-37% less time than with
+      `forward_reference` without autograd, and for MRLA 12-20% less forward + backward.
+    * `forward_native`: what `forward_folded` computes with autograd off, in one fused CPU op per block
+      (see `native`), whenever `native.usable` accepts the tensors the op reads (`_native_inputs`).
+
+    `tests/test_layer_math.py::test_eval_paths_agree` and
+    `tests/test_native_kernels.py::test_native_path_agrees_with_pytorch_paths` hold the paths equal.
     """
 
     def __init__(
@@ -117,6 +129,56 @@ class LayerAttnBase(nn.Module):
         self.norm = norm_layer(channels, **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
+    def forward(
+            self,
+            x: torch.Tensor,
+            shortcut: torch.Tensor,
+            state: List[torch.Tensor],
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """The branch added to the block output `x`, and the state for the next block.
+
+        With autograd off, `x` and the incoming state may be updated in place: the caller must not reuse them.
+        """
+        if self._can_fold_norm():
+            if not torch.jit.is_scripting():  # the fused ops are eager-only: scripting skips this branch
+                if native.usable(x, *self._native_inputs(shortcut, state)):
+                    return self.forward_native(x, shortcut, state)
+            return self.forward_folded(x, shortcut, state)
+        return self.forward_reference(x, shortcut, state)
+
+    def forward_reference(
+            self,
+            x: torch.Tensor,
+            shortcut: torch.Tensor,
+            state: List[torch.Tensor],
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """The definition: plain ops, `norm` and `drop_path` as modules, any mode."""
+        raise NotImplementedError
+
+    def forward_folded(
+            self,
+            x: torch.Tensor,
+            shortcut: torch.Tensor,
+            state: List[torch.Tensor],
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Eval mode only (`_can_fold_norm()`): the norm folded into the gates, in place without autograd."""
+        raise NotImplementedError
+
+    @torch.jit.unused
+    def forward_native(
+            self,
+            x: torch.Tensor,
+            shortcut: torch.Tensor,
+            state: List[torch.Tensor],
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Eval mode, autograd off, `native.usable` inputs only: the fused CPU op."""
+        raise NotImplementedError
+
+    @torch.jit.unused
+    def _native_inputs(self, shortcut: torch.Tensor, state: List[torch.Tensor]) -> List[torch.Tensor]:
+        """The tensors besides `x` that the fused op reads; `native.usable` must accept all of them."""
+        raise NotImplementedError
+
     def _query_key(self, pooled: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Query and key `[B, C]` of the pooled descriptor: one 2-filter conv over `q` and `k` weights."""
         weight = torch.cat([self.q.weight, self.k.weight])
@@ -140,11 +202,3 @@ class LayerAttnBase(nn.Module):
         if bias is not None:
             return scale, torch.addcmul(bias, mean, scale, value=-1.)
         return scale, -mean * scale
-
-    def forward(
-            self,
-            x: torch.Tensor,
-            shortcut: torch.Tensor,
-            state: List[torch.Tensor],
-    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        raise NotImplementedError

@@ -44,12 +44,16 @@ def kcla_temperatures(num_heads: int, device=None) -> torch.Tensor:
     return norm_d.to(torch.get_default_device() if device is None else device)
 
 
+# fx leaves. timm's registry makes fx patch a function only in the globals of the traced `forward`'s module,
+# which for these cells is `_common` (`LayerAttnBase.forward`); `torch.fx.wrap` patches it here as well.
+@torch.fx.wrap
 @register_notrace_function
 def accumulation_dtype(x: torch.Tensor) -> torch.dtype:
     """Dtype of the carried history: float32 for half / bfloat16 / float32 inputs, float64 for float64."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+@torch.fx.wrap
 @register_notrace_function  # layout-dependent: fx records a call
 def grouped_pointwise(x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
     """Grouped 1x1 conv (stride 1, no bias). For NCHW maps one batched matmul, faster than oneDNN's grouped
@@ -165,15 +169,13 @@ class KCLA(LayerAttnBase):
         hist = hist.to(acc) * per_channel(beta / (beta + self.history_eps), self.head_dim)[:, :, None, None]
         return hist, beta
 
-    def forward(
+    def _attend(
             self,
             x: torch.Tensor,
-            shortcut: torch.Tensor,
             state: List[torch.Tensor],
-    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        if not torch.jit.is_scripting():
-            if self._can_fold_norm() and native.usable(x, *state):
-                return self._forward_native(x, state)
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Add `x` to the history: the new history `A` and weight sum `Z` (float32), and the head gate
+        `[B, C, 1, 1]`. With autograd off the incoming history, owned by this forward, is updated in place."""
         d = self.head_dim
         pooled = x.mean((2, 3))
         q, k = self._query_key(pooled)
@@ -194,28 +196,52 @@ class KCLA(LayerAttnBase):
             weight = per_channel(alpha / (z + self.history_eps), d)[:, :, None, None]
             if torch.is_grad_enabled():
                 hist = torch.lerp(hist, x_acc, weight)
-            else:  # the incoming history is ours alone: update it in place, no new full-size buffer
+            else:
                 hist = hist.lerp_(x_acc, weight)
 
         # Head gate from the projection of Q on the unit key direction.
         score = (q * k).sum(-1) / key_norm.clamp_min(self.key_norm_eps)
         gate = per_channel(torch.sigmoid(self.head_gate(score)), d)[:, :, None, None]
+        return hist, z, gate
 
+    def forward_reference(
+            self,
+            x: torch.Tensor,
+            shortcut: torch.Tensor,
+            state: List[torch.Tensor],
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """The reference path: `x + DropPath(ReLU(BN(gate * DW3(A))))` with `norm` and `drop_path` as modules.
+        The other paths are held equal to it (see `LayerAttnBase`)."""
+        hist, z, gate = self._attend(x, state)
         value = self.v(hist.to(x.dtype))
-        if self._can_fold_norm():
-            # relu(BN(gate * V)) == relu(gate * scale * V + shift) in inference
-            scale, shift = self._fold_norm()
-            gate = gate * scale[:, None, None]
-            if torch.is_grad_enabled():
-                out = x + torch.relu(value * gate + shift[:, None, None])
-            else:  # in place on the value buffer: no new full-size tensor
-                out = value.mul_(gate).add_(shift[:, None, None]).relu_().add_(x)
+        return x + self.drop_path(torch.relu(self.norm(value * gate))), [hist, z]
+
+    def forward_folded(
+            self,
+            x: torch.Tensor,
+            shortcut: torch.Tensor,
+            state: List[torch.Tensor],
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Eval: `relu(BN(gate * V)) == relu((gate * scale) * V + shift)`; with autograd off in place on the
+        value buffer. Equal to `forward_reference` in eval mode."""
+        hist, z, gate = self._attend(x, state)
+        value = self.v(hist.to(x.dtype))
+        scale, shift = self._fold_norm()
+        gate = gate * scale[:, None, None]
+        if torch.is_grad_enabled():
+            out = x + torch.relu(value * gate + shift[:, None, None])
         else:
-            out = x + self.drop_path(torch.relu(self.norm(value * gate)))
+            out = value.mul_(gate).add_(shift[:, None, None]).relu_().add_(x)
         return out, [hist, z]
 
     @torch.jit.unused
-    def _forward_native(self, x: torch.Tensor, state: List[torch.Tensor]) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    def forward_native(
+            self,
+            x: torch.Tensor,
+            shortcut: torch.Tensor,
+            state: List[torch.Tensor],
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """`forward_folded` as one fused CPU op: history update and branch, both in place."""
         if len(state) == 0:
             hist, z = torch.empty_like(x), None
         else:
@@ -223,7 +249,24 @@ class KCLA(LayerAttnBase):
             if self.hist_norm is not None:
                 hist, z = self._rebuild(hist, z, x.dtype, torch.float32)
         scale, shift = self._fold_norm()
-        z = torch.ops.timm_layerattn.kcla_(
-            x, hist, z, self.v.weight, self.q.weight, self.k.weight, self.norm_d, self.head_gate.weight,
-            scale, shift, self.head_dim, self.history_eps, self.max_log_weight, self.key_norm_eps)
+        z = native.kcla_(
+            x,
+            hist=hist,
+            z=z,
+            v_weight=self.v.weight,
+            q_weight=self.q.weight,
+            k_weight=self.k.weight,
+            norm_d=self.norm_d,
+            head_gate_weight=self.head_gate.weight,
+            norm_scale=scale,
+            norm_shift=shift,
+            head_dim=self.head_dim,
+            history_eps=self.history_eps,
+            max_log_weight=self.max_log_weight,
+            key_norm_eps=self.key_norm_eps,
+        )
         return x, [hist, z]
+
+    @torch.jit.unused
+    def _native_inputs(self, shortcut: torch.Tensor, state: List[torch.Tensor]) -> List[torch.Tensor]:
+        return state

@@ -39,36 +39,65 @@ class MRLALight(LayerAttnBase):
         # Official init is an unscaled N(0, 1); kept so from-scratch training matches the paper's runs.
         self.lambda_t = nn.Parameter(torch.randn(channels, 1, 1, device=device, dtype=dtype))
 
-    def forward(
+    def _gate(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-head gate `sigmoid(<Q_h, K_h> / sqrt(d))` of the pooled `x`, per channel `[B, C, 1, 1]`."""
+        q, k = self._query_key(x.mean((2, 3)))
+        q, k = q.view(-1, self.num_heads, self.head_dim), k.view(-1, self.num_heads, self.head_dim)
+        return per_channel(torch.sigmoid((q * k).sum(-1) * self.scale), self.head_dim)[:, :, None, None]
+
+    def forward_reference(
             self,
             x: torch.Tensor,
             shortcut: torch.Tensor,
             state: List[torch.Tensor],
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        if not torch.jit.is_scripting():
-            if self._can_fold_norm() and native.usable(x, shortcut):
-                return self._forward_native(x, shortcut), state
-        pooled = x.mean((2, 3))
-        q, k = self._query_key(pooled)
-        q, k = q.view(-1, self.num_heads, self.head_dim), k.view(-1, self.num_heads, self.head_dim)
-        gate = per_channel(torch.sigmoid((q * k).sum(-1) * self.scale), self.head_dim)[:, :, None, None]
+        """The reference path: `x + DropPath(BN(gate * DW3(x) + lambda * shortcut))` with `norm` and
+        `drop_path` as modules. The other paths are held equal to it (see `LayerAttnBase`)."""
+        gate = self._gate(x)
         value = self.v(x)
-        if self._can_fold_norm():
-            # x + BN(gate * V + lambda * r) == x + (scale * gate) * V + (scale * lambda) * r + shift
-            scale, shift = self._fold_norm()
-            scale = scale[:, None, None]
-            out = torch.addcmul(x, value, gate * scale) if torch.is_grad_enabled() else x.addcmul_(value, gate * scale)
-            out = out.addcmul_(shortcut, self.lambda_t * scale).add_(shift[:, None, None])
-        else:
-            out = x + self.drop_path(self.norm(value * gate + self.lambda_t * shortcut))
+        return x + self.drop_path(self.norm(value * gate + self.lambda_t * shortcut)), state
+
+    def forward_folded(
+            self,
+            x: torch.Tensor,
+            shortcut: torch.Tensor,
+            state: List[torch.Tensor],
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Eval: `x + BN(gate * V + lambda * r) == x + (scale * gate) * V + (scale * lambda) * r + shift`;
+        with autograd off added to `x` in place. Equal to `forward_reference` in eval mode."""
+        gate = self._gate(x)
+        value = self.v(x)
+        scale, shift = self._fold_norm()
+        scale = scale[:, None, None]
+        out = torch.addcmul(x, value, gate * scale) if torch.is_grad_enabled() else x.addcmul_(value, gate * scale)
+        return out.addcmul_(shortcut, self.lambda_t * scale).add_(shift[:, None, None]), state
+
+    @torch.jit.unused
+    def forward_native(
+            self,
+            x: torch.Tensor,
+            shortcut: torch.Tensor,
+            state: List[torch.Tensor],
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """`forward_folded` as one fused CPU op, in place on `x`."""
+        scale, shift = self._fold_norm()
+        out = native.mrla_light_(
+            x,
+            shortcut=shortcut,
+            v_weight=self.v.weight,
+            q_weight=self.q.weight,
+            k_weight=self.k.weight,
+            lambda_t=self.lambda_t,
+            norm_scale=scale,
+            norm_shift=shift,
+            head_dim=self.head_dim,
+            attn_scale=self.scale,
+        )
         return out, state
 
     @torch.jit.unused
-    def _forward_native(self, x: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
-        scale, shift = self._fold_norm()
-        return torch.ops.timm_layerattn.mrla_light_(
-            x, shortcut, self.v.weight, self.q.weight, self.k.weight, self.lambda_t, scale, shift,
-            self.head_dim, self.scale)
+    def _native_inputs(self, shortcut: torch.Tensor, state: List[torch.Tensor]) -> List[torch.Tensor]:
+        return [shortcut]
 
 
 class MRLABase(LayerAttnBase):
@@ -93,18 +122,15 @@ class MRLABase(LayerAttnBase):
         self.scale = 1. / math.sqrt(head_dim)
         self.first_in_stage = first_in_stage
 
-    def forward(
+    def _attend(
             self,
             x: torch.Tensor,
-            shortcut: torch.Tensor,
             state: List[torch.Tensor],
-    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        if not torch.jit.is_scripting():
-            if self._can_fold_norm() and native.usable(x, *state):
-                return self._forward_native(x, state)
+    ) -> Tuple[torch.Tensor, List[torch.Tensor], torch.Tensor]:
+        """Append this block's key and value to the stage cache: the keys `[B, T, C]`, the values and the
+        per-channel softmax weights `[B, T, C]` of the query over the keys."""
         g, d = self.num_heads, self.head_dim
-        pooled = x.mean((2, 3))
-        q, k = self._query_key(pooled)
+        q, k = self._query_key(x.mean((2, 3)))
         k = k.unsqueeze(1)
         value = self.v(x)
         if self.first_in_stage or len(state) == 0:
@@ -113,32 +139,67 @@ class MRLABase(LayerAttnBase):
         else:
             keys = torch.cat([state[0], k], dim=1)
             values = state[1:] + [value]
-        num_tokens = len(values)
+        scores = (q.view(-1, 1, g, d) * keys.view(-1, len(values), g, d)).sum(-1) * self.scale
+        return keys, values, per_channel(scores.softmax(dim=1), d)
 
-        scores = (q.view(-1, 1, g, d) * keys.view(-1, num_tokens, g, d)).sum(-1) * self.scale
-        weights = per_channel(scores.softmax(dim=1), d)  # [B, T, C]
-        if self._can_fold_norm():
-            # relu(BN(sum_j w_j V_j)) == relu(shift + sum_j (scale * w_j) V_j) in inference
-            scale, shift = self._fold_norm()
-            weights = weights * scale
-            out = values[0] * weights[:, 0, :, None, None]
-            for j in range(1, num_tokens):
-                out = out.addcmul_(values[j], weights[:, j, :, None, None])
-            out = out.add_(shift[:, None, None])
-            out = x + torch.relu(out) if torch.is_grad_enabled() else x.add_(out.relu_())
-        else:
-            attn = values[0] * weights[:, 0, :, None, None]
-            for j in range(1, num_tokens):
-                attn = attn.addcmul(values[j], weights[:, j, :, None, None])
-            out = x + self.drop_path(torch.relu(self.norm(attn)))
+    def forward_reference(
+            self,
+            x: torch.Tensor,
+            shortcut: torch.Tensor,
+            state: List[torch.Tensor],
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """The reference path: `x + DropPath(ReLU(BN(sum_j w_j V_j)))` with `norm` and `drop_path` as modules.
+        The other paths are held equal to it (see `LayerAttnBase`)."""
+        keys, values, weights = self._attend(x, state)
+        attn = values[0] * weights[:, 0, :, None, None]
+        for j in range(1, len(values)):
+            attn = attn.addcmul(values[j], weights[:, j, :, None, None])
+        return x + self.drop_path(torch.relu(self.norm(attn))), [keys] + values
+
+    def forward_folded(
+            self,
+            x: torch.Tensor,
+            shortcut: torch.Tensor,
+            state: List[torch.Tensor],
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Eval: `relu(BN(sum_j w_j V_j)) == relu(shift + sum_j (scale * w_j) V_j)`, summed in one buffer; with
+        autograd off added to `x` in place. Equal to `forward_reference` in eval mode."""
+        keys, values, weights = self._attend(x, state)
+        scale, shift = self._fold_norm()
+        weights = weights * scale
+        out = values[0] * weights[:, 0, :, None, None]
+        for j in range(1, len(values)):
+            out = out.addcmul_(values[j], weights[:, j, :, None, None])
+        out = out.add_(shift[:, None, None])
+        out = x + torch.relu(out) if torch.is_grad_enabled() else x.add_(out.relu_())
         return out, [keys] + values
 
     @torch.jit.unused
-    def _forward_native(self, x: torch.Tensor, state: List[torch.Tensor]) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    def forward_native(
+            self,
+            x: torch.Tensor,
+            shortcut: torch.Tensor,
+            state: List[torch.Tensor],
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """`forward_folded` as one fused CPU op, in place on `x` (this block's value goes to a new map)."""
         keys, earlier = (None, []) if self.first_in_stage or len(state) == 0 else (state[0], state[1:])
         scale, shift = self._fold_norm()
         value = torch.empty_like(x)
-        keys = torch.ops.timm_layerattn.mrla_base_(
-            x, value, earlier, keys, self.v.weight, self.q.weight, self.k.weight, scale, shift,
-            self.head_dim, self.scale)
+        keys = native.mrla_base_(
+            x,
+            value=value,
+            values=earlier,
+            keys=keys,
+            v_weight=self.v.weight,
+            q_weight=self.q.weight,
+            k_weight=self.k.weight,
+            norm_scale=scale,
+            norm_shift=shift,
+            head_dim=self.head_dim,
+            attn_scale=self.scale,
+        )
         return x, [keys] + earlier + [value]
+
+    @torch.jit.unused
+    def _native_inputs(self, shortcut: torch.Tensor, state: List[torch.Tensor]) -> List[torch.Tensor]:
+        return state

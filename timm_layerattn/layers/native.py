@@ -17,6 +17,9 @@ PyTorch path is used throughout.
 `TIMM_LAYERATTN_NATIVE=0` turns the kernels off; `=1` makes a failed build an error instead of a warning.
 `with native.disabled():` turns them off for a block of code (e.g. to compare both paths in one process);
 `timm-layerattn kernels` builds them ahead of time and reports where they are.
+
+`kcla_`, `mrla_light_` and `mrla_base_` are the typed entry points to the ops (keyword arguments named
+as in the op schemas). Like the ops, they need `usable(...)` to be true for their tensors.
 """
 import contextlib
 import contextvars
@@ -32,11 +35,15 @@ from pathlib import Path
 from typing import Iterator, List, Optional
 
 import torch
+from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .._utils import cache_dir
 
-__all__ = ['NativeKernelError', 'available', 'build', 'disabled', 'last_error', 'mode', 'usable']
+__all__ = [
+    'NativeKernelError', 'available', 'build', 'disabled', 'last_error', 'mode', 'usable',
+    'kcla_', 'mrla_base_', 'mrla_light_',
+]
 
 ENV = 'TIMM_LAYERATTN_NATIVE'
 SOURCE = Path(__file__).with_name('csrc') / 'layer_attn_cpu.cpp'
@@ -200,3 +207,86 @@ def usable(*tensors: torch.Tensor) -> bool:
         if t.device.type != 'cpu' or t.dtype != torch.float32 or not t.is_contiguous():
             return False
     return available()
+
+
+# Typed entry points to the ops. Each computes one block's attention branch in eval mode, with the branch
+# BatchNorm folded into the per-channel `norm_scale` / `norm_shift` by the caller, and updates the block
+# output `x` in place (trailing underscore, as for PyTorch's in-place ops). Keyword names are the op
+# schema's, and are passed to the op by name, so a mismatch with the C++ definition fails loudly.
+def mrla_light_(
+        x: Tensor,
+        *,
+        shortcut: Tensor,
+        v_weight: Tensor,
+        q_weight: Tensor,
+        k_weight: Tensor,
+        lambda_t: Tensor,
+        norm_scale: Tensor,
+        norm_shift: Tensor,
+        head_dim: int,
+        attn_scale: float,
+) -> Tensor:
+    """MRLA-light: `x += (gate * norm_scale) * DW3(x) + (lambda_t * norm_scale) * shortcut + norm_shift`.
+
+    `gate[b, h] = sigmoid(<Q_h, K_h> * attn_scale)`, with `Q`, `K` the ECA convs (`q_weight`, `k_weight`,
+    `[1, 1, k]`) of the pooled `x`; `v_weight` `[C, 1, 3, 3]` is the depth-wise value conv. Returns `x`.
+    """
+    return torch.ops.timm_layerattn.mrla_light_(
+        x, shortcut=shortcut, v_weight=v_weight, q_weight=q_weight, k_weight=k_weight, lambda_t=lambda_t,
+        norm_scale=norm_scale, norm_shift=norm_shift, head_dim=head_dim, attn_scale=attn_scale)
+
+
+def kcla_(
+        x: Tensor,
+        *,
+        hist: Tensor,
+        z: Optional[Tensor],
+        v_weight: Tensor,
+        q_weight: Tensor,
+        k_weight: Tensor,
+        norm_d: Tensor,
+        head_gate_weight: Tensor,
+        norm_scale: Tensor,
+        norm_shift: Tensor,
+        head_dim: int,
+        history_eps: float,
+        max_log_weight: float,
+        key_norm_eps: float,
+) -> Tensor:
+    """KCLA: `hist <- lerp(hist, x, alpha / (z + alpha + history_eps))` (in place), then
+    `x += relu((gate * norm_scale) * DW3(hist) + norm_shift)`.
+
+    `alpha[b, h] = exp(min(||K_h|| / norm_d[h], max_log_weight))` and
+    `gate = sigmoid(head_gate_weight @ (<Q_h, K_h> / max(||K_h||, key_norm_eps)))`. `z` `[B, g]` is the
+    incoming weight sum; None at the network's first block, where `hist` is only written (`z = hist = 0`).
+    Returns the new weight sum `z + alpha`.
+    """
+    return torch.ops.timm_layerattn.kcla_(
+        x, hist=hist, z=z, v_weight=v_weight, q_weight=q_weight, k_weight=k_weight, norm_d=norm_d,
+        head_gate_weight=head_gate_weight, norm_scale=norm_scale, norm_shift=norm_shift, head_dim=head_dim,
+        history_eps=history_eps, max_log_weight=max_log_weight, key_norm_eps=key_norm_eps)
+
+
+def mrla_base_(
+        x: Tensor,
+        *,
+        value: Tensor,
+        values: List[Tensor],
+        keys: Optional[Tensor],
+        v_weight: Tensor,
+        q_weight: Tensor,
+        k_weight: Tensor,
+        norm_scale: Tensor,
+        norm_shift: Tensor,
+        head_dim: int,
+        attn_scale: float,
+) -> Tensor:
+    """MRLA-base: `x += relu(norm_shift + sum_j (w_j * norm_scale) * V_j)` over the stage's values so far.
+
+    `values` are the earlier blocks' value maps and `keys` (`[B, T - 1, C]`, None at a stage's first block)
+    their keys; this block's value `DW3(x)` is written to `value`. `w` is the softmax over all `T` keys of
+    `<Q_h, K_j,h> * attn_scale`. Returns the keys with this block's appended (`[B, T, C]`).
+    """
+    return torch.ops.timm_layerattn.mrla_base_(
+        x, value=value, values=values, keys=keys, v_weight=v_weight, q_weight=q_weight, k_weight=k_weight,
+        norm_scale=norm_scale, norm_shift=norm_shift, head_dim=head_dim, attn_scale=attn_scale)
