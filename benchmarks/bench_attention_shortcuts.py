@@ -1,4 +1,4 @@
-"""Cost of attention shortcuts (spec attention_shortcuts.md §6): parameters, MACs, CPU inference time,
+"""Cost of attention shortcuts (docs/design/attention_shortcuts.md#as-cost): parameters, MACs, CPU inference time,
 per-site growth of the attention cost and K/V cache with depth (paper Eq 3.3), training memory.
 
     python benchmarks/bench_attention_shortcuts.py [--reps 7] [--batch 8] [--no-imagenet]
@@ -13,7 +13,7 @@ per-site growth of the attention cost and K/V cache with depth (paper Eq 3.3), t
 * Depth sweep: AS_out with more stage-3 blocks, showing the core term's L^2 growth against the linear rest.
 * Training memory: bytes autograd saves for backward (saved_tensors_hooks, shared storages counted once):
   activations per image (batch 2, parameters excluded), and at batch 1 including the weights autograd
-  saves (how the spec's §6.2 table counts).
+  saves (how the table at docs/design/attention_shortcuts.md#as-cost-growth counts).
 """
 import argparse
 import statistics
@@ -36,7 +36,8 @@ IMAGENET = ['resnet50_as_out', 'resnet50_as_kv', 'resnet50_as_stages', 'resnet50
 
 
 def site_costs(model: torch.nn.Module, size: Tuple[int, int]) -> List[Dict]:
-    """Run one forward and record, per attention site, the quantities of spec §6.2 (batch 1)."""
+    """Run one forward and record, per attention site, the quantities of
+    docs/design/attention_shortcuts.md#as-cost-growth (batch 1)."""
     rows = []
     orig = AttentionShortcut.update_cache
 
@@ -68,7 +69,8 @@ def core_macs(model: torch.nn.Module, size: Tuple[int, int]) -> int:
 
 def saved_bytes(model: torch.nn.Module, size: Tuple[int, int], batch: int = 2, weights: bool = False) -> float:
     """Bytes autograd keeps for backward of a train-mode forward, per image (`weights`: also the parameters
-    autograd saves, e.g. conv weights; the spec's §6.2 memory table counts those, at batch 1)."""
+    autograd saves, e.g. conv weights; the memory table at
+    docs/design/attention_shortcuts.md#as-cost-growth counts those, at batch 1)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: Dict[int, int] = {}
 

@@ -5,7 +5,7 @@ Run (official checkouts outside the repository, see ``benchmarks/official.py``):
     python benchmarks/bench_official.py --kcla-repo /tmp/official/KCLA --mrla-repo /tmp/official/MRLA \
         [--repeats 9] [--train-size 224] [--formats nchw channels_last] [--json out.json]
 
-Protocol (spec ``performance_notes.md``): one process, ``torch.set_num_threads(2)`` (``--threads``),
+Protocol (``docs/design/performance.md#perf-protocol``): one process, ``torch.set_num_threads(2)`` (``--threads``),
 batch 4, 224x224. Models are interleaved round-robin (the starting model rotates every round, so no
 model always runs right after the same neighbour), ``--warmup`` untimed rounds first, the median of
 ``--repeats`` (>= 7) timed runs per model, reported as a ratio to ``resnet50`` timed in the same

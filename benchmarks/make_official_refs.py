@@ -35,12 +35,13 @@ For every reference ``<ref>`` the output directory gets:
 plus ``official_keys.json``: per reference the state_dict keys with shape and dtype, parameter
 counts (``total`` = ``sum(p.numel() for p in parameters())`` incl. KCLA's frozen ``norm_d``,
 ``trainable``, ``used`` = trainable minus the structurally unused tensors, ``with_grad_measured``),
-the spec's numbers (layer_attention.md §6) and any mismatch, the structurally unused parameters,
+the documented numbers (``docs/design/layer_attention.md#la-param-counts``; ``spec_param_counts``) and any
+mismatch (``spec_mismatches``), the structurally unused parameters,
 the parameters that got an exactly-zero gradient on this reference input beyond those
 (``zero_grad_on_this_input``: saturated sigmoid/softmax, i.e. weak test sensitivity), output and
 stage statistics and, for KCLA, how often the key-weight exponent hits its clamp (a clamped head
 makes the output insensitive to ``Wk`` through the history weight). The script exits 1 on any
-spec mismatch.
+mismatch with the documented numbers.
 
 Weights ("non-trivial", so that every parameter and buffer influences the output):
 
@@ -101,10 +102,11 @@ REFS: Dict[str, Tuple[str, Dict]] = {n: (n, {}) for n in OFFICIAL_MODELS}
 REFS['resnet50_kcla_hd32'] = ('resnet50_kcla', {'head_dim': 32})
 REFS['resnet101_kcla_hd32'] = ('resnet101_kcla', {'head_dim': 32})
 
-# layer_attention.md §6: ref -> {classes: (total, trainable, used)} (None: not stated). "used" = trainable minus
-# the structurally unused tensors (see structurally_unused); the spec gives it for KCLA and states "no unused
-# parameters" for MRLA-L / plain ResNet. For MRLA-B it also says "no unused parameters", which only holds for
-# `grad is None`: the stage-first blocks' Wq get an exactly-zero gradient, so "used" is not compared there.
+# docs/design/layer_attention.md#la-param-counts: ref -> {classes: (total, trainable, used)} (None: not stated).
+# "used" = trainable minus the structurally unused tensors (see structurally_unused); the docs give it for KCLA
+# and state "no unused parameters" for MRLA-L / plain ResNet. For MRLA-B they also say "no unused parameters",
+# which only holds for `grad is None`: the stage-first blocks' Wq get an exactly-zero gradient, so "used" is
+# not compared there.
 _CIFAR_SPEC = {  # depth: {classes: (ResNet, KCLA, MRLA-L, MRLA-B)}
     20: {10: (220_378, 235_507, 231_182, 230_286), 100: (243_508, 258_637, 254_312, 253_416)},
     56: {10: (591_322, 627_723, 623_734, 621_046), 100: (614_452, 650_853, 646_864, 644_176)},
@@ -274,7 +276,8 @@ def grad_check(model: nn.Module, x: torch.Tensor, seed: int, ref: str) -> List[s
 
 
 def structurally_unused(model: nn.Module, family: str) -> List[str]:
-    """Parameters that cannot influence the output, by rule (spec Q3 and §3.1).
+    """Parameters that cannot influence the output, by rule (``docs/design/layer_attention.md#la-unused-modules``
+    and ``#la-mrla-base-forward``).
 
     KCLA: the network's first cell never receives state, so its ``adjust_channel``, ``u_Wk``, ``u_bn``
     are unused; any later init cell whose incoming channel count equals its own (ImageNet
@@ -361,7 +364,7 @@ def make_ref(ref: str, out_dir: Path, seed: int, kcla_repo: Optional[str], mrla_
     n_unused = sum(by_name[n].numel() for n in unused)
     with_grad = trainable - sum(by_name[n].numel() for n in dead)
 
-    # counts vs spec (CIFAR: also the 100-class build)
+    # counts vs the documented ones (CIFAR: also the 100-class build)
     counts = {str(1000 if not cifar else 10): {'total': total, 'trainable': trainable, 'used': trainable - n_unused,
                                                'with_grad_measured': with_grad}}
     if cifar:
@@ -374,16 +377,16 @@ def make_ref(ref: str, out_dir: Path, seed: int, kcla_repo: Optional[str], mrla_
     for cls, got in counts.items():
         exp = spec.get(int(cls))
         if exp is None:
-            mismatches.append(f'{cls} classes: no spec value')
+            mismatches.append(f'{cls} classes: no documented value')
             continue
         for label, e in zip(('total', 'trainable', 'used'), exp):
             if e is not None and got[label] != e:
-                mismatches.append(f'{cls} classes {label}: official {got[label]:,} vs spec {e:,}')
+                mismatches.append(f'{cls} classes {label}: official {got[label]:,} vs documented {e:,}')
     live_unused = sorted(set(unused) - set(dead))
     if live_unused:
         mismatches.append(f'structurally unused but receiving a gradient: {live_unused}')
     if ref in SPEC_STATE_DICT_LEN and len(sd) != SPEC_STATE_DICT_LEN[ref]:
-        mismatches.append(f'state_dict entries: official {len(sd)} vs spec {SPEC_STATE_DICT_LEN[ref]}')
+        mismatches.append(f'state_dict entries: official {len(sd)} vs documented {SPEC_STATE_DICT_LEN[ref]}')
 
     info.update({
         'model': model_name, 'build_kwargs': load_kwargs, 'repo': meta['repo'], 'commit': meta['commit'],

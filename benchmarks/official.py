@@ -14,7 +14,7 @@ and pass their roots as ``kcla_repo`` / ``mrla_repo`` (or set ``KCLA_REPO`` / ``
 default is ``/tmp/official/KCLA`` and ``/tmp/official/MRLA``). The MRLA-B files need ``einops``
 installed (only to run the official code; the project itself does not use it).
 
-Names (ours -> official file : builder; spec ``layer_attention.md`` §1-3):
+Names (ours -> official file : builder; ``docs/design/layer_attention.md#la-kcla`` and the MRLA sections after it):
 
 ================================  ===============================================================
 ``resnet{50,101}_kcla``           bgx666/KCLA ``imagenet/kcla_resnet.py`` : ``resnet{50,101}_kcla``
@@ -29,17 +29,18 @@ Names (ours -> official file : builder; spec ``layer_attention.md`` §1-3):
 CIFAR models are always built with ``block_name='Bottleneck'`` and ``depth`` from the name
 (9n+2) and default to ``num_classes=10`` (the official constructor's default is 1000).
 
-How the official code is made to run (see spec quirks Q1, Q2):
+How the official code is made to run (see the quirks ``docs/design/layer_attention.md#la-no-official-imports``
+and ``#la-no-prints``):
 
 * Files are executed directly with :mod:`importlib` (``spec_from_file_location``), never through
   their package ``__init__``: joyfang1106/MRLA's ``resnet/models/__init__.py`` star-imports names that
-  do not exist (Q1). The MRLA ImageNet files do ``from models.modules.… import …``; for the
-  duration of the load a stub package ``models`` whose ``__path__`` is ``resnet/models`` is put in
-  ``sys.modules`` (so ``__init__.py`` is never run and the submodules resolve to the checkout's
-  files), and every ``models``/``models.*`` entry is restored/removed afterwards.
+  do not exist (``#la-no-official-imports``). The MRLA ImageNet files do
+  ``from models.modules.… import …``; for the duration of the load a stub package ``models`` whose
+  ``__path__`` is ``resnet/models`` is put in ``sys.modules`` (so ``__init__.py`` is never run and the
+  submodules resolve to the checkout's files), and every ``models``/``models.*`` entry is restored/removed afterwards.
 * Every call loads a *fresh* copy of the file, so the runtime patches below never leak between
   models.
-* The constructor prints ("Constructing …", Q2) are swallowed (stdout redirected during load
+* The constructor prints ("Constructing …", ``#la-no-prints``) are swallowed (stdout redirected during load
   and build).
 * CUDA: none of the files used here calls ``.cuda()`` at import, construction or forward (only
   DLA-L/DLA-B do, which this harness does not build), so no CUDA patch is needed; models are built
@@ -55,7 +56,8 @@ ImageNet 64, KCLA CIFAR 16, MRLA-L ImageNet 32, MRLA-L/MRLA-B CIFAR 16, MRLA-B I
   ``heads=None`` into ``heads = in_channel // head_dim``; the cell then sets
   ``head = in_channel // heads = head_dim`` itself. Everything else (``u_channel = C/2``, the
   ``adjust_channel`` groups = heads, ``norm_d`` for ``heads`` heads) follows from the official code.
-  ``head_dim=32`` is the paper's setting (spec §1.4, §6.1 "d=32 (builder patched)").
+  ``head_dim=32`` is the paper's setting (``docs/design/layer_attention.md#la-kcla-head-dim``; the
+  ``#la-params-imagenet`` counts for d = 32 come from the builder patched this way).
 * MRLA-L / MRLA-B: the class attribute ``mrla_module.dim_perhead`` of the fresh copy is set.
 """
 from __future__ import annotations

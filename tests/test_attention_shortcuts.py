@@ -1,6 +1,6 @@
-"""Attention shortcuts (spec attention_shortcuts.md): the operator against Eq 3.2 written out per pixel, the
-networks against the spec's pseudocode, the parameter tables (§5), flags, layout and per-model contract."""
-import math
+"""Attention shortcuts (docs/design/attention_shortcuts.md): the operator against Eq 3.2 written out per pixel
+(#as-mechanism), the networks against the pseudocode (#as-variants), the parameter tables (#as-param-counts),
+flags, layout and per-model contract. The `#as-...` anchors are sections of that page."""
 from dataclasses import replace
 
 import pytest
@@ -15,12 +15,15 @@ from timm_layerattn.models.resnet_as import as_arch, checkpoint_filter_fn
 from timm_layerattn.models.skeleton import ResNetLA
 from timm_layerattn.tools.zoo import count_params
 
+from _reference import explicit_depth_attention, ref_block_sites, ref_stage_sites
+
 AS_VARIANTS = ('as_out', 'as_kv', 'as_stages')
 CIFAR_MODELS = [f'cifar_resnet50_{k}' for k in AS_VARIANTS] + [
     'cifar_resnet50', 'cifar_resnet50_half', 'cifar_resnet50_plain']
 IN_MODELS = [f'resnet{d}_{k}' for d in (50, 101) for k in AS_VARIANTS] + ['resnet50_half', 'resnet50_plain']
 
-# Spec §5.1: 10 classes, 100 classes, 1000 classes with the CIFAR stem, 1000 classes with the ImageNet stem.
+# Parameter counts (#as-params-main): 10 classes, 100 classes, 1000 classes with the CIFAR stem, 1000 classes with the
+# ImageNet stem.
 PARAMS = {
     'as_out': (12_603_018, 12_614_628, 12_730_728, 12_746_088),
     'as_kv': (16_073_674, 16_119_844, 16_581_544, 16_589_224),
@@ -29,23 +32,6 @@ PARAMS = {
     'half': (16_741_450, 16_833_700, 17_756_200, 17_763_880),
     'plain': (20_744_266, 20_928_676, 22_772_776, 22_780_456),
 }
-
-
-def explicit_depth_attention(q, k, v, num_heads):
-    """Eq 3.2 one pixel and one head at a time: softmax over the n earlier entries, then the weighted sum."""
-    B, n, C, H, W = k.shape
-    d = C // num_heads
-    out = torch.zeros_like(q)
-    for b in range(B):
-        for i in range(H):
-            for j in range(W):
-                for h in range(num_heads):
-                    c = slice(h * d, (h + 1) * d)
-                    scores = torch.stack([q[b, c, i, j] @ k[b, e, c, i, j] for e in range(n)]) / math.sqrt(d)
-                    weights = torch.exp(scores - scores.max())
-                    weights = weights / weights.sum()
-                    out[b, c, i, j] = sum(weights[e] * v[b, e, c, i, j] for e in range(n))
-    return out
 
 
 def test_depth_attention_is_eq_3_2_per_pixel():
@@ -102,7 +88,7 @@ def test_site_computes_eq_3_2_with_cache_conversion(downsample):
 
 
 def test_first_site_is_wo_v1_and_owns_no_query():
-    """D4: one entry, softmax identically 1: g = W^O V_1 whatever the query."""
+    """#as-site-placement: one entry, softmax identically 1: g = W^O V_1 whatever the query."""
     site = AttentionShortcut(8, cache_dim=None).double()
     proj = ShortcutProj(8).double()
     assert site.q is None and not site.has_query
@@ -110,67 +96,6 @@ def test_first_site_is_wo_v1_and_owns_no_query():
     out, (K, V) = site.forward_weights(x, [], proj.weights())
     torch.testing.assert_close(out, proj.o(proj.v(x)))
     assert K.shape == V.shape == (1, 1, 8, 4, 4)
-
-
-def _block_body(block, a):
-    """H_l: the residual-free bottleneck ending in LayerNorm + ReLU (spec §2.2), from the block's layers."""
-    a = F.relu(block.bn1(block.conv1(a)))
-    a = F.relu(block.bn2(block.conv2(a)))
-    return F.relu(block.ln3(block.conv3(a)))
-
-
-def _attn(q, k, v):
-    # the same maths as `explicit_depth_attention`, vectorised with einsum for whole networks
-    B, n, C, H, W = k.shape
-    h, d = 4, C // 4
-    s = torch.einsum('bhdp,bnhdp->bnhp', q.reshape(B, h, d, -1), k.reshape(B, n, h, d, -1)) / math.sqrt(d)
-    return torch.einsum('bnhp,bnhdp->bhdp', s.softmax(1), v.reshape(B, n, h, d, -1)).reshape(B, C, H, W)
-
-
-def ref_block_sites(model, img):
-    """Spec §3.1 pseudocode (AS_out; AS_KV with a group per width and adapters after strided blocks)."""
-    blocks = [b for s in model.stages() for b in s]
-    x = model.maxpool(model.forward_stem(img))
-    group = model.as_proj[f'w{x.shape[1]}']
-    K, V = group.k(x)[:, None], group.v(x)[:, None]
-    for l, block in enumerate(blocks):
-        group = model.as_proj[f'w{x.shape[1]}']
-        a = group.o(V[:, 0]) if l == 0 else group.o(_attn(block.attn_in.q(x), K, V))
-        x = _block_body(block, a)
-        if l == len(blocks) - 1:
-            break
-        if block.conv2.stride[0] == 2:  # the next site owns the conversion in the package's layout
-            nxt = blocks[l + 1].attn_in
-            if nxt.subsample:
-                K, V = K[..., ::2, ::2], V[..., ::2, ::2]
-            else:
-                K = torch.stack([nxt.kv_adapt_k(K[:, e]) for e in range(K.shape[1])], 1)
-                V = torch.stack([nxt.kv_adapt_v(V[:, e]) for e in range(V.shape[1])], 1)
-        group = model.as_proj[f'w{x.shape[1]}']
-        K, V = torch.cat([K, group.k(x)[:, None]], 1), torch.cat([V, group.v(x)[:, None]], 1)
-    return model.forward_head(x)
-
-
-def ref_stage_sites(model, img):
-    """Spec §3.3: stage s+1 reads g_s(X_1..X_s) (pre-LN, own projections, adapters 256->512->1024)."""
-    x = model.maxpool(model.forward_stem(img))
-    K = V = None
-    for stage in model.stages():
-        site = getattr(stage, 'attn_in', None)
-        if site is not None:
-            y = site.norm(x)
-            if K is not None:
-                K = torch.stack([site.kv_adapt_k(K[:, e]) for e in range(K.shape[1])], 1)
-                V = torch.stack([site.kv_adapt_v(V[:, e]) for e in range(V.shape[1])], 1)
-                K, V = torch.cat([K, site.k(y)[:, None]], 1), torch.cat([V, site.v(y)[:, None]], 1)
-                x = site.o(_attn(site.q(y), K, V))
-            else:
-                K, V = site.k(y)[:, None], site.v(y)[:, None]
-                x = site.o(V[:, 0])
-        for name, block in stage.named_children():
-            if name.isdigit():
-                x = block(x, [], [])[0]
-    return model.forward_head(x)
 
 
 def _randomize_norms(model):
@@ -209,15 +134,15 @@ def test_param_counts_match_spec_table(kind):
 
 
 def test_param_counts_resnet101_and_flags():
-    # §5.3 extension counts are 10 classes with the CIFAR stem: ImageNet stem minus its wider 7x7 conv1
+    # ResNet-101 counts (#as-params-main) are 10 classes with the CIFAR stem: ImageNet stem minus its wider 7x7 conv1
     for name, expected in (('resnet101_as_out', 24_044_426), ('resnet101_as_kv', 29_469_130),
                            ('resnet101_as_stages', 49_266_762)):
         model = timm.create_model(name, num_classes=10, device='meta')
         assert count_params(model) - (49 - 9) * 3 * model.conv1.out_channels == expected, name
-    # §9.5: the sharing flags
+    # the sharing flags (#as-params-sharing-readings)
     assert count_params(timm.create_model('cifar_resnet50_as_out', q_proj='shared', device='meta')) == 12_373_642
     assert count_params(timm.create_model('cifar_resnet50_as_kv', kv_adapter='shared', device='meta')) == 15_901_642
-    # §5.2 breakdown of AS_KV
+    # breakdown of AS_KV (#as-params-breakdown)
     model = timm.create_model('cifar_resnet50_as_kv', device='meta')
     sd = {k: v.numel() for k, v in model.named_parameters()}
     assert sum(v for k, v in sd.items() if k.endswith('attn_in.q.weight')) == 995_328
@@ -235,7 +160,7 @@ def test_state_dict_layout_is_single_owner_and_exports_to_safetensors(tmp_path):
     sd = model.state_dict()
     assert sorted(k for k in sd if k.startswith('as_proj.')) == sorted(
         f'as_proj.w{c}.{p}.weight' for c in (64, 128, 256, 512) for p in 'kvo')
-    assert 'layer1.0.attn_in.q.weight' not in sd and 'layer1.1.attn_in.q.weight' in sd  # D4
+    assert 'layer1.0.attn_in.q.weight' not in sd and 'layer1.1.attn_in.q.weight' in sd  # no W^Q at the first site
     assert 'layer2.1.attn_in.kv_adapt_k.weight' in sd
     assert 'layer1.0.ln3.weight' in sd and 'layer1.0.bn3.weight' not in sd
     save_file(sd, tmp_path / 'm.safetensors')  # refuses aliased tensors
@@ -280,7 +205,8 @@ def test_kwargs_are_validated():
 
 @pytest.mark.parametrize('name', CIFAR_MODELS + IN_MODELS)
 def test_every_model_forward_backward_features(name):
-    """Per model: all parameters get a gradient, features have the spec's channels (§8) and reductions."""
+    """Per model: all parameters get a gradient, features have the documented channels (#as-features) and
+    reductions."""
     model = timm.create_model(name, num_classes=5)
     s = 32 if name.startswith('cifar') else 64
     x = torch.randn(2, 3, s, s)

@@ -1,11 +1,9 @@
-"""CNNtention (spec cnntention.md): parameter counts, the three modules against the official maths written
-with the official parameter names (so the key conversion, incl. MHA's key/query swap, is checked too)."""
-import math
-
+"""CNNtention (docs/design/cnntention.md#cnn-modules): parameter counts, the three modules against the official
+maths written with the official parameter names (tests/_reference.py, on checkpoints of tests/_official.py), so
+the key conversion, incl. MHA's key/query swap, is checked too."""
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import timm_layerattn  # noqa: F401
@@ -14,9 +12,11 @@ from timm_layerattn.models.skeleton import PadShortcut
 from timm_layerattn.tools.zoo import count_params
 
 from _compile import assert_compiles_fullgraph
+from _official import cnntention_official_state_dict
+from _reference import ref_cbam, ref_mha, ref_selfatt
 
 NAMES = ['cifar_resnet20_basic'] + [f'cifar_resnet20_basic_{k}' for k in ('selfatt', 'mha', 'cbam')]
-# spec §4: 10 classes, 100 classes, MNIST (1 channel, 10 classes)
+# docs/design/cnntention.md#cnn-param-counts: 10 classes, 100 classes, MNIST (1 channel, 10 classes)
 PARAMS = {
     'cifar_resnet20_basic': (269_722, 275_572, 269_434),
     'cifar_resnet20_basic_selfatt': (286_189, 292_039, 285_901),
@@ -33,78 +33,14 @@ def test_param_counts(name):
     assert counts == PARAMS[name]
 
 
-def conv(x, sd, name):
-    return F.conv2d(x, sd[name + '.weight'], sd.get(name + '.bias'))
-
-
-def ref_selfatt(sd, p, x):
-    """Official SelfAtt: energy = query^T key over positions, softmax over keys, no scaling, gamma residual."""
-    B, C, H, W = x.shape
-    q = conv(x, sd, p + 'query').view(B, C, -1).permute(0, 2, 1)
-    k = conv(x, sd, p + 'key').view(B, C, -1)
-    v = conv(x, sd, p + 'value').view(B, C, -1)
-    attn = torch.softmax(torch.bmm(q, k), dim=-1)
-    out = torch.bmm(v, attn.permute(0, 2, 1)).view(B, C, H, W)
-    return sd[p + 'weights'] * out + x
-
-
-def ref_mha(sd, p, x, heads=8):
-    """Official MultiHeadAtt: energy = key^T query / sqrt(d), softmax over the last (query-conv) axis."""
-    B, C, H, W = x.shape
-    d = C // heads
-    a = conv(x, sd, p + 'key').view(B, heads, d, -1)
-    b = conv(x, sd, p + 'query').view(B, heads, d, -1)
-    v = conv(x, sd, p + 'val').view(B, heads, d, -1)
-    attn = torch.softmax(a.transpose(2, 3) @ b / math.sqrt(d), dim=-1)
-    out = (v @ attn.transpose(2, 3)).reshape(B, C, H, W)
-    return sd[p + 'weights'] * conv(out, sd, p + 'linear') + x
-
-
-def ref_cbam(sd, p, x):
-    def mlp(z):
-        return F.linear(F.relu(F.linear(z, sd[p + 'channel_attention.mlp.0.weight'])),
-                        sd[p + 'channel_attention.mlp.2.weight'])
-    f = x * torch.sigmoid(mlp(x.amax((2, 3))) + mlp(x.mean((2, 3))))[:, :, None, None]
-    s = torch.cat([f.amax(1, keepdim=True), f.mean(1, keepdim=True)], 1)
-    f = f * torch.sigmoid(F.conv2d(s, sd[p + 'spatial_attention.conv.weight'], sd[p + 'spatial_attention.conv.bias'],
-                                   padding=3))
-    return f + x
-
-
-def _convs(c, names):
-    shapes = {f'{n}.{t}': (c, c, 1, 1) if t == 'weight' else (c,) for n in names for t in ('weight', 'bias')}
-    return {**shapes, 'weights': (1,)}
-
-
-OFFICIAL = {  # our module -> (reference, official parameter names and shapes for width c)
-    'selfatt': (ref_selfatt, lambda c: _convs(c, ('query', 'key', 'value'))),
-    'mha': (ref_mha, lambda c: _convs(c, ('key', 'query', 'val', 'linear'))),
-    'cbam': (ref_cbam, lambda c: {'channel_attention.mlp.0.weight': (max(c // 16, 1), c),
-                                  'channel_attention.mlp.2.weight': (c, max(c // 16, 1)),
-                                  'spatial_attention.conv.weight': (1, 2, 7, 7), 'spatial_attention.conv.bias': (1,)}),
-}
-
-
-def official_state_dict(name, seed=0):
-    """An official-layout checkpoint: backbone keys as torchvision, attention under `att{i}`, gammas non-zero."""
-    kind = name.rsplit('_', 1)[1]
-    g = torch.Generator().manual_seed(seed)
-    ours = timm.create_model('cifar_resnet20_basic').state_dict()
-    sd = {k: (torch.randn(v.shape, generator=g) * 0.2 if v.is_floating_point() else v) for k, v in ours.items()}
-    for k in sd:
-        if k.endswith('running_var'):
-            sd[k] = sd[k].abs() + 0.5
-    for i, c in enumerate((16, 32, 64), start=1):
-        for k, shape in OFFICIAL[kind][1](c).items():
-            sd[f'att{i}.{k}'] = torch.randn(shape, generator=g) * 0.3
-    return sd
+REFS = {'selfatt': ref_selfatt, 'mha': ref_mha, 'cbam': ref_cbam}  # our module -> reference maths
 
 
 @pytest.mark.parametrize('name', NAMES[1:])
 def test_modules_match_official_maths_through_key_conversion(name, tmp_path):
     kind = name.rsplit('_', 1)[1]
-    ref = OFFICIAL[kind][0]
-    official = official_state_dict(name)
+    ref = REFS[kind]
+    official = cnntention_official_state_dict(name)
     save_file(official, tmp_path / 'official.safetensors')
     # the real loading path: timm's load_pretrained applies our filter, strict
     overlay = dict(file=str(tmp_path / 'official.safetensors'))
@@ -140,7 +76,7 @@ def test_every_model_forward_backward_features(name):
     model.eval()
     with torch.no_grad():
         feats = model.forward_intermediates(x, intermediates_only=True)
-        # level i is the stage output *after* its attention module (spec §8)
+        # level i is the stage output *after* its attention module (docs/design/cnntention.md#cnn-package)
         y = model.maxpool(model.forward_stem(x))
         for blk in [b for n, b in model.layer1.named_children() if n.isdigit()]:
             y = blk(y, [], [])[0]

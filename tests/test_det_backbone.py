@@ -13,7 +13,7 @@ from torch.nn.modules.batchnorm import _BatchNorm  # noqa: E402
 
 import timm_layerattn.det as det  # noqa: E402
 from timm_layerattn.det import LayerAttnResNet  # noqa: E402
-from test_official_layout import build_official, official_imagenet_keys  # noqa: E402
+from _official import official_from_model  # noqa: E402
 
 pytestmark = pytest.mark.det
 
@@ -190,7 +190,7 @@ def test_official_mrla_training_checkpoint_loads(tmp_path):
     """The official MRLA configs point at training files like r50_mrlal_77.75.pth.tar (`module.` keys)."""
     torch.manual_seed(2)
     model = timm.create_model('resnet50_mrlal')
-    official = build_official(model, official_imagenet_keys('mrlal', (3, 4, 6, 3)))
+    official = official_from_model(model, 'imagenet', 'mrla_light', 50)
     path = tmp_path / 'r50_mrlal_77.75.pth.tar'
     torch.save({'epoch': 99, 'arch': 'mrla_light', 'best_acc1': 77.75,
                 'state_dict': {'module.' + k: v for k, v in official.items()}}, path)

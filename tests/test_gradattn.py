@@ -1,21 +1,21 @@
-"""GradAttn (spec gradattn.md): parameter counts; the token neck against the official structure (torch's own
-TransformerEncoder for No-PE / LPE, the notebook's RoPE layer maths for RoPE) loaded through the key map."""
+"""GradAttn (docs/design/gradattn.md#ga-architecture): parameter counts; the token neck against the official
+structure (`OfficialNeck` of tests/_reference.py: torch's own TransformerEncoder for No-PE / LPE, the notebook's
+RoPE layer maths for RoPE) loaded through the key map."""
 import math
 
 import pytest
 import timm
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 import timm_layerattn  # noqa: F401
 from timm_layerattn.models.gradattn import checkpoint_filter_fn, rotary_cos_sin
 from timm_layerattn.tools.zoo import count_params
 
 from _compile import assert_compiles_fullgraph
+from _reference import OfficialNeck
 
 NAMES = ['resnet18_gradattn_nope', 'resnet18_gradattn_lpe', 'resnet18_gradattn_rope']
-# spec §3: 10 classes / 3 ch, 100 classes, 10 classes / 1 ch, 200 classes
+# docs/design/gradattn.md#ga-param-counts: 10 classes / 3 ch, 100 classes, 10 classes / 1 ch, 200 classes
 PARAMS = {
     'resnet18_gradattn_nope': (12_849_994, 12_873_124, 12_843_722, 12_898_824),
     'resnet18_gradattn_lpe': (12_851_274, 12_874_404, 12_845_002, 12_900_104),
@@ -31,68 +31,10 @@ def test_param_counts(name):
 
 
 def test_param_count_of_the_notebooks_quirky_no_pe_config():
-    # spec §3: d = 32, 16 heads, FFN 2 (the No-PE cell of some notebooks)
+    # docs/design/gradattn.md#ga-config-quirk: d = 32, 16 heads, FFN 2 (the No-PE cell of some notebooks)
     model = timm.create_model('resnet18_gradattn_nope', num_classes=10, embed_dim=32, num_heads=16, mlp_dim=2,
                               device='meta')
     assert count_params(model) == 11_049_488
-
-
-class RopeLayer(nn.Module):
-    """The notebook's post-norm RoPE encoder layer, with its parameter names (written from the spec §2)."""
-
-    def __init__(self, d=256, h=8, ff=512):
-        super().__init__()
-        self.h = h
-        self.self_attn = nn.Module()
-        for n in ('w_q', 'w_k', 'w_v'):
-            setattr(self.self_attn, n, nn.Linear(d, d, bias=False))
-        self.self_attn.w_o = nn.Linear(d, d)
-        self.linear1, self.linear2 = nn.Linear(d, ff), nn.Linear(ff, d)
-        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
-
-    def forward(self, x):
-        B, T, D = x.shape
-        d = D // self.h
-        q, k, v = (getattr(self.self_attn, n)(x).view(B, T, self.h, d) for n in ('w_q', 'w_k', 'w_v'))
-        inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
-        emb = torch.cat([torch.outer(torch.arange(T).float(), inv_freq)] * 2, -1)
-        cos, sin = emb.cos()[:, None, :], emb.sin()[:, None, :]
-
-        def rot(t):
-            return torch.cat([-t[..., d // 2:], t[..., :d // 2]], -1)
-        q, k = q * cos + rot(q) * sin, k * cos + rot(k) * sin
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        a = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(d), -1) @ v
-        x = self.norm1(x + self.self_attn.w_o(a.transpose(1, 2).reshape(B, T, D)))
-        return self.norm2(x + self.linear2(F.relu(self.linear1(x))))
-
-
-class OfficialNeck(nn.Module):
-    """Token projections, encoder and classifier with the notebook's names (`projections.i.2`, ...)."""
-
-    def __init__(self, pos, num_classes=10):
-        super().__init__()
-        self.projections = nn.ModuleList([
-            nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 256)) for c in (64, 64, 128, 256, 512)])
-        if pos == 'rope':
-            self.transformer_layers = nn.ModuleList([RopeLayer() for _ in range(3)])
-        else:
-            layer = nn.TransformerEncoderLayer(256, 8, 512, 0.1, batch_first=True)
-            self.transformer_encoder = nn.TransformerEncoder(layer, 3, enable_nested_tensor=False)
-        if pos == 'lpe':
-            self.positional_embedding = nn.Parameter(torch.randn(1, 5, 256))
-        self.classifier = nn.Linear(256, num_classes)
-
-    def forward(self, feats):
-        x = torch.stack([p(f) for p, f in zip(self.projections, feats)], 1)
-        if hasattr(self, 'positional_embedding'):
-            x = x + self.positional_embedding
-        if hasattr(self, 'transformer_layers'):
-            for layer in self.transformer_layers:
-                x = layer(x)
-        else:
-            x = self.transformer_encoder(x)
-        return self.classifier(x.mean(1))
 
 
 @pytest.mark.parametrize('name', NAMES)

@@ -1,5 +1,7 @@
-"""The fused CPU inference kernels (`timm_layerattn/layers/csrc`): the papers' formulas, parity with the
-PyTorch path, when they are used, input checks, build cache and fallback."""
+"""The fused CPU inference kernels (`timm_layerattn/layers/csrc`): parity with the PyTorch paths block by block,
+when they are used, input checks, build cache and fallback. Each family's kernel against its formulas and whole
+networks with and without the kernels are in tests/test_kcla.py and tests/test_mrla.py; the `ops` fixture
+is in tests/conftest.py."""
 import warnings
 
 import pytest
@@ -7,97 +9,11 @@ import timm
 import torch
 
 import timm_layerattn  # noqa: F401  (registers the models)
-from timm_layerattn.layers import KCLA, LayerAttnBase, MRLABase, MRLALight, native
+from timm_layerattn.layers import MRLALight, native
 
-from _reference import ref_kcla, ref_mrla_base, ref_mrla_light
-from test_layer_math import (
-    CHAINS, assert_close_scaled, assert_same_step, layer_attn_chain, randomize_norms, record_paths, run_path)
-
-# (H, W) of a first stage; the next stage is half that (rounded up), as after a stride-2 block
-SIZES = [(9, 7), (1, 1), (1, 6), (6, 1), (14, 14)]
-
-
-@pytest.fixture(scope='module')
-def ops():
-    if native._compiler() is None:
-        pytest.skip('no C++ compiler on this machine: the kernels cannot be built (the PyTorch path is used)')
-    assert native.available(), native.last_error()
-    return torch.ops.timm_layerattn
-
-
-def kernel_calls(fn) -> int:
-    """How many of the package's native ops `fn()` ran."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn()
-    return sum(e.count for e in prof.key_averages() if e.key.startswith('timm_layerattn::'))
-
-
-def half(hw):
-    return tuple((s + 1) // 2 for s in hw)
-
-
-@pytest.mark.parametrize('hw', SIZES, ids=str)
-def test_kcla_kernel_chain_equals_explicit_weighted_sum(ops, hw):
-    """The kernel path of a KCLA chain (first block, same stage, stage change with re-summary, mid-stage
-    re-summary) against the reference that keeps every earlier block output; in place on x."""
-    d = 8
-    cells = [
-        KCLA(32, head_dim=d, drop_path=0.),
-        KCLA(32, head_dim=d, drop_path=0.),
-        KCLA(64, head_dim=d, in_channels=32, rebuild=True, history_stride=2, drop_path=0.),
-        KCLA(64, head_dim=d, drop_path=0.),
-        KCLA(64, head_dim=d, rebuild=True, drop_path=0.),
-        KCLA(64, head_dim=d, drop_path=0.),
-    ]
-    for c in cells:
-        randomize_norms(c).eval()
-        torch.nn.init.normal_(c.v.weight, std=0.3)
-    inputs = [torch.randn(3, 32, *hw).relu() for _ in range(2)]
-    inputs += [torch.randn(3, 64, *half(hw)).relu() for _ in range(4)]
-    state, history = [], None
-    for cell, x in zip(cells, inputs):
-        ref, history = ref_kcla(cell, x, history, False)
-        x_in = x.clone()
-        with torch.no_grad():
-            assert kernel_calls(lambda: cell(x_in.clone(), x_in, [t.clone() for t in state])) == 1
-            out, state = cell(x_in, x_in, state)
-        assert out.data_ptr() == x_in.data_ptr()  # the block output is updated in place
-        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(state[0], history.normalised(1e-3, cell.num_heads), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(state[1], sum(w for w, _ in history.tokens), rtol=1e-5, atol=1e-4)
-
-
-@pytest.mark.parametrize('hw', SIZES, ids=str)
-def test_mrla_light_kernel_formula(ops, hw):
-    mod = randomize_norms(MRLALight(64, head_dim=16)).eval()
-    x, r = torch.randn(2, 64, *hw).relu(), torch.randn(2, 64, *hw)
-    ref = ref_mrla_light(mod, x, r, False)
-    with torch.no_grad():
-        assert kernel_calls(lambda: mod(x.clone(), r, [])) == 1
-        out, state = mod(x, r, [])
-    assert state == [] and out.data_ptr() == x.data_ptr()
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize('hw', SIZES, ids=str)
-def test_mrla_base_kernel_softmax_over_cached_keys(ops, hw):
-    mods = [randomize_norms(MRLABase(32, head_dim=8, first_in_stage=i == 0)).eval() for i in range(4)]
-    mods.append(randomize_norms(MRLABase(32, head_dim=8, first_in_stage=True)).eval())  # a new stage
-    state, keys, values = [], [], []
-    for i, mod in enumerate(mods):
-        x = torch.randn(2, 32, *hw).relu()
-        if mod.first_in_stage:
-            keys, values = [], []
-        ref, keys, values = ref_mrla_base(mod, x, keys, values, False)
-        with torch.no_grad():
-            assert kernel_calls(lambda: mod(x.clone(), x, list(state))) == 1
-            out, state = mod(x, x, state)
-        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-        assert state[0].shape == (2, len(values), 32) and len(state) == len(values) + 1
-        for v, r in zip(state[1:], values):
-            torch.testing.assert_close(v, r, rtol=1e-5, atol=1e-5)
-
-
+from _layer_attn import (
+    CHAINS, assert_close_scaled, assert_same_step, kernel_calls, layer_attn_chain, randomize_norms, record_paths,
+    run_path)
 def test_kernels_are_thread_count_independent(ops):
     """Planes are split across threads; the result must not depend on how."""
     mod = randomize_norms(MRLALight(40, head_dim=8)).eval()
@@ -168,32 +84,6 @@ def test_jit_traced_models_use_plain_ops(ops):
     assert 'timm_layerattn::' not in str(traced.inlined_graph)
     with torch.no_grad():
         assert_close_scaled(traced(x), ref, tol=1e-5)
-
-
-FAMILIES = [('cifar_resnet20_kcla', 32), ('cifar_resnet20_mrlal', 32), ('cifar_resnet20_mrlab', 32),
-            ('cifar_resnet56_kcla', 11), ('resnet50_kcla', 67), ('resnet50_mrlal', 67), ('resnet50_mrlab', 67)]
-
-
-@pytest.mark.parametrize('name,size', FAMILIES, ids=[n for n, _ in FAMILIES])
-def test_models_with_kernels_match_pytorch_path(ops, name, size):
-    """Whole networks (every block, stage changes, KCLA re-summaries, MRLA-B caches) give the same logits
-    and features with and without the kernels, and every attention block runs its kernel."""
-    model = randomize_norms(timm.create_model(name, num_classes=7)).eval()
-    x = torch.randn(2, 3, size, size + 5)
-    with torch.inference_mode():
-        with native.disabled():
-            ref = model(x)
-            ref_feats = model.forward_intermediates(x, intermediates_only=True)
-        out = model(x)
-        feats = model.forward_intermediates(x, intermediates_only=True)
-        calls = kernel_calls(lambda: model(x))
-    # float32 rounding differs (summation order) and grows with depth in these random-weight nets
-    assert_close_scaled(out, ref, tol=1e-4)
-    for f, r in zip(feats, ref_feats):
-        assert_close_scaled(f, r, tol=1e-4)
-    assert calls == sum(1 for m in model.modules() if isinstance(m, LayerAttnBase))
-    with torch.no_grad():  # no_grad takes the same path as inference_mode
-        assert_close_scaled(model(x), ref, tol=1e-4)
 
 
 def test_flop_count_is_the_same_with_kernels(ops):

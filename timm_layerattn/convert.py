@@ -184,9 +184,9 @@ def convert_official_with_report(
     for k, v in renamed.items():
         if k not in expected and family == 'kcla':
             m = re.match(r'^(layer\d+\.\d+)\.attn\.(hist_proj|hist_k|hist_norm)\.', k)
-            # Official modules that never run (docs/design/layer_attention.md): all three re-init extras of the
-            # network's first cell (it never receives a history), and the adjust conv of a re-init cell whose
-            # width does not change (e.g. block 11 of ResNet-101's layer3).
+            # Official modules that never run (docs/design/layer_attention.md#la-unused-modules): all three
+            # re-init extras of the network's first cell (it never receives a history), and the adjust conv
+            # of a re-init cell whose width does not change (e.g. block 11 of ResNet-101's layer3).
             if m and (m.group(1) == first_block or
                       (m.group(2) == 'hist_proj' and f'{m.group(1)}.attn.hist_k.weight' in expected)):
                 report.dropped.append(source_names.get(k, k))

@@ -4,7 +4,7 @@ No official code exists, so there is no official layout to convert. What this fa
 an AS_stages model keeps the whole ResNet trunk, so a timm / torchvision ResNet checkpoint holds every one of
 its tensors except the stage-entry attention sites (`layerS.attn_in.*`). Those are filled from the model's
 own initialisation, so loading stays strict and any other mismatch still fails loudly. See
-docs/design/attention_shortcuts.md.
+docs/design/attention_shortcuts.md#as-state-dict.
 """
 import re
 from typing import Any, Dict, Mapping, Optional, Sequence

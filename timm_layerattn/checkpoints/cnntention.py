@@ -3,7 +3,7 @@
 The authors' code (AttentionSeekers/CNNtention) keeps the attention module after stage i as `att{i}`; this
 package makes it the stage's exit unit `layer{i}.attn`. Trunk keys are the same. The MHA module computes
 `key^T @ query` with the softmax over the `query` axis: its `key` conv makes the queries and its `query` conv
-the keys, so the two swap places. See docs/design/cnntention.md.
+the keys, so the two swap places. See docs/design/cnntention.md#cnn-conversion.
 """
 import re
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple

@@ -3,7 +3,8 @@
 The official notebooks (SoudeepGhoshal/GradAttn) keep the token encoder at the top level (`projections`,
 `positional_embedding`, `transformer_encoder` / `transformer_layers`, `classifier`); this package makes it the
 skeleton's `neck` and uses timm's `fc` head. The RoPE variant's separate `w_q` / `w_k` / `w_v` projections
-become one `qkv`, and its recomputable `inv_freq` buffers are dropped. See docs/design/gradattn.md.
+become one `qkv`, and its recomputable `inv_freq` buffers are dropped. See
+docs/design/gradattn.md#ga-conversion.
 """
 import re
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple

@@ -4,7 +4,8 @@ The official code (bgx666/KCLA, joyfang1106/MRLA) names modules differently from
 ImageNet stages keep trunk blocks and attention cells in parallel containers (`layerS.layers.i` /
 `layerS.attention.i`), the CIFAR code and MRLA-base number stages from 0 (`stages.s.i`), the attention
 module is `kcla` / `mrla` with `W{q,k,v}` projections, and KCLA's `norm_d` is stored as a 5-D tensor.
-The trunk keys are otherwise timm's / torchvision's. The key tables are in docs/design/layer_attention.md.
+The trunk keys are otherwise timm's / torchvision's. The key tables are in
+docs/design/layer_attention.md#la-conversion.
 """
 import re
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple

@@ -3,8 +3,8 @@
 One class serves every registered arch (`type='LayerAttnResNet', arch='resnet50_kcla'`). The trunk is the
 timm model itself, run through its `forward_intermediates` (the method timm's `getter` feature wrapper
 calls): these nets carry attention state from block to block and across stages, so their features
-cannot be taken by re-running children one by one (docs/design/layer_attention.md). Stages after the last
-requested output are pruned, as timm's feature wrapper does.
+cannot be taken by re-running children one by one (docs/design/layer_attention.md#la-feature-getter).
+Stages after the last requested output are pruned, as timm's feature wrapper does.
 
 The options follow mmdet's own `ResNet` with the official KCLA / MRLA detection backbones' semantics:
 

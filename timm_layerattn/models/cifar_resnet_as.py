@@ -3,7 +3,8 @@ baselines ResNet-50, ResNet-50 0.5x and plain ResNet-50, all with the paper's 3x
 
 Paper: `Introducing attention shortcuts in convolutional neural networks` (D. Erroz, M. Galar, AIMS 2025),
 Table 1 (architectures, parameter counts for 10 classes) and Table 2 (CIFAR-10/100 errors). The nets
-stride to 4x4 at 32 px. No zero-init of the last BN (the 2016 ResNet recipe the paper follows, D19).
+stride to 4x4 at 32 px. No zero-init of the last BN (the 2016 ResNet recipe the paper follows;
+docs/design/attention_shortcuts.md#as-init).
 See `resnet_as` for the architecture and the model kwargs (`as_dim`, `as_heads`, `q_proj`, `kv_adapter`,
 `act_after_ln`, `pre_ln`).
 """

@@ -2,7 +2,7 @@
 
 Paper: `CNNtention: Can CNNs do better with Attention?` (N. Kapila, J. Glattki, T. Rathi, arXiv:2412.11657).
 Official code: github.com/AttentionSeekers/CNNtention (no licence file: nothing of it is copied or shipped
-here; the spec cnntention.md describes the maths, verified against the authors' checkpoints).
+here; docs/design/cnntention.md#cnn-modules describes the maths, verified against the authors' checkpoints).
 
 Backbone: 3x3 stem of width 16, three stages of three BasicBlocks (16/32/64 channels at 32/16/8 px),
 option-A (parameter-free) shortcuts, global average pooling: 269,722 parameters for 10 classes. One
@@ -31,13 +31,15 @@ __all__ = ['SelfAttention2d', 'MultiHeadAttention2d', 'CBAM', 'StageAttention', 
 State = List[torch.Tensor]
 Shared = List[torch.Tensor]
 
-# The authors' normalisation (grey statistics, spec §5): right for their checkpoints, fine for new training.
+# The authors' normalisation (grey statistics, docs/design/cnntention.md#cnn-recipe):
+# right for their checkpoints, fine for new training.
 CNNTENTION_MEAN = (0.4919, 0.4919, 0.4919)
 CNNTENTION_STD = (0.2470, 0.2470, 0.2470)
 
 
 def _kaiming_linear(m: nn.Linear) -> None:
-    # The official init loop covers every Linear too (spec §3.4); conv weights are set by the model's init.
+    # The official init loop covers every Linear too (docs/design/cnntention.md#cnn-init); conv weights are set
+    # by the model's init.
     nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
 
 
@@ -67,7 +69,8 @@ class SelfAttention2d(nn.Module):
 
 class MultiHeadAttention2d(nn.Module):
     """Spatial multi-head attention with an output projection and a zero-initialised residual gate
-    (official `MultiHeadAtt`; its conv named `key` supplies the queries and `query` the keys, spec §3.2)."""
+    (official `MultiHeadAtt`; its conv named `key` supplies the queries and `query` the keys,
+    docs/design/cnntention.md#cnn-mha-role-swap)."""
 
     def __init__(self, channels: int, num_heads: int = 8, device=None, dtype=None):
         dd = {'device': device, 'dtype': dtype}

@@ -2,7 +2,7 @@
 
 Paper: `GradAttn: Replacing Fixed Residual Connections with Task-Modulated Attention Pathways`
 (S. Ghoshal, arXiv:2603.26756; Applied Sciences 2026, 16(11), 5252). Official code (MIT, © 2025 Soudeep
-Ghoshal): github.com/SoudeepGhoshal/GradAttn. Implemented from the project spec gradattn.md.
+Ghoshal): github.com/SoudeepGhoshal/GradAttn. Design notes: docs/design/gradattn.md#ga-architecture.
 
 Every shortcut of ResNet-18 is removed (`PlainBlock`: conv-BN-ReLU-conv-BN-ReLU). One token per depth is
 made from the globally pooled post-max-pool stem output and the four stage outputs (a Linear per level),

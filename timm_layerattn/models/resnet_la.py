@@ -8,7 +8,8 @@ Papers:
 The strategy (`BlockAttention`) attaches one layer-attention module to every block of the `ResNetLA`
 skeleton; the modules carry their state (KCLA's history, MRLA-base's key / value cache, ...) from block to
 block, across stage boundaries where the family does. The maths and every decision are in
-docs/design/layer_attention.md. The CIFAR depths are in `cifar_resnet_la`.
+docs/design/layer_attention.md (#la-kcla, #la-mrla-light, #la-mrla-base). The CIFAR depths are in
+`cifar_resnet_la`.
 """
 import math
 from dataclasses import dataclass, replace
