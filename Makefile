@@ -10,7 +10,7 @@ PIP := $(BIN)/python -m pip
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: all venv install install-test demo test bench list clean
+.PHONY: all venv install install-test demo test bench list det-smoke clean
 
 all: test
 
@@ -47,6 +47,12 @@ test: install-test
 
 list: install
 	$(BIN)/timm-layerattn list
+
+# Smoke test of one detection config: 2 training iterations + COCO evaluation on generated data (CPU, offline).
+# Another config: make det-smoke DET_CONFIG=mask-rcnn_r50-mrlab_fpn_1x_coco.py
+DET_CONFIG ?= faster-rcnn_r50-kcla_fpn_1x_coco.py
+det-smoke: install-test
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(BIN)/timm-layerattn det-smoke $(DET_CONFIG)
 
 bench: install
 	$(BIN)/timm-layerattn bench

@@ -12,11 +12,19 @@
 # attention modules), norm_eval (every BatchNorm, the attention modules' too) and
 # no drop path on the MRLA branch (as for MRLA-L; also the MRLA-B model default).
 #
-# Weights: `pretrained` is the ImageNet classification checkpoint of `resnet101_mrlab`: a .safetensors or torch
-# file (official training checkpoints, with `module.` prefixes and official key names, load as they are),
-# `local-dir:DIR` or `hf-hub:ORG/NAME`. Override: --cfg-options model.backbone.init_cfg.checkpoint=PATH
+# Weights: the trunk starts from timm's ImageNet `resnet101c` weights, `resnet101c.gluon_in1k` (what
+# `timm.create_model('resnet101c', pretrained=True)` loads, the plain ResNet with MRLA-B's deep stem),
+# downloaded from the Hugging Face Hub on first use and cached there; the MRLA-B modules start freshly
+# initialised (no layer-attention ImageNet weights are published). The weights are checked when the model is
+# built, before any dataset. Offline, or from your own copy of a timm resnet101c state dict (.safetensors or
+# torch file):
+#   --cfg-options model.backbone.init_cfg.checkpoint=/path/to/resnet101c.safetensors
+# With layer-attention weights of `resnet101_mrlab` (.safetensors / torch file, official training checkpoints
+# included, local-dir:DIR or hf-hub:ORG/NAME):
+#   --cfg-options model.backbone.init_cfg.type=Pretrained model.backbone.init_cfg.checkpoint=PATH
 
 _base_ = './faster-rcnn_r50-mrlab_fpn_1x_coco.py'
 
-pretrained = 'checkpoints/resnet101_mrlab.safetensors'
-model = dict(backbone=dict(arch='resnet101_mrlab', init_cfg=dict(type='Pretrained', checkpoint=pretrained)))
+model = dict(backbone=dict(
+    arch='resnet101_mrlab',
+    init_cfg=dict(type='TimmTrunk', checkpoint='resnet101c.gluon_in1k')))

@@ -12,11 +12,18 @@
 # attention modules), norm_eval (every BatchNorm, the attention modules' too) and
 # no drop path on the MRLA branch (the official MRLA-L detection backbone has none).
 #
-# Weights: `pretrained` is the ImageNet classification checkpoint of `resnet101_mrlal`: a .safetensors or torch
-# file (official training checkpoints, with `module.` prefixes and official key names, load as they are),
-# `local-dir:DIR` or `hf-hub:ORG/NAME`. Override: --cfg-options model.backbone.init_cfg.checkpoint=PATH
+# Weights: the trunk starts from timm's ImageNet `resnet101` weights, `resnet101.a1h_in1k` (what
+# `timm.create_model('resnet101', pretrained=True)` loads), downloaded from the Hugging Face Hub on first use
+# and cached there; the MRLA-L modules start freshly initialised (no layer-attention ImageNet weights are
+# published). The weights are checked when the model is built, before any dataset. Offline, or from your own
+# copy of a timm / torchvision resnet101 state dict (.safetensors or torch file):
+#   --cfg-options model.backbone.init_cfg.checkpoint=/path/to/resnet101.safetensors
+# With layer-attention weights of `resnet101_mrlal` (.safetensors / torch file, official training checkpoints
+# included, local-dir:DIR or hf-hub:ORG/NAME):
+#   --cfg-options model.backbone.init_cfg.type=Pretrained model.backbone.init_cfg.checkpoint=PATH
 
 _base_ = './faster-rcnn_r50-mrlal_fpn_1x_coco.py'
 
-pretrained = 'checkpoints/resnet101_mrlal.safetensors'
-model = dict(backbone=dict(arch='resnet101_mrlal', init_cfg=dict(type='Pretrained', checkpoint=pretrained)))
+model = dict(backbone=dict(
+    arch='resnet101_mrlal',
+    init_cfg=dict(type='TimmTrunk', checkpoint='resnet101.a1h_in1k')))

@@ -9,13 +9,20 @@
 # 4 images -> 0.01. Backbone: frozen_stages=1 (stem and stage 1, including their attention modules),
 # norm_eval (every BatchNorm) and no drop path.
 #
-# Weights: `pretrained` is the ImageNet classification checkpoint of `resnet50_as_stages`: a .safetensors or
-# torch file, `local-dir:DIR` or `hf-hub:ORG/NAME` (stock timm resnet50 weights load into its trunk, see
-# `timm_layerattn.load_trunk`). Override: --cfg-options model.backbone.init_cfg.checkpoint=PATH
+# Weights: the trunk starts from timm's ImageNet `resnet50` weights, `resnet50.a1_in1k` (what
+# `timm.create_model('resnet50', pretrained=True)` loads), downloaded from the Hugging Face Hub on first use
+# and cached there; the attention-shortcut modules start freshly initialised (no layer-attention ImageNet
+# weights are published). The weights are checked when the model is built, before any dataset. Offline, or
+# from your own copy of a timm / torchvision resnet50 state dict (.safetensors or torch file):
+#   --cfg-options model.backbone.init_cfg.checkpoint=/path/to/resnet50.safetensors
+# With layer-attention weights of `resnet50_as_stages` (.safetensors / torch file, local-dir:DIR or
+# hf-hub:ORG/NAME):
+#   --cfg-options model.backbone.init_cfg.type=Pretrained model.backbone.init_cfg.checkpoint=PATH
 
 _base_ = './mask-rcnn_r50-mrlal_fpn_1x_coco.py'
 
-pretrained = 'checkpoints/resnet50_as_stages.safetensors'
 model = dict(
     backbone=dict(
-        arch='resnet50_as_stages', drop_path_rate=0.0, init_cfg=dict(type='Pretrained', checkpoint=pretrained)))
+        arch='resnet50_as_stages',
+        drop_path_rate=0.0,
+        init_cfg=dict(type='TimmTrunk', checkpoint='resnet50.a1_in1k')))

@@ -12,15 +12,20 @@
 # attention modules), norm_eval (every BatchNorm, the attention modules' too) and
 # no drop path on the MRLA branch (the official MRLA-L detection backbone has none).
 #
-# Weights: `pretrained` is the ImageNet classification checkpoint of `resnet50_mrlal`: a .safetensors or torch
-# file (official training checkpoints, with `module.` prefixes and official key names, load as they are),
-# `local-dir:DIR` or `hf-hub:ORG/NAME`. Override: --cfg-options model.backbone.init_cfg.checkpoint=PATH
+# Weights: the trunk starts from timm's ImageNet `resnet50` weights, `resnet50.a1_in1k` (what
+# `timm.create_model('resnet50', pretrained=True)` loads), downloaded from the Hugging Face Hub on first use
+# and cached there; the MRLA-L modules start freshly initialised (no layer-attention ImageNet weights are
+# published). The weights are checked when the model is built, before any dataset. Offline, or from your own
+# copy of a timm / torchvision resnet50 state dict (.safetensors or torch file):
+#   --cfg-options model.backbone.init_cfg.checkpoint=/path/to/resnet50.safetensors
+# With layer-attention weights of `resnet50_mrlal` (.safetensors / torch file, official training checkpoints
+# included, local-dir:DIR or hf-hub:ORG/NAME):
+#   --cfg-options model.backbone.init_cfg.type=Pretrained model.backbone.init_cfg.checkpoint=PATH
 
 _base_ = 'mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py'
 
 custom_imports = dict(imports=['timm_layerattn.det'], allow_failed_imports=False)
 
-pretrained = 'checkpoints/resnet50_mrlal.safetensors'
 model = dict(
     backbone=dict(
         _delete_=True,
@@ -31,7 +36,7 @@ model = dict(
         norm_cfg=dict(type='BN', requires_grad=True),
         norm_eval=True,
         drop_path_rate=0.0,
-        init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
+        init_cfg=dict(type='TimmTrunk', checkpoint='resnet50.a1_in1k')),
     neck=dict(in_channels=[256, 512, 1024, 2048]))
 
 auto_scale_lr = dict(enable=True, base_batch_size=16)

@@ -1,98 +1,25 @@
-"""Shared helpers of the MMDetection tests: a tiny synthetic COCO-format dataset and config overrides."""
+"""Shared helpers of the MMDetection tests: the package's tiny COCO set and config overrides, short runs, and an
+offline Hugging Face cache holding timm trunk weights (real or sparse all-zero files)."""
 import json
-import math
+import os
+import struct
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Dict, Mapping, Tuple, Union
 
-import numpy as np
+import torch
+
+from timm_layerattn.det.smoke import point_to_data  # noqa: F401  (one implementation for tests and det-smoke)
+from timm_layerattn.det.tiny_coco import SHAPES as CLASSES  # noqa: F401
+from timm_layerattn.det.tiny_coco import make_tiny_coco as make_coco  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / 'mmdet_configs'
-CLASSES = ('box', 'disc')
-
-
-def _polygon(kind: int, x0: float, y0: float, w: float, h: float) -> Sequence[float]:
-    if kind == 0:
-        return [x0, y0, x0 + w, y0, x0 + w, y0 + h, x0, y0 + h]
-    cx, cy = x0 + w / 2, y0 + h / 2
-    pts = []
-    for i in range(24):
-        a = 2 * math.pi * i / 24
-        pts += [cx + w / 2 * math.cos(a), cy + h / 2 * math.sin(a)]
-    return pts
-
-
-def make_coco(
-        root: Path,
-        num_images: int = 6,
-        size: Tuple[int, int] = (128, 160),
-        classes: Sequence[str] = CLASSES,
-        seed: int = 0,
-) -> Dict[str, Any]:
-    """Write `num_images` PNGs with 1-3 solid boxes / discs each, plus a COCO instances JSON (boxes and masks).
-
-    Boxes are category 1 (`classes[0]`), discs category 2; all of `classes` are listed as categories.
-    Layout: `root/images/*.png`, `root/annotations.json`. Returns the annotation dict.
-    """
-    import cv2
-    rng = np.random.default_rng(seed)
-    (root / 'images').mkdir(parents=True, exist_ok=True)
-    height, width = size
-    images, annotations = [], []
-    for img_id in range(1, num_images + 1):
-        img = rng.integers(0, 60, (height, width, 3), dtype=np.uint8)
-        for _ in range(int(rng.integers(1, 4))):
-            kind = int(rng.integers(0, 2))
-            w, h = (float(v) for v in rng.uniform(32, 64, 2))
-            x0, y0 = float(rng.uniform(0, width - w)), float(rng.uniform(0, height - h))
-            poly = _polygon(kind, x0, y0, w, h)
-            color = (40, 200, 240) if kind == 0 else (240, 80, 40)
-            cv2.fillPoly(img, [np.round(np.array(poly).reshape(-1, 2)).astype(np.int32)], color)
-            annotations.append(dict(
-                id=len(annotations) + 1, image_id=img_id, category_id=kind + 1, iscrowd=0,
-                bbox=[x0, y0, w, h], area=w * h if kind == 0 else math.pi * w * h / 4, segmentation=[poly]))
-        name = f'{img_id:04d}.png'
-        cv2.imwrite(str(root / 'images' / name), img)
-        images.append(dict(id=img_id, file_name=name, height=height, width=width))
-    coco = dict(
-        images=images, annotations=annotations,
-        categories=[dict(id=i + 1, name=n, supercategory='shape') for i, n in enumerate(classes)])
-    (root / 'annotations.json').write_text(json.dumps(coco))
-    return coco
-
-
-def point_to_data(cfg, root: Path, scale: Tuple[int, int] = (160, 128), num_classes: Optional[int] = None) -> None:
-    """Point a COCO config's train / val / test data at `make_coco(root)` and shrink the image scale.
-
-    With `num_classes` the dataset uses the two synthetic classes and the heads are resized to match;
-    without, the config's COCO classes and 80-class heads stay (use `make_coco(classes=COCO classes)`).
-    """
-    for split in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
-        loader = cfg[split]
-        loader.num_workers = 0
-        loader.persistent_workers = False
-        ds = loader.dataset
-        ds.data_root = str(root)
-        ds.ann_file = 'annotations.json'
-        ds.data_prefix = dict(img='images/')
-        if num_classes is not None:
-            ds.metainfo = dict(classes=CLASSES)
-        if split == 'train_dataloader':
-            ds.filter_cfg = dict(filter_empty_gt=True, min_size=8)
-        for step in ds.pipeline:
-            if step['type'] == 'Resize':
-                step['scale'] = scale
-    for split in ('val_evaluator', 'test_evaluator'):
-        cfg[split].ann_file = str(root / 'annotations.json')
-    if num_classes is not None:
-        roi_head = cfg.model.roi_head
-        roi_head.bbox_head.num_classes = num_classes
-        if 'mask_head' in roi_head:
-            roi_head.mask_head.num_classes = num_classes
+COMMIT = '0123456789abcdef0123456789abcdef01234567'
 
 
 def lighten(cfg, iters: int, lr: float = 0.01, batch_size: int = 2) -> None:
-    """Short iteration-based run at a constant lr, with fewer proposals / RoIs than the COCO recipe (CPU speed)."""
+    """Short iteration-based run at a constant lr, with fewer proposals / RoIs than the COCO recipe (CPU speed)
+    and every detection kept for evaluation."""
     cfg.train_cfg = dict(type='IterBasedTrainLoop', max_iters=iters, val_interval=iters)
     cfg.param_scheduler = []
     cfg.optim_wrapper.optimizer.lr = lr
@@ -100,10 +27,12 @@ def lighten(cfg, iters: int, lr: float = 0.01, batch_size: int = 2) -> None:
     cfg.train_dataloader.batch_size = batch_size
     cfg.train_dataloader.sampler = dict(type='InfiniteSampler', shuffle=True)
     cfg.train_dataloader.pop('batch_sampler', None)
+    cfg.train_dataloader.dataset.filter_cfg = dict(filter_empty_gt=True, min_size=8)
     model = cfg.model
     model.train_cfg.rpn_proposal.update(nms_pre=200, max_per_img=100)
     model.train_cfg.rcnn.sampler.num = 64
     model.test_cfg.rpn.update(nms_pre=200, max_per_img=100)
+    model.test_cfg.rcnn.score_thr = 0.0  # as det-smoke: a barely trained net still gives detections to evaluate
     quiet(cfg, log_interval=1)
     cfg.log_processor = dict(by_epoch=False, window_size=1)
     cfg.default_hooks.checkpoint = dict(type='CheckpointHook', interval=iters, by_epoch=False)
@@ -114,3 +43,67 @@ def quiet(cfg, log_interval: int = 1) -> None:
     cfg.default_hooks.logger.interval = log_interval
     cfg.default_hooks.visualization = dict(type='DetVisualizationHook', draw=False)
     cfg.log_level = 'WARNING'
+
+
+# -- trunk weights and an offline Hub cache ---------------------------------------------------------------------
+
+def trunk_shapes(arch: str) -> Dict[str, Tuple[torch.dtype, Tuple[int, ...]]]:
+    """dtype and shape of every tensor of timm's `arch` (built on the meta device: no memory, no time)."""
+    import timm
+    with torch.device('meta'):
+        model = timm.create_model(arch)
+    return {k: (v.dtype, tuple(v.shape)) for k, v in model.state_dict().items()}
+
+
+_ST_DTYPES = {torch.float32: 'F32', torch.int64: 'I64'}
+
+
+def write_sparse_safetensors(path: Union[str, Path], shapes: Mapping[str, Tuple[torch.dtype, Tuple[int, ...]]]) -> Path:
+    """A valid safetensors file of all-zero tensors with these shapes, written as a sparse file (no data on disk).
+
+    Enough wherever only names and shapes matter (building detectors from configs); `safetensors` reads it.
+    """
+    header, offset = {'__metadata__': {'format': 'pt'}}, 0
+    for name, (dtype, shape) in shapes.items():
+        size = torch.empty((), dtype=dtype).element_size()
+        for n in shape:
+            size *= n
+        header[name] = {'dtype': _ST_DTYPES[dtype], 'shape': list(shape), 'data_offsets': [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header).encode()
+    blob += b' ' * (-len(blob) % 8)
+    path = Path(path)
+    with open(path, 'wb') as f:
+        f.write(struct.pack('<Q', len(blob)) + blob)
+        f.truncate(8 + len(blob) + offset)
+    return path
+
+
+def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: Union[str, Path]) -> Path:
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(path))
+    return Path(path)
+
+
+def add_to_hub_cache(cache: Union[str, Path], repo_id: str, files: Mapping[str, Union[str, Path]],
+                     revision: str = 'main') -> Path:
+    """Put `files` (name -> local file, linked) into a huggingface_hub cache as snapshot `COMMIT` of `repo_id`."""
+    repo = Path(cache) / f"models--{repo_id.replace('/', '--')}"
+    (repo / 'refs').mkdir(parents=True, exist_ok=True)
+    (repo / 'refs' / revision).write_text(COMMIT)
+    snapshot = repo / 'snapshots' / COMMIT
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for name, source in files.items():
+        if os.path.lexists(snapshot / name):
+            os.remove(snapshot / name)
+        os.symlink(os.path.abspath(source), snapshot / name)
+    return snapshot
+
+
+def offline_hub(monkeypatch, cache: Union[str, Path]) -> Path:
+    """huggingface_hub in offline mode with `cache` as its cache, for this test (read at call time)."""
+    from huggingface_hub import constants
+    Path(cache).mkdir(parents=True, exist_ok=True)
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(cache))
+    return Path(cache)

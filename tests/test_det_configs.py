@@ -1,4 +1,5 @@
-"""The shipped MMDetection configs: exact names, paper hyperparameters, every detector builds, wheel install."""
+"""The shipped MMDetection configs: exact names, paper hyperparameters, ImageNet trunk weights that fit, every
+detector builds (offline, trunk weights from a test-made Hugging Face cache), wheel install."""
 import os
 import shutil
 import subprocess
@@ -7,14 +8,18 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip('mmcv.ops')
 
+import timm  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
 
 import timm_layerattn  # noqa: E402
-from _det_utils import CONFIG_DIR, REPO  # noqa: E402
+from _det_utils import (CONFIG_DIR, REPO, add_to_hub_cache, offline_hub, trunk_shapes,  # noqa: E402
+                        write_sparse_safetensors)
+from timm_layerattn.det.trunk import trunk_mismatch  # noqa: E402
 from timm_layerattn.tools.det_configs import config_dir, list_configs  # noqa: E402
 
 pytestmark = pytest.mark.det
@@ -27,6 +32,9 @@ LAYER_ATTN = {
     'mrlab': ('mrlab', (50, 101), 0.0),
     'as-stages': ('as_stages', (50, 101), 0.0),
 }
+# The plain timm ResNet whose ImageNet weights start each arch's trunk: MRLA-B nets have the deep stem of
+# timm's `resnet50c` / `resnet101c`, the others the stem of `resnet50` / `resnet101`.
+TRUNK_STEM = {'kcla': '', 'mrlal': '', 'mrlab': 'c', 'as-stages': ''}
 EXPECTED = sorted(
     f'{det}-rcnn_r{depth}-{part}_fpn_1x_coco.py'
     for det in ('faster', 'mask') for part, (_, depths, _) in LAYER_ATTN.items() for depth in depths)
@@ -54,7 +62,10 @@ def test_config_resolves_to_the_paper_recipe(name):
     assert 'depth' not in bb and 'num_stages' not in bb  # `_delete_` dropped mmdet's ResNet arguments
     assert bb.out_indices == (0, 1, 2, 3) and bb.frozen_stages == 1 and bb.norm_eval is True
     assert bb.drop_path_rate == drop_path_rate
-    assert bb.init_cfg == dict(type='Pretrained', checkpoint=f'checkpoints/{arch}.safetensors')
+    trunk = f'resnet{depth}{TRUNK_STEM[part]}'
+    default = timm.models.get_pretrained_cfg(trunk)  # what timm.create_model(trunk, pretrained=True) loads
+    assert bb.init_cfg == dict(type='TimmTrunk', checkpoint=f'{trunk}.{default.tag}')
+    assert default.hf_hub_id == f'timm/{trunk}.{default.tag}'
     assert cfg.model.neck.in_channels == [256, 512, 1024, 2048]
     # 1x schedule, SGD at 0.02 for batch 16, scaled to the real batch by the linear rule.
     assert cfg.optim_wrapper.optimizer == dict(type='SGD', lr=0.02, momentum=0.9, weight_decay=0.0001)
@@ -66,13 +77,44 @@ def test_config_resolves_to_the_paper_recipe(name):
     assert ('segm' in cfg.val_evaluator.metric) == (det == 'mask')
     header = (CONFIG_DIR / name).read_text().split('\n\n')[0]
     assert 'Paper' in header and 'This config' in header
+    weights = header[header.index('# Weights:'):]
+    assert f'`{trunk}.{default.tag}`' in weights and f"timm.create_model('{trunk}', pretrained=True)" in weights
+    assert f'--cfg-options model.backbone.init_cfg.checkpoint=/path/to/{trunk}.safetensors' in weights
+    assert '--cfg-options model.backbone.init_cfg.type=Pretrained model.backbone.init_cfg.checkpoint=PATH' in weights
+    assert 'checkpoints/' not in (CONFIG_DIR / name).read_text()
     if suffix == 'kcla':  # the paper's lr values as written, next to what the linear rule gives
         assert ('0.1' in header) if depth == '50' else ('0.05' in header)
 
 
+@pytest.mark.parametrize('part', sorted(LAYER_ATTN))
+@pytest.mark.parametrize('depth', [50, 101])
+def test_trunk_weights_fit_the_arch(part, depth):
+    """timm's trunk named by the configs covers every non-attention tensor of the arch, names and shapes."""
+    arch = f'resnet{depth}_{LAYER_ATTN[part][0]}'
+    with torch.device('meta'):
+        model = timm.create_model(arch, num_classes=0)
+    shapes = {k: shape for k, (_, shape) in trunk_shapes(f'resnet{depth}{TRUNK_STEM[part]}').items()}
+    assert trunk_mismatch(model, shapes) == []
+    if TRUNK_STEM[part]:  # and the plain stem would not do
+        plain = {k: shape for k, (_, shape) in trunk_shapes(f'resnet{depth}').items()}
+        assert trunk_mismatch(model, plain)
+
+
+@pytest.fixture(scope='module')
+def trunk_cache(tmp_path_factory):
+    """A Hugging Face cache holding the four shipped trunks as sparse all-zero safetensors files."""
+    root = tmp_path_factory.mktemp('trunks')
+    for trunk in ('resnet50', 'resnet101', 'resnet50c', 'resnet101c'):
+        tag = timm.models.get_pretrained_cfg(trunk).tag
+        path = write_sparse_safetensors(root / f'{trunk}.safetensors', trunk_shapes(trunk))
+        add_to_hub_cache(root / 'hub', f'timm/{trunk}.{tag}', {'model.safetensors': path})
+    return root / 'hub'
+
+
 @pytest.mark.parametrize('name', EXPECTED)
-def test_config_builds_its_detector(name):
+def test_config_builds_its_detector(name, trunk_cache, monkeypatch):
     from mmdet.registry import MODELS
+    offline_hub(monkeypatch, trunk_cache)
     cfg = Config.fromfile(str(CONFIG_DIR / name))
     init_default_scope('mmdet')
     model = MODELS.build(cfg.model)
@@ -80,9 +122,10 @@ def test_config_builds_its_detector(name):
     assert model.backbone.out_channels == cfg.model.neck.in_channels
     assert model.backbone.strides == list(cfg.model.roi_head.bbox_roi_extractor.featmap_strides)
     assert model.with_mask == name.startswith('mask')
+    assert model.backbone._trunk_init.weights.path.startswith(str(trunk_cache))
 
 
-def test_configs_load_from_a_wheel_install(tmp_path):
+def test_configs_load_from_a_wheel_install(tmp_path, trunk_cache):
     """`pip wheel .` then an install of the wheel (no checkout on the path) finds and builds the configs
     (and ships the C++ source of the fused CPU kernels)."""
     src = tmp_path / 'src'
@@ -120,7 +163,7 @@ def test_configs_load_from_a_wheel_install(tmp_path):
         model = MODELS.build(cfg.model)
         print(type(model).__name__, model.backbone.arch, len(list(folder.glob('*.py'))))
     """)
-    env = dict(os.environ, PYTHONPATH=str(tmp_path / 'site'))
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / 'site'), HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(trunk_cache))
     out = subprocess.run([sys.executable, '-c', code, str(tmp_path / 'site')], cwd=tmp_path, env=env,
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -2,7 +2,7 @@
 import argparse
 import json
 import string
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 import safetensors.torch
@@ -162,7 +162,14 @@ def _cli(capsys, *args):
     return rc, out, err
 
 
+def _same_weights(folder: Path, model: torch.nn.Module) -> bool:
+    reloaded = timm.create_model(f'local-dir:{folder}', pretrained=True).state_dict()
+    src = model.state_dict()
+    return reloaded.keys() == src.keys() and all(torch.equal(reloaded[k], v) for k, v in src.items())
+
+
 def test_cli_export_training_checkpoint(tmp_path, capsys):
+    """Raw weights by default (timm's validate.py without --use-ema), EMA with --use-ema; `module.` stripped."""
     model, ema = _trained_like('cifar_resnet20_mrlab', seed=1, num_classes=100), _trained_like(
         'cifar_resnet20_mrlab', seed=2, num_classes=100)
     ckpt = tmp_path / 'last.pth.tar'
@@ -174,18 +181,160 @@ def test_cli_export_training_checkpoint(tmp_path, capsys):
     labels = tmp_path / 'labels.txt'
     labels.write_text('\n'.join(f'c{i}' for i in range(100)))
     rc, out, err = _cli(capsys, 'export', 'cifar_resnet20_mrlab', '--checkpoint', ckpt, '--out', tmp_path / 'ema',
-                        '--dataset', 'cifar100', '--metrics', f'@{metrics}', '--label-names', labels)
+                        '--dataset', 'cifar100', '--metrics', f'@{metrics}', '--label-names', labels, '--use-ema')
     assert rc == 0, err
-    assert "'state_dict_ema'" in out
+    assert "loaded 'state_dict_ema' of a training checkpoint, epoch 10" in out
     reloaded = timm.create_model(f'local-dir:{tmp_path / "ema"}', pretrained=True)
     assert reloaded.num_classes == 100 and reloaded.pretrained_cfg['tag'] == 'cifar100'
-    assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in ema.state_dict().items())
+    assert _same_weights(tmp_path / 'ema', ema)
     assert ModelCard.load(tmp_path / 'ema' / 'README.md').data.eval_results[0].metric_value == 70.25
-    rc, out, err = _cli(capsys, 'export', 'cifar_resnet20_mrlab', '--checkpoint', ckpt, '--out', tmp_path / 'raw',
-                        '--no-ema', '--tag', 'raw')
+    for flags, name in (([], 'default'), (['--no-ema'], 'raw')):
+        rc, out, err = _cli(capsys, 'export', 'cifar_resnet20_mrlab', '--checkpoint', ckpt, '--out', tmp_path / name,
+                            *flags, '--tag', name)
+        assert rc == 0, err
+        assert "loaded 'state_dict' of a training checkpoint" in out and '--use-ema takes those' in out, out
+        assert _same_weights(tmp_path / name, model), flags
+    rc, _, err = _cli(capsys, 'export', 'cifar_resnet20_mrlab', '--checkpoint', ckpt, '--out', tmp_path / 'x',
+                      '--use-ema', '--no-ema')
+    assert rc == 2 and 'not allowed with argument' in err and not (tmp_path / 'x').exists()
+
+
+def _saver_checkpoints(tmp_path: Path, saver_factory, name: str = NAME):
+    """Files written by a real checkpoint saver (timm's `CheckpointSaver` or ours) with an EMA model."""
+    from timm.utils import ModelEmaV3
+    model = _trained_like(name, seed=3)
+    ema = ModelEmaV3(model, decay=0.9)
+    with torch.no_grad():
+        for v in ema.module.state_dict().values():
+            if v.is_floating_point():
+                v.add_(0.01)  # the EMA weights differ from the raw ones everywhere
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    args = argparse.Namespace(model=name, lr=0.1, epochs=3, output=str(tmp_path))
+    run = tmp_path / 'run'
+    run.mkdir()
+    saver = saver_factory(model=model, optimizer=optimizer, args=args, model_ema=ema, checkpoint_dir=str(run),
+                          recovery_dir=str(run), max_history=2)
+    saver.save_checkpoint(0, metric=41.5)
+    saver.save_checkpoint(1, metric=45.0)
+    return run, model, ema.module
+
+
+def test_cli_export_timm_train_py_checkpoint(tmp_path, capsys):
+    """timm train.py's files (args as an argparse.Namespace) load with weights_only=True; raw weights by default."""
+    from timm.utils import CheckpointSaver
+    run, model, ema = _saver_checkpoints(tmp_path, CheckpointSaver)
+    assert isinstance(torch.load(run / 'model_best.pth.tar', weights_only=False)['args'], argparse.Namespace)
+    for file in ('model_best.pth.tar', 'last.pth.tar'):
+        rc, out, err = _cli(capsys, 'export', NAME, '--checkpoint', run / file, '--out', tmp_path / file)
+        assert rc == 0, err
+        assert "loaded 'state_dict' of a timm train.py checkpoint, epoch 1 (it also holds EMA weights" in out, out
+        assert _same_weights(tmp_path / file, model)
+    rc, out, err = _cli(capsys, 'export', NAME, '--checkpoint', run / 'model_best.pth.tar', '--out', tmp_path / 'e',
+                        '--use-ema')
     assert rc == 0, err
-    reloaded = timm.create_model(f'local-dir:{tmp_path / "raw"}', pretrained=True)
-    assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    assert "loaded 'state_dict_ema' of a timm train.py checkpoint, epoch 1:" in out
+    assert _same_weights(tmp_path / 'e', ema) and not _same_weights(tmp_path / 'e', model)
+
+
+def test_cli_export_trainer_checkpoint(tmp_path, capsys):
+    from timm_layerattn.train.checkpoint import create_saver
+    run, model, ema = _saver_checkpoints(tmp_path, create_saver)
+    rc, out, err = _cli(capsys, 'export', NAME, '--checkpoint', run / 'model_best.pth.tar', '--out', tmp_path / 'r')
+    assert rc == 0, err
+    assert "'state_dict' of a timm-layerattn train checkpoint, epoch 1" in out
+    assert _same_weights(tmp_path / 'r', model)
+    rc, out, err = _cli(capsys, 'export', NAME, '--checkpoint', run / 'last.pth.tar', '--out', tmp_path / 'e',
+                        '--use-ema')
+    assert rc == 0, err
+    assert _same_weights(tmp_path / 'e', ema)
+
+
+def test_cli_export_refuses_missing_ema_and_other_archs(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # short paths: the one-line errors are cut at 200 characters
+    tmp_path = Path('.')
+    model = _trained_like()
+    torch.save({'epoch': 2, 'arch': NAME, 'state_dict': model.state_dict()}, tmp_path / 'plain.pth.tar')
+    safetensors.torch.save_file(model.state_dict(), str(tmp_path / 'w.safetensors'))
+    torch.save({'epoch': 2, 'arch': 'cifar_resnet20_mrlab', 'state_dict': model.state_dict()}, tmp_path / 'other.pth')
+    for file, flags, reason in (('plain.pth.tar', ['--use-ema'], 'plain.pth.tar: --use-ema, but it holds no EMA '
+                                 'weights (state_dict_ema / model_ema / ema); its keys: arch, epoch, state_dict'),
+                                ('w.safetensors', ['--use-ema'], 'holds no EMA weights'),
+                                ('other.pth', [], "is a checkpoint of 'cifar_resnet20_mrlab' (its 'arch' entry), "
+                                 "not of 'cifar_resnet20_kcla'")):
+        rc, _, err = _cli(capsys, 'export', NAME, '--checkpoint', tmp_path / file, '--out', tmp_path / 'o', *flags)
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and reason in err, (file, err)
+        assert not (tmp_path / 'o').exists()
+
+
+@pytest.mark.parametrize('trunk_prefix', ['model.', ''])
+def test_cli_export_detector_checkpoint(tmp_path, capsys, trunk_prefix):
+    """An MMDetection checkpoint: the `backbone.` part (under `model.` for our LayerAttnResNet), no classifier."""
+    model = _trained_like(num_classes=0)
+    state = {f'backbone.{trunk_prefix}{k}': v for k, v in model.state_dict().items()}
+    state.update({'neck.lateral_convs.0.conv.weight': torch.zeros(256, 64, 1, 1),
+                  'rpn_head.rpn_cls.weight': torch.zeros(3, 256, 1, 1)})
+    meta = {'epoch': 12, 'iter': 7330, 'mmengine_version': '0.10.7',
+            'dataset_meta': {'classes': ('person', 'car'), 'palette': [(220, 20, 60), (0, 0, 142)]}}
+    torch.save({'meta': meta, 'state_dict': state, 'optimizer': {'state': {}, 'param_groups': []}},
+               tmp_path / 'epoch_12.pth')
+    rc, out, err = _cli(capsys, 'export', NAME, '--checkpoint', tmp_path / 'epoch_12.pth', '--out', tmp_path / 'b')
+    assert rc == 0, err
+    assert "'state_dict' of an MMDetection / mmengine checkpoint, epoch 12, its 'backbone.' part" in out, out
+    assert 'no classifier, num_classes=0' in out and '(0 classes)' in out
+    reloaded = timm.create_model(f'local-dir:{tmp_path / "b"}', pretrained=True).eval()
+    assert reloaded.num_classes == 0 and _same_weights(tmp_path / 'b', model)
+    with torch.no_grad():
+        assert torch.equal(reloaded(_x(model)), model(_x(model)))
+
+
+def _message_hub_checkpoint(path: Path, state_dict) -> None:
+    """A checkpoint like mmengine's Runner writes: its message hub holds `HistoryBuffer` objects.
+
+    Without mmengine, a stand-in class under mmengine's module name pickles the same global reference.
+    """
+    import sys
+    import types
+    with pytest.MonkeyPatch.context() as mp:
+        try:
+            from mmengine.logging import HistoryBuffer
+        except ImportError:
+            HistoryBuffer = type('HistoryBuffer', (), {'__module__': 'mmengine.logging.history_buffer'})
+            for name in ('mmengine', 'mmengine.logging', 'mmengine.logging.history_buffer'):
+                mp.setitem(sys.modules, name, types.ModuleType(name))
+            sys.modules['mmengine.logging.history_buffer'].HistoryBuffer = HistoryBuffer
+        loss = HistoryBuffer()
+        if hasattr(loss, 'update'):  # the real class: a Runner's buffers hold values when it saves
+            loss.update(1.5)
+            loss.update(1.25)
+        hub = {'log_scalars': {'train/loss': loss}, 'runtime_info': {'epoch': 1, 'iter': 10}}
+        torch.save({'meta': {'epoch': 1, 'iter': 10}, 'state_dict': state_dict, 'message_hub': hub}, path)
+
+
+def test_cli_export_runner_checkpoint_without_mmdet(tmp_path, capsys, monkeypatch):
+    """Without MMDetection the message hub cannot be read: one line naming what to install."""
+    from timm_layerattn.hub import export as hub_export
+    monkeypatch.chdir(tmp_path)  # short paths: the one-line errors are cut at 200 characters
+    state = {f'backbone.model.{k}': v for k, v in _trained_like(num_classes=0).state_dict().items()}
+    _message_hub_checkpoint(Path('epoch_1.pth'), state)
+    monkeypatch.setattr(hub_export, '_mmengine_globals', lambda: None)  # as where MMDetection is missing
+    rc, _, err = _cli(capsys, 'export', NAME, '--checkpoint', 'epoch_1.pth', '--out', 'o')
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert ('epoch_1.pth: reading an mmengine Runner checkpoint (its message_hub holds '
+            'mmengine.logging.history_buffer.HistoryBuffer) needs MMDetection: python -m '
+            'timm_layerattn.tools.install_mmcv') in err, err
+    assert not Path('o').exists()
+
+
+def test_cli_export_runner_checkpoint(tmp_path, capsys):
+    """With MMDetection installed, a Runner checkpoint (message hub and all) exports with weights_only=True."""
+    pytest.importorskip('mmcv.ops')
+    pytest.importorskip('timm_layerattn.det')
+    model = _trained_like(num_classes=0)
+    _message_hub_checkpoint(tmp_path / 'epoch_1.pth', {f'backbone.model.{k}': v for k, v in model.state_dict().items()})
+    rc, out, err = _cli(capsys, 'export', NAME, '--checkpoint', tmp_path / 'epoch_1.pth', '--out', tmp_path / 'b')
+    assert rc == 0, err
+    assert "MMDetection / mmengine checkpoint, epoch 1, its 'backbone.' part" in out
+    assert _same_weights(tmp_path / 'b', model)
 
 
 def test_cli_export_safetensors_and_overwrite(tmp_path, capsys):
@@ -219,13 +368,13 @@ def _bad_checkpoints(tmp: Path):
     (tmp / 'truncated.safetensors').write_bytes(st[: len(st) - 1000])
     (tmp / 'corrupt.pth').write_bytes(b'this is not a checkpoint\n' * 100)
     (tmp / 'empty.pth').write_bytes(b'')
-    torch.save({'args': argparse.Namespace(lr=0.1), 'state_dict': good}, tmp / 'pickled.pth')
+    torch.save({'args': {'output': PurePosixPath('runs/x')}, 'state_dict': good}, tmp / 'pickled.pth')
     wrong = dict(good, **{'layer2.0.conv2.weight': torch.zeros(32, 32, 5, 5)})
     torch.save(wrong, tmp / 'mismatch.pth')
     torch.save({'epoch': 3, 'optimizer': {'lr': 0.1}}, tmp / 'no_tensors.pth')
     return {
         'truncated.pth': 'truncated or corrupt', 'truncated.safetensors': 'truncated or corrupt',
-        'corrupt.pth': 'not a torch checkpoint', 'empty.pth': 'empty', 'pickled.pth': 'argparse.Namespace',
+        'corrupt.pth': 'not a torch checkpoint', 'empty.pth': 'empty', 'pickled.pth': 'PurePosixPath',
         'mismatch.pth': 'shape mismatch', 'no_tensors.pth': 'no tensors', 'missing.pth': 'not found',
     }
 

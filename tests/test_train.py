@@ -8,7 +8,9 @@ import torch
 
 from timm_layerattn._utils import UserError
 from timm_layerattn.train import (
-    RECIPES, create_lr_scheduler, parse_args, read_checkpoint, resolve_args, state_checksum, train)
+    RECIPES, create_lr_scheduler, parse_args, read_checkpoint, recipe_markdown, resolve_args, state_checksum, train)
+from timm_layerattn.train.args import batch_and_lr_line
+from timm_layerattn.train.loop import warmup_warning
 
 TINY = ['--dataset', 'digits', '--model', 'cifar_resnet20', '--train-samples', '48', '--val-samples', '24', '-b', '16',
         '--epochs', '1', '--no-progress', '--quiet', '--workers', '0']
@@ -37,11 +39,78 @@ def test_recipe_values_and_overrides():
     b = resolve_args(parse_args(['--model', 'x', '--recipe', 'kcla-cifar', '--lr', '0.05', '--epochs', '3',
                                  '--no-decay-all']))
     assert (b.lr, b.epochs, b.decay_all, b.batch_size) == (0.05, 3, False, 128)
-    assert RECIPES['kcla-cifar']['lr'] == 0.1  # overriding does not touch the preset
+    assert RECIPES['kcla-cifar']['lr_base'] == 0.1  # overriding does not touch the preset
     s = resolve_args(parse_args(['--model', 'x', '--recipe', 'as-cifar']))
     assert (s.iters, s.decay_iters, s.warmup_epochs, s.pad, s.hflip) == (64000, [32000, 48000], 0, 4, 0.5)
     with pytest.raises(UserError, match="unknown recipe 'cifar-kcla'.*kcla-cifar"):
         resolve_args(parse_args(['--model', 'x', '--recipe', 'cifar-kcla']))
+
+
+def _resolved(*argv, world_size=1):
+    return resolve_args(parse_args(['--model', 'cifar_resnet20', *argv]), world_size)
+
+
+def test_batch_is_per_rank_and_lr_follows_the_global_batch():
+    # Without -b the recipe's total batch is split over the ranks: the papers' batch and lr on any GPU count.
+    a = _resolved('--recipe', 'la-imagenet', world_size=8)
+    assert (a.batch_size, a.global_batch_size, a.lr) == (32, 256, 0.1)
+    assert batch_and_lr_line(a) == 'global batch 256 = 8 ranks x 32, lr 0.1 (recipe lr 0.1 @ 256)'
+    a = _resolved('--recipe', 'kcla-cifar')
+    assert batch_and_lr_line(a) == 'global batch 128 = 1 rank x 128, lr 0.1 (recipe lr 0.1 @ 128)'
+    # -b is per rank (timm): 8 x 256 = 2048 scales the lr linearly, unless --no-lr-scale; --lr is used as given.
+    a = _resolved('--recipe', 'la-imagenet', '-b', '256', world_size=8)
+    assert (a.global_batch_size, a.lr) == (2048, pytest.approx(0.8))
+    assert batch_and_lr_line(a) == ('global batch 2048 = 8 ranks x 256, lr 0.8 (linear scaling of recipe lr 0.1 @ '
+                                    '256; --no-lr-scale keeps 0.1)')
+    a = _resolved('--recipe', 'la-imagenet', '-b', '256', '--no-lr-scale', world_size=8)
+    assert a.lr == 0.1 and a.lr_origin == 'recipe lr 0.1 @ 256, not scaled: --no-lr-scale'
+    a = _resolved('--recipe', 'la-imagenet', '-b', '256', '--lr', '0.3', world_size=8)
+    assert a.lr == 0.3 and batch_and_lr_line(a).endswith('lr 0.3 (--lr, not scaled)')
+    # timm's rule for the scaling: sqrt for Ada* / LAMB optimizers (unless --lr-base-scale), linear otherwise.
+    a = _resolved('--recipe', 'digits', '-b', '64')
+    assert (a.lr_base_scale, a.lr) == ('sqrt', pytest.approx(2e-3 * 2 ** 0.5))
+    assert _resolved('--recipe', 'digits', '-b', '64', '--lr-base-scale', 'linear').lr == pytest.approx(4e-3)
+    # Given --lr-base / --lr-base-size replace the recipe's (and the default batch follows the size).
+    a = _resolved('--lr-base', '0.05', '--lr-base-size', '64', world_size=2)
+    assert batch_and_lr_line(a) == 'global batch 64 = 2 ranks x 32, lr 0.05 (base lr 0.05 @ 64)'
+    # A total that does not split evenly: the lr follows the global batch actually run, and the line says why.
+    a = _resolved('--recipe', 'kcla-cifar', world_size=3)
+    assert (a.batch_size, a.global_batch_size, a.lr) == (42, 126, pytest.approx(0.1 * 126 / 128))
+    assert a.lr_origin.endswith('; 128 does not split evenly over 3 ranks')
+    # The model card states the global batch and where a scaled lr came from.
+    card = recipe_markdown(_resolved('--recipe', 'la-imagenet', '-b', '256', world_size=8), world_size=8)
+    assert '- batch 2048 (8 ranks x 256), 100 epochs' in card
+    assert 'lr 0.8 (linear scaling of recipe lr 0.1 @ 256' in card
+    assert 'lr 0.1, momentum' in recipe_markdown(_resolved('--recipe', 'la-imagenet', world_size=8), world_size=8)
+    # The help says what -b means and how the recipes' batches read.
+    import argparse
+    from timm_layerattn.train import add_arguments
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    text = ' '.join(parser.format_help().split())
+    assert 'batch size per rank, as in timm' in text
+    assert 'la-imagenet layer-attention ImageNet (MRLA decay): SGD lr 0.1 @ 256' in text
+    assert '--lr LR learning rate, used as given (not scaled with the batch)' in text
+
+
+def test_warmup_as_long_as_the_run_is_flagged():
+    # 10 warm-up epochs in a 1-epoch run: the lr stays at warmup_lr = lr / 100.
+    msg = warmup_warning(_resolved('--recipe', 'kcla-cifar', '--epochs', '1'), updates_per_epoch=391)
+    assert msg == ('the 10-epoch warm-up is not shorter than the 1-epoch run: the lr rises from 0.001 to at most '
+                   '0.001 and never reaches 0.1 (lower --warmup-epochs)')
+    assert warmup_warning(_resolved('--recipe', 'kcla-cifar', '--epochs', '10'), 391) is not None
+    assert warmup_warning(_resolved('--recipe', 'kcla-cifar', '--epochs', '11'), 391) is None
+    assert warmup_warning(_resolved('--recipe', 'kcla-cifar', '--epochs', '1', '--warmup-epochs', '0'), 391) is None
+    # --iters with a schedule counted in updates: 1 warm-up epoch = 10 updates against a 10-update run.
+    a = _resolved('--recipe', 'as-cifar', '--iters', '10', '--warmup-epochs', '1')
+    assert 'not shorter than the 10-step run (--iters)' in warmup_warning(a, updates_per_epoch=10)
+    assert warmup_warning(a, updates_per_epoch=9) is None
+    # --iters with an epoch-stepped schedule: counted in the epochs the steps span.
+    a = _resolved('--recipe', 'kcla-cifar', '--iters', '25', '--warmup-epochs', '3')
+    a.epochs = 3  # what the trainer derives: ceil(25 / 10)
+    assert warmup_warning(a, updates_per_epoch=10) is not None
+    a.epochs = 4
+    assert warmup_warning(a, updates_per_epoch=7) is None
 
 
 def test_recipe_schedules():
@@ -95,9 +164,10 @@ def test_digits_dataset_split_is_fixed_and_disjoint():
     assert DigitsDataset('validation').targets == va.targets  # same split every time
 
 
-def test_train_logs_checkpoints_and_resume(tmp_path):
+def test_train_logs_checkpoints_and_resume(tmp_path, capsys):
     out = tmp_path / 'run'
-    res = train(parse_args(TINY + ['--output', str(out), '--epochs', '2', '--recipe', 'digits']))
+    loud = [a for a in TINY if a != '--quiet']
+    res = train(parse_args(loud + ['--output', str(out), '--epochs', '2', '--recipe', 'digits']))
     assert [h['epoch'] for h in res.history] == [0, 1]
     assert res.best_checkpoint == out / 'model_best.pth.tar' and res.best_epoch in (0, 1)
     rows = list(csv.DictReader(open(out / 'summary.csv')))
@@ -105,19 +175,39 @@ def test_train_logs_checkpoints_and_resume(tmp_path):
     log = json.loads((out / 'log.json').read_text())
     assert log['finished'] and log['model'] == 'cifar_resnet20' and len(log['epochs']) == 2
     assert log['best']['top1'] == max(h['eval_top1'] for h in log['epochs'])
+    # One epoch numbering (timm's, from 0) on the console, in summary.csv and in the checkpoint names.
+    console = capsys.readouterr().out
+    assert [line.split('  ')[0] for line in console.splitlines() if line.startswith('epoch ')] == [
+        'epoch 0 (1 of 2)', 'epoch 1 (2 of 2)']
+    assert (out / f'checkpoint-{res.best_epoch}.pth.tar').is_file()
+    # -b 16 against the digits recipe's 32: AdamW follows timm's sqrt rule, and the run says so.
+    assert 'global batch 16 = 1 rank x 16, lr 0.00141421 (sqrt scaling of recipe lr 0.002 @ 32' in console
+    assert 'warning' not in console  # a 1-epoch warm-up in a 2-epoch run is fine
 
     # Checkpoints are plain dicts: plain torch.load with weights_only=True reads them.
     ckpt = torch.load(out / 'last.pth.tar', map_location='cpu', weights_only=True)
     assert ckpt['arch'] == 'cifar_resnet20' and ckpt['epoch'] == 1 and isinstance(ckpt['args'], dict)
-    assert {'state_dict', 'optimizer', 'saver'} <= set(ckpt)
+    assert {'state_dict', 'optimizer', 'saver'} <= set(ckpt) and ckpt['updates'] == 6  # 2 epochs x 3 steps
+    assert ckpt['args']['global_batch_size'] == 16 and ckpt['args']['lr'] == pytest.approx(2e-3 / 2 ** 0.5)
     model_sd = res.model.state_dict()
     assert all(torch.equal(model_sd[k], v) for k, v in ckpt['state_dict'].items())
 
-    # Resume into the same folder: continues at epoch 2, keeps the earlier log rows.
-    res2 = train(parse_args(TINY + ['--epochs', '3', '--recipe', 'digits', '--resume', str(out / 'last.pth.tar')]))
+    # Resume into the same folder: continues at epoch 2, keeps the earlier log rows, says where it continues.
+    resume = ['--recipe', 'digits', '--resume', str(out / 'last.pth.tar')]
+    res2 = train(parse_args(loud + ['--epochs', '3', *resume]))
     assert res2.output_dir == out and [h['epoch'] for h in res2.history] == [0, 1, 2]
     assert [r['epoch'] for r in csv.DictReader(open(out / 'summary.csv'))] == ['0', '1', '2']
     assert torch.load(out / 'last.pth.tar', weights_only=True)['epoch'] == 2
+    console = capsys.readouterr().out
+    assert (f'resumed from epoch 1, step 6 ({out / "last.pth.tar"}): epoch 1 was the last finished, training '
+            f'continues with epoch 2') in console
+    assert [line.split('  ')[0] for line in console.splitlines() if line.startswith('epoch ')] == ['epoch 2 (3 of 3)']
+    # Resuming a finished run trains nothing, and says so.
+    res3 = train(parse_args(TINY + ['--epochs', '3', *resume]))
+    assert len(res3.history) == 3
+    assert capsys.readouterr().out.strip() == (
+        'warning: nothing to train: the checkpoint finished epoch 2 (step 9) and the run ends after epoch 2; '
+        'raise --epochs / --iters to train on')
 
 
 def test_train_image_folder_and_export(tmp_path):
@@ -169,9 +259,13 @@ def test_bad_input_is_a_user_error_before_training(tmp_path):
                                              '--output', never)
 
 
-def test_resume_from_another_architecture_is_refused(tmp_path):
+def test_resume_from_another_architecture_is_refused(tmp_path, capsys):
     out = tmp_path / 'r20'
-    train(parse_args(TINY + ['--output', str(out)]))
+    # (This run also checks the warm-up warning: one line, shown under --quiet too.)
+    train(parse_args(TINY + ['--output', str(out), '--recipe', 'kcla-cifar', '--lr', '0.1']))
+    assert capsys.readouterr().out == (
+        'warning: the 10-epoch warm-up is not shorter than the 1-epoch run: the lr rises from 0.001 to at most 0.001 '
+        'and never reaches 0.1 (lower --warmup-epochs)\n')
     ckpt = str(out / 'last.pth.tar')
     cases = (('cifar_resnet20_kcla', "checkpoint of 'cifar_resnet20', not of --model 'cifar_resnet20_kcla'"),
              ('cifar_resnet20', 'does not fit --model cifar_resnet20.*other shapes'))

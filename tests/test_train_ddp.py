@@ -37,10 +37,17 @@ def _checksum(state_dict) -> str:
 
 def test_torchrun_two_cpu_ranks_stay_identical(tmp_path):
     out = tmp_path / 'ddp'
+    # -b is per rank: 2 ranks x 8 = global batch 16, so the lr quoted for a batch of 8 doubles (timm's linear rule).
     res = _torchrun(2, ['--dataset', 'digits', '--model', 'cifar_resnet20', '--train-samples', '64',
-                        '--val-samples', '30', '-b', '8', '--epochs', '2', '--opt', 'momentum', '--lr', '0.05',
-                        '--sched', 'step', '--no-progress', '--workers', '0', '--output', str(out)])
+                        '--val-samples', '30', '-b', '8', '--epochs', '2', '--opt', 'momentum', '--lr-base', '0.05',
+                        '--lr-base-size', '8', '--sched', 'step', '--no-progress', '--workers', '0',
+                        '--output', str(out)])
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    lines = res.stdout.splitlines()
+    assert [line for line in lines if line.startswith('global batch')] == [  # once: rank 0 speaks
+        'global batch 16 = 2 ranks x 8, lr 0.1 (linear scaling of base lr 0.05 @ 8; --no-lr-scale keeps 0.05)']
+    assert [line.split('  ')[0] for line in lines if line.startswith('epoch ')] == ['epoch 0 (1 of 2)',
+                                                                                   'epoch 1 (2 of 2)']
     log = json.loads((out / 'log.json').read_text())
     assert log['world_size'] == 2 and log['finished']
     assert log['updates_per_epoch'] == 4  # 64 images / 2 ranks / batch 8: each rank sees half the data
@@ -53,7 +60,10 @@ def test_torchrun_two_cpu_ranks_stay_identical(tmp_path):
     # ... and that state is what rank 0 wrote to its checkpoint.
     ckpt = torch.load(out / 'last.pth.tar', map_location='cpu', weights_only=True)
     assert _checksum(ckpt['state_dict']) == rank_sums[0]
-    assert ckpt['args']['world_size'] == 2
+    assert ckpt['args']['world_size'] == 2 and ckpt['args']['global_batch_size'] == 16
+    # The optimizer ran at the scaled lr (the step schedule's base lr, before any decay).
+    groups = ckpt['optimizer']['param_groups']
+    assert [g['initial_lr'] for g in groups] == [0.1] * len(groups)
 
 
 def test_torchrun_sync_bn_on_cpu_is_a_clear_error(tmp_path):

@@ -24,6 +24,7 @@ COMMANDS = {
     'push': ('timm_layerattn.tools.push', 'upload an exported folder to a Hugging Face Hub model repo'),
     'convert': ('timm_layerattn.convert', 'official KCLA / MRLA / CNNtention checkpoint -> this package (safetensors)'),
     'det-configs': ('timm_layerattn.tools.det_configs', 'path of the MMDetection configs, or a copy of them'),
+    'det-smoke': ('timm_layerattn.tools.det_smoke', 'smoke test of a detection config: 2 iters + COCO eval, tiny data'),
     'kernels': ('timm_layerattn.tools.kernels', 'build the fused CPU inference kernels now and say where they are'),
 }
 

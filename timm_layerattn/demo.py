@@ -69,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--batch-size', '-b', type=int_arg(min=1), default=None,
                         help='batch size (default: the recipe\'s)')
     parser.add_argument('--lr', type=float_arg(min=0, min_open=True), default=None,
-                        help='learning rate (default: the recipe\'s)')
+                        help='learning rate, used as given (default: the recipe\'s, scaled to --batch-size)')
     parser.add_argument('--train-samples', type=int_arg(min=1), default=None, metavar='N',
                         help='train on N images only')
     parser.add_argument('--val-samples', type=int_arg(min=1), default=None, metavar='N',
@@ -115,7 +115,7 @@ def _results_table(results: Sequence[Any]) -> str:
     lines = [header, '-' * len(header)]
     for r in results:
         lines.append(f'{r.model_name:<30} {r.num_params / 1e6:>10.3f} {r.best_metric:>11.2f}% '
-                     f'{r.history[-1]["eval_top1"]:>12.2f}% {r.best_epoch + 1:>10} {r.train_time_per_epoch:>8.1f}')
+                     f'{r.history[-1]["eval_top1"]:>12.2f}% {r.best_epoch:>10} {r.train_time_per_epoch:>8.1f}')
     return '\n'.join(lines)
 
 
@@ -228,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
         export_checkpoint(chosen.best_checkpoint, str(export_dir), args=chosen_args, data_config=chosen.data_config,
                           label_names=chosen.label_names,
                           metrics={'top1': round(best['eval_top1'], 3), 'top5': round(best['eval_top5'], 3)})
-        print(f'exported {chosen.model_name} (best epoch {chosen.best_epoch + 1}) to '
+        print(f'exported {chosen.model_name} (best epoch {chosen.best_epoch}, counted from 0) to '
               f'{out / "export" / chosen.model_name}'
               f'  [{", ".join(sorted(p.name for p in export_dir.iterdir()))}]')
 

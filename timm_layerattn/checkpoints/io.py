@@ -31,7 +31,7 @@ from .errors import CheckpointError
 __all__ = [
     'StateDict', 'EMA_KEYS', 'MODEL_KEYS', 'WRAPPER_PREFIXES', 'read_raw', 'unwrap_checkpoint', 'unwrap_state_dict',
     'read_state_dict', 'strip_wrapper_prefixes', 'non_finite_keys', 'check_state_dict_values', 'check_finite',
-    'format_keys', 'describe_type',
+    'format_keys', 'describe_type', 'UnsupportedGlobalError',
 ]
 
 StateDict = Dict[str, torch.Tensor]
@@ -63,6 +63,15 @@ def format_keys(keys: Sequence[str], show: int = _SHOW) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # Reading
 # ---------------------------------------------------------------------------------------------------------------
+
+class UnsupportedGlobalError(UserError):
+    """A torch file stores an object of a class outside the allow-list; `global_name` names it (e.g.
+    'mmengine.logging.history_buffer.HistoryBuffer'), so a caller can retry with a wider, known allow-list."""
+
+    def __init__(self, message: str, global_name: str):
+        super().__init__(message)
+        self.global_name = global_name
+
 
 def _looks_like_safetensors(head: bytes) -> bool:
     """safetensors: 8-byte little-endian header length, then a JSON object."""
@@ -103,12 +112,17 @@ def read_raw(path: PathLike, allowed_globals: Sequence[Any] = ()) -> Tuple[Any, 
     except pickle.UnpicklingError as e:
         msg = str(e)
         unsupported = re.search(r'Unsupported global: GLOBAL ([\w.]+)', msg)
+        if unsupported and unsupported.group(1).startswith('mmengine.'):
+            raise UnsupportedGlobalError(
+                f'{path}: reading an mmengine Runner checkpoint (its message_hub holds {unsupported.group(1)}) '
+                f'needs MMDetection: python -m timm_layerattn.tools.install_mmcv; or, where you trust the file, '
+                f're-save just the weights: torch.save(ckpt["state_dict"], "weights.pth")', unsupported.group(1))
         if unsupported:
-            raise UserError(
+            raise UnsupportedGlobalError(
                 f'{path}: the checkpoint stores Python objects ({unsupported.group(1)}) that only a full unpickle '
                 f'can read, and checkpoints are only ever loaded with weights_only=True. In a session where you '
                 f'trust the file, re-save just the weights, e.g. torch.save(ckpt["state_dict"], "weights.pth") '
-                f'or safetensors.torch.save_file(...)')
+                f'or safetensors.torch.save_file(...)', unsupported.group(1))
         raise UserError(f'{path}: not a torch checkpoint, or it is corrupt ({first_line(e, "unpickling failed")})')
     except (EOFError, RuntimeError, ValueError, OSError) as e:
         raise UserError(f'{path}: cannot read the torch checkpoint, it may be truncated or corrupt '

@@ -1,8 +1,11 @@
-"""MMDetection 3.x plugin: importing this package registers `LayerAttnResNet` in mmdet's `MODELS`.
+"""MMDetection 3.x plugin: importing this package registers `LayerAttnResNet` in mmdet's `MODELS` and the
+`TimmTrunk` init type (timm's ImageNet ResNet weights into the trunk, `trunk.py`) in mmengine's
+`WEIGHT_INITIALIZERS`.
 
 Configs load it with `custom_imports = dict(imports=['timm_layerattn.det'], allow_failed_imports=False)`
 (see the configs in `mmdet_configs/`, also installed with the package: `timm-layerattn det-configs`).
 Importing it also lets mmengine read checkpoints saved by its Runner under torch >= 2.6 (`checkpoint.py`).
+`smoke.py` (with the generated data of `tiny_coco.py`) is `timm-layerattn det-smoke`.
 
 `import timm_layerattn` never imports this package. The MMDetection stack is the `mmdet` extra; mmcv
 needs compiled ops, which the standalone installer `python -m timm_layerattn.tools.install_mmcv` builds
@@ -21,9 +24,13 @@ except (ImportError, AssertionError) as _err:
                       f'{_INSTALL_HINT}') from _err
 else:
     from .backbone import LayerAttnResNet
-    from .checkpoint import enable_mmengine_checkpoint_loading, mmengine_checkpoint_globals, read_state_dict
+    from .checkpoint import (WeightsNotFound, enable_mmengine_checkpoint_loading, mmengine_checkpoint_globals,
+                             read_state_dict)
+    from .smoke import run_smoke
+    from .tiny_coco import make_tiny_coco
+    from .trunk import TimmTrunkInit
 
     enable_mmengine_checkpoint_loading()
 
-    __all__ = ['LayerAttnResNet', 'enable_mmengine_checkpoint_loading', 'mmengine_checkpoint_globals',
-               'read_state_dict']
+    __all__ = ['LayerAttnResNet', 'TimmTrunkInit', 'WeightsNotFound', 'enable_mmengine_checkpoint_loading',
+               'make_tiny_coco', 'mmengine_checkpoint_globals', 'read_state_dict', 'run_smoke']

@@ -16,13 +16,18 @@ The options follow mmdet's own `ResNet` with the official KCLA / MRLA detection 
   optional `eps` / `momentum`, applied to all BatchNorms.
 * `drop_path_rate`: drop rate of the layer-attention branch (the trunk residual is never dropped). The
   official KCLA detection code hard-codes 0.2 and the MRLA one uses none; configs should set it.
-* Weights: `init_cfg=dict(type='Pretrained', checkpoint=..., prefix=None)` loads in `init_weights()` (as
-  every mmdet backbone does) from a `.safetensors` / torch file, `local-dir:DIR`, `hf-hub:ORG/NAME` or a
-  URL; official KCLA / MRLA classification checkpoints (`module.` prefixes, official key names) are
-  remapped by the model family's checkpoint filter (from the family registry), and a detector checkpoint works with
-  `prefix='backbone.'`. Loading is strict apart from the classifier and pruned stages. `pretrained=True`
-  instead lets timm load the arch's own weights at construction (e.g. `arch='hf-hub:ORG/NAME'`);
-  `init_weights()` then leaves them alone.
+* Weights, one `init_cfg` entry, checked when the backbone is built (a missing file, or Hub weights neither
+  cached nor downloadable, fail before any dataset is built):
+  - `dict(type='TimmTrunk', checkpoint='resnet50.a1_in1k')` (what the shipped configs use): the trunk from a
+    plain timm ResNet's ImageNet weights (downloaded from the Hub on first use, or a local file), attention
+    modules freshly initialised; see `trunk.py`.
+  - `dict(type='Pretrained', checkpoint=..., prefix=None)`: layer-attention weights of this arch from a
+    `.safetensors` / torch file, `local-dir:DIR`, `hf-hub:ORG/NAME` or a URL; official KCLA / MRLA
+    classification checkpoints (`module.` prefixes, official key names) are remapped by the model family's
+    checkpoint filter (from the family registry), and a detector checkpoint works with `prefix='backbone.'`.
+    Loading is strict apart from the classifier and pruned stages.
+  Both load in `init_weights()`, as every mmdet backbone does. `pretrained=True` instead lets timm load the
+  arch's own weights at construction (e.g. `arch='hf-hub:ORG/NAME'`); `init_weights()` then leaves them alone.
 """
 import copy
 import logging
@@ -40,11 +45,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..checkpoints.io import check_state_dict_values
 from ..checkpoints.kcla_mrla import infer_head_dim
 from ..checkpoints.match import match_keys
-from .checkpoint import read_state_dict
+from .checkpoint import fetch_source, read_state_dict
+from .trunk import TimmTrunkInit
 
 __all__ = ['LayerAttnResNet']
 
 _NORM_TYPES = ('BN', 'BN2d', 'SyncBN')
+# init_cfg types this class applies itself (mmengine never sees them).
+_WEIGHT_TYPES = ('Pretrained', 'TimmTrunk')
 
 
 @MODELS.register_module()
@@ -78,7 +86,8 @@ class LayerAttnResNet(BaseModule):
             pretrained: True: timm loads the arch's own weights now. A string: shorthand for
                 `init_cfg=dict(type='Pretrained', checkpoint=pretrained)`.
             style: Only 'pytorch' (stride on the 3x3 conv), accepted for config compatibility.
-            init_cfg: mmengine init config; a `Pretrained` entry is loaded by this class (see module doc).
+            init_cfg: mmengine init config; a `Pretrained` or `TimmTrunk` entry is loaded by this class (see
+                module doc), after any other entry.
             **model_kwargs: Further `timm.create_model` arguments (e.g. `head_dim`, `output_stride`).
         """
         if style != 'pytorch':
@@ -88,18 +97,32 @@ class LayerAttnResNet(BaseModule):
                 raise ValueError('give the checkpoint either as pretrained=<str> or in init_cfg, not both')
             init_cfg, pretrained = dict(type='Pretrained', checkpoint=pretrained), False
         init_cfgs = [] if init_cfg is None else [init_cfg] if isinstance(init_cfg, dict) else list(init_cfg)
-        pretrained_cfgs = [c for c in init_cfgs if c.get('type') == 'Pretrained']
-        other_cfgs = [c for c in init_cfgs if c.get('type') != 'Pretrained']
-        if len(pretrained_cfgs) > 1:
-            raise ValueError('init_cfg may hold at most one Pretrained entry')
+        weight_cfgs = [c for c in init_cfgs if c.get('type') in _WEIGHT_TYPES]
+        other_cfgs = [c for c in init_cfgs if c.get('type') not in _WEIGHT_TYPES]
+        if len(weight_cfgs) > 1:
+            raise ValueError('init_cfg may hold at most one weights entry (Pretrained or TimmTrunk)')
         if pretrained and init_cfgs:
             raise ValueError('pretrained=True (timm loads the weights) excludes init_cfg')
         # mmengine must not run its own PretrainedInit on this module: our keys live under `model.` and
         # official checkpoints need remapping. Other initialisers stay with mmengine.
         super().__init__(init_cfg=other_cfgs or None)
-        self._checkpoint = copy.deepcopy(pretrained_cfgs[0]) if pretrained_cfgs else None
-        if self._checkpoint is not None and not self._checkpoint.get('checkpoint'):
-            raise ValueError("init_cfg of type 'Pretrained' needs a 'checkpoint'")
+        weights = copy.deepcopy(dict(weight_cfgs[0])) if weight_cfgs else None
+        self._checkpoint: Optional[Dict[str, Any]] = None
+        self._trunk_init: Optional[TimmTrunkInit] = None
+        if weights is not None and weights.pop('type') == 'Pretrained':
+            unknown = sorted(set(weights) - {'checkpoint', 'prefix', 'map_location'})  # weights are read to CPU
+            if unknown:
+                raise ValueError(f"init_cfg of type 'Pretrained' takes checkpoint and prefix, not {unknown}")
+            if not weights.get('checkpoint'):
+                raise ValueError("init_cfg of type 'Pretrained' needs a 'checkpoint'")
+            fetch_source(weights['checkpoint'])  # now: a bad path must not wait for the datasets
+            self._checkpoint = weights
+        elif weights is not None:
+            unknown = sorted(set(weights) - {'checkpoint', 'strict'})
+            if unknown or 'checkpoint' not in weights:
+                raise ValueError(f"init_cfg of type 'TimmTrunk' takes checkpoint (required) and strict, "
+                                 f"got {sorted(weights)}")
+            self._trunk_init = TimmTrunkInit(**weights)  # resolves (downloads on first use) now
 
         if 'features_only' in model_kwargs or 'num_classes' in model_kwargs:
             raise ValueError('LayerAttnResNet builds a headless feature extractor; drop features_only / num_classes')
@@ -137,6 +160,8 @@ class LayerAttnResNet(BaseModule):
             model.set_grad_checkpointing(True)
         self.model = model
         self._freeze_stages()
+        if self._trunk_init is not None:
+            self._trunk_init.check(self.model, what=f'{type(self).__name__} {arch!r}')
 
     @property
     def out_channels(self) -> List[int]:
@@ -174,7 +199,7 @@ class LayerAttnResNet(BaseModule):
         return tuple(self.model.forward_intermediates(x, indices=self._timm_indices, intermediates_only=True))
 
     def init_weights(self) -> None:
-        """Apply non-`Pretrained` init_cfg entries (mmengine), then load the `Pretrained` checkpoint.
+        """Apply the other init_cfg entries (mmengine), then load the `Pretrained` / `TimmTrunk` weights.
 
         The timm model keeps the official initialisation it got at construction; its own `init_weights`
         is never re-run, so weights timm loaded (`pretrained=True`) are not overwritten.
@@ -190,6 +215,10 @@ class LayerAttnResNet(BaseModule):
             self.load_weights(source, prefix=self._checkpoint.get('prefix'))
             if hasattr(self, '_params_init_info'):
                 update_init_info(self, init_info=f'Loaded by {type(self).__name__} from {source}')
+        if self._trunk_init is not None:
+            summary = self._trunk_init.load(self.model)
+            if hasattr(self, '_params_init_info'):
+                update_init_info(self, init_info=f'{type(self).__name__}: {summary}')
         self._is_init = True
 
     def load_weights(self, source: str, prefix: Optional[str] = None) -> None:

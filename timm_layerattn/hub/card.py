@@ -168,6 +168,47 @@ def _usage(repo_id: str, num_classes: int, pretrained_cfg: Mapping[str, Any]) ->
     ])
 
 
+def _onnx_usage(repo_id: str, record: Mapping[str, Any], data_cfg: Mapping[str, Any], num_classes: int) -> str:
+    """The card's ONNX section: how to run `model.onnx` with onnxruntime, and how it was exported and checked."""
+    name = record.get('file', 'model.onnx')
+    checked = ' and '.join('x'.join(map(str, c['shape'])) for c in record.get('checked', []))
+    worst = max((c['max_rel_err'] for c in record.get('checked', [])), default=float('nan'))
+    versions = record.get('versions', {})
+    info = record.get('feature_info') or {}
+    if record.get('features_only'):
+        what = (f"the `features_only` backbone (timm `out_indices` {tuple(info.get('out_indices', ()))}): "
+                f"outputs {', '.join(f'`{o}`' for o in record.get('outputs', []))}, feature maps with "
+                f"{info.get('channels')} channels at strides {info.get('reductions')}")
+        run = (f"features = session.run(None, {{'{record.get('input', 'input0')}': x}})  "
+               f"# {len(record.get('outputs', []))} feature maps")
+    else:
+        what = f"the classifier: output `{(record.get('outputs') or ['output0'])[0]}`, logits [N, {num_classes}]"
+        run = f"logits = session.run(None, {{'{record.get('input', 'input0')}': x}})[0]  # [1, {num_classes}]"
+    return '\n'.join([
+        '',
+        '### ONNX',
+        '',
+        f"`{name}` is {what}. Opset {record.get('opset')}, exported with torch {versions.get('torch', '')} "
+        f"(`torch.onnx.export(dynamo=True)`, the PyTorch path); input `{record.get('input', 'input0')}`, float32 "
+        f"[batch, channels, height, width] with batch, height and width dynamic. Checked against the PyTorch "
+        f"model in onnxruntime {versions.get('onnxruntime', '')} at {checked} (largest error {worst:.1g} "
+        f"of the output's scale).",
+        '',
+        '```python',
+        'import onnxruntime as ort  # pip install onnxruntime',
+        'import timm',
+        'from huggingface_hub import hf_hub_download',
+        '',
+        f"session = ort.InferenceSession(hf_hub_download('{repo_id}', '{name}'), providers=['CPUExecutionProvider'])",
+        f'transform = timm.data.create_transform(**{dict(data_cfg)!r})  # the preprocessing used in training',
+        '',
+        '# img: a PIL image',
+        'x = transform(img).unsqueeze(0).numpy()',
+        run,
+        '```',
+    ])
+
+
 def _results_table(metrics: Dict[str, float], ds: Optional[_Dataset]) -> str:
     if not metrics:
         return 'No evaluation results were given when this folder was exported.'
@@ -217,10 +258,13 @@ def render_model_card(
         recipe: Optional[str] = None,
         repo_id: Optional[str] = None,
         license: Optional[str] = None,
+        onnx: Optional[Mapping[str, Any]] = None,
 ) -> str:
     """README.md of an exported folder: YAML front matter from `ModelCardData` + the family template.
 
     Parameters and GMACs are measured here, on a meta-device copy of `model` at its configured input size.
+    `onnx` is the record of the folder's `model.onnx` (`hub.onnx.OnnxExport.record()`): the card then says how
+    to run it with onnxruntime.
     """
     from timm.models import split_model_name_tag
     from ..tools.zoo import count_macs, count_params
@@ -252,15 +296,21 @@ def render_model_card(
         f'| Classes | {num_classes} |',
         f'| Dataset | {f"{ds.name} (`{ds.hub_id}`)" if ds else "not recorded"} |',
         f'| License | {license} |',
-        f'| Weights | `model.safetensors`, exported with timm_layerattn {__version__} |',
+        '| Weights | `model.safetensors`'
+        + (f", `{onnx.get('file', 'model.onnx')}` (ONNX opset {onnx.get('opset')})" if onnx else '')
+        + f', exported with timm_layerattn {__version__} |',
     ]
+    usage = _usage(repo_id, num_classes, pretrained_cfg)
+    if onnx:
+        from timm.data import resolve_data_config
+        usage += '\n' + _onnx_usage(repo_id, onnx, resolve_data_config({}, model=model), num_classes)
     values = dict(
         title=f'Model card for {full_name}',
         model_name=full_name,
         arch=arch,
         repo_id=repo_id,
         details='\n'.join(details),
-        usage=_usage(repo_id, num_classes, pretrained_cfg),
+        usage=usage,
         recipe=(recipe or '').strip() or 'The training recipe was not recorded when this folder was exported.',
         results=_results_table(metrics, ds),
     )

@@ -1,8 +1,8 @@
 """Push an exported folder to a Hugging Face Hub model repo (`create_repo` + `upload_folder`).
 
 The folder is validated first (the three files, a registered architecture, a strict reload); only those files
-are uploaded, from a staging copy whose card points at the real repo id. `huggingface_hub`'s upload code is
-imported only when a push happens.
+(and `model.onnx`, when config.json records it: `export.hub_files`) are uploaded, from a staging copy whose card
+points at the real repo id. `huggingface_hub`'s upload code is imported only when a push happens.
 """
 import dataclasses
 import hashlib
@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Union
 from .._utils import UserError, first_line
 from ..version import __version__
 from .card import YOUR_ORG
-from .export import HUB_FILES, check_repo_id
+from .export import HUB_FILES, check_repo_id, hub_files
 
 __all__ = ['PushResult', 'validate_folder', 'push_folder']
 
@@ -66,8 +66,8 @@ def validate_folder(folder: PathLike) -> _FolderInfo:
         architecture=arch,
         tag=config.get('pretrained_cfg', {}).get('tag'),
         num_classes=config.get('num_classes', 0),
-        files={f: (folder / f).stat().st_size for f in HUB_FILES},
-        ignored=sorted(p.name for p in folder.iterdir() if p.name not in HUB_FILES),
+        files={f: (folder / f).stat().st_size for f in hub_files(folder)},
+        ignored=sorted(p.name for p in folder.iterdir() if p.name not in hub_files(folder)),
         num_params=count_params(model),
     )
 
@@ -92,8 +92,8 @@ def _sha256(path: Path) -> str:
 
 
 def _stage(info: _FolderInfo, repo_id: str, staging: Path) -> None:
-    """Copy the three files to `staging`, pointing the card's placeholder repo id at the real one."""
-    for name in HUB_FILES:
+    """Copy the uploaded files to `staging`, pointing the card's placeholder repo id at the real one."""
+    for name in info.files:
         src, dst = info.folder / name, staging / name
         if name == 'README.md':
             text = src.read_text(encoding='utf-8')
@@ -120,8 +120,9 @@ def push_folder(
 ) -> PushResult:
     """Upload an exported folder to a Hub model repo (`create_repo` + `upload_folder`).
 
-    The folder is validated first (see `validate_folder`). Only `config.json`, `model.safetensors` and
-    `README.md` are uploaded. With `dry_run`, nothing is sent: the plan is printed and returned.
+    The folder is validated first (see `validate_folder`). Only `config.json`, `model.safetensors`,
+    `README.md` and an exported `model.onnx` are uploaded. With `dry_run`, nothing is sent: the plan is printed
+    and returned.
     """
     check_repo_id(repo_id)
     info = validate_folder(folder)
@@ -140,7 +141,7 @@ def push_folder(
         print_fn(f'  not uploaded: {", ".join(info.ignored)}')
     print_fn(f"  checked: loads as '{info.architecture}' through local-dir: ({info.num_params:,} params, "
              f'{info.num_classes} classes)')
-    files = list(HUB_FILES)
+    files = list(info.files)
     if dry_run:
         print_fn(f'  token: {"found" if token else "NOT found (set HF_TOKEN or run `hf auth login` before pushing)"}')
         return PushResult(repo_id=repo_id, revision=revision_name, files=files, dry_run=True)

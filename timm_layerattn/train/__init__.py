@@ -12,6 +12,10 @@ Single process:   timm-layerattn train --recipe kcla-cifar --model cifar_resnet5
 Distributed:      torchrun --nproc_per_node 8 -m timm_layerattn.train --recipe la-imagenet \
                       --model resnet50_kcla /data/imagenet --sync-bn
 
+`--batch-size` is per rank and `--lr` absolute, as in timm's train.py; a recipe's lr is for the papers' total
+batch (`--lr-base` @ `--lr-base-size`), which by default is split over the ranks (8 x 32 = 256 above) and
+otherwise followed by the lr (linear rule, `--no-lr-scale` to keep it). Epochs count from 0, as in timm.
+
 Checkpoints are plain dicts of tensors and Python scalars: they load with `torch.load(..., weights_only=True)`.
 
 Modules: `recipes` (the `--recipe` table), `args` (parser, recipe resolution), `data` (datasets, transforms,

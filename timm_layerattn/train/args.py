@@ -2,15 +2,21 @@
 
 Every flag that a recipe sets defaults to None here, so `resolve_args` can tell "not given" from "given":
 given values win, then the recipe's, then `BASE_DEFAULTS`.
+
+Batch and learning rate follow timm's train.py: `--batch-size` is per rank, `--lr` is used as given, and
+without it the lr is `--lr-base` scaled from `--lr-base-size` to the global batch (`--lr-base-scale`). Recipes
+give the papers' lr and total batch as `lr_base` / `lr_base_size`, and, unlike timm's fixed per-rank default,
+the default per-rank batch is that total split over the ranks: the papers' batch and lr on any number of GPUs.
 """
 import argparse
 import copy
+import math
 from typing import Optional, Sequence
 
 from .._utils import UserError, float_arg, int_arg
 from .recipes import BASE_DEFAULTS, RECIPE_HELP, RECIPES
 
-__all__ = ['DESCRIPTION', 'INTERPOLATIONS', 'add_arguments', 'parse_args', 'resolve_args']
+__all__ = ['DESCRIPTION', 'INTERPOLATIONS', 'add_arguments', 'parse_args', 'resolve_args', 'batch_and_lr_line']
 
 DESCRIPTION = "`timm-layerattn train`: train a model with the papers' recipes, built from timm's training parts."
 
@@ -47,8 +53,13 @@ INTERPOLATIONS = ('', 'bilinear', 'bicubic', 'nearest', 'lanczos', 'hamming', 'b
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the trainer's flags to `parser`; values a recipe sets default to None (see `resolve_args`)."""
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = 'recipes (--recipe; any flag overrides a recipe value):\n' + '\n'.join(
-        f'  {k:<14} {v}' for k, v in RECIPE_HELP.items())
+    parser.epilog = (
+        'recipes (--recipe; any flag overrides a recipe value; "lr 0.1 @ 128" = lr 0.1 for a global batch of 128):\n'
+        + '\n'.join(f'  {k:<14} {v}' for k, v in RECIPE_HELP.items())
+        + f'\n  {"(none)":<14} SGD-momentum lr 0.1 @ 128, wd 1e-4, 100 ep cosine, timm augmentation\n\n'
+        'batch and lr (as in timm\'s train.py): -b is the batch per rank; without it the recipe\'s global batch\n'
+        '(--lr-base-size) is split over the ranks. The lr is --lr-base scaled to the global batch (linear; sqrt for\n'
+        'Ada*/LAMB optimizers) unless --no-lr-scale; --lr sets it as given. The run prints both.')
     R = ' (default: from --recipe)'
 
     g = parser.add_argument_group('data')
@@ -91,7 +102,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group('recipe, optimizer and schedule')
     g.add_argument('--recipe', default=None, metavar='NAME', help='preset: ' + ', '.join(RECIPES))
     g.add_argument('--opt', default=None, help='timm optimizer name; "momentum" = SGD with classical momentum' + R)
-    g.add_argument('--lr', type=POS_FLOAT, default=None, help='base learning rate' + R)
+    g.add_argument('--lr', type=POS_FLOAT, default=None,
+                   help='learning rate, used as given (not scaled with the batch); overrides --lr-base')
+    g.add_argument('--lr-base', type=POS_FLOAT, default=None, metavar='LR',
+                   help='learning rate for a global batch of --lr-base-size, scaled to the global batch run' + R)
+    g.add_argument('--lr-base-size', type=POS_INT, default=None, metavar='N',
+                   help='global batch (all ranks) that --lr-base is for; also the default global batch' + R)
+    g.add_argument('--lr-base-scale', default='', choices=('', 'linear', 'sqrt'), metavar='RULE',
+                   help='how --lr-base follows the global batch: linear or sqrt (default: timm\'s rule, sqrt for '
+                        'Ada*/LAMB optimizers, else linear)')
+    g.add_argument('--lr-scale', action=argparse.BooleanOptionalAction, default=True,
+                   help='scale --lr-base to the global batch (default: on; --no-lr-scale uses --lr-base as it is)')
     g.add_argument('--momentum', type=PROB_OPEN, default=None, help='optimizer momentum' + R)
     g.add_argument('--weight-decay', '--wd', type=NONNEG_FLOAT, default=None, help='weight decay' + R)
     g.add_argument('--decay-all', action=argparse.BooleanOptionalAction, default=None,
@@ -99,9 +120,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument('--clip-grad', type=POS_FLOAT, default=None, metavar='NORM', help='gradient clipping')
     g.add_argument('--clip-mode', default='norm', choices=('norm', 'value', 'agc'),
                    help='norm, value or agc (default: norm)')
-    g.add_argument('--batch-size', '-b', type=POS_INT, default=None, metavar='N', help='batch size per rank' + R)
+    g.add_argument('--batch-size', '-b', type=POS_INT, default=None, metavar='N',
+                   help='batch size per rank, as in timm (default: the recipe\'s global batch, --lr-base-size, '
+                        'divided by the number of ranks)')
     g.add_argument('--validation-batch-size', '-vb', type=POS_INT, default=None, metavar='N',
-                   help='validation batch size (default: the training batch size)')
+                   help='validation batch size per rank (default: the training batch size)')
     g.add_argument('--epochs', type=POS_INT, default=None, help='epochs to train' + R)
     g.add_argument('--iters', type=POS_INT, default=None, metavar='N',
                    help='stop after N optimizer steps instead (the epoch count follows)' + R)
@@ -169,12 +192,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill unset (None) arguments from the recipe, then from the base defaults; validate the combination."""
+def resolve_args(args: argparse.Namespace, world_size: int = 1) -> argparse.Namespace:
+    """Fill unset (None) arguments from the recipe, then from the base defaults; set the per-rank batch and the
+    lr for `world_size` ranks (`_resolve_batch_and_lr`); validate the combination."""
     args = copy.copy(args)
     if args.recipe is not None and args.recipe not in RECIPES:
         raise UserError(f'unknown recipe {args.recipe!r}; choose one of: {", ".join(RECIPES)}')
+    if world_size < 1:
+        raise UserError(f'world size must be >= 1, got {world_size}')
     recipe = RECIPES.get(args.recipe, {})
+    base_given = getattr(args, 'lr_base', None) is not None or getattr(args, 'lr_base_size', None) is not None
     for key, base in BASE_DEFAULTS.items():
         if getattr(args, key, None) is None:
             setattr(args, key, copy.copy(recipe.get(key, base)))
@@ -182,11 +209,52 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         if args.data_dir and args.data_dir != args.data_dir_opt:
             raise UserError('give the dataset folder once: as DATA_DIR or as --data-dir')
         args.data_dir = args.data_dir_opt
-    for name in ('batch_size', 'epochs'):
+    for name in ('epochs', 'lr_base_size'):
         if getattr(args, name) < 1:
             raise UserError(f'--{name.replace("_", "-")} must be >= 1')
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UserError('--batch-size must be >= 1')
     if args.iters is not None and args.iters < 1:
         raise UserError('--iters must be >= 1')
-    if args.lr <= 0:
-        raise UserError('--lr must be > 0')
+    for name in ('lr', 'lr_base'):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise UserError(f'--{name.replace("_", "-")} must be > 0')
+    _resolve_batch_and_lr(args, world_size, 'recipe' if recipe and not base_given else 'base')
     return args
+
+
+def _resolve_batch_and_lr(args: argparse.Namespace, world_size: int, source: str) -> None:
+    """timm's batch / lr rule with the recipe's total batch as the default global batch.
+
+    Sets the per-rank `batch_size`, `global_batch_size`, the `lr` used, the rule (`lr_base_scale`) and
+    `lr_origin`, which says how the lr came about (printed by the trainer, recorded in the card and logs).
+    """
+    base_lr, base_size = args.lr_base, args.lr_base_size
+    uneven = ''
+    if args.batch_size is None:
+        args.batch_size = max(1, base_size // world_size)
+        if args.batch_size * world_size != base_size:
+            uneven = f'; {base_size} does not split evenly over {world_size} ranks'
+    args.global_batch_size = args.batch_size * world_size
+    if not args.lr_base_scale:
+        args.lr_base_scale = 'sqrt' if any(o in args.opt.lower() for o in ('ada', 'lamb')) else 'linear'
+    quoted = f'{source} lr {base_lr:g} @ {base_size}'
+    if args.lr is not None:
+        origin = '--lr, not scaled'
+    elif args.global_batch_size == base_size:
+        args.lr, origin = base_lr, quoted
+    elif not args.lr_scale:
+        args.lr, origin = base_lr, f'{quoted}, not scaled: --no-lr-scale'
+    else:
+        ratio = args.global_batch_size / base_size
+        args.lr = base_lr * (math.sqrt(ratio) if args.lr_base_scale == 'sqrt' else ratio)
+        origin = f'{args.lr_base_scale} scaling of {quoted}; --no-lr-scale keeps {base_lr:g}'
+    args.lr_origin = origin + uneven
+
+
+def batch_and_lr_line(args: argparse.Namespace) -> str:
+    """The one line that states the global batch and the lr actually used, e.g.
+    'global batch 256 = 8 ranks x 32, lr 0.1 (recipe lr 0.1 @ 256)'."""
+    ranks = args.global_batch_size // args.batch_size
+    return (f'global batch {args.global_batch_size} = {ranks} rank{"s" if ranks > 1 else ""} x {args.batch_size}, '
+            f'lr {args.lr:g} ({args.lr_origin})')

@@ -7,7 +7,7 @@ import argparse
 import hashlib
 import re
 from pathlib import Path
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -88,8 +88,10 @@ def create_saver(**kwargs: Any):
         """timm's CheckpointSaver (ranking, best file, history, hard links) writing a weights_only-safe dict.
 
         timm's own `_save` stores the `argparse.Namespace` of the run, which `torch.load(weights_only=True)`
-        rejects; here `args` is stored as a plain dict and everything else is as timm writes it.
+        rejects; here `args` is stored as a plain dict and everything else is as timm writes it, plus `updates`
+        (the optimizer steps taken so far, set by the loop before each save).
         """
+        updates: Optional[int] = None
 
         def _save(self, save_path, epoch, metric=None):
             state = {
@@ -106,6 +108,8 @@ def create_saver(**kwargs: Any):
                 state['state_dict_ema'] = get_state_dict(self.model_ema, self.unwrap_fn)
             if metric is not None:
                 state['metric'] = metric
+            if self.updates is not None:
+                state['updates'] = self.updates
             state['saver'] = self.state_dict(epoch, metric)
             torch.save(state, save_path)
 

@@ -4,9 +4,13 @@
 (device, data, model, optimizer, schedule, loss; resumed state included), `_open_run_log` prepares the run
 folder's records, `_train_epochs` trains and validates epoch by epoch, and `_finish` checks the replicas,
 exports the best checkpoint and closes the log.
+
+Epochs are numbered from 0 everywhere, as in timm's train.py: the console ("epoch 0 (1 of 2)"), summary.csv,
+log.json, the checkpoints' `epoch` field and names (`checkpoint-0.pth.tar`) and the resume line.
 """
 import argparse
 import contextlib
+import copy
 import json
 import math
 import os
@@ -20,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from .._utils import UserError, atomic_file, check_writable
-from .args import parse_args, resolve_args
+from .args import batch_and_lr_line, parse_args, resolve_args
 from .checkpoint import (
     CHECKPOINT_EXT, check_checkpoint_matches, create_saver, export_checkpoint, is_run_dir, plain_args,
     read_checkpoint, read_initial_checkpoint, state_checksum, to_plain)
@@ -32,8 +36,8 @@ if TYPE_CHECKING:
     from timm.utils import ModelEmaV3, NativeScaler
     from torch.utils.data import DataLoader
 
-__all__ = ['TrainResult', 'TrainingDiverged', 'TrainContext', 'train', 'evaluate', 'create_lr_scheduler', 'run',
-           'main']
+__all__ = ['TrainResult', 'TrainingDiverged', 'TrainContext', 'train', 'evaluate', 'create_lr_scheduler',
+           'warmup_warning', 'run', 'main']
 
 # The validation metric that ranks checkpoints and picks the exported one.
 METRIC_NAME = 'top1'
@@ -117,6 +121,11 @@ class TrainContext:
         """`print` on the primary rank unless `--quiet`."""
         if self.is_primary and not self.args.quiet:
             print(*values, **kwargs)
+
+    def warn(self, message: str) -> None:
+        """A one-line `warning: ...` on the primary rank, on the same console, also under `--quiet`."""
+        if self.is_primary:
+            print(f'warning: {message}', flush=True)
 
 
 @dataclass
@@ -225,7 +234,8 @@ def _train_one_epoch(epoch: int, ctx: TrainContext) -> Dict[str, float]:
     hits = torch.zeros((), dtype=torch.float64, device=device)
     seen, last_lr = 0, optimizer.param_groups[0]['lr']
     start = time.perf_counter()
-    bar = progress(loader, len(loader), f'{args.model} {epoch + 1}/{args.epochs}', disable=not ctx.show_bar)
+    bar = progress(loader, len(loader), f'{args.model} epoch {epoch} ({epoch + 1} of {args.epochs})',
+                   disable=not ctx.show_bar)
     for x, y in bar:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if ctx.channels_last:
@@ -237,7 +247,7 @@ def _train_one_epoch(epoch: int, ctx: TrainContext) -> Dict[str, float]:
             out = model(x)
             loss = ctx.criterion(out, y)
         if not torch.isfinite(loss):
-            raise TrainingDiverged(f'loss is {loss.item()} at epoch {epoch + 1}, step {ctx.updates + 1}: lower '
+            raise TrainingDiverged(f'loss is {loss.item()} at epoch {epoch}, step {ctx.updates + 1}: lower '
                                    f'--lr, add --clip-grad or check the data')
         optimizer.zero_grad(set_to_none=True)
         last_lr = optimizer.param_groups[0]['lr']
@@ -335,6 +345,25 @@ def create_lr_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespa
     except ValueError as e:
         raise UserError(f'--sched {args.sched}: {e}') from None
     return scheduler
+
+
+def warmup_warning(args: argparse.Namespace, updates_per_epoch: int) -> Optional[str]:
+    """Why the lr never reaches `--lr` when the linear warm-up lasts as long as the run or longer (with
+    `--recipe kcla-cifar --epochs 1` it stays at lr / 100), or None. Counted in the schedule's own steps:
+    updates for per-update schedules and `--decay-iters`, else epochs (those `--iters` spans)."""
+    if not args.warmup_epochs or args.warmup_lr >= args.lr:
+        return None
+    if args.sched_on_updates or (args.sched == 'multistep' and args.decay_iters):
+        warm = args.warmup_epochs * updates_per_epoch
+        total = args.iters if args.iters is not None else args.epochs * updates_per_epoch
+    else:
+        warm, total = args.warmup_epochs, args.epochs
+    if warm < total:
+        return None
+    peak = args.warmup_lr + (total - 1) * (args.lr - args.warmup_lr) / warm  # the warm-up's last step in the run
+    run = f'{args.iters}-step run (--iters)' if args.iters is not None else f'{args.epochs}-epoch run'
+    return (f'the {args.warmup_epochs}-epoch warm-up is not shorter than the {run}: the lr rises from '
+            f'{args.warmup_lr:g} to at most {peak:.3g} and never reaches {args.lr:g} (lower --warmup-epochs)')
 
 
 def _init_device(args: argparse.Namespace) -> torch.device:
@@ -460,7 +489,8 @@ def _resume(
         resumed = resume_checkpoint(model, args.resume, optimizer=None if args.no_resume_opt else optimizer,
                                     loss_scaler=loss_scaler, log_info=False)
         start_epoch = resumed or 0
-        updates = start_epoch * updates_per_epoch
+        saved = resume_ckpt.get('updates')  # written by this trainer; timm's checkpoints count epochs only
+        updates = saved if type(saved) is int and start_epoch > 0 else start_epoch * updates_per_epoch
     model_ema = None
     if args.model_ema:
         model_ema = ModelEmaV3(model, decay=args.model_ema_decay)
@@ -493,8 +523,13 @@ def _create_loss(args: argparse.Namespace, num_classes: int,
 
 def _setup(args: argparse.Namespace) -> TrainContext:
     """Everything the run needs, built in an order that fails fast: device, files and folders, data, model;
-    then optimizer, mixed precision, the resumed state, DDP and the loss."""
+    then optimizer, mixed precision, the resumed state, DDP and the loss.
+
+    `args` are as parsed (unresolved): the recipe is applied once the world size is known, since the default
+    per-rank batch and the scaled lr depend on it.
+    """
     device = _init_device(args)
+    args = resolve_args(args, args.world_size)
     distributed, rank, world_size = args.distributed, args.rank, args.world_size
     is_primary = rank == 0
     use_amp = args.amp if args.amp is not None else device.type == 'cuda'
@@ -569,13 +604,28 @@ def _open_run_log(ctx: TrainContext) -> RunLog:
 
 
 def _announce(ctx: TrainContext) -> None:
-    """One line on what is about to be trained, on what, where to."""
+    """What is about to be trained, on what, where to; the global batch and lr; where a resumed run continues;
+    a warning for settings that defeat themselves (a warm-up as long as the run, nothing left to train)."""
     args = ctx.args
     ctx.say(f'train {args.model}: {ctx.num_params / 1e6:.3f}M params, {len(ctx.train_loader.dataset)} train / '
             f'{len(ctx.val_loader.dataset)} val images, {ctx.num_classes} classes, {args.epochs} epochs x '
             f'{ctx.updates_per_epoch} steps{f" x {ctx.world_size} ranks" if ctx.distributed else ""}, '
             f'recipe {args.recipe or "(none)"}, device {ctx.device}{", amp " + args.amp_dtype if ctx.use_amp else ""}'
             f' -> {getattr(args, "display_output", None) or ctx.out_dir}')
+    ctx.say(batch_and_lr_line(args))
+    if args.resume:
+        if ctx.start_epoch > 0:
+            ctx.say(f'resumed from epoch {ctx.start_epoch - 1}, step {ctx.updates} ({args.resume}): epoch '
+                    f'{ctx.start_epoch - 1} was the last finished, training continues with epoch {ctx.start_epoch}')
+        else:
+            ctx.say(f'resumed the weights of {args.resume} (it records no finished epoch): starting at epoch 0')
+    warning = warmup_warning(args, ctx.updates_per_epoch)
+    if warning:
+        ctx.warn(warning)
+    if ctx.start_epoch >= args.epochs or (args.iters is not None and ctx.updates >= args.iters):
+        ctx.warn(f'nothing to train: the checkpoint finished epoch {ctx.start_epoch - 1} (step {ctx.updates}) and the '
+                 f'run ends ' + (f'at step {args.iters}' if args.iters is not None else
+                                 f'after epoch {args.epochs - 1}') + '; raise --epochs / --iters to train on')
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -610,12 +660,13 @@ def _run_epoch(epoch: int, ctx: TrainContext, log: RunLog) -> None:
         row.update(ema_loss=ema_metrics['loss'], ema_top1=ema_metrics['top1'], ema_top5=ema_metrics['top5'])
     log.history.append(row)
     if ctx.is_primary:
+        log.saver.updates = ctx.updates  # recorded in the checkpoint for the resume line and `--iters`
         log.best_metric, log.best_epoch = log.saver.save_checkpoint(epoch, metric=ranked[METRIC_NAME])
         update_summary(epoch, {k: v for k, v in train_metrics.items() if k != 'time'},
                        {k: v for k, v in eval_metrics.items() if k in ('loss', 'top1', 'top5')},
                        str(log.csv_path), lr=lr)
         log.write(finished=False)
-    ctx.say(f'epoch {epoch + 1:>3}/{args.epochs}  lr {lr:.4g}  train loss {train_metrics["loss"]:.4f}'
+    ctx.say(f'epoch {epoch} ({epoch + 1} of {args.epochs})  lr {lr:.4g}  train loss {train_metrics["loss"]:.4f}'
             + (f' acc {train_metrics["top1"]:.2f}%' if 'top1' in train_metrics else '')
             + f'  val loss {eval_metrics["loss"]:.4f} top1 {eval_metrics["top1"]:.2f}% '
               f'top5 {eval_metrics["top5"]:.2f}%'
@@ -639,7 +690,7 @@ def _export_best(ctx: TrainContext, log: RunLog, best_checkpoint: Path) -> Path:
     export_dir = export_checkpoint(
         best_checkpoint, ctx.args.export, args=ctx.args, data_config=ctx.data_config, label_names=ctx.label_names,
         metrics=metrics, use_ema=ctx.model_ema is not None, world_size=ctx.world_size)
-    ctx.say(f'exported the best checkpoint (epoch {log.best_epoch + 1}, top1 {log.best_metric:.2f}%) '
+    ctx.say(f'exported the best checkpoint (epoch {log.best_epoch}, top1 {log.best_metric:.2f}%) '
             f'to {export_dir}')
     return export_dir
 
@@ -670,7 +721,8 @@ def _finish(ctx: TrainContext, log: RunLog) -> TrainResult:
 
 def train(args: argparse.Namespace) -> TrainResult:
     """Run a training as configured by `args` (from `add_arguments`; recipes resolved here)."""
-    ctx = _setup(resolve_args(args))
+    resolve_args(args)  # a bad recipe or value fails here, before any process group, folder or dataset
+    ctx = _setup(copy.copy(args))
     log = _open_run_log(ctx)
     _announce(ctx)
     _train_epochs(ctx, log)
@@ -686,7 +738,7 @@ def run(args: argparse.Namespace) -> int:
     result = train(args)
     if result.best_metric is not None and (not args.quiet) and int(os.environ.get('RANK', 0)) == 0:
         which = 'EMA top1' if args.model_ema else 'top1'
-        print(f'best {which} {result.best_metric:.2f}% at epoch {result.best_epoch + 1}; '
+        print(f'best {which} {result.best_metric:.2f}% at epoch {result.best_epoch}; '
               f'checkpoint {result.best_checkpoint}')
     return 0
 
