@@ -10,7 +10,10 @@ from timm.layers import DropPath, register_notrace_function
 from . import native
 from ._checks import check_int, check_rate
 
-__all__ = ['eca_kernel_size', 'ChannelConv1d', 'DepthwiseConv3x3', 'depthwise_conv3x3', 'per_channel', 'LayerAttnBase']
+__all__ = [
+    'eca_kernel_size', 'accumulation_dtype', 'ChannelConv1d', 'DepthwiseConv3x3', 'depthwise_conv3x3', 'per_channel',
+    'LayerAttnBase',
+]
 
 
 def eca_kernel_size(channels: int, gamma: int = 2, beta: int = 1) -> int:
@@ -20,6 +23,16 @@ def eca_kernel_size(channels: int, gamma: int = 2, beta: int = 1) -> int:
     """
     t = int(abs((math.log(channels, 2) + beta) / gamma))
     return t if t % 2 else t + 1
+
+
+def accumulation_dtype(x: torch.Tensor) -> torch.dtype:
+    """Dtype of the per-channel attention maths and carried sums: float32 for half / bfloat16 / float32 inputs,
+    float64 for float64.
+
+    Dot products, key norms and softmax logits of pooled descriptors overflow float16 (65504) as soon as the
+    pooled features reach a few hundred; at `[B, C]` size float32 costs nothing measurable.
+    """
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 class ChannelConv1d(nn.Conv1d):
@@ -53,6 +66,10 @@ def depthwise_conv3x3(
     `chunk` elements); the result is identical.
     """
     channels = x.shape[1]
+    if not torch.jit.is_scripting():
+        exporting = getattr(torch.compiler, 'is_exporting', None)  # torch >= 2.6
+        if exporting is not None and exporting():  # torch.export (ONNX): the chunks would be fixed at the traced shape
+            return F.conv2d(x, weight, None, 1, 1, 1, channels)
     if x.device.type == 'cpu' and x.numel() > split_above and x.shape[0] > 1 and x.is_contiguous():
         per_chunk = max(1, chunk // (x.numel() // x.shape[0]))
         parts = [F.conv2d(part, weight, None, 1, 1, 1, channels) for part in x.split(per_chunk)]
@@ -180,9 +197,14 @@ class LayerAttnBase(nn.Module):
         raise NotImplementedError
 
     def _query_key(self, pooled: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Query and key `[B, C]` of the pooled descriptor: one 2-filter conv over `q` and `k` weights."""
+        """Query and key `[B, C]` of the pooled descriptor: one 2-filter conv over `q` and `k` weights.
+
+        Returned in `accumulation_dtype` (float32 under float16 / bfloat16 and autocast), so that the scores built
+        from them cannot overflow; callers cast the resulting gates back to the feature dtype.
+        """
         weight = torch.cat([self.q.weight, self.k.weight])
         qk = F.conv1d(pooled.unsqueeze(1), weight, None, 1, (weight.shape[-1] - 1) // 2)
+        qk = qk.to(accumulation_dtype(pooled))
         return qk[:, 0], qk[:, 1]
 
     def _can_fold_norm(self) -> bool:

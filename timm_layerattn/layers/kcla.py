@@ -24,7 +24,7 @@ from timm.layers import register_notrace_function
 
 from . import native
 from ._checks import check_int
-from ._common import ChannelConv1d, LayerAttnBase, per_channel
+from ._common import ChannelConv1d, LayerAttnBase, accumulation_dtype, per_channel
 
 __all__ = ['KCLA', 'kcla_temperatures']
 
@@ -48,11 +48,6 @@ def kcla_temperatures(num_heads: int, device=None) -> torch.Tensor:
 # which for these cells is `_common` (`LayerAttnBase.forward`); `torch.fx.wrap` patches it here as well.
 @torch.fx.wrap
 @register_notrace_function
-def accumulation_dtype(x: torch.Tensor) -> torch.dtype:
-    """Dtype of the carried history: float32 for half / bfloat16 / float32 inputs, float64 for float64."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 @torch.fx.wrap
 @register_notrace_function  # layout-dependent: fx records a call
 def grouped_pointwise(x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
@@ -141,7 +136,7 @@ class KCLA(LayerAttnBase):
 
     def _key_weight(self, key: torch.Tensor, acc: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
         """Per-head key norm `[B, g]` and its weight `exp(min(||k|| / norm_d, 10))` in dtype `acc`."""
-        key_norm = torch.linalg.vector_norm(key.view(-1, self.num_heads, self.head_dim), dim=-1)
+        key_norm = torch.linalg.vector_norm(key.view(-1, self.num_heads, self.head_dim).to(acc), dim=-1)
         weight = torch.exp(torch.clamp(key_norm.to(acc) / self.norm_d.to(acc), max=self.max_log_weight))
         return key_norm, weight
 
@@ -201,7 +196,8 @@ class KCLA(LayerAttnBase):
 
         # Head gate from the projection of Q on the unit key direction.
         score = (q * k).sum(-1) / key_norm.clamp_min(self.key_norm_eps)
-        gate = per_channel(torch.sigmoid(self.head_gate(score)), d)[:, :, None, None]
+        # |score| <= ||q||: safe to hand to the (possibly half-precision) head gate in the feature dtype.
+        gate = per_channel(torch.sigmoid(self.head_gate(score.to(x.dtype))), d)[:, :, None, None]
         return hist, z, gate
 
     def forward_reference(

@@ -43,7 +43,8 @@ class MRLALight(LayerAttnBase):
         """Per-head gate `sigmoid(<Q_h, K_h> / sqrt(d))` of the pooled `x`, per channel `[B, C, 1, 1]`."""
         q, k = self._query_key(x.mean((2, 3)))
         q, k = q.view(-1, self.num_heads, self.head_dim), k.view(-1, self.num_heads, self.head_dim)
-        return per_channel(torch.sigmoid((q * k).sum(-1) * self.scale), self.head_dim)[:, :, None, None]
+        gate = torch.sigmoid((q * k).sum(-1) * self.scale).to(x.dtype)
+        return per_channel(gate, self.head_dim)[:, :, None, None]
 
     def forward_reference(
             self,
@@ -140,7 +141,7 @@ class MRLABase(LayerAttnBase):
             keys = torch.cat([state[0], k], dim=1)
             values = state[1:] + [value]
         scores = (q.view(-1, 1, g, d) * keys.view(-1, len(values), g, d)).sum(-1) * self.scale
-        return keys, values, per_channel(scores.softmax(dim=1), d)
+        return keys, values, per_channel(scores.softmax(dim=1).to(value.dtype), d)
 
     def forward_reference(
             self,
