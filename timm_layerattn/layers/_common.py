@@ -25,6 +25,8 @@ def eca_kernel_size(channels: int, gamma: int = 2, beta: int = 1) -> int:
     return t if t % 2 else t + 1
 
 
+@torch.fx.wrap  # an fx leaf: it branches on the dtype
+@register_notrace_function
 def accumulation_dtype(x: torch.Tensor) -> torch.dtype:
     """Dtype of the per-channel attention maths and carried sums: float32 for half / bfloat16 / float32 inputs,
     float64 for float64.

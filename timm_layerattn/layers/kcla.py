@@ -46,8 +46,9 @@ def kcla_temperatures(num_heads: int, device=None) -> torch.Tensor:
 
 # fx leaves. timm's registry makes fx patch a function only in the globals of the traced `forward`'s module,
 # which for these cells is `_common` (`LayerAttnBase.forward`); `torch.fx.wrap` patches it here as well.
-@torch.fx.wrap
-@register_notrace_function
+torch.fx.wrap('accumulation_dtype')
+
+
 @torch.fx.wrap
 @register_notrace_function  # layout-dependent: fx records a call
 def grouped_pointwise(x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
