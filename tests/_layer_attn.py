@@ -35,6 +35,17 @@ def randomize_norms(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
     return model
 
 
+def trained_like(name: str, seed: int = 0, **kwargs) -> torch.nn.Module:
+    """A model whose every tensor (BN statistics included) differs from its init, in eval mode."""
+    torch.manual_seed(seed)
+    model = timm.create_model(name, **kwargs)
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            if v.is_floating_point() and not k.endswith('norm_d'):
+                v.add_(torch.rand_like(v) * 0.1 if k.endswith('running_var') else torch.randn_like(v) * 0.05)
+    return model.eval()
+
+
 def assert_close_scaled(out: torch.Tensor, ref: torch.Tensor, tol: float = 1e-5) -> None:
     """Max error relative to the tensor's scale: deep random nets reach large activations, where
     float32 summation-order differences exceed elementwise tolerances near zero crossings."""

@@ -18,18 +18,13 @@ from timm_layerattn.hub import CARD_TAGS, card_families, card_template_path, mod
 from timm_layerattn.pretrained import PretrainedWeightsError
 from timm_layerattn.tools.zoo import count_macs, count_params
 
+from _layer_attn import trained_like
+
 NAME = 'cifar_resnet20_kcla'
 
 
 def _trained_like(name: str = NAME, seed: int = 0, **kwargs) -> torch.nn.Module:
-    """A model whose every tensor (BN statistics included) differs from its init, in eval mode."""
-    torch.manual_seed(seed)
-    model = timm.create_model(name, **kwargs)
-    with torch.no_grad():
-        for k, v in model.state_dict().items():
-            if v.is_floating_point() and not k.endswith('norm_d'):
-                v.add_(torch.rand_like(v) * 0.1 if k.endswith('running_var') else torch.randn_like(v) * 0.05)
-    return model.eval()
+    return trained_like(name, seed, **kwargs)
 
 
 def _x(model, batch: int = 2) -> torch.Tensor:

@@ -20,6 +20,8 @@ from timm_layerattn.cli import main as cli_main
 from timm_layerattn.hub import export_onnx, is_export_folder
 from timm_layerattn.hub import onnx as hub_onnx
 
+from _layer_attn import trained_like
+
 ort = pytest.importorskip('onnxruntime')
 pytest.importorskip('onnxscript')
 pytest.importorskip('onnx')
@@ -33,15 +35,6 @@ def _cli(capsys, *args):
     return rc, out, err
 
 
-def _trained_like(name: str, seed: int = 0, **kwargs) -> torch.nn.Module:
-    """A model whose tensors (BN statistics included) differ from their init, in eval mode."""
-    torch.manual_seed(seed)
-    model = timm.create_model(name, **kwargs)
-    with torch.no_grad():
-        for k, v in model.state_dict().items():
-            if v.is_floating_point() and not k.endswith('norm_d'):
-                v.add_(torch.rand_like(v) * 0.1 if k.endswith('running_var') else torch.randn_like(v) * 0.05)
-    return model.eval()
 
 
 def _run(path: Path, x: torch.Tensor):
@@ -58,7 +51,7 @@ def _rel_err(ref: torch.Tensor, got: np.ndarray) -> float:
 def kcla_export(tmp_path_factory):
     """`export --onnx` of a checkpoint (the classifier), run once for the tests below."""
     tmp = tmp_path_factory.mktemp('onnx')
-    model = _trained_like(NAME)
+    model = trained_like(NAME)
     safetensors.torch.save_file(model.state_dict(), str(tmp / 'w.safetensors'))
     rc = cli_main(['export', NAME, '--checkpoint', str(tmp / 'w.safetensors'), '--out', str(tmp / 'out'), '--onnx',
                    '--tag', 'mylab_cifar10'])
@@ -132,7 +125,7 @@ def test_push_uploads_the_onnx_file(kcla_export, capsys, tmp_path):
 
 def test_export_onnx_features_only(tmp_path, capsys):
     """`--features-only --out-indices`: model.onnx is the backbone timm builds with features_only=True."""
-    model = _trained_like('cifar_resnet20_mrlab', seed=1)
+    model = trained_like('cifar_resnet20_mrlab', seed=1)
     torch.save({'state_dict': model.state_dict(), 'epoch': 4}, tmp_path / 'last.pth.tar')
     rc, text, err = _cli(capsys, 'export', 'cifar_resnet20_mrlab', '--checkpoint', tmp_path / 'last.pth.tar',
                          '--out', tmp_path / 'out', '--onnx', '--features-only', '--out-indices', '1', '3')
@@ -164,7 +157,7 @@ def test_failed_check_writes_nothing(tmp_path, capsys, monkeypatch):
         return real_capture(other, example, names, opset)
 
     monkeypatch.setattr(hub_onnx, '_capture', capture_another_model)
-    safetensors.torch.save_file(_trained_like('cifar_resnet20').state_dict(), str(tmp_path / 'w.safetensors'))
+    safetensors.torch.save_file(trained_like('cifar_resnet20').state_dict(), str(tmp_path / 'w.safetensors'))
     before = sorted(p.name for p in tmp_path.iterdir())
     rc, _, err = _cli(capsys, 'export', 'cifar_resnet20', '--checkpoint', tmp_path / 'w.safetensors', '--out',
                       tmp_path / 'out', '--onnx')
@@ -204,7 +197,7 @@ def test_features_only_options_need_onnx(tmp_path, capsys):
 ])
 def test_every_family_exports(tmp_path, name, input_size):
     """The families the CLI tests above do not cover (KCLA, MRLA-B there): classifier, dynamic shapes, 1e-4."""
-    model = _trained_like(name)
+    model = trained_like(name)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     result = export_onnx(model, tmp_path / 'm.onnx', input_size=input_size)
     assert [c.shape[0] for c in result.checks] == [1, 2] and result.checks[0].shape[2:] != result.checks[1].shape[2:]
