@@ -31,7 +31,7 @@ from .errors import CheckpointError
 __all__ = [
     'StateDict', 'EMA_KEYS', 'MODEL_KEYS', 'WRAPPER_PREFIXES', 'read_raw', 'unwrap_checkpoint', 'unwrap_state_dict',
     'read_state_dict', 'strip_wrapper_prefixes', 'non_finite_keys', 'check_state_dict_values', 'check_finite',
-    'format_keys', 'describe_type', 'UnsupportedGlobalError',
+    'format_keys', 'describe_type', 'UnsupportedGlobalError', 'select_prefix', 'strip_shared_prefix',
 ]
 
 StateDict = Dict[str, torch.Tensor]
@@ -170,6 +170,20 @@ def unwrap_checkpoint(obj: Any, prefer_ema: bool = True) -> Tuple[Dict[Any, Any]
         used.append(key)
         obj = obj[key]
     return {strip_wrapper_prefixes(k): v for k, v in obj.items()}, '.'.join(used)
+
+
+def select_prefix(state_dict: Mapping[Any, Any], prefix: str) -> Dict[str, Any]:
+    """The entries of `state_dict` under `prefix` (e.g. a detector's 'backbone.'), the prefix stripped; empty when
+    no key has it."""
+    return {k[len(prefix):]: v for k, v in state_dict.items() if isinstance(k, str) and k.startswith(prefix)}
+
+
+def strip_shared_prefix(state_dict: Mapping[Any, Any], prefix: str) -> Dict[Any, Any]:
+    """`state_dict` without `prefix` when every key has it (the `model.` of the MMDetection backbone wrapper, which
+    holds the timm model under that name), else unchanged."""
+    if state_dict and all(isinstance(k, str) and k.startswith(prefix) for k in state_dict):
+        return select_prefix(state_dict, prefix)
+    return dict(state_dict)
 
 
 def unwrap_state_dict(obj: Any, prefer_ema: bool = True) -> Tuple[StateDict, str]:

@@ -42,7 +42,7 @@ from mmengine.model import BaseModule
 from mmengine.model.weight_init import initialize, update_init_info
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..checkpoints.io import check_state_dict_values
+from ..checkpoints.io import check_state_dict_values, select_prefix, strip_shared_prefix
 from ..checkpoints.kcla_mrla import infer_head_dim
 from ..checkpoints.match import match_keys
 from .checkpoint import fetch_source, read_state_dict
@@ -230,11 +230,10 @@ class LayerAttnResNet(BaseModule):
         """
         state_dict, _ = read_state_dict(source)
         if prefix:
-            state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+            state_dict = select_prefix(state_dict, prefix)
             if not state_dict:
                 raise ValueError(f'no key of {source} starts with prefix {prefix!r}')
-        if state_dict and all(k.startswith('model.') for k in state_dict):  # saved from this wrapper
-            state_dict = {k[len('model.'):]: v for k, v in state_dict.items()}
+        state_dict = strip_shared_prefix(state_dict, 'model.')  # saved from this wrapper
         filter_fn = _family_filter(self.model, self.arch)
         if filter_fn is not None:
             state_dict = filter_fn(state_dict, self.model)

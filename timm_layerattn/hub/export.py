@@ -318,13 +318,9 @@ def _describe(obj: Any, fmt: str) -> str:
 
 def _detector_backbone(state_dict: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     """The `backbone.` part of a detector's state dict, prefixes stripped; None for any other state dict."""
-    part = {k[len(_BACKBONE_PREFIX):]: v for k, v in state_dict.items()
-            if isinstance(k, str) and k.startswith(_BACKBONE_PREFIX)}
-    if not part:
-        return None
-    if all(k.startswith(_DET_TRUNK_PREFIX) for k in part):
-        part = {k[len(_DET_TRUNK_PREFIX):]: v for k, v in part.items()}
-    return part
+    from ..checkpoints.io import select_prefix, strip_shared_prefix
+    part = select_prefix(state_dict, _BACKBONE_PREFIX)
+    return strip_shared_prefix(part, _DET_TRUNK_PREFIX) if part else None
 
 
 def _check_arch(obj: Any, model_name: Optional[str], checkpoint: PathLike) -> None:
