@@ -72,3 +72,18 @@ def test_torchrun_sync_bn_on_cpu_is_a_clear_error(tmp_path):
     assert res.returncode != 0
     assert '--sync-bn needs GPUs' in res.stderr
     assert not (tmp_path / 'x').exists()
+
+
+def test_torchrun_layer_attention_model_trains_without_unused_parameters(tmp_path):
+    """A KCLA net (carried history, re-summaries, drop path) trains through the memory-lean autograd Functions
+    under DDP with find_unused_parameters=False: no reducer error, and the ranks stay bit-identical."""
+    out = tmp_path / 'ddp_kcla'
+    res = _torchrun(2, ['--dataset', 'digits', '--model', 'cifar_resnet20_kcla', '--train-samples', '32',
+                        '--val-samples', '16', '-b', '4', '--epochs', '1', '--opt', 'momentum', '--lr-base', '0.05',
+                        '--sched', 'step', '--drop-path', '0.1', '--no-progress', '--workers', '0',
+                        '--output', str(out)])
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    log = json.loads((out / 'log.json').read_text())
+    assert log['finished'] and log['world_size'] == 2
+    rank_sums = log['replica_checksums']
+    assert len(rank_sums) == 2 and rank_sums[0] == rank_sums[1]

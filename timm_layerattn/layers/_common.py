@@ -1,13 +1,13 @@
 """Small helpers shared by the layer-attention modules."""
 import math
-from typing import List, Tuple, Type
+from typing import List, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, register_notrace_function
 
-from . import native
+from . import lean, native
 from ._checks import check_int, check_rate
 
 __all__ = [
@@ -191,6 +191,27 @@ class LayerAttnBase(nn.Module):
             state: List[torch.Tensor],
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """Eval mode, autograd off, `native.usable` inputs only: the fused CPU op."""
+        raise NotImplementedError
+
+    @torch.jit.unused
+    def tail_usable(self, pre: torch.Tensor, shortcut: torch.Tensor, state: List[torch.Tensor]) -> bool:
+        """Whether the block may hand this module its tail (`forward_tail`) now: autograd on, eager, a plain
+        BatchNorm (a SyncBatchNorm, say, keeps the module path), tensors `lean.usable` accepts."""
+        return type(self.norm) is nn.BatchNorm2d and lean.usable(pre, shortcut, *state)
+
+    @torch.jit.unused
+    def forward_tail(
+            self,
+            pre: torch.Tensor,
+            norm: nn.BatchNorm2d,
+            shortcut: torch.Tensor,
+            keep: Optional[torch.Tensor],
+            state: List[torch.Tensor],
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Training with autograd, memory-lean: the block's tail `x = relu(norm(pre) * keep + shortcut)` and this
+        branch as autograd Functions that keep `pre`, `shortcut`, the carried state and per-channel vectors,
+        and recompute the rest in backward (see `lean`). `keep` is the block's drop-path factor `[B]`.
+        Equal to the tail followed by `forward_reference`."""
         raise NotImplementedError
 
     @torch.jit.unused

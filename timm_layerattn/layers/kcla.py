@@ -21,10 +21,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_function
+from torch.autograd.function import once_differentiable
 
-from . import native
+from . import lean, native
 from ._checks import check_int
-from ._common import ChannelConv1d, LayerAttnBase, accumulation_dtype, per_channel
+from ._common import ChannelConv1d, LayerAttnBase, accumulation_dtype, depthwise_conv3x3, per_channel
 
 __all__ = ['KCLA', 'kcla_temperatures']
 
@@ -60,6 +61,89 @@ def grouped_pointwise(x: torch.Tensor, weight: torch.Tensor, groups: int) -> tor
     out_chs = weight.shape[0]
     x = x.view(b, groups, c // groups, h * w)
     return torch.matmul(weight.view(groups, out_chs // groups, c // groups), x).view(b, out_chs, h, w)
+
+
+class KCLABranch(torch.autograd.Function):
+    """One KCLA step on the tail's output `x`: `A' = lerp(A, x, w)`, `out = x + relu(BN(gate * DW3(A'))) * keep`.
+
+    Keeps the tail's recipe for `x` (`pre`, `shortcut`, `scale`, `shift`), the incoming history `A` and
+    per-channel vectors; backward recomputes `x`, `A'` and the value map (see `lean`). Returns `(out, A')`.
+    """
+
+    @staticmethod
+    def forward(ctx, x, pre, shortcut, scale, shift, hist, weight, gate, v_weight, norm_weight, norm_bias, norm, keep):
+        del norm_weight, norm_bias  # read through `norm`
+        ctx.set_materialize_grads(False)
+        fused = native.trainable(x, pre, shortcut, hist, weight, gate, v_weight)
+        with torch.autocast(x.device.type, enabled=False):
+            if fused:
+                u, hist_new, moments = native.kcla_train_values(
+                    x, hist=hist, weight=weight, gate=gate, v_weight=v_weight)
+                mean, invstd = lean.norm_stats(norm, u, moments)
+                a, b = lean.plane_affine(norm, mean, invstd, keep, x.shape[0])
+                out = native.affine_residual_(u, x=x, a=a, b=b, relu=True)
+            else:
+                hist_new = _kcla_history(x, hist, weight)
+                u = depthwise_conv3x3(hist_new.to(x.dtype), v_weight).mul_(gate[:, :, None, None])
+                mean, invstd = lean.norm_stats(norm, u)
+                a, b = lean.norm_affine(norm, mean, invstd, keep)
+                out = torch.addcmul(lean._map(b, u), u, lean._map(a, u)).relu_().add_(x)
+        ctx.norm, ctx.fused = norm, fused
+        ctx.batch_stats = lean._uses_batch_stats(norm)
+        ctx.save_for_backward(pre, shortcut, scale, shift, hist, weight, gate, v_weight, mean, invstd, keep)
+        return out, hist_new
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, grad_hist):
+        pre, shortcut, scale, shift, hist, weight, gate, v_weight, mean, invstd, keep = ctx.saved_tensors
+        norm = ctx.norm
+        needs = ctx.needs_input_grad
+        if grad_out is None:
+            grad_out = torch.zeros_like(pre)
+        if ctx.fused and native.trainable(grad_out, grad_hist):
+            a, b = lean.plane_affine(norm, mean, invstd, keep, pre.shape[0])
+            g_x, g_hist, g_weight, g_gate, g_v, g_nw, g_nb = native.kcla_train_backward(
+                pre, shortcut, scale, shift, hist=hist, weight=weight, gate=gate, v_weight=v_weight, a=a, b=b,
+                keep=keep, mean=mean, invstd=invstd, norm_weight=lean.weight_or_ones(norm, mean),
+                batch_stats=ctx.batch_stats, grad_out=grad_out, grad_hist=grad_hist)
+            g_nw, g_nb = (g_nw if norm.weight is not None else None), (g_nb if norm.bias is not None else None)
+        else:
+            x = lean.tail_output(pre, shortcut, scale, shift)
+            x_acc = x.to(weight.dtype)
+            w4 = weight[:, :, None, None]
+            value_in = _kcla_history(x, hist, weight).to(x.dtype)
+            value = depthwise_conv3x3(value_in, v_weight)
+            u = value * gate[:, :, None, None]
+            a, b = lean.norm_affine(norm, mean, invstd, keep)
+            g_u = torch.ops.aten.threshold_backward(grad_out, torch.addcmul(lean._map(b, u), u, lean._map(a, u)), 0)
+            if keep is not None:
+                g_u = g_u.mul_(lean.per_sample(keep, g_u))
+            g_u, g_nw, g_nb = lean.norm_backward(
+                norm, g_u, u, mean, invstd, ctx.batch_stats, (True, needs[9], needs[10]))
+            g_gate = (g_u * value).sum((2, 3))
+            g_value = g_u.mul_(gate[:, :, None, None])
+            g_in, g_v = torch.ops.aten.convolution_backward(
+                g_value, value_in, v_weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], x.shape[1],
+                [True, needs[8], False])[:2]
+            g_new = g_in.to(weight.dtype)
+            if grad_hist is not None:
+                g_new = g_new.add_(grad_hist)
+            g_x = torch.addcmul(grad_out, g_new, w4.to(g_new.dtype)) if x.dtype == g_new.dtype \
+                else grad_out + (g_new * w4).to(x.dtype)
+            if hist is None:
+                g_weight, g_hist = (g_new * x_acc).sum((2, 3)), None
+            else:
+                g_weight = (g_new * (x_acc - hist)).sum((2, 3))
+                g_hist = g_new * (1 - w4) if needs[5] else None
+        return (g_x, None, None, None, None, g_hist, g_weight, g_gate, g_v, g_nw, g_nb, None, None)
+
+
+def _kcla_history(x: torch.Tensor, hist: Optional[torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
+    """`A' = lerp(A, x, w)` (`w * x` without a history) in the history's float32 / float64."""
+    x_acc = x.to(weight.dtype)
+    w4 = weight[:, :, None, None]
+    return x_acc * w4 if hist is None else torch.lerp(hist, x_acc, w4)
 
 
 class KCLA(LayerAttnBase):
@@ -154,6 +238,8 @@ class KCLA(LayerAttnBase):
             # The projection is 1x1: subsampling first is exact, and the per-channel rescale below then
             # touches a quarter of the map (it is one full-size pass of the previous stage otherwise).
             hist = hist[:, :, ::stride, ::stride]
+            if torch.is_grad_enabled():  # autograd would keep the view's whole full-size storage
+                hist = hist.contiguous()
         hist = hist * per_channel((z + self.history_eps) / z, self.head_dim)[:, :, None, None]
         hist = hist.to(dtype)
         proj = self.hist_proj
@@ -165,6 +251,39 @@ class KCLA(LayerAttnBase):
         hist = hist.to(acc) * per_channel(beta / (beta + self.history_eps), self.head_dim)[:, :, None, None]
         return hist, beta
 
+    def _weights(
+            self,
+            pooled: torch.Tensor,
+            state: List[torch.Tensor],
+            dtype: torch.dtype,
+    ) -> Tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The per-sample maths of one step, from the pooled block output `[B, C]` and the incoming state: the
+        history to update (None at the network's first block; re-summarised where this cell does), its lerp
+        weight `[B, C]` and the new weight sum `Z'` `[B, g]` (float32), and the head gate `[B, C]` in `dtype`.
+
+        `A' = lerp(A, x, alpha / (Z' + eps))` is the convex combination `((Z + eps) A + alpha x) / (Z' + eps)`;
+        at the first block `A' = alpha / (alpha + eps) * x`.
+        """
+        d = self.head_dim
+        q, k = self._query_key(pooled)
+        q, k = q.view(-1, self.num_heads, d), k.view(-1, self.num_heads, d)
+        acc = accumulation_dtype(pooled)
+        key_norm, alpha = self._key_weight(k, acc)
+        if len(state) == 0:
+            hist: Optional[torch.Tensor] = None
+            z = alpha
+        else:
+            hist, z = state[0], state[1]
+            if self.hist_norm is not None:
+                hist, z = self._rebuild(hist, z, dtype, acc)
+            z = z + alpha
+        weight = per_channel(alpha / (z + self.history_eps), d)
+        # Head gate from the projection of Q on the unit key direction.
+        score = (q * k).sum(-1) / key_norm.clamp_min(self.key_norm_eps)
+        # |score| <= ||q||: safe to hand to the (possibly half-precision) head gate in the feature dtype.
+        gate = per_channel(torch.sigmoid(self.head_gate(score.to(dtype))), d)
+        return hist, weight, z, gate
+
     def _attend(
             self,
             x: torch.Tensor,
@@ -172,34 +291,16 @@ class KCLA(LayerAttnBase):
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Add `x` to the history: the new history `A` and weight sum `Z` (float32), and the head gate
         `[B, C, 1, 1]`. With autograd off the incoming history, owned by this forward, is updated in place."""
-        d = self.head_dim
-        pooled = x.mean((2, 3))
-        q, k = self._query_key(pooled)
-        q, k = q.view(-1, self.num_heads, d), k.view(-1, self.num_heads, d)
-        acc = accumulation_dtype(x)
-        key_norm, alpha = self._key_weight(k, acc)
-
-        x_acc = x.to(acc)
-        if len(state) == 0:
-            z = alpha
-            hist = x_acc * per_channel(alpha / (alpha + self.history_eps), d)[:, :, None, None]
+        hist, weight, z, gate = self._weights(x.mean((2, 3)), state, x.dtype)
+        x_acc = x.to(weight.dtype)
+        weight = weight[:, :, None, None]
+        if hist is None:
+            hist = x_acc * weight
+        elif torch.is_grad_enabled():
+            hist = torch.lerp(hist, x_acc, weight)
         else:
-            hist, z = state[0], state[1]
-            if self.hist_norm is not None:
-                hist, z = self._rebuild(hist, z, x.dtype, acc)
-            z = z + alpha
-            # A' = (Z + eps) / (Z' + eps) * A + alpha / (Z' + eps) * x, a convex combination
-            weight = per_channel(alpha / (z + self.history_eps), d)[:, :, None, None]
-            if torch.is_grad_enabled():
-                hist = torch.lerp(hist, x_acc, weight)
-            else:
-                hist = hist.lerp_(x_acc, weight)
-
-        # Head gate from the projection of Q on the unit key direction.
-        score = (q * k).sum(-1) / key_norm.clamp_min(self.key_norm_eps)
-        # |score| <= ||q||: safe to hand to the (possibly half-precision) head gate in the feature dtype.
-        gate = per_channel(torch.sigmoid(self.head_gate(score.to(x.dtype))), d)[:, :, None, None]
-        return hist, z, gate
+            hist = hist.lerp_(x_acc, weight)
+        return hist, z, gate[:, :, None, None]
 
     def forward_reference(
             self,
@@ -212,6 +313,24 @@ class KCLA(LayerAttnBase):
         hist, z, gate = self._attend(x, state)
         value = self.v(hist.to(x.dtype))
         return x + self.drop_path(torch.relu(self.norm(value * gate))), [hist, z]
+
+    @torch.jit.unused
+    def forward_tail(
+            self,
+            pre: torch.Tensor,
+            norm: nn.BatchNorm2d,
+            shortcut: torch.Tensor,
+            keep: Optional[torch.Tensor],
+            state: List[torch.Tensor],
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """The block's tail `x = relu(norm(pre) * keep + shortcut)` and this step, memory-lean (`lean`).
+        Equal to the tail followed by `forward_reference`."""
+        x, pooled, scale, shift = lean.block_tail(pre, norm, shortcut, keep)
+        hist, weight, z, gate = self._weights(pooled, state, x.dtype)
+        out, hist = KCLABranch.apply(
+            x, pre, shortcut, scale, shift, hist, weight, gate, self.v.weight.to(x.dtype), self.norm.weight,
+            self.norm.bias, self.norm, lean.drop_path_keep(self.drop_path, x))
+        return out, [hist, z]
 
     def forward_folded(
             self,

@@ -11,15 +11,165 @@ ECA-style channel convolutions and a value with a depth-wise 3x3 conv:
   cached values. `out = x + DropPath(ReLU(BN(sum_j softmax_j(<Q, K_j> / sqrt(d)) V_j)))`.
 """
 import math
-from typing import List, Tuple, Type
+from typing import List, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
+from torch.autograd.function import once_differentiable
 
-from . import native
-from ._common import LayerAttnBase, per_channel
+from . import lean, native
+from ._common import LayerAttnBase, depthwise_conv3x3, per_channel
 
 __all__ = ['MRLALight', 'MRLABase']
+
+
+def _value_backward(
+        grad: torch.Tensor,
+        x: torch.Tensor,
+        v_weight: torch.Tensor,
+        need_weight: bool,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Gradients of `DW3(x)` for `x` and the depth-wise weight."""
+    g_x, g_w = torch.ops.aten.convolution_backward(
+        grad, x, v_weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], x.shape[1], [True, need_weight, False])[:2]
+    return g_x, g_w
+
+
+class MRLALightBranch(torch.autograd.Function):
+    """One MRLA-light step on the tail's output `x`: `out = x + BN(gate * DW3(x) + lambda * shortcut) * keep`.
+
+    Keeps the tail's recipe for `x` (`pre`, `shortcut`, `scale`, `shift`) and per-channel vectors; backward
+    recomputes `x` and the value map (see `lean`).
+    """
+
+    @staticmethod
+    def forward(ctx, x, pre, shortcut, scale, shift, gate, v_weight, lambda_t, norm_weight, norm_bias, norm, keep):
+        del norm_weight, norm_bias  # read through `norm`
+        ctx.set_materialize_grads(False)
+        fused = native.trainable(x, pre, shortcut, scale, gate, v_weight, lambda_t)
+        with torch.autocast(x.device.type, enabled=False):
+            if fused:
+                u, moments = native.mrla_light_train_values(
+                    x, shortcut=shortcut, gate=gate, v_weight=v_weight, lambda_t=lambda_t)
+                mean, invstd = lean.norm_stats(norm, u, moments)
+                a, b = lean.plane_affine(norm, mean, invstd, keep, x.shape[0])
+                out = native.affine_residual_(u, x=x, a=a, b=b, relu=False)
+            else:
+                u = _light_input(x, shortcut, gate, v_weight, lambda_t)
+                mean, invstd = lean.norm_stats(norm, u)
+                a, b = lean.norm_affine(norm, mean, invstd, keep)
+                out = torch.addcmul(lean._map(b, u), u, lean._map(a, u)).add_(x)
+        ctx.norm, ctx.fused = norm, fused
+        ctx.batch_stats = lean._uses_batch_stats(norm)
+        ctx.save_for_backward(pre, shortcut, scale, shift, gate, v_weight, lambda_t, mean, invstd, keep)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        pre, shortcut, scale, shift, gate, v_weight, lambda_t, mean, invstd, keep = ctx.saved_tensors
+        norm = ctx.norm
+        needs = ctx.needs_input_grad
+        if grad_out is None:
+            return (None,) * 12
+        if ctx.fused and native.trainable(grad_out):
+            g_x, g_short, g_gate, g_v, g_lambda, g_nw, g_nb = native.mrla_light_train_backward(
+                pre, shortcut, scale, shift, gate=gate, v_weight=v_weight, lambda_t=lambda_t, keep=keep, mean=mean,
+                invstd=invstd, norm_weight=lean.weight_or_ones(norm, mean), batch_stats=ctx.batch_stats,
+                grad_out=grad_out)
+            g_nw, g_nb = (g_nw if norm.weight is not None else None), (g_nb if norm.bias is not None else None)
+        else:
+            x = lean.tail_output(pre, shortcut, scale, shift)
+            value = depthwise_conv3x3(x, v_weight)
+            u = torch.addcmul(value * gate[:, :, None, None], shortcut, lambda_t.to(x.dtype))
+            g_u = grad_out if keep is None else grad_out * lean.per_sample(keep, grad_out)
+            g_u, g_nw, g_nb = lean.norm_backward(norm, g_u, u, mean, invstd, ctx.batch_stats, (True, needs[8], needs[9]))
+            g_gate = (g_u * value).sum((2, 3))
+            g_lambda = (g_u * shortcut).sum((0, 2, 3)).view_as(lambda_t) if needs[7] else None
+            g_short = g_u * lambda_t.to(g_u.dtype)
+            g_in, g_v = _value_backward(g_u.mul_(gate[:, :, None, None]), x, v_weight, needs[6])
+            g_x = g_in.add_(grad_out)
+        return g_x, None, g_short, None, None, g_gate, g_v, g_lambda, g_nw, g_nb, None, None
+
+
+def _light_input(x, shortcut, gate, v_weight, lambda_t):
+    """`gate * DW3(x) + lambda * shortcut`, the input of MRLA-light's BatchNorm."""
+    return depthwise_conv3x3(x, v_weight).mul_(gate[:, :, None, None]).addcmul_(shortcut, lambda_t.to(x.dtype))
+
+
+class MRLABaseBranch(torch.autograd.Function):
+    """One MRLA-base step on the tail's output `x`: `V_t = DW3(x)`, `out = x + relu(BN(sum_j w_j V_j)) * keep`.
+
+    The earlier values `V_0..V_{t-1}` come last (`*values`); returns `(out, V_t)`. Keeps the tail's recipe
+    for `x`, the earlier values (the carried cache) and per-channel vectors, not `V_t` or the weighted sum:
+    backward recomputes them (see `lean`).
+    """
+
+    @staticmethod
+    def forward(ctx, x, pre, shortcut, scale, shift, weights, v_weight, norm_weight, norm_bias, norm, keep, *values):
+        del norm_weight, norm_bias  # read through `norm`
+        ctx.set_materialize_grads(False)
+        fused = native.trainable(x, pre, shortcut, scale, weights, v_weight, *values)
+        with torch.autocast(x.device.type, enabled=False):
+            if fused:
+                attn, value, moments = native.mrla_base_train_values(
+                    x, values=list(values), weights=weights, v_weight=v_weight)
+                mean, invstd = lean.norm_stats(norm, attn, moments)
+                a, b = lean.plane_affine(norm, mean, invstd, keep, x.shape[0])
+                out = native.affine_residual_(attn, x=x, a=a, b=b, relu=True)
+            else:
+                value = depthwise_conv3x3(x, v_weight)
+                attn = _weighted_sum(value, values, weights)
+                mean, invstd = lean.norm_stats(norm, attn)
+                a, b = lean.norm_affine(norm, mean, invstd, keep)
+                out = attn.mul_(lean._map(a, attn)).add_(lean._map(b, attn)).relu_().add_(x)
+        ctx.norm, ctx.fused = norm, fused
+        ctx.batch_stats = lean._uses_batch_stats(norm)
+        ctx.save_for_backward(pre, shortcut, scale, shift, weights, v_weight, mean, invstd, keep, *values)
+        return out, value
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, grad_value):
+        pre, shortcut, scale, shift, weights, v_weight, mean, invstd, keep, *values = ctx.saved_tensors
+        norm = ctx.norm
+        needs = ctx.needs_input_grad
+        if grad_out is None:
+            grad_out = torch.zeros_like(pre)
+        if ctx.fused and native.trainable(grad_out, grad_value):
+            a, b = lean.plane_affine(norm, mean, invstd, keep, pre.shape[0])
+            g_x, g_weights, g_v, g_nw, g_nb, g_values = native.mrla_base_train_backward(
+                pre, shortcut, scale, shift, values=values, weights=weights, v_weight=v_weight, a=a, b=b, keep=keep,
+                mean=mean, invstd=invstd, norm_weight=lean.weight_or_ones(norm, mean), batch_stats=ctx.batch_stats,
+                grad_out=grad_out, grad_value=grad_value)
+            g_nw, g_nb = (g_nw if norm.weight is not None else None), (g_nb if norm.bias is not None else None)
+        else:
+            x = lean.tail_output(pre, shortcut, scale, shift)
+            value = depthwise_conv3x3(x, v_weight)
+            attn = _weighted_sum(value, values, weights)
+            a, b = lean.norm_affine(norm, mean, invstd, keep)
+            g_s = torch.ops.aten.threshold_backward(grad_out, torch.addcmul(lean._map(b, attn), attn, lean._map(a, attn)), 0)
+            if keep is not None:
+                g_s = g_s.mul_(lean.per_sample(keep, g_s))
+            g_s, g_nw, g_nb = lean.norm_backward(norm, g_s, attn, mean, invstd, ctx.batch_stats, (True, needs[7], needs[8]))
+            last = len(values)
+            g_weights = torch.stack([(g_s * v).sum((2, 3)) for v in values + [value]], dim=1)
+            g_values = [g_s * weights[:, j, :, None, None] if needs[11 + j] else None for j in range(last)]
+            g_value = g_s * weights[:, last, :, None, None]
+            if grad_value is not None:
+                g_value = g_value.add_(grad_value)
+            g_in, g_v = _value_backward(g_value, x, v_weight, needs[6])
+            g_x = g_in.add_(grad_out)
+        return (g_x, None, None, None, None, g_weights, g_v, g_nw, g_nb, None, None, *g_values)
+
+
+def _weighted_sum(value: torch.Tensor, values: List[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """`sum_j w_j V_j` over the earlier values and this block's `value` (the last weight), a new tensor."""
+    last = len(values)
+    attn = value * weights[:, last, :, None, None]
+    for j, v in enumerate(values):
+        attn = attn.addcmul_(v, weights[:, j, :, None, None])
+    return attn
 
 
 class MRLALight(LayerAttnBase):
@@ -39,12 +189,12 @@ class MRLALight(LayerAttnBase):
         # Official init is an unscaled N(0, 1); kept so from-scratch training matches the paper's runs.
         self.lambda_t = nn.Parameter(torch.randn(channels, 1, 1, device=device, dtype=dtype))
 
-    def _gate(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-head gate `sigmoid(<Q_h, K_h> / sqrt(d))` of the pooled `x`, per channel `[B, C, 1, 1]`."""
-        q, k = self._query_key(x.mean((2, 3)))
+    def _gate(self, pooled: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Per-head gate `sigmoid(<Q_h, K_h> / sqrt(d))` of the pooled block output, per channel `[B, C]`."""
+        q, k = self._query_key(pooled)
         q, k = q.view(-1, self.num_heads, self.head_dim), k.view(-1, self.num_heads, self.head_dim)
-        gate = torch.sigmoid((q * k).sum(-1) * self.scale).to(x.dtype)
-        return per_channel(gate, self.head_dim)[:, :, None, None]
+        gate = torch.sigmoid((q * k).sum(-1) * self.scale).to(dtype)
+        return per_channel(gate, self.head_dim)
 
     def forward_reference(
             self,
@@ -54,9 +204,27 @@ class MRLALight(LayerAttnBase):
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """The reference path: `x + DropPath(BN(gate * DW3(x) + lambda * shortcut))` with `norm` and
         `drop_path` as modules. The other paths are held equal to it (see `LayerAttnBase`)."""
-        gate = self._gate(x)
+        gate = self._gate(x.mean((2, 3)), x.dtype)[:, :, None, None]
         value = self.v(x)
         return x + self.drop_path(self.norm(value * gate + self.lambda_t * shortcut)), state
+
+    @torch.jit.unused
+    def forward_tail(
+            self,
+            pre: torch.Tensor,
+            norm: nn.BatchNorm2d,
+            shortcut: torch.Tensor,
+            keep: Optional[torch.Tensor],
+            state: List[torch.Tensor],
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """The block's tail `x = relu(norm(pre) * keep + shortcut)` and this step, memory-lean (`lean`).
+        Equal to the tail followed by `forward_reference`."""
+        x, pooled, scale, shift = lean.block_tail(pre, norm, shortcut, keep)
+        gate = self._gate(pooled, x.dtype)
+        out = MRLALightBranch.apply(
+            x, pre, shortcut, scale, shift, gate, self.v.weight.to(x.dtype), self.lambda_t, self.norm.weight,
+            self.norm.bias, self.norm, lean.drop_path_keep(self.drop_path, x))
+        return out, state
 
     def forward_folded(
             self,
@@ -66,7 +234,7 @@ class MRLALight(LayerAttnBase):
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """Eval: `x + BN(gate * V + lambda * r) == x + (scale * gate) * V + (scale * lambda) * r + shift`;
         with autograd off added to `x` in place. Equal to `forward_reference` in eval mode."""
-        gate = self._gate(x)
+        gate = self._gate(x.mean((2, 3)), x.dtype)[:, :, None, None]
         value = self.v(x)
         scale, shift = self._fold_norm()
         scale = scale[:, None, None]
@@ -123,6 +291,26 @@ class MRLABase(LayerAttnBase):
         self.scale = 1. / math.sqrt(head_dim)
         self.first_in_stage = first_in_stage
 
+    def _weights(
+            self,
+            pooled: torch.Tensor,
+            state: List[torch.Tensor],
+            dtype: torch.dtype,
+    ) -> Tuple[torch.Tensor, List[torch.Tensor], torch.Tensor]:
+        """Append this block's key to the stage cache: the keys `[B, T, C]`, the earlier blocks' values and the
+        per-channel softmax weights `[B, T, C]` (in `dtype`) of the query over the keys."""
+        g, d = self.num_heads, self.head_dim
+        q, k = self._query_key(pooled)
+        k = k.unsqueeze(1)
+        if self.first_in_stage or len(state) == 0:
+            keys = k
+            earlier: List[torch.Tensor] = []
+        else:
+            keys = torch.cat([state[0], k], dim=1)
+            earlier = state[1:]
+        scores = (q.view(-1, 1, g, d) * keys.view(-1, keys.shape[1], g, d)).sum(-1) * self.scale
+        return keys, earlier, per_channel(scores.softmax(dim=1).to(dtype), d)
+
     def _attend(
             self,
             x: torch.Tensor,
@@ -130,18 +318,9 @@ class MRLABase(LayerAttnBase):
     ) -> Tuple[torch.Tensor, List[torch.Tensor], torch.Tensor]:
         """Append this block's key and value to the stage cache: the keys `[B, T, C]`, the values and the
         per-channel softmax weights `[B, T, C]` of the query over the keys."""
-        g, d = self.num_heads, self.head_dim
-        q, k = self._query_key(x.mean((2, 3)))
-        k = k.unsqueeze(1)
         value = self.v(x)
-        if self.first_in_stage or len(state) == 0:
-            keys = k
-            values = [value]
-        else:
-            keys = torch.cat([state[0], k], dim=1)
-            values = state[1:] + [value]
-        scores = (q.view(-1, 1, g, d) * keys.view(-1, len(values), g, d)).sum(-1) * self.scale
-        return keys, values, per_channel(scores.softmax(dim=1).to(value.dtype), d)
+        keys, earlier, weights = self._weights(x.mean((2, 3)), state, value.dtype)
+        return keys, earlier + [value], weights
 
     def forward_reference(
             self,
@@ -156,6 +335,24 @@ class MRLABase(LayerAttnBase):
         for j in range(1, len(values)):
             attn = attn.addcmul(values[j], weights[:, j, :, None, None])
         return x + self.drop_path(torch.relu(self.norm(attn))), [keys] + values
+
+    @torch.jit.unused
+    def forward_tail(
+            self,
+            pre: torch.Tensor,
+            norm: nn.BatchNorm2d,
+            shortcut: torch.Tensor,
+            keep: Optional[torch.Tensor],
+            state: List[torch.Tensor],
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """The block's tail `x = relu(norm(pre) * keep + shortcut)` and this step, memory-lean (`lean`).
+        Equal to the tail followed by `forward_reference`."""
+        x, pooled, scale, shift = lean.block_tail(pre, norm, shortcut, keep)
+        keys, earlier, weights = self._weights(pooled, state, x.dtype)
+        out, value = MRLABaseBranch.apply(
+            x, pre, shortcut, scale, shift, weights, self.v.weight.to(x.dtype), self.norm.weight, self.norm.bias,
+            self.norm, lean.drop_path_keep(self.drop_path, x), *earlier)
+        return out, [keys] + earlier + [value]
 
     def forward_folded(
             self,

@@ -32,7 +32,7 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -42,11 +42,16 @@ from .._utils import cache_dir
 
 __all__ = [
     'NativeKernelError', 'available', 'build', 'disabled', 'last_error', 'mode', 'usable',
-    'kcla_', 'mrla_base_', 'mrla_light_',
+    'kcla_', 'mrla_base_', 'mrla_light_', 'trainable', 'plane_moments', 'tail_forward', 'tail_backward',
+    'affine_residual_', 'kcla_train_values', 'kcla_train_backward', 'mrla_light_train_values',
+    'mrla_light_train_backward', 'mrla_base_train_values', 'mrla_base_train_backward',
 ]
 
 ENV = 'TIMM_LAYERATTN_NATIVE'
 SOURCE = Path(__file__).with_name('csrc') / 'layer_attn_cpu.cpp'
+# Every file of the library: the inference kernels (SOURCE), the training kernels and their shared header.
+SOURCES = (SOURCE, SOURCE.with_name('layer_attn_train_cpu.cpp'))
+HEADERS = (SOURCE.with_name('plane.h'),)
 _LIB_NAME = 'layer_attn_cpu'
 
 _loaded: Optional[bool] = None  # None: not tried yet in this process
@@ -112,7 +117,8 @@ def _flags() -> List[str]:
 def _library_path(cxx: str) -> Path:
     version = subprocess.run([cxx, '--version'], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256('\n'.join([
-        SOURCE.read_text(), torch.__version__, str(torch.version.git_version), version, ' '.join(_flags()),
+        *(f.read_text() for f in SOURCES + HEADERS), torch.__version__, str(torch.version.git_version), version,
+        ' '.join(_flags()),
         _cpu_signature(),
     ]).encode()).hexdigest()[:16]
     return cache_dir() / 'kernels' / f'{_LIB_NAME}-{key}.so'
@@ -136,8 +142,7 @@ def build() -> Path:
     try:
         errors = []
         for std in ('c++20', 'c++17'):  # torch >= 2.10 headers need C++20; older compilers may lack it
-            cmd = [cxx, str(SOURCE), '-o', tmp, f'-std={std}', *_flags()]
-            result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+            result = _compile_and_link(cxx, std, tmp)
             if result.returncode == 0:
                 os.chmod(tmp, 0o755)
                 os.replace(tmp, target)
@@ -145,10 +150,32 @@ def build() -> Path:
             lines = result.stderr.strip().splitlines()
             detail = ' | '.join(([ln for ln in lines if 'error' in ln] or lines)[:3])
             errors.append(f'-std={std}: {detail or f"exit status {result.returncode}, no output"}')
-        raise NativeKernelError(f'compiling {SOURCE.name} with {cxx} failed ({"; ".join(errors)})')
+        names = ', '.join(f.name for f in SOURCES)
+        raise NativeKernelError(f'compiling {names} with {cxx} failed ({"; ".join(errors)})')
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _compile_and_link(cxx: str, std: str, out: str) -> subprocess.CompletedProcess:
+    """Compile every source to an object file in parallel, then link them into `out`; the first failure's
+    result (or the link's) is returned."""
+    flags = [f'-std={std}', *_flags()]
+    with tempfile.TemporaryDirectory(prefix='.objs-', dir=os.path.dirname(out)) as objs:
+        jobs = []
+        for src in SOURCES:
+            obj = os.path.join(objs, src.stem + '.o')
+            cmd = [cxx, '-c', str(src), '-o', obj, *flags]
+            jobs.append((cmd, obj, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
+        failed = None
+        for cmd, _, proc in jobs:
+            stdout, stderr = proc.communicate(timeout=600)
+            if proc.returncode and failed is None:
+                failed = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+        if failed is not None:
+            return failed
+        cmd = [cxx, *(obj for _, obj, _ in jobs), '-o', out, *flags]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
 
 def _load() -> None:
@@ -290,3 +317,104 @@ def mrla_base_(
     return torch.ops.timm_layerattn.mrla_base_(
         x, value=value, values=values, keys=keys, v_weight=v_weight, q_weight=q_weight, k_weight=k_weight,
         norm_scale=norm_scale, norm_shift=norm_shift, head_dim=head_dim, attn_scale=attn_scale)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training kernels, called by the autograd Functions of `lean`, `kcla` and `mrla` (see csrc/layer_attn_train_cpu.cpp
+# for the maths of each). Unlike the inference ops they run inside autograd Functions, so the grad mode is not
+# part of the rule; `trainable` is.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def trainable(*tensors: Optional[Tensor]) -> bool:
+    """True when the fused training kernels can run on these tensors (None entries are skipped): kernels
+    enabled and built, float32 CPU tensors in contiguous layout."""
+    if not _enabled.get():
+        return False
+    for t in tensors:
+        if t is not None and (t.device.type != 'cpu' or t.dtype != torch.float32 or not t.is_contiguous()):
+            return False
+    return available()
+
+
+def plane_moments(x: Tensor) -> Tensor:
+    """`[2, B, C]` float64: the sum and the sum of squares of every (sample, channel) plane of `x`."""
+    return torch.ops.timm_layerattn.plane_moments(x)
+
+
+def tail_forward(pre: Tensor, shortcut: Tensor, scale: Tensor, shift: Tensor) -> Tuple[Tensor, Tensor]:
+    """`x = relu(pre * scale + shift + shortcut)` (per-plane `scale`, `shift` `[B, C]`) and its plane means."""
+    return torch.ops.timm_layerattn.tail_forward(pre, shortcut, scale, shift)
+
+
+def tail_backward(
+        pre: Tensor, shortcut: Tensor, scale: Tensor, shift: Tensor, *, grad_x: Optional[Tensor],
+        grad_pooled: Optional[Tensor], mean: Tensor, invstd: Tensor, norm_weight: Tensor, keep: Optional[Tensor],
+        batch_stats: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients `(pre, shortcut, norm weight, norm bias)` of the tail `relu(norm(pre) * keep + shortcut)`."""
+    return torch.ops.timm_layerattn.tail_backward(
+        pre, shortcut, scale, shift, grad_x=grad_x, grad_pooled=grad_pooled, mean=mean, invstd=invstd,
+        norm_weight=norm_weight, keep=keep, batch_stats=batch_stats)
+
+
+def affine_residual_(out: Tensor, *, x: Tensor, a: Tensor, b: Tensor, relu: bool) -> Tensor:
+    """`out <- x + act(out * a + b)` in place, per-plane `a`, `b` `[B, C]`, act ReLU or identity."""
+    return torch.ops.timm_layerattn.affine_residual_(out, x=x, a=a, b=b, relu=relu)
+
+
+def kcla_train_values(
+        x: Tensor, *, hist: Optional[Tensor], weight: Tensor, gate: Tensor, v_weight: Tensor,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """`(u, A', moments of u)` with `A' = lerp(hist, x, weight)` (`weight * x` without `hist`), `u = gate * DW3(A')`."""
+    return torch.ops.timm_layerattn.kcla_train_values(x, hist=hist, weight=weight, gate=gate, v_weight=v_weight)
+
+
+def kcla_train_backward(
+        pre: Tensor, shortcut: Tensor, scale: Tensor, shift: Tensor, *, hist: Optional[Tensor], weight: Tensor,
+        gate: Tensor, v_weight: Tensor, a: Tensor, b: Tensor, keep: Optional[Tensor], mean: Tensor, invstd: Tensor,
+        norm_weight: Tensor, batch_stats: bool, grad_out: Tensor, grad_hist: Optional[Tensor],
+) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients `(x, hist, weight, gate, v_weight, norm weight, norm bias)` of one KCLA step."""
+    return torch.ops.timm_layerattn.kcla_train_backward(
+        pre, shortcut, scale, shift, hist=hist, weight=weight, gate=gate, v_weight=v_weight, a=a, b=b, keep=keep,
+        mean=mean, invstd=invstd, norm_weight=norm_weight, batch_stats=batch_stats, grad_out=grad_out,
+        grad_hist=grad_hist)
+
+
+def mrla_light_train_values(
+        x: Tensor, *, shortcut: Tensor, gate: Tensor, v_weight: Tensor, lambda_t: Tensor,
+) -> Tuple[Tensor, Tensor]:
+    """`(u, moments of u)` with `u = gate * DW3(x) + lambda_t * shortcut`."""
+    return torch.ops.timm_layerattn.mrla_light_train_values(
+        x, shortcut=shortcut, gate=gate, v_weight=v_weight, lambda_t=lambda_t)
+
+
+def mrla_light_train_backward(
+        pre: Tensor, shortcut: Tensor, scale: Tensor, shift: Tensor, *, gate: Tensor, v_weight: Tensor,
+        lambda_t: Tensor, keep: Optional[Tensor], mean: Tensor, invstd: Tensor, norm_weight: Tensor,
+        batch_stats: bool, grad_out: Tensor,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients `(x, shortcut, gate, v_weight, lambda_t, norm weight, norm bias)` of one MRLA-light step."""
+    return torch.ops.timm_layerattn.mrla_light_train_backward(
+        pre, shortcut, scale, shift, gate=gate, v_weight=v_weight, lambda_t=lambda_t, keep=keep, mean=mean,
+        invstd=invstd, norm_weight=norm_weight, batch_stats=batch_stats, grad_out=grad_out)
+
+
+def mrla_base_train_values(
+        x: Tensor, *, values: List[Tensor], weights: Tensor, v_weight: Tensor,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """`(S, V_t, moments of S)` with `V_t = DW3(x)` and `S = sum_j weights_j V_j` over `values + [V_t]`."""
+    return torch.ops.timm_layerattn.mrla_base_train_values(x, values=values, weights=weights, v_weight=v_weight)
+
+
+def mrla_base_train_backward(
+        pre: Tensor, shortcut: Tensor, scale: Tensor, shift: Tensor, *, values: List[Tensor], weights: Tensor,
+        v_weight: Tensor, a: Tensor, b: Tensor, keep: Optional[Tensor], mean: Tensor, invstd: Tensor,
+        norm_weight: Tensor, batch_stats: bool, grad_out: Tensor, grad_value: Optional[Tensor],
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, List[Tensor]]:
+    """Gradients `(x, weights, v_weight, norm weight, norm bias, [values])` of one MRLA-base step."""
+    return torch.ops.timm_layerattn.mrla_base_train_backward(
+        pre, shortcut, scale, shift, values=values, weights=weights, v_weight=v_weight, a=a, b=b, keep=keep,
+        mean=mean, invstd=invstd, norm_weight=norm_weight, batch_stats=batch_stats, grad_out=grad_out,
+        grad_value=grad_value)

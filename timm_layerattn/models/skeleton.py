@@ -30,6 +30,7 @@ from timm.models._features import feature_take_indices
 from torch.utils.checkpoint import checkpoint
 
 from ..layers._checks import check_bool, check_choice, check_int, check_rate
+from ..layers.lean import drop_path_keep
 
 __all__ = [
     'ResNetLA', 'ResNetLACfg', 'LayerStrategy', 'BlockSite', 'StageSite', 'LABottleneck', 'LABasicBlock',
@@ -247,6 +248,26 @@ class _BlockBase(nn.Module):
         self.attn = layer_attn
         self.attn_in = entry
 
+    @torch.jit.unused
+    def _lean_tail(
+            self,
+            pre: torch.Tensor,
+            norm: Optional[nn.Module],
+            act: nn.Module,
+            shortcut: torch.Tensor,
+            state: State,
+    ) -> Optional[Tuple[torch.Tensor, State]]:
+        """Hand the block's tail (`norm`, residual add, ReLU `act`) and its attention to the attention module's
+        memory-lean training path (`forward_tail`), where it applies; None otherwise."""
+        attn = self.attn
+        if not (self.residual and attn is not None and hasattr(attn, 'forward_tail') and type(norm) is nn.BatchNorm2d
+                and type(act) is nn.ReLU and attn.tail_usable(pre, shortcut, state)):
+            return None
+        if self.downsample is not None:
+            shortcut = self.downsample(shortcut)
+        keep = drop_path_keep(self.drop_path, pre)
+        return attn.forward_tail(pre, norm, shortcut, keep, state)
+
     def _add_residual(self, x: torch.Tensor, shortcut: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         if self.downsample is not None:  # projected last, as timm: its output is not held through the convs
             shortcut = self.downsample(shortcut)
@@ -313,6 +334,10 @@ class LABottleneck(_BlockBase):
         x = self.act1(self.bn1(self.conv1(x)))
         x = self.act2(self.bn2(self.conv2(x)))
         x = self.conv3(x)
+        if not torch.jit.is_scripting():
+            lean = self._lean_tail(x, self.bn3, self.act3, shortcut, state)
+            if lean is not None:
+                return lean
         if self.bn3 is not None:
             x = self.bn3(x)
         if self.ln3 is not None:
@@ -375,6 +400,10 @@ class LABasicBlock(_BlockBase):
         shortcut = x
         x = self.act1(self.bn1(self.conv1(x)))
         x = self.conv2(x)
+        if not torch.jit.is_scripting():
+            lean = self._lean_tail(x, self.bn2, self.act2, shortcut, state)
+            if lean is not None:
+                return lean
         if self.bn2 is not None:
             x = self.bn2(x)
         if self.ln2 is not None:

@@ -1,0 +1,273 @@
+"""Memory-lean training path: a block's tail and its attention branch as autograd Functions.
+
+With plain autograd, a layer-attention block keeps, besides what a ResNet block keeps, its post-ReLU
+output `x` (the branch adds to it, so the block output is a second full-size map), the value map, the
+BatchNorm input and the ReLU output of the branch: two to three extra full-size maps per block, about twice
+`resnet50`'s activation memory for models that add ~2.5% FLOPs. Everything the branch computes at full size
+is cheap to recompute from a few tensors the network holds anyway, so the Functions here keep only those:
+
+* `BlockTail` takes over the block's last BatchNorm, its residual add and ReLU
+  (`x = relu(bn3(pre) * keep + shortcut)`) and keeps `pre` (the BatchNorm keeps it anyway) and `shortcut`
+  (the block input, kept by the first conv, for identity shortcuts), not `x`. It also returns the pooled
+  descriptor of `x`, so the per-sample attention maths runs as plain autograd on `[B, C]` tensors.
+* Each family's branch Function (`kcla.py`, `mrla.py`) takes `x` but keeps only the tail's recipe for it,
+  the carried state it reads and per-channel vectors; backward recomputes `x`, the value map and the
+  branch's BatchNorm input, then differentiates in one go.
+
+Train-mode BatchNorm is exact: batch statistics forward, running statistics updated once per forward as
+`nn.BatchNorm2d` does (momentum or cumulative average, unbiased variance), the full batch-statistics
+gradient backward; an eval-mode norm (e.g. frozen for detection) uses its running statistics. Drop path
+draws its per-sample mask exactly as timm's `DropPath` (same RNG calls, same order), so a seeded run takes
+the same path through the network either way.
+
+`usable(...)` decides, per block, in eager mode with autograd on: TorchScript, tracing, fx, `torch.compile`
+(whose partitioner recomputes on its own) and `torch.export` see the plain modules. On float32 contiguous
+CPU tensors the Functions call the fused training kernels (`native`); elsewhere (CUDA, other dtypes,
+channels_last) they run the same maths with PyTorch ops. `TIMM_LAYERATTN_LEAN=0` or `with lean.disabled():`
+turns the path off (the plain-ops reference path runs; the tests compare the two).
+"""
+import contextlib
+import contextvars
+import os
+from typing import Iterator, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from timm.layers import DropPath
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from . import native
+
+__all__ = [
+    'ENV', 'usable', 'disabled', 'drop_path_keep', 'norm_stats', 'norm_affine', 'plane_affine', 'norm_backward',
+    'weight_or_ones', 'per_sample', 'tail_output', 'block_tail', 'BlockTail',
+]
+
+ENV = 'TIMM_LAYERATTN_LEAN'
+_enabled = contextvars.ContextVar('timm_layerattn_lean_enabled', default=True)
+
+
+def _env_off() -> bool:
+    return os.environ.get(ENV, '').strip().lower() in ('0', 'off', 'false', 'no')
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Use the plain-ops training path inside this block (this thread / task only)."""
+    token = _enabled.set(False)
+    try:
+        yield
+    finally:
+        _enabled.reset(token)
+
+
+def usable(*tensors: Optional[Tensor]) -> bool:
+    """True when a block can run the lean Functions on these tensors now: eager mode with autograd on, 4-D
+    floating-point maps on one device, non-empty."""
+    if not torch.is_grad_enabled() or not _enabled.get() or _env_off():
+        return False
+    if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return False
+    if _get_current_dispatch_mode() is not None:  # FLOP counters, fake tensors: let them see aten ops
+        return False
+    device = None
+    for t in tensors:
+        if t is None:
+            continue
+        if isinstance(t, torch.fx.Proxy) or not t.is_floating_point():
+            return False
+        if device is None:
+            device = t.device
+        elif t.device != device:
+            return False
+    first = tensors[0]
+    return first is not None and first.dim() == 4 and first.numel() > 0
+
+
+def drop_path_keep(module: Optional[nn.Module], like: Tensor) -> Optional[Tensor]:
+    """The per-sample factor `[B]` timm's `DropPath` would multiply `like` by (drawn with the same RNG calls),
+    or None where the module is the identity (absent, eval mode, rate 0)."""
+    if not isinstance(module, DropPath) or not module.training or module.drop_prob == 0.:
+        return None
+    keep_prob = 1 - module.drop_prob
+    keep = like.new_empty((like.shape[0],) + (1,) * (like.dim() - 1)).bernoulli_(keep_prob)
+    if keep_prob > 0. and module.scale_by_keep:
+        keep.div_(keep_prob)
+    return keep.view(-1)
+
+
+def _acc_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _uses_batch_stats(norm: nn.BatchNorm2d) -> bool:
+    return norm.training or norm.running_mean is None
+
+
+def norm_stats(norm: nn.BatchNorm2d, u: Tensor, moments: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Per-channel `(mean, invstd)` that `norm` applies to `u`, in float32 (float64 for float64 maps).
+
+    Batch statistics in training (running statistics updated as `nn.BatchNorm2d.forward` does), running
+    statistics otherwise. `moments` (`[2, B, C]` float64 plane sums of `u` and `u^2`, from the fused kernels)
+    spares the pass over `u`.
+    """
+    acc = _acc_dtype(u)
+    factor = 0. if norm.momentum is None else norm.momentum
+    if norm.training and norm.track_running_stats and norm.num_batches_tracked is not None:
+        norm.num_batches_tracked.add_(1)
+        if norm.momentum is None:  # cumulative moving average
+            factor = 1. / float(norm.num_batches_tracked)
+    if not _uses_batch_stats(norm):
+        return norm.running_mean.to(acc), torch.rsqrt(norm.running_var.to(acc) + norm.eps)
+    n = u.numel() // u.shape[1]
+    if norm.training and n <= 1:
+        raise ValueError(f'Expected more than 1 value per channel when training, got input size {list(u.shape)}')
+    if moments is not None:
+        mean = moments[0].sum(0) / n
+        var = (moments[1].sum(0) / n - mean * mean).clamp_min_(0.)
+    elif u.is_cuda:
+        mean, invstd = torch.batch_norm_stats(u, norm.eps)
+        var = invstd.pow(-2) - norm.eps
+    else:
+        var, mean = torch.var_mean(u if u.dtype == acc else u.to(acc), dim=(0, 2, 3), correction=0)
+    mean, var = mean.to(acc), var.to(acc)
+    if norm.training and norm.running_mean is not None:
+        with torch.no_grad():
+            norm.running_mean.lerp_(mean.to(norm.running_mean.dtype), factor)
+            norm.running_var.lerp_((var * (n / max(n - 1, 1))).to(norm.running_var.dtype), factor)
+    return mean, torch.rsqrt(var + norm.eps)
+
+
+def norm_affine(
+        norm: nn.BatchNorm2d,
+        mean: Tensor,
+        invstd: Tensor,
+        keep: Optional[Tensor],
+) -> Tuple[Tensor, Tensor]:
+    """`(scale, shift)` with `norm(u) * keep == u * scale + shift`: `[C]`, or `[B, C]` with a drop-path factor."""
+    scale = invstd if norm.weight is None else invstd * norm.weight.to(invstd.dtype)
+    shift = -mean * scale if norm.bias is None else norm.bias.to(invstd.dtype) - mean * scale
+    if keep is not None:
+        keep = keep.to(scale.dtype)[:, None]
+        scale, shift = scale * keep, shift * keep
+    return scale, shift
+
+
+def plane_affine(
+        norm: nn.BatchNorm2d,
+        mean: Tensor,
+        invstd: Tensor,
+        keep: Optional[Tensor],
+        batch: int,
+) -> Tuple[Tensor, Tensor]:
+    """`norm_affine` as contiguous per-plane `[B, C]` tensors (the layout of the fused kernels)."""
+    scale, shift = norm_affine(norm, mean, invstd, keep)
+    return scale.expand(batch, -1).contiguous(), shift.expand(batch, -1).contiguous()
+
+
+def weight_or_ones(norm: nn.BatchNorm2d, like: Tensor) -> Tensor:
+    """The norm's weight, or ones for a norm without affine weight (the kernels take one)."""
+    return norm.weight.detach() if norm.weight is not None else torch.ones_like(like)
+
+
+def norm_backward(
+        norm: nn.BatchNorm2d,
+        grad: Tensor,
+        u: Tensor,
+        mean: Tensor,
+        invstd: Tensor,
+        batch_stats: bool,
+        needs: Tuple[bool, bool, bool],
+) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """Gradients of `norm(u)` for its input, weight and bias, given the gradient `grad` of its output."""
+    weight = norm.weight
+    if batch_stats:
+        # batch statistics: the saved mean / invstd are what the forward used
+        return torch.ops.aten.native_batch_norm_backward(
+            grad, u, weight, None, None, mean, invstd, True, norm.eps,
+            [needs[0], needs[1] and weight is not None, needs[2] and norm.bias is not None])
+    # running statistics: an affine map; pass the statistics of the forward as the "running" ones
+    return torch.ops.aten.native_batch_norm_backward(
+        grad, u, weight, mean, invstd.pow(-2) - norm.eps, None, None, False, norm.eps,
+        [needs[0], needs[1] and weight is not None, needs[2] and norm.bias is not None])
+
+
+def _map(v: Tensor, like: Tensor) -> Tensor:
+    """`[C]` or `[B, C]` per-channel values as a broadcastable `[B|1, C, 1, 1]` in `like`'s dtype."""
+    v = v.to(like.dtype)
+    return v.view(1, -1, 1, 1) if v.dim() == 1 else v[:, :, None, None]
+
+
+def per_sample(v: Tensor, like: Tensor) -> Tensor:
+    """A per-sample factor `[B]` as a broadcastable `[B, 1, 1, 1]` in `like`'s dtype."""
+    return v.to(like.dtype).view(-1, 1, 1, 1)
+
+
+def tail_output(pre: Tensor, shortcut: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """`relu(pre * scale + shift + shortcut)` with the per-sample / per-channel `scale`, `shift` of the tail's
+    BatchNorm and drop path. Forward and backward both call this, so the recomputed `x` is the forward's."""
+    if native.trainable(pre, shortcut):
+        return native.tail_forward(pre, shortcut, scale, shift)[0]
+    return torch.addcmul(_map(shift, pre), pre, _map(scale, pre)).add_(shortcut).relu_()
+
+
+class BlockTail(torch.autograd.Function):
+    """`x = relu(norm(pre) * keep + shortcut)` and its pooled descriptor, keeping `pre` and `shortcut` only.
+
+    Outputs `(x, pooled, scale, shift)`; the last two (`[B, C]`, not differentiable) are the recipe
+    `tail_output` recomputes `x` from, for the branch Function that consumes `x`.
+    """
+
+    @staticmethod
+    def forward(ctx, pre, shortcut, weight, bias, norm, keep):
+        del weight, bias  # read through `norm`; inputs so autograd routes their gradients
+        ctx.set_materialize_grads(False)
+        fused = native.trainable(pre, shortcut)
+        with torch.autocast(pre.device.type, enabled=False):
+            mean, invstd = norm_stats(norm, pre, native.plane_moments(pre) if fused else None)
+            scale, shift = plane_affine(norm, mean, invstd, keep, pre.shape[0])
+            if fused:
+                x, pooled = native.tail_forward(pre, shortcut, scale, shift)
+            else:
+                x = tail_output(pre, shortcut, scale, shift)
+                pooled = x.mean((2, 3))
+        ctx.norm = norm
+        ctx.batch_stats = _uses_batch_stats(norm)
+        ctx.save_for_backward(pre, shortcut, scale, shift, mean, invstd, keep)
+        ctx.mark_non_differentiable(scale, shift)
+        return x, pooled, scale, shift
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_x, grad_pooled, _grad_scale, _grad_shift):
+        pre, shortcut, scale, shift, mean, invstd, keep = ctx.saved_tensors
+        norm = ctx.norm
+        needs = ctx.needs_input_grad
+        if grad_x is None and grad_pooled is None:
+            return None, None, None, None, None, None
+        if native.trainable(pre, shortcut, grad_x, grad_pooled):
+            g_pre, g_short, g_w, g_b = native.tail_backward(
+                pre, shortcut, scale, shift, grad_x=grad_x, grad_pooled=grad_pooled, mean=mean, invstd=invstd,
+                norm_weight=weight_or_ones(norm, mean), keep=keep, batch_stats=ctx.batch_stats)
+            return (g_pre, g_short, g_w if norm.weight is not None else None,
+                    g_b if norm.bias is not None else None, None, None)
+        x = tail_output(pre, shortcut, scale, shift)
+        grad = torch.zeros_like(x) if grad_x is None else grad_x
+        if grad_pooled is not None:
+            grad = grad + _map(grad_pooled / (x.shape[2] * x.shape[3]), x)
+        g_short = torch.ops.aten.threshold_backward(grad, x, 0)
+        g_norm = g_short if keep is None else g_short * per_sample(keep, g_short)
+        g_pre, g_w, g_b = norm_backward(norm, g_norm, pre, mean, invstd, ctx.batch_stats, needs[:1] + needs[2:4])
+        return g_pre, g_short if needs[1] else None, g_w, g_b, None, None
+
+
+def block_tail(
+        pre: Tensor,
+        norm: nn.BatchNorm2d,
+        shortcut: Tensor,
+        keep: Optional[Tensor],
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`BlockTail` applied: `(x, pooled, scale, shift)`."""
+    return BlockTail.apply(pre, shortcut, norm.weight, norm.bias, norm, keep)
