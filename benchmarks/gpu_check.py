@@ -4,13 +4,16 @@ Run through `benchmarks/gpu_check.sh` on a lent GPU machine (a budget of a few m
 `--device cpu --quick` here to check the script itself. Three parts, each printed as a markdown table:
 
 1. **Correctness**: one model of every family, eval-mode float32 logits on the device against the CPU
-   (TF32 off), relative max error.
+   (TF32 off), relative max error; and the training path: gradients of one float32 train step of the
+   KCLA / MRLA nets on the device, memory-lean Functions against the plain-ops path and against the CPU.
 2. **AMP numerics**: a train-mode forward + backward under float16 and bfloat16 autocast on all-zero,
    random and 300x-scaled random inputs; outputs and gradients must be finite (the plain ResNet alongside).
 3. **Training throughput and peak memory** of the ResNet-50s against timm `resnet50`, measured in the same
    process and interleaved: images/s of an SGD step under bf16 autocast with channels_last, eager and
-   `torch.compile`d, and `torch.cuda.max_memory_allocated` of a step. The official implementations join
-   when their checkouts are given (`--official-kcla`, `--official-mrla`, see `official.py`).
+   `torch.compile`d, and `torch.cuda.max_memory_allocated` of a step. Eager rows include each model with the
+   memory-lean Functions off ("plain autograd"), to show what they cost or save on the device. The official
+   implementations join when their checkouts are given (`--official-kcla`, `--official-mrla`, see
+   `official.py`).
 
 Exit status 1 when a correctness or numerics check fails.
 """
@@ -30,6 +33,7 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # official.py beside this file
 import timm  # noqa: E402
 import timm_layerattn  # noqa: E402,F401  (registers the models)
+from timm_layerattn.layers import lean  # noqa: E402
 
 # One model per family (CIFAR sizes keep the CPU side of the comparison short), then the ImageNet ones.
 FAMILY_MODELS = [
@@ -39,6 +43,20 @@ FAMILY_MODELS = [
 ]
 NUMERICS_MODELS = ['resnet50', 'resnet50_kcla', 'resnet50_mrlal', 'resnet50_mrlab', 'resnet50_as_stages']
 SPEED_MODELS = ['resnet50', 'resnet50_kcla', 'resnet50_mrlal', 'resnet50_mrlab']
+TRAIN_MODELS = ['cifar_resnet20_kcla', 'cifar_resnet20_mrlal', 'cifar_resnet20_mrlab']
+PLAIN = ' (plain autograd)'
+
+
+class PlainAutograd(nn.Module):
+    """Runs a model with the memory-lean training Functions off (the plain-ops path)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with lean.disabled():
+            return self.model(x)
 OFFICIAL = {'resnet50_kcla': 'official KCLA', 'resnet50_mrlal': 'official MRLA-L', 'resnet50_mrlab': 'official MRLA-B'}
 
 
@@ -62,6 +80,24 @@ def check_correctness(device: str, quick: bool) -> Tuple[List[str], bool]:
         rel = err / max(float(ref.abs().max()), 1e-12)
         ok &= rel <= 1e-4
         rows.append(f'| `{name}` | 2×3×{size}² | {err:.2e} | {rel:.2e}{"" if rel <= 1e-4 else " **FAIL**"} |')
+    rows += ['', '| train step (float32) | lean vs plain on the device | device vs CPU (lean) |', '|---|---:|---:|']
+    for name in TRAIN_MODELS[:1] if quick else TRAIN_MODELS:
+        grads = {}
+        for where, dev in (('cpu', 'cpu'), ('device', device)):
+            for path in ('lean', 'plain'):
+                torch.manual_seed(0)
+                model = timm.create_model(name, drop_path_rate=0.1).to(dev).train()
+                x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)).to(dev)
+                torch.manual_seed(2)  # the same drop-path draws on both paths
+                with lean.disabled() if path == 'plain' else contextlib.nullcontext():
+                    model(x).logsumexp(-1).sum().backward()
+                grads[where, path] = torch.cat([p.grad.flatten().cpu() for p in model.parameters()])
+        scale = float(grads['cpu', 'plain'].abs().max())
+        paths = float((grads['device', 'lean'] - grads['device', 'plain']).abs().max()) / scale
+        devices = float((grads['device', 'lean'] - grads['cpu', 'lean']).abs().max()) / scale
+        passed = paths <= 1e-3 and devices <= 1e-3
+        ok &= passed
+        rows.append(f'| `{name}` | {paths:.2e} | {devices:.2e}{"" if passed else " **FAIL**"} |')
     return rows, ok
 
 
@@ -93,8 +129,11 @@ def check_numerics(device: str, quick: bool) -> Tuple[List[str], bool]:
     return rows, ok
 
 
-def _factories(official_kcla: Optional[str], official_mrla: Optional[str]) -> Dict[str, Callable[[], nn.Module]]:
+def _factories(official_kcla: Optional[str], official_mrla: Optional[str],
+               plain: bool) -> Dict[str, Callable[[], nn.Module]]:
     out: Dict[str, Callable[[], nn.Module]] = {n: (lambda n=n: timm.create_model(n)) for n in SPEED_MODELS}
+    if plain:
+        out.update({n + PLAIN: (lambda n=n: PlainAutograd(timm.create_model(n))) for n in SPEED_MODELS[1:]})
     if official_kcla or official_mrla:
         from official import load_official
         for ours, label in OFFICIAL.items():
@@ -108,12 +147,12 @@ def measure_training(device: str, quick: bool, official_kcla: Optional[str], off
                      compile_modes: Tuple[bool, ...]) -> List[str]:
     batch, size, steps, warmup = (2, 64, 2, 1) if quick else (64, 224, 10, 3)
     amp_dtype = torch.bfloat16
-    factories = _factories(official_kcla, official_mrla)
     rows = ['| model | compile | images/s | time × resnet50 | peak memory (GiB) | memory × resnet50 |',
             '|---|---|---:|---:|---:|---:|']
     x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
     target = torch.randint(0, 1000, (batch,), device=device)
     for compiled in compile_modes:
+        factories = _factories(official_kcla, official_mrla, plain=not compiled)
         models, opts, steps_of = {}, {}, {}
         for name, make in factories.items():
             torch.manual_seed(0)

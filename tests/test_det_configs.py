@@ -152,6 +152,8 @@ def test_configs_load_from_a_wheel_install(tmp_path, trunk_cache):
         from timm_layerattn.cli import main
         from timm_layerattn.layers import native
         assert native.SOURCE.is_file() and str(native.SOURCE).startswith(sys.argv[1]), native.SOURCE
+        assert all(f.is_file() for f in native.SOURCES + native.HEADERS), native.SOURCES + native.HEADERS
+        native.build()  # from the installed sources, into an empty cache
         from timm_layerattn.tools.det_configs import config_dir
         folder = config_dir()
         assert str(folder).startswith(sys.argv[1]) and not folder.is_symlink(), folder
@@ -163,7 +165,8 @@ def test_configs_load_from_a_wheel_install(tmp_path, trunk_cache):
         model = MODELS.build(cfg.model)
         print(type(model).__name__, model.backbone.arch, len(list(folder.glob('*.py'))))
     """)
-    env = dict(os.environ, PYTHONPATH=str(tmp_path / 'site'), HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(trunk_cache))
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / 'site'), HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(trunk_cache),
+               TIMM_LAYERATTN_CACHE=str(tmp_path / 'cache'))
     out = subprocess.run([sys.executable, '-c', code, str(tmp_path / 'site')], cwd=tmp_path, env=env,
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -9,7 +9,6 @@ autocast, eval-mode norms (detection), channels_last and the switches that turn 
 """
 import contextlib
 import copy
-import os
 
 import pytest
 import timm
@@ -70,8 +69,16 @@ def assert_same_step(a, b, tol: float):
         torch.testing.assert_close(a[3][k], b[3][k], rtol=tol, atol=tol, msg=k)
 
 
-def lean_and_plain(model: torch.nn.Module, x: torch.Tensor, context=contextlib.nullcontext):
-    """The same step through the lean path and, on a copy, the plain-ops path."""
+@contextlib.contextmanager
+def pytorch_ops():
+    """The lean Functions with PyTorch ops (no fused kernels), also on CPU where 'auto' would run plain autograd."""
+    with native.disabled(), lean.forced():
+        yield
+
+
+def lean_and_plain(model: torch.nn.Module, x: torch.Tensor, context=lean.forced):
+    """The same step through the lean path (forced: float64 and channels_last would take plain autograd on CPU by
+    default) and, on a copy, the plain-ops path."""
     plain_model = copy.deepcopy(model)
     with context():
         got = step(model, x)
@@ -94,11 +101,12 @@ def test_lean_path_equals_plain_path_float64(name, mode):
     model = randomize_norms(timm.create_model(name, drop_path_rate=drop)).double().train(mode != 'eval')
     x = torch.randn(3, 3, 24, 20, dtype=torch.float64)
     probe = copy.deepcopy(model)
-    out = probe(x.clone().requires_grad_())
+    with lean.forced():
+        out = probe(x.clone().requires_grad_())
     blocks = sum(1 for m in model.modules() if isinstance(m, (KCLA, MRLALight, MRLABase)))
     names = lean_node_names(out)
     assert names.count('BlockTailBackward') == blocks and len(names) == 2 * blocks, names
-    got, ref = lean_and_plain(model, x, native.disabled)  # float64 runs PyTorch ops either way
+    got, ref = lean_and_plain(model, x, pytorch_ops)  # float64 runs PyTorch ops either way
     assert_same_step(got, ref, tol=1e-10)
 
 
@@ -121,7 +129,7 @@ def test_float32_lean_paths_match_float64_truth(ops, name, mode):
     with lean.disabled():
         truth = step(copy.deepcopy(model).double(), x.double())
         plain = step_error(step(copy.deepcopy(model), x), truth)
-    for label, context in (('fused', contextlib.nullcontext), ('pytorch ops', native.disabled)):
+    for label, context in (('fused', contextlib.nullcontext), ('pytorch ops', pytorch_ops)):
         with context():
             err = step_error(step(copy.deepcopy(model), x), truth)
         assert err <= max(2e-5, 3 * plain), f'{label}: error {err:.3g} against float64, plain float32 path {plain:.3g}'
@@ -306,10 +314,11 @@ def test_grad_checkpointing_gives_the_same_gradients(name):
     """Activation checkpointing (re-running whole blocks, state and RNG included) over the lean path."""
     model = randomize_norms(timm.create_model(name, drop_path_rate=0.2)).double().train()
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
-    ref = step(copy.deepcopy(model), x)
-    model.set_grad_checkpointing(True)
-    got = step(model, x)
-    assert lean_node_names(model(x.clone().requires_grad_())), 'the checkpointed blocks should run the lean path'
+    with lean.forced():
+        ref = step(copy.deepcopy(model), x)
+        model.set_grad_checkpointing(True)
+        got = step(model, x)
+        assert lean_node_names(model(x.clone().requires_grad_())), 'the checkpointed blocks should run the lean path'
     ref[3].update({k: v for k, v in got[3].items() if 'running' in k or 'num_batches' in k})  # updated twice
     assert_same_step(got, ref, 1e-10)
 
@@ -394,19 +403,45 @@ def test_frozen_norms_and_channels_last_take_the_lean_path_correctly(name):
     assert_same_step(got, ref, 1e-4)
 
 
-def test_switches_and_fallbacks():
-    """`TIMM_LAYERATTN_LEAN=0`, `lean.disabled()`, no autograd, SyncBatchNorm and an empty batch keep the plain
-    modules; the lean path is the default for training with autograd."""
+@pytest.mark.parametrize('name', ['resnet50_kcla', 'resnet50_mrlal', 'resnet50_mrlab'])
+def test_every_block_takes_the_lean_path_by_default(ops, name):
+    """Float32 CPU training in the default mode: every block (stage entries, MRLA-B's growing caches, KCLA's
+    re-summaries) runs the lean Functions on the fused kernels."""
+    model = timm.create_model(name).train()
+    blocks = sum(1 for m in model.modules() if isinstance(m, (KCLA, MRLALight, MRLABase)))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        names = lean_node_names(model(torch.randn(2, 3, 64, 64)))
+    assert len(names) == 2 * blocks, names
+    calls = {e.key: e.count for e in prof.key_averages()}
+    assert calls.get('timm_layerattn::tail_forward') == blocks
+
+
+def test_switches_and_fallbacks(ops, monkeypatch):
+    """The lean path is the default for training with autograd where it pays: on CPU, where the fused kernels
+    run (float32 NCHW); bfloat16 autocast and channels_last keep plain autograd unless forced.
+    `TIMM_LAYERATTN_LEAN=0` / `=1`, `lean.disabled()` / `lean.forced()`, no autograd, SyncBatchNorm and an empty
+    batch keep the plain modules."""
     model = timm.create_model('cifar_resnet20_kcla').train()
     x = torch.randn(2, 3, 16, 16)
-    assert lean_node_names(model(x))
+    assert lean.mode() == 'auto' and lean_node_names(model(x))
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert not lean_node_names(model(x))
+        with lean.forced():
+            assert lean_node_names(model(x))
+    cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    xc = x.contiguous(memory_format=torch.channels_last)
+    assert not lean_node_names(cl(xc))
     with lean.disabled():
         assert not lean_node_names(model(x))
-    os.environ[lean.ENV] = '0'
-    try:
-        assert not lean_node_names(model(x))
-    finally:
-        del os.environ[lean.ENV]
+    monkeypatch.setenv(lean.ENV, '1')
+    assert lean.mode() == 'on' and lean_node_names(cl(xc))
+    with lean.disabled():
+        assert not lean_node_names(cl(xc))
+    monkeypatch.setenv(lean.ENV, '0')
+    assert lean.mode() == 'off' and not lean_node_names(model(x))
+    with lean.forced():
+        assert lean_node_names(model(x))
+    monkeypatch.delenv(lean.ENV)
     with torch.no_grad():
         assert model(x).grad_fn is None
     synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model))

@@ -79,8 +79,7 @@ class KCLABranch(torch.autograd.Function):
             if fused:
                 u, hist_new, moments = native.kcla_train_values(
                     x, hist=hist, weight=weight, gate=gate, v_weight=v_weight)
-                mean, invstd = lean.norm_stats(norm, u, moments)
-                a, b = lean.plane_affine(norm, mean, invstd, keep, x.shape[0])
+                mean, invstd, a, b = lean.fused_norm(norm, u, moments, keep)
                 out = native.affine_residual_(u, x=x, a=a, b=b, relu=True)
             else:
                 hist_new = _kcla_history(x, hist, weight)
@@ -90,19 +89,20 @@ class KCLABranch(torch.autograd.Function):
                 out = torch.addcmul(lean._map(b, u), u, lean._map(a, u)).relu_().add_(x)
         ctx.norm, ctx.fused = norm, fused
         ctx.batch_stats = lean._uses_batch_stats(norm)
-        ctx.save_for_backward(pre, shortcut, scale, shift, hist, weight, gate, v_weight, mean, invstd, keep)
+        ctx.save_for_backward(pre, shortcut, scale, shift, hist, weight, gate, v_weight, mean, invstd, keep, a, b)
         return out, hist_new
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, grad_hist):
-        pre, shortcut, scale, shift, hist, weight, gate, v_weight, mean, invstd, keep = ctx.saved_tensors
+        pre, shortcut, scale, shift, hist, weight, gate, v_weight, mean, invstd, keep, a, b = ctx.saved_tensors
         norm = ctx.norm
         needs = ctx.needs_input_grad
         if grad_out is None:
             grad_out = torch.zeros_like(pre)
+        if ctx.fused:  # incoming gradients may be expanded or strided views: the kernels read dense maps
+            grad_out, grad_hist = lean.dense(grad_out), lean.dense(grad_hist)
         if ctx.fused and native.trainable(grad_out, grad_hist):
-            a, b = lean.plane_affine(norm, mean, invstd, keep, pre.shape[0])
             g_x, g_hist, g_weight, g_gate, g_v, g_nw, g_nb = native.kcla_train_backward(
                 pre, shortcut, scale, shift, hist=hist, weight=weight, gate=gate, v_weight=v_weight, a=a, b=b,
                 keep=keep, mean=mean, invstd=invstd, norm_weight=lean.weight_or_ones(norm, mean),
@@ -115,7 +115,6 @@ class KCLABranch(torch.autograd.Function):
             value_in = _kcla_history(x, hist, weight).to(x.dtype)
             value = depthwise_conv3x3(value_in, v_weight)
             u = value * gate[:, :, None, None]
-            a, b = lean.norm_affine(norm, mean, invstd, keep)
             g_u = torch.ops.aten.threshold_backward(grad_out, torch.addcmul(lean._map(b, u), u, lean._map(a, u)), 0)
             if keep is not None:
                 g_u = g_u.mul_(lean.per_sample(keep, g_u))

@@ -22,9 +22,12 @@ the same path through the network either way.
 
 `usable(...)` decides, per block, in eager mode with autograd on: TorchScript, tracing, fx, `torch.compile`
 (whose partitioner recomputes on its own) and `torch.export` see the plain modules. On float32 contiguous
-CPU tensors the Functions call the fused training kernels (`native`); elsewhere (CUDA, other dtypes,
-channels_last) they run the same maths with PyTorch ops. `TIMM_LAYERATTN_LEAN=0` or `with lean.disabled():`
-turns the path off (the plain-ops reference path runs; the tests compare the two).
+CPU tensors the Functions call the fused training kernels (`native`), faster than plain autograd and lean.
+Elsewhere they run the same maths with PyTorch ops, which trades recomputation time for memory: the default
+(`mode() == 'auto'`) takes that trade on accelerators, where activation memory bounds the batch, and keeps
+plain autograd on CPU when the kernels cannot run (bfloat16 autocast, channels_last), where time matters
+more. `TIMM_LAYERATTN_LEAN=0` turns the path off, `=1` on wherever it can run; `with lean.disabled():` and
+`with lean.forced():` do the same for a block of code (the tests compare the paths that way).
 """
 import contextlib
 import contextvars
@@ -41,36 +44,60 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from . import native
 
 __all__ = [
-    'ENV', 'usable', 'disabled', 'drop_path_keep', 'norm_stats', 'norm_affine', 'plane_affine', 'norm_backward',
-    'weight_or_ones', 'per_sample', 'tail_output', 'block_tail', 'BlockTail',
+    'ENV', 'mode', 'active', 'usable', 'disabled', 'forced', 'drop_path_keep', 'norm_stats', 'fused_norm',
+    'norm_affine', 'plane_affine', 'norm_backward', 'weight_or_ones', 'dense', 'per_sample', 'tail_output',
+    'block_tail', 'BlockTail', 'ChannelConv',
 ]
 
 ENV = 'TIMM_LAYERATTN_LEAN'
-_enabled = contextvars.ContextVar('timm_layerattn_lean_enabled', default=True)
+_override: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar('timm_layerattn_lean', default=None)
 
 
-def _env_off() -> bool:
-    return os.environ.get(ENV, '').strip().lower() in ('0', 'off', 'false', 'no')
+def mode() -> str:
+    """'off', 'on' or 'auto' (default): `with disabled()` / `with forced()`, else `TIMM_LAYERATTN_LEAN`."""
+    override = _override.get()
+    if override is not None:
+        return override
+    value = os.environ.get(ENV, '').strip().lower()
+    if value in ('0', 'off', 'false', 'no'):
+        return 'off'
+    if value in ('1', 'on', 'true', 'yes'):
+        return 'on'
+    return 'auto'
 
 
 @contextlib.contextmanager
-def disabled() -> Iterator[None]:
-    """Use the plain-ops training path inside this block (this thread / task only)."""
-    token = _enabled.set(False)
+def _set_mode(value: str) -> Iterator[None]:
+    token = _override.set(value)
     try:
         yield
     finally:
-        _enabled.reset(token)
+        _override.reset(token)
 
 
-def usable(*tensors: Optional[Tensor]) -> bool:
-    """True when a block can run the lean Functions on these tensors now: eager mode with autograd on, 4-D
-    floating-point maps on one device, non-empty."""
-    if not torch.is_grad_enabled() or not _enabled.get() or _env_off():
+def disabled() -> contextlib.AbstractContextManager:
+    """Use the plain-ops training path inside this block (this thread / task only)."""
+    return _set_mode('off')
+
+
+def forced() -> contextlib.AbstractContextManager:
+    """Use the lean path inside this block wherever it can run, also on CPU without the fused kernels."""
+    return _set_mode('on')
+
+
+def active() -> bool:
+    """True when the lean path may run now: eager mode with autograd on, not turned off."""
+    if not torch.is_grad_enabled() or mode() == 'off':
         return False
     if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
         return False
-    if _get_current_dispatch_mode() is not None:  # FLOP counters, fake tensors: let them see aten ops
+    return _get_current_dispatch_mode() is None  # FLOP counters, fake tensors: let them see aten ops
+
+
+def usable(*tensors: Optional[Tensor]) -> bool:
+    """True when a block can run the lean Functions on these tensors now (`active()`), 4-D floating-point maps
+    on one device, non-empty."""
+    if not active():
         return False
     device = None
     for t in tensors:
@@ -83,7 +110,11 @@ def usable(*tensors: Optional[Tensor]) -> bool:
         elif t.device != device:
             return False
     first = tensors[0]
-    return first is not None and first.dim() == 4 and first.numel() > 0
+    if first is None or first.dim() != 4 or first.numel() == 0:
+        return False
+    # On CPU without the fused kernels plain autograd is faster; 'auto' keeps it there (see the module docstring).
+    maps = [t for t in tensors if t is not None and t.dim() == 4]  # what the kernels read; small state is copied
+    return first.device.type != 'cpu' or mode() == 'on' or native.trainable(*maps)
 
 
 def drop_path_keep(module: Optional[nn.Module], like: Tensor) -> Optional[Tensor]:
@@ -106,28 +137,36 @@ def _uses_batch_stats(norm: nn.BatchNorm2d) -> bool:
     return norm.training or norm.running_mean is None
 
 
-def norm_stats(norm: nn.BatchNorm2d, u: Tensor, moments: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-    """Per-channel `(mean, invstd)` that `norm` applies to `u`, in float32 (float64 for float64 maps).
-
-    Batch statistics in training (running statistics updated as `nn.BatchNorm2d.forward` does), running
-    statistics otherwise. `moments` (`[2, B, C]` float64 plane sums of `u` and `u^2`, from the fused kernels)
-    spares the pass over `u`.
-    """
-    acc = _acc_dtype(u)
+def _running_factor(norm: nn.BatchNorm2d) -> float:
+    """Count this forward in `num_batches_tracked` where `nn.BatchNorm2d.forward` would, and return the weight
+    of the batch statistics in the running ones (momentum, or 1 / count for a cumulative average)."""
     factor = 0. if norm.momentum is None else norm.momentum
     if norm.training and norm.track_running_stats and norm.num_batches_tracked is not None:
         norm.num_batches_tracked.add_(1)
-        if norm.momentum is None:  # cumulative moving average
+        if norm.momentum is None:
             factor = 1. / float(norm.num_batches_tracked)
-    if not _uses_batch_stats(norm):
-        return norm.running_mean.to(acc), torch.rsqrt(norm.running_var.to(acc) + norm.eps)
+    return factor
+
+
+def _values_per_channel(norm: nn.BatchNorm2d, u: Tensor) -> int:
     n = u.numel() // u.shape[1]
     if norm.training and n <= 1:
         raise ValueError(f'Expected more than 1 value per channel when training, got input size {list(u.shape)}')
-    if moments is not None:
-        mean = moments[0].sum(0) / n
-        var = (moments[1].sum(0) / n - mean * mean).clamp_min_(0.)
-    elif u.is_cuda:
+    return n
+
+
+def norm_stats(norm: nn.BatchNorm2d, u: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-channel `(mean, invstd)` that `norm` applies to `u`, in float32 (float64 for float64 maps).
+
+    Batch statistics in training (running statistics updated as `nn.BatchNorm2d.forward` does), running
+    statistics otherwise.
+    """
+    acc = _acc_dtype(u)
+    factor = _running_factor(norm)
+    if not _uses_batch_stats(norm):
+        return norm.running_mean.to(acc), torch.rsqrt(norm.running_var.to(acc) + norm.eps)
+    n = _values_per_channel(norm, u)
+    if u.is_cuda:
         mean, invstd = torch.batch_norm_stats(u, norm.eps)
         var = invstd.pow(-2) - norm.eps
     else:
@@ -138,6 +177,23 @@ def norm_stats(norm: nn.BatchNorm2d, u: Tensor, moments: Optional[Tensor] = None
             norm.running_mean.lerp_(mean.to(norm.running_mean.dtype), factor)
             norm.running_var.lerp_((var * (n / max(n - 1, 1))).to(norm.running_var.dtype), factor)
     return mean, torch.rsqrt(var + norm.eps)
+
+
+def fused_norm(
+        norm: nn.BatchNorm2d,
+        u: Tensor,
+        moments: Tensor,
+        keep: Optional[Tensor],
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`norm_stats` and `plane_affine` in one fused op, from the plane moments of `u` the kernels computed:
+    `(mean, invstd, scale, shift)`, float32 CPU tensors only."""
+    factor = _running_factor(norm)
+    batch_stats = _uses_batch_stats(norm)
+    n = _values_per_channel(norm, u) if batch_stats else u.numel() // u.shape[1]
+    return native.norm_plane_affine(
+        moments, weight=norm.weight, bias=norm.bias, running_mean=norm.running_mean, running_var=norm.running_var,
+        keep=keep, eps=norm.eps, factor=factor, batch_stats=batch_stats,
+        update=batch_stats and norm.training and norm.running_mean is not None, count=n)
 
 
 def norm_affine(
@@ -200,6 +256,11 @@ def _map(v: Tensor, like: Tensor) -> Tensor:
     return v.view(1, -1, 1, 1) if v.dim() == 1 else v[:, :, None, None]
 
 
+def dense(t: Optional[Tensor]) -> Optional[Tensor]:
+    """`t` in contiguous layout (None stays None); a no-op for the dense gradients a network usually passes."""
+    return None if t is None else t.contiguous()
+
+
 def per_sample(v: Tensor, like: Tensor) -> Tensor:
     """A per-sample factor `[B]` as a broadcastable `[B, 1, 1, 1]` in `like`'s dtype."""
     return v.to(like.dtype).view(-1, 1, 1, 1)
@@ -226,11 +287,12 @@ class BlockTail(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         fused = native.trainable(pre, shortcut)
         with torch.autocast(pre.device.type, enabled=False):
-            mean, invstd = norm_stats(norm, pre, native.plane_moments(pre) if fused else None)
-            scale, shift = plane_affine(norm, mean, invstd, keep, pre.shape[0])
             if fused:
+                mean, invstd, scale, shift = fused_norm(norm, pre, native.plane_moments(pre), keep)
                 x, pooled = native.tail_forward(pre, shortcut, scale, shift)
             else:
+                mean, invstd = norm_stats(norm, pre)
+                scale, shift = plane_affine(norm, mean, invstd, keep, pre.shape[0])
                 x = tail_output(pre, shortcut, scale, shift)
                 pooled = x.mean((2, 3))
         ctx.norm = norm
@@ -247,6 +309,8 @@ class BlockTail(torch.autograd.Function):
         needs = ctx.needs_input_grad
         if grad_x is None and grad_pooled is None:
             return None, None, None, None, None, None
+        if native.trainable(pre, shortcut):  # incoming gradients may be expanded views: the kernels read dense maps
+            grad_x, grad_pooled = dense(grad_x), dense(grad_pooled)
         if native.trainable(pre, shortcut, grad_x, grad_pooled):
             g_pre, g_short, g_w, g_b = native.tail_backward(
                 pre, shortcut, scale, shift, grad_x=grad_x, grad_pooled=grad_pooled, mean=mean, invstd=invstd,
@@ -261,6 +325,22 @@ class BlockTail(torch.autograd.Function):
         g_norm = g_short if keep is None else g_short * per_sample(keep, g_short)
         g_pre, g_w, g_b = norm_backward(norm, g_norm, pre, mean, invstd, ctx.batch_stats, needs[:1] + needs[2:4])
         return g_pre, g_short if needs[1] else None, g_w, g_b, None, None
+
+
+class ChannelConv(torch.autograd.Function):
+    """The ECA channel conv of pooled descriptors, `F.conv1d(pooled.unsqueeze(1), weight, padding=(k - 1) // 2)`
+    (`[B, C]`, `[F, 1, k]` -> `[B, F, C]`), on the fused CPU kernels (float32 CPU tensors only)."""
+
+    @staticmethod
+    def forward(ctx, pooled, weight):
+        ctx.save_for_backward(pooled, weight)
+        return native.channel_conv(pooled, weight)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        pooled, weight = ctx.saved_tensors
+        return native.channel_conv_backward(dense(grad), pooled, weight)
 
 
 def block_tail(

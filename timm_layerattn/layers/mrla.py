@@ -51,8 +51,7 @@ class MRLALightBranch(torch.autograd.Function):
             if fused:
                 u, moments = native.mrla_light_train_values(
                     x, shortcut=shortcut, gate=gate, v_weight=v_weight, lambda_t=lambda_t)
-                mean, invstd = lean.norm_stats(norm, u, moments)
-                a, b = lean.plane_affine(norm, mean, invstd, keep, x.shape[0])
+                mean, invstd, a, b = lean.fused_norm(norm, u, moments, keep)
                 out = native.affine_residual_(u, x=x, a=a, b=b, relu=False)
             else:
                 u = _light_input(x, shortcut, gate, v_weight, lambda_t)
@@ -72,6 +71,8 @@ class MRLALightBranch(torch.autograd.Function):
         needs = ctx.needs_input_grad
         if grad_out is None:
             return (None,) * 12
+        if ctx.fused:  # incoming gradients may be expanded or strided views: the kernels read dense maps
+            grad_out = lean.dense(grad_out)
         if ctx.fused and native.trainable(grad_out):
             g_x, g_short, g_gate, g_v, g_lambda, g_nw, g_nb = native.mrla_light_train_backward(
                 pre, shortcut, scale, shift, gate=gate, v_weight=v_weight, lambda_t=lambda_t, keep=keep, mean=mean,
@@ -114,8 +115,7 @@ class MRLABaseBranch(torch.autograd.Function):
             if fused:
                 attn, value, moments = native.mrla_base_train_values(
                     x, values=list(values), weights=weights, v_weight=v_weight)
-                mean, invstd = lean.norm_stats(norm, attn, moments)
-                a, b = lean.plane_affine(norm, mean, invstd, keep, x.shape[0])
+                mean, invstd, a, b = lean.fused_norm(norm, attn, moments, keep)
                 out = native.affine_residual_(attn, x=x, a=a, b=b, relu=True)
             else:
                 value = depthwise_conv3x3(x, v_weight)
@@ -125,19 +125,20 @@ class MRLABaseBranch(torch.autograd.Function):
                 out = attn.mul_(lean._map(a, attn)).add_(lean._map(b, attn)).relu_().add_(x)
         ctx.norm, ctx.fused = norm, fused
         ctx.batch_stats = lean._uses_batch_stats(norm)
-        ctx.save_for_backward(pre, shortcut, scale, shift, weights, v_weight, mean, invstd, keep, *values)
+        ctx.save_for_backward(pre, shortcut, scale, shift, weights, v_weight, mean, invstd, keep, a, b, *values)
         return out, value
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, grad_value):
-        pre, shortcut, scale, shift, weights, v_weight, mean, invstd, keep, *values = ctx.saved_tensors
+        pre, shortcut, scale, shift, weights, v_weight, mean, invstd, keep, a, b, *values = ctx.saved_tensors
         norm = ctx.norm
         needs = ctx.needs_input_grad
         if grad_out is None:
             grad_out = torch.zeros_like(pre)
+        if ctx.fused:  # incoming gradients may be expanded or strided views: the kernels read dense maps
+            grad_out, grad_value = lean.dense(grad_out), lean.dense(grad_value)
         if ctx.fused and native.trainable(grad_out, grad_value):
-            a, b = lean.plane_affine(norm, mean, invstd, keep, pre.shape[0])
             g_x, g_weights, g_v, g_nw, g_nb, g_values = native.mrla_base_train_backward(
                 pre, shortcut, scale, shift, values=values, weights=weights, v_weight=v_weight, a=a, b=b, keep=keep,
                 mean=mean, invstd=invstd, norm_weight=lean.weight_or_ones(norm, mean), batch_stats=ctx.batch_stats,
@@ -147,7 +148,6 @@ class MRLABaseBranch(torch.autograd.Function):
             x = lean.tail_output(pre, shortcut, scale, shift)
             value = depthwise_conv3x3(x, v_weight)
             attn = _weighted_sum(value, values, weights)
-            a, b = lean.norm_affine(norm, mean, invstd, keep)
             g_s = torch.ops.aten.threshold_backward(grad_out, torch.addcmul(lean._map(b, attn), attn, lean._map(a, attn)), 0)
             if keep is not None:
                 g_s = g_s.mul_(lean.per_sample(keep, g_s))

@@ -42,7 +42,7 @@ from .._utils import cache_dir
 
 __all__ = [
     'NativeKernelError', 'available', 'build', 'disabled', 'last_error', 'mode', 'usable',
-    'kcla_', 'mrla_base_', 'mrla_light_', 'trainable', 'plane_moments', 'tail_forward', 'tail_backward',
+    'kcla_', 'mrla_base_', 'mrla_light_', 'trainable', 'norm_plane_affine', 'channel_conv', 'channel_conv_backward', 'plane_moments', 'tail_forward', 'tail_backward',
     'affine_residual_', 'kcla_train_values', 'kcla_train_backward', 'mrla_light_train_values',
     'mrla_light_train_backward', 'mrla_base_train_values', 'mrla_base_train_backward',
 ]
@@ -335,6 +335,31 @@ def trainable(*tensors: Optional[Tensor]) -> bool:
         if t is not None and (t.device.type != 'cpu' or t.dtype != torch.float32 or not t.is_contiguous()):
             return False
     return available()
+
+
+def norm_plane_affine(
+        moments: Tensor, *, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
+        running_var: Optional[Tensor], keep: Optional[Tensor], eps: float, factor: float, batch_stats: bool,
+        update: bool, count: int,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A BatchNorm's `(mean, invstd)` `[C]` and per-plane `(scale, shift)` `[B, C]` with
+    `norm(u) * keep == u * scale + shift`: batch statistics from the plane `moments` of `u` (`count` values
+    per channel), running statistics otherwise. With `update` the running statistics move by `factor` towards
+    the batch ones (unbiased variance), in place, as `nn.BatchNorm2d` does."""
+    return torch.ops.timm_layerattn.norm_plane_affine(
+        moments, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var, keep=keep, eps=eps,
+        factor=factor, batch_stats=batch_stats, update=update, count=count)
+
+
+def channel_conv(pooled: Tensor, weight: Tensor) -> Tensor:
+    """`[B, F, C]`: the ECA channel conv `F.conv1d(pooled.unsqueeze(1), weight, padding=(k - 1) // 2)` of pooled
+    descriptors `[B, C]` with `F` filters `[F, 1, k]`."""
+    return torch.ops.timm_layerattn.channel_conv(pooled, weight)
+
+
+def channel_conv_backward(grad: Tensor, pooled: Tensor, weight: Tensor) -> Tuple[Tensor, Tensor]:
+    """Gradients `(pooled, weight)` of `channel_conv` for the output gradient `grad` `[B, F, C]`."""
+    return torch.ops.timm_layerattn.channel_conv_backward(grad, pooled, weight)
 
 
 def plane_moments(x: Tensor) -> Tensor:

@@ -17,7 +17,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-__all__ = ['BenchConfig', 'BenchResult', 'benchmark', 'activation_bytes', 'format_results', 'main_for_demo']
+__all__ = ['BenchConfig', 'BenchResult', 'benchmark', 'activation_bytes', 'format_results', 'main_for_demo',
+           'depth_sweep', 'plot_depth_sweep']
 
 DEFAULT_MODELS = ('resnet50_kcla', 'resnet50_mrlal', 'resnet50_mrlab')
 ModelFactory = Callable[[], nn.Module]
@@ -194,6 +195,7 @@ def cpu_kernels_state() -> str:
 
 
 PYTORCH_OPS_SUFFIX = ' pytorch-ops'
+PLAIN_AUTOGRAD_SUFFIX = ' plain-autograd'
 
 
 class WithPyTorchOps(nn.Module):
@@ -209,6 +211,19 @@ class WithPyTorchOps(nn.Module):
             return self.model(x)
 
 
+class WithPlainAutograd(nn.Module):
+    """Runs a model with the memory-lean training Functions off (plain autograd over the module path)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ..layers import lean
+        with lean.disabled():
+            return self.model(x)
+
+
 def format_results(results: Sequence[BenchResult], cfg: BenchConfig, baseline: str) -> str:
     head = (f'device={cfg.device} threads={cfg.threads} batch={cfg.batch_size} img={cfg.img_size} '
             f'channels_last={cfg.channels_last} amp={cfg.amp} compile={cfg.compile} '
@@ -219,6 +234,11 @@ def format_results(results: Sequence[BenchResult], cfg: BenchConfig, baseline: s
         head += f'\nlayer-attention CPU kernels: {cpu_kernels_state()}'
         if any(r.name.endswith(PYTORCH_OPS_SUFFIX) for r in results):
             head += f' (rows "<model>{PYTORCH_OPS_SUFFIX}" run without them)'
+    if cfg.train:
+        from ..layers import lean
+        head += f'\ntraining path: memory-lean autograd Functions (mode {lean.mode()})'
+        if any(r.name.endswith(PLAIN_AUTOGRAD_SUFFIX) for r in results):
+            head += f'; rows "<model>{PLAIN_AUTOGRAD_SUFFIX}" train with plain autograd'
     cols = f'{"model":<28} {"params(M)":>9} {"GMACs":>6} {"infer ms":>9} {"x":>6} {"train ms":>9} {"x":>6} {"act MB":>7} {"x":>6}'
     lines = [head, cols, '-' * len(cols)]
     for r in results:
@@ -228,13 +248,16 @@ def format_results(results: Sequence[BenchResult], cfg: BenchConfig, baseline: s
     return '\n'.join(lines)
 
 
-def timm_factory(name: str, pytorch_ops: bool = False, **kwargs) -> ModelFactory:
-    """Builds `name` with timm; `pytorch_ops=True` wraps it to run without the fused CPU kernels."""
+def timm_factory(name: str, pytorch_ops: bool = False, plain_autograd: bool = False, **kwargs) -> ModelFactory:
+    """Builds `name` with timm; `pytorch_ops=True` wraps it to run without the fused CPU kernels,
+    `plain_autograd=True` to train without the memory-lean Functions."""
     def make() -> nn.Module:
         import timm
         from .. import models  # noqa: F401  (registers our models)
         model = timm.create_model(name, **kwargs)
-        return WithPyTorchOps(model) if pytorch_ops else model
+        if pytorch_ops:
+            model = WithPyTorchOps(model)
+        return WithPlainAutograd(model) if plain_autograd else model
     return make
 
 
@@ -253,10 +276,14 @@ DEPTH_SERIES = {
 }
 
 
-def depth_sweep(suite: str, cfg: BenchConfig, log: Callable[[str], None] = print) -> Dict[str, List[Tuple[int, float, float]]]:
-    """Per family: (depth, time ratio, activation-memory ratio) against the plain net of the same depth."""
+SweepPoint = Tuple[int, float, float, float]
+
+
+def depth_sweep(suite: str, cfg: BenchConfig, log: Callable[[str], None] = print) -> Dict[str, List[SweepPoint]]:
+    """Per family: (depth, inference-time ratio, training-step-time ratio, activation-memory ratio) against the
+    plain net of the same depth."""
     import re
-    out: Dict[str, List[Tuple[int, float, float]]] = {}
+    out: Dict[str, List[SweepPoint]] = {}
     by_baseline: Dict[str, List[Tuple[str, str]]] = {}
     for family, pairs in DEPTH_SERIES[suite].items():
         for model, base in pairs:
@@ -267,21 +294,23 @@ def depth_sweep(suite: str, cfg: BenchConfig, log: Callable[[str], None] = print
         res = {r.name: r for r in benchmark(factories, cfg, baseline=base, log=lambda s: None)}
         depth = int(re.search(r'resnet(\d+)', base).group(1))
         for family, model in members:
-            out.setdefault(family, []).append((depth, res[model].ratios['infer'], res[model].ratios['mem']))
+            r = res[model].ratios
+            out.setdefault(family, []).append((depth, r['infer'], r['train'], r['mem']))
     return out
 
 
-def plot_depth_sweep(sweep: Dict[str, List[Tuple[int, float, float]]], path: str, title: str) -> None:
+def plot_depth_sweep(sweep: Dict[str, List[SweepPoint]], path: str, title: str) -> None:
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    panels = ('inference time', 'training step time', 'training activation memory')
+    fig, axes = plt.subplots(1, len(panels), figsize=(15, 4))
     for family, pts in sweep.items():
         pts = sorted(pts)
         depths = [p[0] for p in pts]
-        axes[0].plot(depths, [(p[1] - 1) * 100 for p in pts], marker='o', label=family)
-        axes[1].plot(depths, [(p[2] - 1) * 100 for p in pts], marker='o', label=family)
-    for ax, what in zip(axes, ('inference time', 'training activation memory')):
+        for i, ax in enumerate(axes):
+            ax.plot(depths, [(p[i + 1] - 1) * 100 for p in pts], marker='o', label=family)
+    for ax, what in zip(axes, panels):
         ax.set_title(f'{what} overhead', fontsize=10)
         ax.set_xlabel('depth')
         ax.set_ylabel('% over the plain ResNet of the same depth')
@@ -314,6 +343,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='glibc: keep freed memory for reuse (no page-fault lottery between models)')
     parser.add_argument('--pytorch-ops', action='store_true',
                         help='also time each model with the fused CPU kernels off (extra rows, same run)')
+    parser.add_argument('--plain-autograd', action='store_true',
+                        help='also time each model training with plain autograd, without the memory-lean '
+                             'Functions (extra rows, same run)')
     parser.add_argument('--plot', default=None, metavar='FILE.png',
                         help='also sweep depth and save a PNG of the overheads (an existing PNG is replaced, '
                              'any other file is not)')
@@ -373,6 +405,8 @@ def run(args: argparse.Namespace) -> int:
     factories = {args.baseline: timm_factory(args.baseline), **{n: timm_factory(n) for n in names}}
     if args.pytorch_ops:
         factories.update({n + PYTORCH_OPS_SUFFIX: timm_factory(n, pytorch_ops=True) for n in names})
+    if args.plain_autograd:
+        factories.update({n + PLAIN_AUTOGRAD_SUFFIX: timm_factory(n, plain_autograd=True) for n in names})
     results = benchmark(factories, cfg, baseline=args.baseline)
     print(format_results(results, cfg, args.baseline))
     if args.plot:
@@ -382,7 +416,8 @@ def run(args: argparse.Namespace) -> int:
         sweep = depth_sweep(args.plot_suite, suite_cfg)
         plot_depth_sweep(sweep, args.plot, f'Overhead vs depth ({args.plot_suite}, {cfg.device})')
         for family, pts in sweep.items():
-            print(f'{family:<8} ' + '  '.join(f'depth {d}: time {t:.2f}x mem {m:.2f}x' for d, t, m in sorted(pts)))
+            print(f'{family:<8} ' + '  '.join(f'depth {d}: inference {i:.2f}x train {t:.2f}x memory {m:.2f}x'
+                                              for d, i, t, m in sorted(pts)))
         print(f'plot saved to {args.plot}')
     return 0
 

@@ -20,6 +20,7 @@
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/Optional.h>
 #include <torch/library.h>
 
@@ -234,6 +235,128 @@ void check_4d(const at::Tensor& x, const char* name) {
 }
 
 }  // namespace
+
+// ---------------------------------------------------------------------------------------------------------
+// BatchNorm statistics
+
+// mean, invstd [C] and per-plane scale, shift [B, C] with norm(u) * keep == u * scale + shift. Batch statistics
+// from the plane moments [2, B, C] of u (`count` values per channel; biased variance, as BatchNorm normalises)
+// or the running statistics; with `update`, running <- running + factor * (batch - running), the variance
+// unbiased, as nn.BatchNorm2d updates them.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_plane_affine(
+    const at::Tensor& moments, const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,
+    const OptTensor& running_var, const OptTensor& keep, double eps, double factor, bool batch_stats, bool update,
+    int64_t count) {
+  TORCH_CHECK(moments.dim() == 3 && moments.size(0) == 2 && moments.scalar_type() == at::kDouble &&
+                  moments.is_contiguous(),
+              "moments must be a contiguous float64 [2, B, C] tensor, got ", moments.sizes());
+  const int64_t B = moments.size(1), C = moments.size(2);
+  if (weight) check_vec(*weight, {C}, "weight");
+  if (bias) check_vec(*bias, {C}, "bias");
+  TORCH_CHECK(running_mean.has_value() == running_var.has_value(), "running_mean and running_var go together");
+  if (running_mean) {
+    check_vec(*running_mean, {C}, "running_mean");
+    check_vec(*running_var, {C}, "running_var");
+  }
+  TORCH_CHECK(batch_stats || running_mean, "running statistics are needed without batch statistics");
+  TORCH_CHECK(!batch_stats || count > 0, "count must be positive");
+  const std::vector<float> k = keep_factors(keep, B);
+  const double* M = moments.const_data_ptr<double>();
+  const auto opts = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor mean = at::empty({C}, opts), invstd = at::empty({C}, opts);
+  at::Tensor scale = at::empty({B, C}, opts), shift = at::empty({B, C}, opts);
+  float *Mo = mean.data_ptr<float>(), *Io = invstd.data_ptr<float>();
+  float *So = scale.data_ptr<float>(), *To = shift.data_ptr<float>();
+  float* RM = running_mean ? running_mean->data_ptr<float>() : nullptr;
+  float* RV = running_var ? running_var->data_ptr<float>() : nullptr;
+  const float* Wt = weight ? weight->const_data_ptr<float>() : nullptr;
+  const float* Bi = bias ? bias->const_data_ptr<float>() : nullptr;
+  const double n = static_cast<double>(count);
+  for (int64_t c = 0; c < C; ++c) {
+    double m, v;
+    if (batch_stats) {
+      double s1 = 0., s2 = 0.;
+      for (int64_t b = 0; b < B; ++b) {
+        s1 += M[b * C + c];
+        s2 += M[(B + b) * C + c];
+      }
+      m = s1 / n;
+      v = std::max(s2 / n - m * m, 0.);
+      if (update && RM) {
+        RM[c] += static_cast<float>(factor * (m - RM[c]));
+        RV[c] += static_cast<float>(factor * (v * n / std::max(n - 1., 1.) - RV[c]));
+      }
+    } else {
+      m = RM[c];
+      v = RV[c];
+    }
+    const float is = static_cast<float>(1. / std::sqrt(v + eps));
+    Mo[c] = static_cast<float>(m);
+    Io[c] = is;
+    const float sc = Wt ? is * Wt[c] : is;
+    const float sh = (Bi ? Bi[c] : 0.f) - Mo[c] * sc;
+    for (int64_t b = 0; b < B; ++b) {
+      So[b * C + c] = sc * k[b];
+      To[b * C + c] = sh * k[b];
+    }
+  }
+  return {mean, invstd, scale, shift};
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// ECA channel conv of pooled descriptors (query and key of every family)
+
+// out[b, f, c] = sum_j w[f, j] * pooled[b, c + j - (k - 1) / 2], zero padding: PyTorch's Conv1d(1, F, k) on the
+// descriptor viewed as [B, 1, C]. A oneDNN conv1d costs tens of microseconds on these tiny inputs.
+at::Tensor channel_conv_op(const at::Tensor& pooled, const at::Tensor& weight) {
+  TORCH_CHECK(pooled.dim() == 2, "pooled must be [B, C], got ", pooled.dim(), "-D");
+  check_vec(pooled, pooled.sizes(), "pooled");
+  TORCH_CHECK(weight.dim() == 3 && weight.size(1) == 1 && weight.size(2) % 2 == 1,
+              "weight must have shape [F, 1, k] with odd k, got ", weight.sizes());
+  check_vec(weight, weight.sizes(), "weight");
+  const int64_t B = pooled.size(0), C = pooled.size(1), F = weight.size(0), k = weight.size(2);
+  at::Tensor out = at::empty({B, F, C}, pooled.options());
+  const float *P = pooled.const_data_ptr<float>(), *Wt = weight.const_data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t f = 0; f < F; ++f) channel_conv(P + b * C, Wt + f * k, k, C, O + (b * F + f) * C);
+  return out;
+}
+
+// Gradients of `channel_conv_op`: d pooled[b, c] = sum_f sum_j w[f, j] grad[b, f, c - j + pad] (valid indices),
+// d w[f, j] = sum_b sum_c grad[b, f, c] pooled[b, c + j - pad].
+std::tuple<at::Tensor, at::Tensor> channel_conv_backward_op(const at::Tensor& grad, const at::Tensor& pooled,
+                                                            const at::Tensor& weight) {
+  TORCH_CHECK(pooled.dim() == 2, "pooled must be [B, C], got ", pooled.dim(), "-D");
+  check_vec(pooled, pooled.sizes(), "pooled");
+  check_vec(weight, weight.sizes(), "weight");
+  const int64_t B = pooled.size(0), C = pooled.size(1), F = weight.size(0), k = weight.size(2), pad = (k - 1) / 2;
+  check_vec(grad, {B, F, C}, "grad");
+  at::Tensor g_pooled = at::zeros({B, C}, pooled.options());
+  const float *G = grad.const_data_ptr<float>(), *P = pooled.const_data_ptr<float>();
+  const float* Wt = weight.const_data_ptr<float>();
+  float* GP = g_pooled.data_ptr<float>();
+  std::vector<double> gw(F * k, 0.);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t f = 0; f < F; ++f) {
+      const float* g = G + (b * F + f) * C;
+      const float* p = P + b * C;
+      const float* w = Wt + f * k;
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t c0 = std::max<int64_t>(0, pad - j), c1 = std::min<int64_t>(C, C + pad - j);
+        double acc = 0.;
+        for (int64_t c = c0; c < c1; ++c) {
+          acc += static_cast<double>(g[c]) * p[c + j - pad];
+          GP[b * C + c + j - pad] += w[j] * g[c];
+        }
+        gw[f * k + j] += acc;
+      }
+    }
+  at::Tensor g_weight = at::empty_like(weight);
+  float* GW = g_weight.data_ptr<float>();
+  for (int64_t i = 0; i < F * k; ++i) GW[i] = static_cast<float>(gw[i]);
+  return {g_pooled, g_weight};
+}
 
 // ---------------------------------------------------------------------------------------------------------
 // Block tail
@@ -911,6 +1034,11 @@ mrla_base_train_backward(const at::Tensor& pre, const at::Tensor& shortcut, cons
 }
 
 TORCH_LIBRARY_FRAGMENT(timm_layerattn, m) {
+  m.def("norm_plane_affine(Tensor moments, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+        "Tensor(b!)? running_var, Tensor? keep, float eps, float factor, bool batch_stats, bool update, int count) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("channel_conv(Tensor pooled, Tensor weight) -> Tensor");
+  m.def("channel_conv_backward(Tensor grad, Tensor pooled, Tensor weight) -> (Tensor, Tensor)");
   m.def("plane_moments(Tensor x) -> Tensor");
   m.def("tail_forward(Tensor pre, Tensor shortcut, Tensor scale, Tensor shift) -> (Tensor, Tensor)");
   m.def("tail_backward(Tensor pre, Tensor shortcut, Tensor scale, Tensor shift, Tensor? grad_x, "
@@ -937,6 +1065,9 @@ TORCH_LIBRARY_FRAGMENT(timm_layerattn, m) {
 }
 
 TORCH_LIBRARY_IMPL(timm_layerattn, CPU, m) {
+  m.impl("norm_plane_affine", norm_plane_affine);
+  m.impl("channel_conv", channel_conv_op);
+  m.impl("channel_conv_backward", channel_conv_backward_op);
   m.impl("plane_moments", plane_moments);
   m.impl("tail_forward", tail_forward);
   m.impl("tail_backward", tail_backward);
