@@ -4,10 +4,12 @@
     python benchmarks/bench_resnet50.py --official-kcla /tmp/official/KCLA --official-mrla /tmp/official/MRLA
     python benchmarks/bench_resnet50.py --channels-last
     python benchmarks/bench_resnet50.py --pytorch-ops                 # + our models without the fused CPU kernels
+    python benchmarks/bench_resnet50.py --plain-autograd              # + our models training with plain autograd
 
 Prints params, GMACs, inference and training-step time and training activation memory, each as a ratio
 to timm's `resnet50` measured in the same run (models interleaved, median of the repeats), plus each of
-our models' speed relative to the official implementation of the same model. The official code is never
+our models' speed relative to the official implementation of the same model. Training rows time a forward +
+backward + SGD step on the memory-lean training path; activation memory is what autograd keeps for backward. The official code is never
 part of this repository: `benchmarks/official.py` loads it from a local checkout.
 """
 import argparse
@@ -17,7 +19,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from timm_layerattn.tools.bench import (  # noqa: E402
-    PYTORCH_OPS_SUFFIX, BenchConfig, benchmark, format_results, timm_factory)
+    PLAIN_AUTOGRAD_SUFFIX, PYTORCH_OPS_SUFFIX, BenchConfig, benchmark, format_results, timm_factory)
 
 OURS = {'resnet50_kcla': 'KCLA', 'resnet50_mrlal': 'MRLA-L', 'resnet50_mrlab': 'MRLA-B'}
 
@@ -47,6 +49,8 @@ def main() -> None:
                    help='glibc: keep freed memory for reuse, so page faults do not depend on the run order')
     p.add_argument('--pytorch-ops', action='store_true',
                    help='also time our models with the fused CPU kernels off (same run)')
+    p.add_argument('--plain-autograd', action='store_true',
+                   help='also time our models training with plain autograd, without the memory-lean Functions')
     args = p.parse_args()
 
     cfg = BenchConfig(
@@ -57,6 +61,8 @@ def main() -> None:
     factories.update({n: timm_factory(n) for n in OURS})
     if args.pytorch_ops:
         factories.update({n + PYTORCH_OPS_SUFFIX: timm_factory(n, pytorch_ops=True) for n in OURS})
+    if args.plain_autograd:
+        factories.update({n + PLAIN_AUTOGRAD_SUFFIX: timm_factory(n, plain_autograd=True) for n in OURS})
     pairs = {}
     if args.official_kcla and not args.channels_last:  # its 5-D norm_d parameter cannot be made channels_last
         # head dim 32: the paper's setting and our default (the released code defaults to 64)

@@ -5,12 +5,14 @@ precision (`timm_layerattn.layers._common.accumulation_dtype`); in float16 those
 pooled features reach a few hundred, and KCLA's key-norm epsilon (1e-12) rounds to zero, so an all-zero image
 gave 0 / 0. CPU autocast runs here; the same code paths run under CUDA autocast.
 """
+import contextlib
+
 import pytest
 import timm
 import torch
 
 import timm_layerattn  # noqa: F401  (registers the models)
-from timm_layerattn.layers import KCLA, MRLABase, MRLALight
+from timm_layerattn.layers import KCLA, MRLABase, MRLALight, lean
 
 INPUTS = ('zero', 'random', 'random_x300')
 
@@ -74,15 +76,19 @@ MODELS = [
 
 @pytest.mark.parametrize('name,baseline,size', MODELS)
 def test_fp16_autocast_training_step_finite_where_resnet_is(name, baseline, size):
-    """What AMP training runs: train-mode forward + backward under float16 autocast."""
+    """What AMP training runs: train-mode forward + backward under float16 autocast, on the path CPU autocast takes
+    by default (plain autograd) and on the memory-lean Functions GPUs take (`lean.forced()` here)."""
     torch.manual_seed(0)
     model, reference = timm.create_model(name), timm.create_model(baseline)
     for kind in INPUTS:
         x = _input(kind, size)
         expected = _fp16_step(reference, x, train=True)
         assert all(expected), f'{baseline} itself is not finite on {kind}: the check would prove nothing'
-        got = _fp16_step(model, x, train=True)
-        assert all(got), f'{name} ({kind}): finite (outputs, gradients) {got} under fp16 autocast, {baseline} {expected}'
+        for path, context in (('default', contextlib.nullcontext), ('lean', lean.forced)):
+            with context():
+                got = _fp16_step(model, x, train=True)
+            assert all(got), (f'{name} ({kind}, {path} path): finite (outputs, gradients) {got} under fp16 autocast, '
+                              f'{baseline} {expected}')
 
 
 @pytest.mark.parametrize('name,baseline,size', [m for m in MODELS if m[0] != 'resnet50_mrlal'])

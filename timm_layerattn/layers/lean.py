@@ -89,9 +89,14 @@ def active() -> bool:
     """True when the lean path may run now: eager mode with autograd on, not turned off."""
     if not torch.is_grad_enabled() or mode() == 'off':
         return False
-    if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+    if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling() or _fx_tracing():
         return False
     return _get_current_dispatch_mode() is None  # FLOP counters, fake tensors: let them see aten ops
+
+
+def _fx_tracing() -> bool:
+    is_fx_tracing = getattr(torch.fx._symbolic_trace, 'is_fx_tracing', None)
+    return bool(is_fx_tracing and is_fx_tracing())
 
 
 def usable(*tensors: Optional[Tensor]) -> bool:
