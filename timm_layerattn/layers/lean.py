@@ -95,8 +95,10 @@ def active() -> bool:
 
 
 def _fx_tracing() -> bool:
-    is_fx_tracing = getattr(torch.fx._symbolic_trace, 'is_fx_tracing', None)
-    return bool(is_fx_tracing and is_fx_tracing())
+    """Under `torch.fx` symbolic tracing (timm's and torchvision's feature extractors)."""
+    trace = torch.fx._symbolic_trace
+    is_tracing = getattr(trace, 'is_fx_symbolic_tracing', None) or getattr(trace, 'is_fx_tracing', None)
+    return bool(is_tracing and is_tracing())
 
 
 def usable(*tensors: Optional[Tensor]) -> bool:
