@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # official.py beside t
 import timm  # noqa: E402
 import timm_layerattn  # noqa: E402,F401  (registers the models)
 from timm_layerattn.layers import lean  # noqa: E402
+from timm_layerattn.tools.bench import WithPlainAutograd  # noqa: E402
 
 # One model per family (CIFAR sizes keep the CPU side of the comparison short), then the ImageNet ones.
 FAMILY_MODELS = [
@@ -45,18 +46,6 @@ NUMERICS_MODELS = ['resnet50', 'resnet50_kcla', 'resnet50_mrlal', 'resnet50_mrla
 SPEED_MODELS = ['resnet50', 'resnet50_kcla', 'resnet50_mrlal', 'resnet50_mrlab']
 TRAIN_MODELS = ['cifar_resnet20_kcla', 'cifar_resnet20_mrlal', 'cifar_resnet20_mrlab']
 PLAIN = ' (plain autograd)'
-
-
-class PlainAutograd(nn.Module):
-    """Runs a model with the memory-lean training Functions off (the plain-ops path)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with lean.disabled():
-            return self.model(x)
 OFFICIAL = {'resnet50_kcla': 'official KCLA', 'resnet50_mrlal': 'official MRLA-L', 'resnet50_mrlab': 'official MRLA-B'}
 
 
@@ -133,7 +122,7 @@ def _factories(official_kcla: Optional[str], official_mrla: Optional[str],
                plain: bool) -> Dict[str, Callable[[], nn.Module]]:
     out: Dict[str, Callable[[], nn.Module]] = {n: (lambda n=n: timm.create_model(n)) for n in SPEED_MODELS}
     if plain:
-        out.update({n + PLAIN: (lambda n=n: PlainAutograd(timm.create_model(n))) for n in SPEED_MODELS[1:]})
+        out.update({n + PLAIN: (lambda n=n: WithPlainAutograd(timm.create_model(n))) for n in SPEED_MODELS[1:]})
     if official_kcla or official_mrla:
         from official import load_official
         for ours, label in OFFICIAL.items():

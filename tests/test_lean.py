@@ -47,6 +47,7 @@ def lean_node_names(out: torch.Tensor):
 def step(model: torch.nn.Module, x: torch.Tensor, seed: int = 1):
     """One forward + backward of a fixed loss: (output, input grad, parameter grads, state_dict), float64."""
     torch.manual_seed(seed)
+    model.zero_grad(set_to_none=True)
     x = x.clone().requires_grad_()
     out = model(x)
     weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
@@ -116,6 +117,37 @@ def step_error(a, b) -> float:
     err = max(((a[i] - b[i]).abs().max() / b[i].abs().max()).item() for i in (0, 1))
     scale = max(g.abs().max().item() for g in b[2].values())
     return max(err, max((a[2][k] - b[2][k]).abs().max().item() for k in b[2]) / scale)
+
+
+def _no_running_stats(m: torch.nn.BatchNorm2d) -> None:
+    m.track_running_stats = False
+    m.running_mean = m.running_var = m.num_batches_tracked = None
+
+
+def _no_affine(m: torch.nn.BatchNorm2d) -> None:
+    m.affine = False
+    m.register_parameter('weight', None)
+    m.register_parameter('bias', None)
+
+
+def _cumulative_average(m: torch.nn.BatchNorm2d) -> None:
+    m.momentum = None
+
+
+@pytest.mark.parametrize('variant', [_no_running_stats, _no_affine, _cumulative_average],
+                         ids=['no_running_stats', 'no_affine', 'cumulative_average'])
+@pytest.mark.parametrize('name', CIFAR)
+def test_batchnorm_variants_follow_the_plain_path(name, variant):
+    """BatchNorms without running statistics (batch statistics in eval mode too), without affine parameters, and
+    with a cumulative running average (momentum None) behave as `nn.BatchNorm2d` does on the plain path."""
+    model = randomize_norms(timm.create_model(name)).double()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            variant(m)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    for training in (True, False):
+        got, ref = lean_and_plain(model.train(training), x)
+        assert_same_step(got, ref, 1e-9)
 
 
 @pytest.mark.parametrize('name', CIFAR)
@@ -383,7 +415,8 @@ def test_autocast_blocks_are_as_accurate_as_the_plain_path(kind, mods, shapes, d
     for i, (a, p, r) in enumerate(zip(got, plain, ref)):
         assert torch.isfinite(a).all()
         err, plain_err = _scaled_error(a, r), _scaled_error(p, r)
-        assert err <= max(tol, 1.5 * plain_err), f'result {i}: error {err:.3g}, plain path under autocast {plain_err:.3g}'
+        assert err <= max(tol, 1.5 * plain_err), \
+            f'result {i}: error {err:.3g}, plain path under autocast {plain_err:.3g}'
 
 
 @pytest.mark.parametrize('name', CIFAR)

@@ -199,12 +199,25 @@ def test_forward_takes_native_path_exactly_when_usable(ops, kind):
     ]
 
 
-@pytest.mark.parametrize('name', ['kcla_', 'mrla_light_', 'mrla_base_'])
+TRAINING_OPS = ['norm_plane_affine', 'channel_conv', 'channel_conv_backward', 'plane_moments', 'tail_forward',
+                'tail_backward', 'affine_residual_', 'kcla_train_values', 'kcla_train_backward',
+                'mrla_light_train_values', 'mrla_light_train_backward', 'mrla_base_train_values',
+                'mrla_base_train_backward']
+
+
+@pytest.mark.parametrize('name', ['kcla_', 'mrla_light_', 'mrla_base_'] + TRAINING_OPS)
 def test_wrappers_take_the_op_schema_arguments(ops, name):
-    """The typed wrappers in `native` take the op's arguments by their schema names, in schema order,
-    everything after `x` keyword-only."""
+    """The typed wrappers in `native` take the op's arguments by their schema names, in schema order; the
+    inference ops take everything after `x` keyword-only, the training ops at most their leading maps positionally,
+    and keyword-only from the first non-tensor argument on (the wrappers pass those by name)."""
     import inspect
     params = list(inspect.signature(getattr(native, name)).parameters.values())
-    assert [p.name for p in params] == [a.name for a in getattr(ops, name).default._schema.arguments]
+    schema = getattr(ops, name).default._schema.arguments
+    assert [p.name for p in params] == [a.name for a in schema]
     assert params[0].kind is params[0].POSITIONAL_OR_KEYWORD
-    assert all(p.kind is p.KEYWORD_ONLY for p in params[1:])
+    if name in ('kcla_', 'mrla_light_', 'mrla_base_'):
+        assert all(p.kind is p.KEYWORD_ONLY for p in params[1:])
+    else:
+        positional = [p for p in params if p.kind is p.POSITIONAL_OR_KEYWORD]
+        assert all(str(a.type) == 'Tensor' for a in schema[:len(positional)]), (name, positional)
+        assert all(p.kind is p.KEYWORD_ONLY for p in params[len(positional):])

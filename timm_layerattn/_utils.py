@@ -50,6 +50,16 @@ def cache_dir() -> Path:
     return Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache').expanduser() / 'timm-layerattn'
 
 
+def env_switch(name: str) -> str:
+    """'off', 'on' or 'auto' from an on/off environment variable (0/off/false/no, 1/on/true/yes, else 'auto')."""
+    value = os.environ.get(name, '').strip().lower()
+    if value in ('0', 'off', 'false', 'no'):
+        return 'off'
+    if value in ('1', 'on', 'true', 'yes'):
+        return 'on'
+    return 'auto'
+
+
 def first_line(e: BaseException, default: Optional[str] = None, limit: int = 200) -> str:
     """The first line of `e`'s message, cut to `limit` characters, for one-line error reports.
 

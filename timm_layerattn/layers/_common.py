@@ -212,6 +212,18 @@ class LayerAttnBase(nn.Module):
         branch as autograd Functions that keep `pre`, `shortcut`, the carried state and per-channel vectors,
         and recompute the rest in backward (see `lean`). `keep` is the block's drop-path factor `[B]`.
         Equal to the tail followed by `forward_reference`."""
+        tail = lean.block_tail(pre, norm, shortcut, keep)
+        return self.forward_lean(tail, lean.drop_path_keep(self.drop_path, tail.x), state)
+
+    @torch.jit.unused
+    def forward_lean(
+            self,
+            tail: lean.Tail,
+            keep: Optional[torch.Tensor],
+            state: List[torch.Tensor],
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """This branch on the tail's output as the family's autograd Function; `keep` is the branch's drop-path
+        factor `[B]` (None without drop path)."""
         raise NotImplementedError
 
     @torch.jit.unused

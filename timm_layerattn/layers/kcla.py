@@ -107,7 +107,7 @@ class KCLABranch(torch.autograd.Function):
                 pre, shortcut, scale, shift, hist=hist, weight=weight, gate=gate, v_weight=v_weight, a=a, b=b,
                 keep=keep, mean=mean, invstd=invstd, norm_weight=lean.weight_or_ones(norm, mean),
                 batch_stats=ctx.batch_stats, grad_out=grad_out, grad_hist=grad_hist)
-            g_nw, g_nb = (g_nw if norm.weight is not None else None), (g_nb if norm.bias is not None else None)
+            g_nw, g_nb = lean.affine_grads(norm, g_nw, g_nb)
         else:
             x = lean.tail_output(pre, shortcut, scale, shift)
             x_acc = x.to(weight.dtype)
@@ -314,21 +314,16 @@ class KCLA(LayerAttnBase):
         return x + self.drop_path(torch.relu(self.norm(value * gate))), [hist, z]
 
     @torch.jit.unused
-    def forward_tail(
+    def forward_lean(
             self,
-            pre: torch.Tensor,
-            norm: nn.BatchNorm2d,
-            shortcut: torch.Tensor,
+            tail: lean.Tail,
             keep: Optional[torch.Tensor],
             state: List[torch.Tensor],
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        """The block's tail `x = relu(norm(pre) * keep + shortcut)` and this step, memory-lean (`lean`).
-        Equal to the tail followed by `forward_reference`."""
-        x, pooled, scale, shift = lean.block_tail(pre, norm, shortcut, keep)
-        hist, weight, z, gate = self._weights(pooled, state, x.dtype)
+        hist, weight, z, gate = self._weights(tail.pooled, state, tail.x.dtype)
         out, hist = KCLABranch.apply(
-            x, pre, shortcut, scale, shift, hist, weight, gate, self.v.weight.to(x.dtype), self.norm.weight,
-            self.norm.bias, self.norm, lean.drop_path_keep(self.drop_path, x))
+            *tail.inputs, hist, weight, gate, self.v.weight.to(tail.x.dtype), self.norm.weight, self.norm.bias,
+            self.norm, keep)
         return out, [hist, z]
 
     def forward_folded(

@@ -31,8 +31,7 @@ more. `TIMM_LAYERATTN_LEAN=0` turns the path off, `=1` on wherever it can run; `
 """
 import contextlib
 import contextvars
-import os
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -41,12 +40,13 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from .._utils import env_switch
 from . import native
 
 __all__ = [
     'ENV', 'mode', 'active', 'usable', 'disabled', 'forced', 'drop_path_keep', 'norm_stats', 'fused_norm',
-    'norm_affine', 'plane_affine', 'norm_backward', 'weight_or_ones', 'dense', 'per_sample', 'tail_output',
-    'block_tail', 'BlockTail', 'ChannelConv',
+    'norm_affine', 'plane_affine', 'norm_backward', 'weight_or_ones', 'affine_grads', 'dense', 'per_sample',
+    'tail_output', 'Tail', 'block_tail', 'BlockTail', 'ChannelConv',
 ]
 
 ENV = 'TIMM_LAYERATTN_LEAN'
@@ -56,14 +56,7 @@ _override: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar('timm_
 def mode() -> str:
     """'off', 'on' or 'auto' (default): `with disabled()` / `with forced()`, else `TIMM_LAYERATTN_LEAN`."""
     override = _override.get()
-    if override is not None:
-        return override
-    value = os.environ.get(ENV, '').strip().lower()
-    if value in ('0', 'off', 'false', 'no'):
-        return 'off'
-    if value in ('1', 'on', 'true', 'yes'):
-        return 'on'
-    return 'auto'
+    return env_switch(ENV) if override is None else override
 
 
 @contextlib.contextmanager
@@ -235,6 +228,15 @@ def weight_or_ones(norm: nn.BatchNorm2d, like: Tensor) -> Tensor:
     return norm.weight.detach() if norm.weight is not None else torch.ones_like(like)
 
 
+def affine_grads(
+        norm: nn.BatchNorm2d,
+        d_weight: Tensor,
+        d_bias: Tensor,
+) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """The kernels' gradients of the norm's weight and bias, None for a norm without them."""
+    return (d_weight if norm.weight is not None else None), (d_bias if norm.bias is not None else None)
+
+
 def norm_backward(
         norm: nn.BatchNorm2d,
         grad: Tensor,
@@ -322,8 +324,7 @@ class BlockTail(torch.autograd.Function):
             g_pre, g_short, g_w, g_b = native.tail_backward(
                 pre, shortcut, scale, shift, grad_x=grad_x, grad_pooled=grad_pooled, mean=mean, invstd=invstd,
                 norm_weight=weight_or_ones(norm, mean), keep=keep, batch_stats=ctx.batch_stats)
-            return (g_pre, g_short, g_w if norm.weight is not None else None,
-                    g_b if norm.bias is not None else None, None, None)
+            return (g_pre, g_short, *affine_grads(norm, g_w, g_b), None, None)
         x = tail_output(pre, shortcut, scale, shift)
         grad = torch.zeros_like(x) if grad_x is None else grad_x
         if grad_pooled is not None:
@@ -350,11 +351,23 @@ class ChannelConv(torch.autograd.Function):
         return native.channel_conv_backward(dense(grad), pooled, weight)
 
 
-def block_tail(
-        pre: Tensor,
-        norm: nn.BatchNorm2d,
-        shortcut: Tensor,
-        keep: Optional[Tensor],
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """`BlockTail` applied: `(x, pooled, scale, shift)`."""
-    return BlockTail.apply(pre, shortcut, norm.weight, norm.bias, norm, keep)
+class Tail(NamedTuple):
+    """What `block_tail` hands a branch: the block output `x`, the recipe `tail_output(pre, shortcut, scale,
+    shift)` recomputes it from (for the branch Function to keep instead of `x`), and the pooled descriptor."""
+    x: Tensor
+    pre: Tensor
+    shortcut: Tensor
+    scale: Tensor
+    shift: Tensor
+    pooled: Tensor
+
+    @property
+    def inputs(self) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """`(x, pre, shortcut, scale, shift)`, the leading inputs of every branch Function."""
+        return self.x, self.pre, self.shortcut, self.scale, self.shift
+
+
+def block_tail(pre: Tensor, norm: nn.BatchNorm2d, shortcut: Tensor, keep: Optional[Tensor]) -> Tail:
+    """`BlockTail` applied."""
+    x, pooled, scale, shift = BlockTail.apply(pre, shortcut, norm.weight, norm.bias, norm, keep)
+    return Tail(x, pre, shortcut, scale, shift, pooled)

@@ -78,13 +78,14 @@ class MRLALightBranch(torch.autograd.Function):
                 pre, shortcut, scale, shift, gate=gate, v_weight=v_weight, lambda_t=lambda_t, keep=keep, mean=mean,
                 invstd=invstd, norm_weight=lean.weight_or_ones(norm, mean), batch_stats=ctx.batch_stats,
                 grad_out=grad_out)
-            g_nw, g_nb = (g_nw if norm.weight is not None else None), (g_nb if norm.bias is not None else None)
+            g_nw, g_nb = lean.affine_grads(norm, g_nw, g_nb)
         else:
             x = lean.tail_output(pre, shortcut, scale, shift)
             value = depthwise_conv3x3(x, v_weight)
             u = torch.addcmul(value * gate[:, :, None, None], shortcut, lambda_t.to(x.dtype))
             g_u = grad_out if keep is None else grad_out * lean.per_sample(keep, grad_out)
-            g_u, g_nw, g_nb = lean.norm_backward(norm, g_u, u, mean, invstd, ctx.batch_stats, (True, needs[8], needs[9]))
+            g_u, g_nw, g_nb = lean.norm_backward(
+                norm, g_u, u, mean, invstd, ctx.batch_stats, (True, needs[8], needs[9]))
             g_gate = (g_u * value).sum((2, 3))
             g_lambda = (g_u * shortcut).sum((0, 2, 3)).view_as(lambda_t) if needs[7] else None
             g_short = g_u * lambda_t.to(g_u.dtype)
@@ -143,15 +144,17 @@ class MRLABaseBranch(torch.autograd.Function):
                 pre, shortcut, scale, shift, values=values, weights=weights, v_weight=v_weight, a=a, b=b, keep=keep,
                 mean=mean, invstd=invstd, norm_weight=lean.weight_or_ones(norm, mean), batch_stats=ctx.batch_stats,
                 grad_out=grad_out, grad_value=grad_value)
-            g_nw, g_nb = (g_nw if norm.weight is not None else None), (g_nb if norm.bias is not None else None)
+            g_nw, g_nb = lean.affine_grads(norm, g_nw, g_nb)
         else:
             x = lean.tail_output(pre, shortcut, scale, shift)
             value = depthwise_conv3x3(x, v_weight)
             attn = _weighted_sum(value, values, weights)
-            g_s = torch.ops.aten.threshold_backward(grad_out, torch.addcmul(lean._map(b, attn), attn, lean._map(a, attn)), 0)
+            pre_relu = torch.addcmul(lean._map(b, attn), attn, lean._map(a, attn))
+            g_s = torch.ops.aten.threshold_backward(grad_out, pre_relu, 0)
             if keep is not None:
                 g_s = g_s.mul_(lean.per_sample(keep, g_s))
-            g_s, g_nw, g_nb = lean.norm_backward(norm, g_s, attn, mean, invstd, ctx.batch_stats, (True, needs[7], needs[8]))
+            g_s, g_nw, g_nb = lean.norm_backward(
+                norm, g_s, attn, mean, invstd, ctx.batch_stats, (True, needs[7], needs[8]))
             last = len(values)
             g_weights = torch.stack([(g_s * v).sum((2, 3)) for v in values + [value]], dim=1)
             g_values = [g_s * weights[:, j, :, None, None] if needs[11 + j] else None for j in range(last)]
@@ -209,21 +212,16 @@ class MRLALight(LayerAttnBase):
         return x + self.drop_path(self.norm(value * gate + self.lambda_t * shortcut)), state
 
     @torch.jit.unused
-    def forward_tail(
+    def forward_lean(
             self,
-            pre: torch.Tensor,
-            norm: nn.BatchNorm2d,
-            shortcut: torch.Tensor,
+            tail: lean.Tail,
             keep: Optional[torch.Tensor],
             state: List[torch.Tensor],
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        """The block's tail `x = relu(norm(pre) * keep + shortcut)` and this step, memory-lean (`lean`).
-        Equal to the tail followed by `forward_reference`."""
-        x, pooled, scale, shift = lean.block_tail(pre, norm, shortcut, keep)
-        gate = self._gate(pooled, x.dtype)
+        gate = self._gate(tail.pooled, tail.x.dtype)
         out = MRLALightBranch.apply(
-            x, pre, shortcut, scale, shift, gate, self.v.weight.to(x.dtype), self.lambda_t, self.norm.weight,
-            self.norm.bias, self.norm, lean.drop_path_keep(self.drop_path, x))
+            *tail.inputs, gate, self.v.weight.to(tail.x.dtype), self.lambda_t, self.norm.weight, self.norm.bias,
+            self.norm, keep)
         return out, state
 
     def forward_folded(
@@ -337,21 +335,16 @@ class MRLABase(LayerAttnBase):
         return x + self.drop_path(torch.relu(self.norm(attn))), [keys] + values
 
     @torch.jit.unused
-    def forward_tail(
+    def forward_lean(
             self,
-            pre: torch.Tensor,
-            norm: nn.BatchNorm2d,
-            shortcut: torch.Tensor,
+            tail: lean.Tail,
             keep: Optional[torch.Tensor],
             state: List[torch.Tensor],
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        """The block's tail `x = relu(norm(pre) * keep + shortcut)` and this step, memory-lean (`lean`).
-        Equal to the tail followed by `forward_reference`."""
-        x, pooled, scale, shift = lean.block_tail(pre, norm, shortcut, keep)
-        keys, earlier, weights = self._weights(pooled, state, x.dtype)
+        keys, earlier, weights = self._weights(tail.pooled, state, tail.x.dtype)
         out, value = MRLABaseBranch.apply(
-            x, pre, shortcut, scale, shift, weights, self.v.weight.to(x.dtype), self.norm.weight, self.norm.bias,
-            self.norm, lean.drop_path_keep(self.drop_path, x), *earlier)
+            *tail.inputs, weights, self.v.weight.to(tail.x.dtype), self.norm.weight, self.norm.bias, self.norm, keep,
+            *earlier)
         return out, [keys] + earlier + [value]
 
     def forward_folded(

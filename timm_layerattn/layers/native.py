@@ -1,25 +1,27 @@
-"""Fused CPU inference kernels for the layer-attention branches, compiled on first use.
+"""Fused CPU kernels for the layer-attention branches (inference and training), compiled on first use.
 
 On CPU the attention branches are memory-bound: PyTorch runs the depth-wise value conv through oneDNN,
 which reorders NCHW maps through blocked copies, then needs several full-size elementwise passes for the
 gates, the BatchNorm and the residual, and dozens of tiny ops per block for the gates themselves.
-`csrc/layer_attn_cpu.cpp` computes a block's whole branch in one op, with one pass over the full-size
-maps. It is compiled here with the system C++ compiler against the installed torch (about 5 s, once per
-machine: the library is cached under `~/.cache/timm-layerattn/kernels`, keyed by the source, torch build,
-compiler and CPU) and registered as `torch.ops.timm_layerattn.*`.
+`csrc/layer_attn_cpu.cpp` computes a block's whole inference branch in one op, with one pass over the
+full-size maps; `csrc/layer_attn_train_cpu.cpp` holds the forward and backward kernels of the memory-lean
+training Functions (`lean`, `kcla`, `mrla`), which recompute what they do not keep plane by plane in L1. Both
+are compiled here with the system C++ compiler against the installed torch (about 10 s, once per machine: the
+library is cached under `~/.cache/timm-layerattn/kernels`, keyed by the sources, torch build, compiler and CPU)
+and registered as `torch.ops.timm_layerattn.*`.
 
-The kernels are used only where they apply: eval mode, float32 CPU tensors in contiguous NCHW, autograd
-off (`torch.no_grad` / `torch.inference_mode`), eager execution. Everything else (training, other dtypes
-or layouts, TorchScript, tracing, `torch.compile`, which fuses on its own) takes the PyTorch path, which
-computes the same result. If no compiler is found or the build fails, a single warning says so and the
-PyTorch path is used throughout.
+The inference ops are used only where they apply: eval mode, float32 CPU tensors in contiguous NCHW, autograd
+off (`torch.no_grad` / `torch.inference_mode`), eager execution (`usable`). The training ops run inside the
+autograd Functions on float32 contiguous CPU tensors (`trainable`). Everything else (other dtypes or layouts,
+TorchScript, tracing, `torch.compile`, which fuses on its own) takes PyTorch ops, which compute the same
+result. If no compiler is found or the build fails, a single warning says so and PyTorch ops are used
+throughout.
 
 `TIMM_LAYERATTN_NATIVE=0` turns the kernels off; `=1` makes a failed build an error instead of a warning.
 `with native.disabled():` turns them off for a block of code (e.g. to compare both paths in one process);
 `timm-layerattn kernels` builds them ahead of time and reports where they are.
 
-`kcla_`, `mrla_light_` and `mrla_base_` are the typed entry points to the ops (keyword arguments named
-as in the op schemas). Like the ops, they need `usable(...)` to be true for their tensors.
+The functions below are the typed entry points to the ops (keyword arguments named as in the op schemas).
 """
 import contextlib
 import contextvars
@@ -38,11 +40,12 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from .._utils import cache_dir
+from .._utils import cache_dir, env_switch
 
 __all__ = [
     'NativeKernelError', 'available', 'build', 'disabled', 'last_error', 'mode', 'usable',
-    'kcla_', 'mrla_base_', 'mrla_light_', 'trainable', 'norm_plane_affine', 'channel_conv', 'channel_conv_backward', 'plane_moments', 'tail_forward', 'tail_backward',
+    'kcla_', 'mrla_base_', 'mrla_light_', 'trainable', 'norm_plane_affine', 'channel_conv', 'channel_conv_backward',
+    'plane_moments', 'tail_forward', 'tail_backward',
     'affine_residual_', 'kcla_train_values', 'kcla_train_backward', 'mrla_light_train_values',
     'mrla_light_train_backward', 'mrla_base_train_values', 'mrla_base_train_backward',
 ]
@@ -66,12 +69,7 @@ class NativeKernelError(RuntimeError):
 
 def mode() -> str:
     """'off', 'on' (required) or 'auto' (default: use when the build works), from `TIMM_LAYERATTN_NATIVE`."""
-    value = os.environ.get(ENV, '').strip().lower()
-    if value in ('0', 'off', 'false', 'no'):
-        return 'off'
-    if value in ('1', 'on', 'true', 'yes'):
-        return 'on'
-    return 'auto'
+    return env_switch(ENV)
 
 
 @contextlib.contextmanager
