@@ -167,6 +167,21 @@ def test_float32_lean_paths_match_float64_truth(ops, name, mode):
         assert err <= max(2e-5, 3 * plain), f'{label}: error {err:.3g} against float64, plain float32 path {plain:.3g}'
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize('name', ['resnet50_kcla', 'resnet50_mrlal', 'resnet50_mrlab'])
+def test_imagenet_models_at_real_shapes_match_float64(ops, name):
+    """ResNet-50 variants at ImageNet-like shapes (160 px, every stage, stage-entry re-summaries, full caches), one
+    training step: the fused lean path is as close to the float64 result as plain float32 autograd is."""
+    torch.manual_seed(0)
+    model = randomize_norms(timm.create_model(name, drop_path_rate=0.1)).train()
+    x = torch.randn(2, 3, 160, 160)
+    with lean.disabled():
+        truth = step(copy.deepcopy(model).double(), x.double())
+        plain = step_error(step(copy.deepcopy(model), x), truth)
+    err = step_error(step(model, x), truth)
+    assert err <= max(1e-4, 3 * plain), f'lean: error {err:.3g} against float64, plain float32 path {plain:.3g}'
+
+
 def _branch_cases():
     """(module, pre, shortcut, state, block keep) covering every state case of every family in training."""
     torch.manual_seed(0)

@@ -27,7 +27,8 @@ Elsewhere they run the same maths with PyTorch ops, which trades recomputation t
 (`mode() == 'auto'`) takes that trade on accelerators, where activation memory bounds the batch, and keeps
 plain autograd on CPU when the kernels cannot run (bfloat16 autocast, channels_last), where time matters
 more. `TIMM_LAYERATTN_LEAN=0` turns the path off, `=1` on wherever it can run; `with lean.disabled():` and
-`with lean.forced():` do the same for a block of code (the tests compare the paths that way).
+`with lean.forced():` do the same for a block of code (the tests compare the paths that way). The Functions are
+differentiable once (`once_differentiable`): double backward needs the plain path.
 """
 import contextlib
 import contextvars
