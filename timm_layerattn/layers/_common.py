@@ -11,7 +11,8 @@ from . import lean, native
 from ._checks import check_int, check_rate
 
 __all__ = [
-    'eca_kernel_size', 'accumulation_dtype', 'ChannelConv1d', 'DepthwiseConv3x3', 'depthwise_conv3x3', 'per_channel',
+    'eca_kernel_size', 'accumulation_dtype', 'ChannelConv1d', 'DepthwiseConv3x3', 'depthwise_conv3x3',
+    'depthwise_conv3x3_backward', 'per_channel',
     'LayerAttnBase',
 ]
 
@@ -77,6 +78,18 @@ def depthwise_conv3x3(
         parts = [F.conv2d(part, weight, None, 1, 1, 1, channels) for part in x.split(per_chunk)]
         return torch.cat(parts)
     return F.conv2d(x, weight, None, 1, 1, 1, channels)
+
+
+def depthwise_conv3x3_backward(
+        grad: torch.Tensor,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        need_weight: bool = True,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Gradients of `depthwise_conv3x3(x, weight)` for `x` and (when `need_weight`) the weight, given `grad`."""
+    g_x, g_w = torch.ops.aten.convolution_backward(
+        grad, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], x.shape[1], [True, need_weight, False])[:2]
+    return g_x, g_w
 
 
 class DepthwiseConv3x3(nn.Conv2d):

@@ -25,7 +25,8 @@ from torch.autograd.function import once_differentiable
 
 from . import lean, native
 from ._checks import check_int
-from ._common import ChannelConv1d, LayerAttnBase, accumulation_dtype, depthwise_conv3x3, per_channel
+from ._common import (
+    ChannelConv1d, LayerAttnBase, accumulation_dtype, depthwise_conv3x3, depthwise_conv3x3_backward, per_channel)
 
 __all__ = ['KCLA', 'kcla_temperatures']
 
@@ -101,12 +102,10 @@ class KCLABranch(torch.autograd.Function):
         if grad_out is None:
             grad_out = torch.zeros_like(pre)
         if ctx.fused:  # incoming gradients may be expanded or strided views: the kernels read dense maps
-            grad_out, grad_hist = lean.dense(grad_out), lean.dense(grad_hist)
-        if ctx.fused and native.trainable(grad_out, grad_hist):
             g_x, g_hist, g_weight, g_gate, g_v, g_nw, g_nb = native.kcla_train_backward(
                 pre, shortcut, scale, shift, hist=hist, weight=weight, gate=gate, v_weight=v_weight, a=a, b=b,
                 keep=keep, mean=mean, invstd=invstd, norm_weight=lean.weight_or_ones(norm, mean),
-                batch_stats=ctx.batch_stats, grad_out=grad_out, grad_hist=grad_hist)
+                batch_stats=ctx.batch_stats, grad_out=lean.dense(grad_out), grad_hist=lean.dense(grad_hist))
             g_nw, g_nb = lean.affine_grads(norm, g_nw, g_nb)
         else:
             x = lean.tail_output(pre, shortcut, scale, shift)
@@ -122,9 +121,7 @@ class KCLABranch(torch.autograd.Function):
                 norm, g_u, u, mean, invstd, ctx.batch_stats, (True, needs[9], needs[10]))
             g_gate = (g_u * value).sum((2, 3))
             g_value = g_u.mul_(gate[:, :, None, None])
-            g_in, g_v = torch.ops.aten.convolution_backward(
-                g_value, value_in, v_weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], x.shape[1],
-                [True, needs[8], False])[:2]
+            g_in, g_v = depthwise_conv3x3_backward(g_value, value_in, v_weight, needs[8])
             g_new = g_in.to(weight.dtype)
             if grad_hist is not None:
                 g_new = g_new.add_(grad_hist)

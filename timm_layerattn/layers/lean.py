@@ -190,7 +190,7 @@ def fused_norm(
     `(mean, invstd, scale, shift)`, float32 CPU tensors only."""
     factor = _running_factor(norm)
     batch_stats = _uses_batch_stats(norm)
-    n = _values_per_channel(norm, u) if batch_stats else u.numel() // u.shape[1]
+    n = _values_per_channel(norm, u)
     return native.norm_plane_affine(
         moments, weight=norm.weight, bias=norm.bias, running_mean=norm.running_mean, running_var=norm.running_var,
         keep=keep, eps=norm.eps, factor=factor, batch_stats=batch_stats,
@@ -248,16 +248,13 @@ def norm_backward(
         needs: Tuple[bool, bool, bool],
 ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Gradients of `norm(u)` for its input, weight and bias, given the gradient `grad` of its output."""
-    weight = norm.weight
-    if batch_stats:
-        # batch statistics: the saved mean / invstd are what the forward used
+    mask = [needs[0], needs[1] and norm.weight is not None, needs[2] and norm.bias is not None]
+    if batch_stats:  # the saved mean / invstd are what the forward used
         return torch.ops.aten.native_batch_norm_backward(
-            grad, u, weight, None, None, mean, invstd, True, norm.eps,
-            [needs[0], needs[1] and weight is not None, needs[2] and norm.bias is not None])
-    # running statistics: an affine map; pass the statistics of the forward as the "running" ones
+            grad, u, norm.weight, None, None, mean, invstd, True, norm.eps, mask)
+    # running statistics: an affine map; the forward's statistics go in as the "running" ones
     return torch.ops.aten.native_batch_norm_backward(
-        grad, u, weight, mean, invstd.pow(-2) - norm.eps, None, None, False, norm.eps,
-        [needs[0], needs[1] and weight is not None, needs[2] and norm.bias is not None])
+        grad, u, norm.weight, mean, invstd.pow(-2) - norm.eps, None, None, False, norm.eps, mask)
 
 
 def _map(v: Tensor, like: Tensor) -> Tensor:
@@ -305,7 +302,7 @@ class BlockTail(torch.autograd.Function):
                 scale, shift = plane_affine(norm, mean, invstd, keep, pre.shape[0])
                 x = tail_output(pre, shortcut, scale, shift)
                 pooled = x.mean((2, 3))
-        ctx.norm = norm
+        ctx.norm, ctx.fused = norm, fused
         ctx.batch_stats = _uses_batch_stats(norm)
         ctx.save_for_backward(pre, shortcut, scale, shift, mean, invstd, keep)
         ctx.mark_non_differentiable(scale, shift)
@@ -319,11 +316,10 @@ class BlockTail(torch.autograd.Function):
         needs = ctx.needs_input_grad
         if grad_x is None and grad_pooled is None:
             return None, None, None, None, None, None
-        if native.trainable(pre, shortcut):  # incoming gradients may be expanded views: the kernels read dense maps
-            grad_x, grad_pooled = dense(grad_x), dense(grad_pooled)
-        if native.trainable(pre, shortcut, grad_x, grad_pooled):
+        if ctx.fused:  # incoming gradients may be expanded views: the kernels read dense maps
             g_pre, g_short, g_w, g_b = native.tail_backward(
-                pre, shortcut, scale, shift, grad_x=grad_x, grad_pooled=grad_pooled, mean=mean, invstd=invstd,
+                pre, shortcut, scale, shift, grad_x=dense(grad_x), grad_pooled=dense(grad_pooled), mean=mean,
+                invstd=invstd,
                 norm_weight=weight_or_ones(norm, mean), keep=keep, batch_stats=ctx.batch_stats)
             return (g_pre, g_short, *affine_grads(norm, g_w, g_b), None, None)
         x = tail_output(pre, shortcut, scale, shift)

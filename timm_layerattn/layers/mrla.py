@@ -18,21 +18,9 @@ import torch.nn as nn
 from torch.autograd.function import once_differentiable
 
 from . import lean, native
-from ._common import LayerAttnBase, depthwise_conv3x3, per_channel
+from ._common import LayerAttnBase, depthwise_conv3x3, depthwise_conv3x3_backward, per_channel
 
 __all__ = ['MRLALight', 'MRLABase']
-
-
-def _value_backward(
-        grad: torch.Tensor,
-        x: torch.Tensor,
-        v_weight: torch.Tensor,
-        need_weight: bool,
-) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Gradients of `DW3(x)` for `x` and the depth-wise weight."""
-    g_x, g_w = torch.ops.aten.convolution_backward(
-        grad, x, v_weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], x.shape[1], [True, need_weight, False])[:2]
-    return g_x, g_w
 
 
 class MRLALightBranch(torch.autograd.Function):
@@ -72,12 +60,10 @@ class MRLALightBranch(torch.autograd.Function):
         if grad_out is None:
             return (None,) * 12
         if ctx.fused:  # incoming gradients may be expanded or strided views: the kernels read dense maps
-            grad_out = lean.dense(grad_out)
-        if ctx.fused and native.trainable(grad_out):
             g_x, g_short, g_gate, g_v, g_lambda, g_nw, g_nb = native.mrla_light_train_backward(
                 pre, shortcut, scale, shift, gate=gate, v_weight=v_weight, lambda_t=lambda_t, keep=keep, mean=mean,
                 invstd=invstd, norm_weight=lean.weight_or_ones(norm, mean), batch_stats=ctx.batch_stats,
-                grad_out=grad_out)
+                grad_out=lean.dense(grad_out))
             g_nw, g_nb = lean.affine_grads(norm, g_nw, g_nb)
         else:
             x = lean.tail_output(pre, shortcut, scale, shift)
@@ -89,7 +75,7 @@ class MRLALightBranch(torch.autograd.Function):
             g_gate = (g_u * value).sum((2, 3))
             g_lambda = (g_u * shortcut).sum((0, 2, 3)).view_as(lambda_t) if needs[7] else None
             g_short = g_u * lambda_t.to(g_u.dtype)
-            g_in, g_v = _value_backward(g_u.mul_(gate[:, :, None, None]), x, v_weight, needs[6])
+            g_in, g_v = depthwise_conv3x3_backward(g_u.mul_(gate[:, :, None, None]), x, v_weight, needs[6])
             g_x = g_in.add_(grad_out)
         return g_x, None, g_short, None, None, g_gate, g_v, g_lambda, g_nw, g_nb, None, None
 
@@ -138,12 +124,10 @@ class MRLABaseBranch(torch.autograd.Function):
         if grad_out is None:
             grad_out = torch.zeros_like(pre)
         if ctx.fused:  # incoming gradients may be expanded or strided views: the kernels read dense maps
-            grad_out, grad_value = lean.dense(grad_out), lean.dense(grad_value)
-        if ctx.fused and native.trainable(grad_out, grad_value):
             g_x, g_weights, g_v, g_nw, g_nb, g_values = native.mrla_base_train_backward(
                 pre, shortcut, scale, shift, values=values, weights=weights, v_weight=v_weight, a=a, b=b, keep=keep,
                 mean=mean, invstd=invstd, norm_weight=lean.weight_or_ones(norm, mean), batch_stats=ctx.batch_stats,
-                grad_out=grad_out, grad_value=grad_value)
+                grad_out=lean.dense(grad_out), grad_value=lean.dense(grad_value))
             g_nw, g_nb = lean.affine_grads(norm, g_nw, g_nb)
         else:
             x = lean.tail_output(pre, shortcut, scale, shift)
@@ -161,7 +145,7 @@ class MRLABaseBranch(torch.autograd.Function):
             g_value = g_s * weights[:, last, :, None, None]
             if grad_value is not None:
                 g_value = g_value.add_(grad_value)
-            g_in, g_v = _value_backward(g_value, x, v_weight, needs[6])
+            g_in, g_v = depthwise_conv3x3_backward(g_value, x, v_weight, needs[6])
             g_x = g_in.add_(grad_out)
         return (g_x, None, None, None, None, g_weights, g_v, g_nw, g_nb, None, None, *g_values)
 
