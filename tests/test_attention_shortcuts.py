@@ -12,7 +12,7 @@ import timm_layerattn  # noqa: F401  (registers the models)
 from timm_layerattn.layers.shortcut import (
     AttentionShortcut, ShortcutCfg, ShortcutProj, depth_attention, depth_attention_sdpa)
 from timm_layerattn.models.resnet_as import as_arch, checkpoint_filter_fn
-from timm_layerattn.models.skeleton import ResNetLA
+from timm_layerattn.models.resnet_trunk import ResNetLA
 from timm_layerattn.tools.zoo import count_params
 
 from _reference import explicit_depth_attention, ref_block_sites, ref_stage_sites

@@ -15,7 +15,7 @@ from timm_layerattn.layers import KCLA, LayerAttnCfg, MRLABase, MRLALight, nativ
 from timm_layerattn.layers.shortcut import AttentionShortcut, ShortcutCfg
 from timm_layerattn.models.cnntention import CBAM, MultiHeadAttention2d
 from timm_layerattn.models.gradattn import GradAttnNeck, TokenEncoderLayer
-from timm_layerattn.models.skeleton import ResNetLA, ResNetLACfg
+from timm_layerattn.models.resnet_trunk import ResNetLA, ResNetLACfg
 
 NAN = float('nan')
 ALL_MODELS = timm_layerattn.models.list_models()
@@ -128,12 +128,16 @@ CONFIG_CASES = [
     (lambda: ShortcutCfg(norm_eps=0.), ValueError, 'ShortcutCfg: norm_eps must be a number > 0, got 0.0'),
     (lambda: ShortcutCfg(pre_norm='yes'), TypeError, 'ShortcutCfg: pre_norm must be True or False'),
     (lambda: ShortcutCfg(downsample='pool'), ValueError, "ShortcutCfg: downsample must be one of ('subsample', 'conv')"),
-    (lambda: ResNetLACfg(layers=(1, 1)), ValueError, 'ResNetLACfg: layers must be a tuple of 3 or 4 stage depths'),
+    (lambda: ResNetLACfg(layers=()), ValueError, 'ResNetLACfg: layers must be a non-empty tuple of stage depths'),
+    (lambda: ResNetLACfg(layers=(1, 1)), ValueError, 'channels must be a tuple of 2 widths'),
+    (lambda: ResNetLACfg(**_CFG, strides=(1, 2)), ValueError, 'strides must be a tuple of 3 strides'),
+    (lambda: ResNetLACfg(**_CFG, strides=(1, 0, 2)), ValueError, 'strides must be a tuple of positive strides'),
+    (lambda: ResNetLACfg(**_CFG, act_layer=3), TypeError, 'act_layer must be a timm layer name or a module class'),
     (lambda: ResNetLACfg(layers=(1, 0, 1)), ValueError, 'ResNetLACfg: layers must be a tuple of positive'),
     (lambda: ResNetLACfg(layers=(1, 1, 1), channels=(16, 32)), ValueError, 'channels must be a tuple of 3 widths'),
     (lambda: ResNetLACfg(layers=(1, 1, 1), channels=(16, -32, 64)), ValueError, 'channels must be a tuple of positive widths'),
     (lambda: ResNetLACfg(**_CFG, block='wide'), ValueError, "block must be one of ('bottleneck', 'basic')"),
-    (lambda: ResNetLACfg(**_CFG, stem_type='tiered'), ValueError, "stem_type must be one of ('', 'deep', 'cifar')"),
+    (lambda: ResNetLACfg(**_CFG, stem_type='tiered'), ValueError, "stem_type must be one of ('', 'deep', 'cifar', 'conv7_s1')"),
     (lambda: ResNetLACfg(**_CFG, stem_width=0), ValueError, 'stem_width must be a positive integer, got 0'),
     (lambda: ResNetLACfg(**_CFG, residual='sum'), ValueError, 'residual must be one of'),
     (lambda: ResNetLACfg(**_CFG, expansion=0), ValueError, 'expansion must be a positive integer'),

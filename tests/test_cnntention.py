@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 import timm_layerattn  # noqa: F401
 from timm_layerattn.models.cnntention import checkpoint_filter_fn
-from timm_layerattn.models.skeleton import PadShortcut
+from timm_layerattn.models.resnet_blocks import PadShortcut
 from timm_layerattn.tools.zoo import count_params
 
 from _compile import assert_compiles_fullgraph

@@ -6,7 +6,7 @@ Optional integrations (MMDetection in `timm_layerattn.det`, Hub upload) are impo
 from .version import __version__
 from . import models
 from .layers import LayerAttnCfg
-from .models.skeleton import ResNetLA, ResNetLACfg
+from .models.resnet_trunk import ResNetLA, ResNetLACfg
 from .pretrained import (
     CheckpointError, CheckpointMismatchError, CheckpointNotCachedError, CheckpointNotFoundError,
     PretrainedWeightsError, register_pretrained, unregister_pretrained)

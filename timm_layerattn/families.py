@@ -1,22 +1,47 @@
 """The family registry: one place that says which models exist, what family each belongs to and how it is
-handled around the model (Hub card, official checkpoint layout, accepted kwargs, pretrained config).
+handled around the model (Hub card, checkpoint rules, the model kwargs it accepts, pretrained config).
 
-Every family module (in `models/`) declares a `Family` and registers its variants with `register_family`; the converter,
-the Hub card writer, the MMDetection backbone and the CLI ask `family_of(name)` instead of matching model
-names. The module knows no model class and imports no family.
+Every family module (in `models/`) declares a `Family` once and registers its variants with
+`register_family`; the model builder, the converter, the Hub card writer, the MMDetection backbone and the
+CLI ask `family_of(name)` instead of matching model names. The module knows no model class and imports no
+family.
 """
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+import sys
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 __all__ = [
-    'Family', 'register_family', 'family_of', 'find_family', 'families', 'pretrained_cfg', 'imagenet_cfg',
-    'cifar_cfg', 'reject_kwargs',
+    'Family', 'ModelArg', 'register_family', 'family_of', 'find_family', 'families', 'apply_model_args',
+    'pretrained_cfg', 'imagenet_cfg', 'cifar_cfg',
 ]
 
-FilterFn = Callable[[Dict[str, Any], Any], Dict[str, Any]]
-DetectFn = Callable[[Mapping[str, Any]], bool]
+
+@dataclass(frozen=True)
+class ModelArg:
+    """A model kwarg beyond timm's that a family's entrypoints accept, stated once.
+
+    Attributes:
+        name: The kwarg, as users pass it to `timm.create_model`.
+        path: Where the value goes in the architecture config, a dotted field path through nested frozen
+            dataclasses ('strategy.attn.head_dim'); `None` when `apply` computes the change.
+        check: `(variant, value, arch) -> None`, raising a one-line `ValueError` / `TypeError` that names the
+            kwarg; run before the value is applied (the architecture's own checks run at construction).
+        takes: `arch -> bool`, which of the family's architectures take the kwarg (all when `None`); for any
+            other, passing it is a `TypeError` as Python reports an unexpected keyword argument.
+        apply: `(arch, value) -> arch` for a kwarg that changes more than one field.
+    """
+    name: str
+    path: Optional[str] = None
+    check: Optional[Callable[[str, Any, Any], None]] = None
+    takes: Optional[Callable[[Any], bool]] = None
+    apply: Optional[Callable[[Any, Any], Any]] = None
+
+
+def _replace_path(obj: Any, path: str, value: Any) -> Any:
+    head, _, rest = path.partition('.')
+    return replace(obj, **{head: _replace_path(getattr(obj, head), rest, value) if rest else value})
 
 
 @dataclass(frozen=True)
@@ -27,20 +52,18 @@ class Family:
         name: Family id, also the `family` of `timm-layerattn convert` reports ('kcla', 'mrla_light', ...).
         title: Human name for messages and cards.
         card: Model-card template `hub_cards/<card>.md`.
-        filter_fn: The family's `checkpoint_filter_fn(state_dict, model)`: official layouts -> ours.
-        detect_official: True when a state dict is in the family's official (research code) layout.
-        model_kwargs: Model kwargs beyond timm's that the family's entrypoints accept.
-        attention: The layer-attention type of the family's models (`LayerAttnCfg.type`), `None` without.
-        modules: Model modules that register the family's variants (timm's `list_models(module=...)`).
+        rules: The family's `CheckpointRules` (official layout detection, renaming, checks); `None`: none.
+        args: The model kwargs beyond timm's that the family's entrypoints accept, in the order they apply.
+        modules: Model modules that register the family's variants (timm's `list_models(module=...)`),
+            filled in by `register_family` from its callers.
+        models: Variant name -> architecture config, filled in by `register_family`.
     """
     name: str
     title: str
     card: str
-    filter_fn: Optional[FilterFn] = None
-    detect_official: Optional[DetectFn] = None
-    model_kwargs: Tuple[str, ...] = ()
-    attention: Optional[str] = None
-    modules: Tuple[str, ...] = ()
+    rules: Any = None
+    args: Tuple[ModelArg, ...] = ()
+    modules: List[str] = field(default_factory=list, compare=False, repr=False)
     models: Dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
@@ -48,12 +71,15 @@ _FAMILIES: Dict[str, Family] = {}
 _MODEL_FAMILY: Dict[str, str] = {}
 
 
-def register_family(family: Family, model_cfgs: Mapping[str, Any]) -> Family:
+def register_family(family: Family, model_cfgs: Mapping[str, Any], module: Optional[str] = None) -> Family:
     """Register `family` (once) and attach its variants `name -> architecture config`.
 
     A family may be declared by several modules (ImageNet and CIFAR variants); the first declaration wins
-    and later ones only add models. A model name belongs to exactly one family.
+    and later ones only add models. A model name belongs to exactly one family. `module` is the registering
+    model module (timm keys its registry by the last component of its name): the caller's by default.
     """
+    if module is None:
+        module = sys._getframe(1).f_globals['__name__']
     known = _FAMILIES.setdefault(family.name, family)
     for name, cfg in model_cfgs.items():
         owner = _MODEL_FAMILY.get(name)
@@ -61,6 +87,9 @@ def register_family(family: Family, model_cfgs: Mapping[str, Any]) -> Family:
             raise ValueError(f'model {name!r} is already registered to family {owner!r}')
         _MODEL_FAMILY[name] = family.name
         known.models[name] = cfg
+    short = module.rsplit('.', 1)[-1]
+    if model_cfgs and short not in known.modules:
+        known.modules.append(short)
     return known
 
 
@@ -85,6 +114,24 @@ def families() -> List[Family]:
     return list(_FAMILIES.values())
 
 
+def apply_model_args(variant: str, arch: Any, kwargs: Dict[str, Any]) -> Any:
+    """Fold the family kwargs of `variant` out of `kwargs` (removed from it) into its architecture `arch`.
+
+    A kwarg given as `None` means the default. One that the variant does not take is a `TypeError`; each
+    value is checked (`ModelArg.check`) before it is applied, in the family's order.
+    """
+    for arg in family_of(variant).args:
+        value = kwargs.pop(arg.name, None)
+        if value is None:
+            continue
+        if arg.takes is not None and not arg.takes(arch):
+            raise TypeError(f'{variant} does not take {arg.name!r}')
+        if arg.check is not None:
+            arg.check(variant, value, arch)
+        arch = arg.apply(arch, value) if arg.apply is not None else _replace_path(arch, arg.path or arg.name, value)
+    return arch
+
+
 def pretrained_cfg(**kwargs: Any) -> Dict[str, Any]:
     """A timm pretrained config with this package's common fields (classifier `fc`, stem `conv1`)."""
     return {
@@ -105,17 +152,3 @@ def cifar_cfg(mean: Tuple[float, ...], std: Tuple[float, ...], **kwargs: Any) ->
     return pretrained_cfg(**{
         'num_classes': 10, 'input_size': (3, 32, 32), 'pool_size': (8, 8), 'min_input_size': (3, 8, 8),
         'crop_pct': 1.0, 'mean': mean, 'std': std, **kwargs})
-
-
-def reject_kwargs(variant: str, given: Mapping[str, Any], accepted: Iterable[str]) -> Dict[str, Any]:
-    """The family kwargs that were given (not `None`); one that `variant` does not take is a `TypeError`,
-    as Python reports an unexpected keyword argument."""
-    accepted = set(accepted)
-    out = {}
-    for name, value in given.items():
-        if value is None:
-            continue
-        if name not in accepted:
-            raise TypeError(f'{variant} does not take {name!r}')
-        out[name] = value
-    return out

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from . import kcla_mrla
+from .rules import CheckpointRules
 
 __all__ = ['is_official', 'official_type', 'is_plain_trunk', 'native_kind', 'filter_checkpoint']
 
@@ -51,3 +52,17 @@ def filter_checkpoint(state_dict: Mapping[str, Any], model: nn.Module) -> Dict[s
             if '.attn_in.' in k and k not in state_dict:
                 state_dict[k] = v
     return state_dict
+
+
+class _Rules(CheckpointRules):
+    def official_type(self, state_dict: Mapping[str, Any]) -> Optional[str]:
+        return official_type(state_dict)
+
+    def native_kind(self, keys: Sequence[str]) -> Optional[str]:
+        return native_kind(keys)
+
+    def filter(self, state_dict: Mapping[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
+        return filter_checkpoint(state_dict, model)
+
+
+RULES = _Rules()

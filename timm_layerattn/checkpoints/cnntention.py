@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from . import kcla_mrla
+from .rules import CheckpointRules
 
 __all__ = [
     'VARIANT_RULES', 'is_official', 'official_type', 'official_variant', 'remap_keys', 'native_kind',
@@ -102,3 +103,17 @@ def filter_checkpoint(state_dict: Mapping[str, Any], model: nn.Module) -> Dict[s
         return state_dict
     return {k: v.reshape(1) if isinstance(k, str) and k.endswith('.attn.gamma') else v
             for k, v in remap_keys(state_dict, variant).items()}
+
+
+class _Rules(CheckpointRules):
+    def official_type(self, state_dict: Mapping[str, Any]) -> Optional[str]:
+        return official_type(state_dict)
+
+    def native_kind(self, keys: Sequence[str]) -> Optional[str]:
+        return native_kind(keys)
+
+    def filter(self, state_dict: Mapping[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
+        return filter_checkpoint(state_dict, model)
+
+
+RULES = _Rules()

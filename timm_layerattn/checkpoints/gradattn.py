@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from . import kcla_mrla
+from .rules import CheckpointRules
 
 __all__ = ['KEY_RULES', 'is_official', 'official_type', 'remap_keys', 'native_kind', 'filter_checkpoint']
 
@@ -77,3 +78,17 @@ def filter_checkpoint(state_dict: Mapping[str, Any], model: nn.Module) -> Dict[s
     if not is_official(state_dict):
         return state_dict
     return remap_keys(state_dict)
+
+
+class _Rules(CheckpointRules):
+    def official_type(self, state_dict: Mapping[str, Any]) -> Optional[str]:
+        return official_type(state_dict)
+
+    def native_kind(self, keys: Sequence[str]) -> Optional[str]:
+        return native_kind(keys)
+
+    def filter(self, state_dict: Mapping[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
+        return filter_checkpoint(state_dict, model)
+
+
+RULES = _Rules()

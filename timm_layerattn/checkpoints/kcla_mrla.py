@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from .io import unwrap_checkpoint
+from .rules import CheckpointRules
 
 __all__ = [
     'KEY_RULES', 'UNUSED', 'is_official', 'official_type', 'remap_keys', 'kcla_heads', 'infer_head_dim',
@@ -130,3 +131,26 @@ def filter_checkpoint(state_dict: Mapping[str, Any], model: nn.Module) -> Dict[s
             v = v.reshape(-1)
         out[k] = v
     return out
+
+
+class LayerAttnRules(CheckpointRules):
+    """The rules of one layer-attention type ('kcla', 'mrla_light', 'mrla_base'); `kind=None`: the plain
+    trunk of the same official code (its CIFAR ResNets, whose stages are named `stages.s.i`)."""
+
+    def __init__(self, kind: Optional[str] = None):
+        self.kind = kind
+
+    def official_type(self, state_dict: Mapping[str, Any]) -> Optional[str]:
+        found = official_type(state_dict)
+        return found if found is not None and found == self.kind else None
+
+    def native_kind(self, keys: Sequence[str]) -> Optional[str]:
+        found = native_kind(keys)
+        return found if found is not None and found == self.kind else None
+
+    def filter(self, state_dict: Mapping[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
+        return filter_checkpoint(state_dict, model)
+
+
+RULES = {kind: LayerAttnRules(kind) for kind in ('kcla', 'mrla_light', 'mrla_base')}
+TRUNK_RULES = LayerAttnRules()

@@ -1,7 +1,8 @@
 """Model families; importing this package registers every model with timm and with the family registry."""
 from typing import List as _List
 
-from .skeleton import *
+from .resnet_blocks import *
+from .resnet_trunk import *
 from .resnet_la import *
 from .cifar_resnet_la import *
 from .resnet_as import *

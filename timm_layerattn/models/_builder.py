@@ -1,12 +1,37 @@
-"""Model construction shared by every family module (one place for pretrained / feature handling)."""
-from typing import Any, Callable, Optional, Sequence, Type
+"""Model construction shared by every family module: every entrypoint's body is `build_model(variant, ...)`.
+
+The variant's family (`families.family_of`) gives its architecture config, the kwargs it accepts
+(`Family.args`, folded into the config by `apply_model_args`) and its checkpoint rules; the config's type
+gives the trunk class (`register_trunk`). So a family module is data: configs, a `Family` and entrypoints.
+"""
+from dataclasses import replace
+from typing import Any, Callable, Dict, Optional, Sequence, Type
 
 import torch.nn as nn
 from timm.models import build_model_with_cfg
 
+from ..families import apply_model_args, family_of
 from ..pretrained import check_pretrained_source
 
-__all__ = ['build_la_model']
+__all__ = ['build_model', 'build_la_model', 'register_trunk']
+
+_TRUNKS: Dict[type, Type[nn.Module]] = {}
+
+
+def register_trunk(cfg_cls: type, model_cls: Type[nn.Module]) -> None:
+    """Architecture configs of type `cfg_cls` build `model_cls` (called as `model_cls(cfg=..., **kwargs)`)."""
+    _TRUNKS[cfg_cls] = model_cls
+
+
+def build_model(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """Build a registered variant: its architecture with the family's kwargs applied, its trunk class, its
+    family's checkpoint filter and one feature level per stage plus the stem."""
+    family = family_of(variant)
+    arch = apply_model_args(variant, replace(family.models[variant], name=variant), kwargs)
+    rules = family.rules
+    return build_la_model(
+        _TRUNKS[type(arch)], variant, pretrained, arch, rules.filter if rules is not None else None,
+        default_out_indices=tuple(range(arch.num_feature_levels)), **kwargs)
 
 
 def build_la_model(
@@ -37,4 +62,3 @@ def build_la_model(
     return build_checked(
         build_model_with_cfg, model_cls, variant, pretrained, filter_fn, source,
         model_cfg=model_cfg, feature_cfg=feature_cfg, **kwargs)
-

@@ -13,9 +13,10 @@ from typing import Any, Dict
 from timm.models import generate_default_cfgs, register_model
 
 from ..families import cifar_cfg, register_family
+from ._builder import build_model
 from .cifar_resnet_la import CIFAR_DEFAULT_MEAN, CIFAR_DEFAULT_STD
-from .resnet_as import AS_FAMILY, AS_PAPER, as_arch, create_as_model
-from .skeleton import ResNetLA
+from .resnet_as import AS_FAMILY, AS_PAPER, as_arch
+from .resnet_trunk import ResNetLA
 
 __all__ = []
 
@@ -23,10 +24,6 @@ model_cfgs = {
     f'cifar_resnet50{"_" + kind if kind else ""}': as_arch(kind, 50, stem_type='cifar', zero_init_last=False)
     for kind in ('as_out', 'as_kv', 'as_stages', '', 'half', 'plain')
 }
-
-
-def _create_cifar_resnet_as(variant: str, pretrained: bool = False, **kwargs) -> ResNetLA:
-    return create_as_model(variant, model_cfgs[variant], pretrained, **kwargs)
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:
@@ -40,34 +37,34 @@ register_family(AS_FAMILY, model_cfgs)
 @register_model
 def cifar_resnet50_as_out(pretrained: bool = False, **kwargs) -> ResNetLA:
     """AS_out-Net-50 (paper Table 1: 12.7M; common width 128, subsampled cache), CIFAR stem."""
-    return _create_cifar_resnet_as('cifar_resnet50_as_out', pretrained, **kwargs)
+    return build_model('cifar_resnet50_as_out', pretrained, **kwargs)
 
 
 @register_model
 def cifar_resnet50_as_kv(pretrained: bool = False, **kwargs) -> ResNetLA:
     """AS_KV-Net-50 (paper Table 1: 16.2M; widths 1/4 of ResNet-50, K/V cache adapters), CIFAR stem."""
-    return _create_cifar_resnet_as('cifar_resnet50_as_kv', pretrained, **kwargs)
+    return build_model('cifar_resnet50_as_kv', pretrained, **kwargs)
 
 
 @register_model
 def cifar_resnet50_as_stages(pretrained: bool = False, **kwargs) -> ResNetLA:
     """AS_stages-ResNet-50 (ResNet-50 with attention over earlier stage outputs between stages), CIFAR stem."""
-    return _create_cifar_resnet_as('cifar_resnet50_as_stages', pretrained, **kwargs)
+    return build_model('cifar_resnet50_as_stages', pretrained, **kwargs)
 
 
 @register_model
 def cifar_resnet50(pretrained: bool = False, **kwargs) -> ResNetLA:
     """ResNet-50 (torchvision/timm v1.5 bottlenecks) with the CIFAR stem: the AS paper's baseline (23.5M)."""
-    return _create_cifar_resnet_as('cifar_resnet50', pretrained, **kwargs)
+    return build_model('cifar_resnet50', pretrained, **kwargs)
 
 
 @register_model
 def cifar_resnet50_half(pretrained: bool = False, **kwargs) -> ResNetLA:
     """ResNet-50 0.5x (block output widths halved), CIFAR stem: the AS paper's reduced baseline."""
-    return _create_cifar_resnet_as('cifar_resnet50_half', pretrained, **kwargs)
+    return build_model('cifar_resnet50_half', pretrained, **kwargs)
 
 
 @register_model
 def cifar_resnet50_plain(pretrained: bool = False, **kwargs) -> ResNetLA:
     """Plain ResNet-50 (no skip connections), CIFAR stem: the AS paper's no-shortcut baseline."""
-    return _create_cifar_resnet_as('cifar_resnet50_plain', pretrained, **kwargs)
+    return build_model('cifar_resnet50_plain', pretrained, **kwargs)

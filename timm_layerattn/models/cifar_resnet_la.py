@@ -10,10 +10,12 @@ from typing import Any, Dict
 
 from timm.models import generate_default_cfgs, register_model
 
+from ..checkpoints import kcla_mrla
 from ..families import Family, cifar_cfg, register_family
 from ..layers import LayerAttnCfg
-from .resnet_la import BlockAttention, checkpoint_filter_fn, create_la_model, register_la_models
-from .skeleton import ResNetLA, ResNetLACfg
+from ._builder import build_model
+from .resnet_la import HEAD_DIM, BlockAttention, register_la_models
+from .resnet_trunk import ResNetLA, ResNetLACfg
 
 __all__ = ['CIFAR_DEFAULT_MEAN', 'CIFAR_DEFAULT_STD']
 
@@ -41,90 +43,86 @@ model_cfgs = {
 }
 
 
-def _create_cifar_resnet_la(variant: str, pretrained: bool = False, **kwargs) -> ResNetLA:
-    return create_la_model(variant, model_cfgs[variant], pretrained, default_out_indices=(0, 1, 2, 3), **kwargs)
-
-
 def _cfg(**kwargs) -> Dict[str, Any]:
     return cifar_cfg(CIFAR_DEFAULT_MEAN, CIFAR_DEFAULT_STD, origin_url='https://github.com/bgx666/KCLA', **kwargs)
 
 
 default_cfgs = generate_default_cfgs({f'{name}.untrained': _cfg() for name in model_cfgs})
 
-register_la_models(model_cfgs)
+register_la_models(model_cfgs, __name__)
+# The plain nets take `head_dim` only to refuse it with a reason (it is the layer-attention nets' kwarg).
 register_family(
-    Family('cifar_resnet', 'CIFAR ResNet', card='cifar_resnet', filter_fn=checkpoint_filter_fn,
-           modules=('cifar_resnet_la',)),
+    Family('cifar_resnet', 'CIFAR ResNet', card='cifar_resnet', rules=kcla_mrla.TRUNK_RULES, args=(HEAD_DIM,)),
     {name: cfg for name, cfg in model_cfgs.items() if cfg.strategy is None})
 
 
 @register_model
 def cifar_resnet20(pretrained: bool = False, **kwargs) -> ResNetLA:
     """CIFAR ResNet-20 (bottleneck, 2 blocks per stage), the layer-attention papers' baseline."""
-    return _create_cifar_resnet_la('cifar_resnet20', pretrained, **kwargs)
+    return build_model('cifar_resnet20', pretrained, **kwargs)
 
 
 @register_model
 def cifar_resnet56(pretrained: bool = False, **kwargs) -> ResNetLA:
     """CIFAR ResNet-56 (bottleneck, 6 blocks per stage)."""
-    return _create_cifar_resnet_la('cifar_resnet56', pretrained, **kwargs)
+    return build_model('cifar_resnet56', pretrained, **kwargs)
 
 
 @register_model
 def cifar_resnet110(pretrained: bool = False, **kwargs) -> ResNetLA:
     """CIFAR ResNet-110 (bottleneck, 12 blocks per stage)."""
-    return _create_cifar_resnet_la('cifar_resnet110', pretrained, **kwargs)
+    return build_model('cifar_resnet110', pretrained, **kwargs)
 
 
 @register_model
 def cifar_resnet20_kcla(pretrained: bool = False, **kwargs) -> ResNetLA:
     """CIFAR ResNet-20 with KCLA."""
-    return _create_cifar_resnet_la('cifar_resnet20_kcla', pretrained, **kwargs)
+    return build_model('cifar_resnet20_kcla', pretrained, **kwargs)
 
 
 @register_model
 def cifar_resnet56_kcla(pretrained: bool = False, **kwargs) -> ResNetLA:
     """CIFAR ResNet-56 with KCLA."""
-    return _create_cifar_resnet_la('cifar_resnet56_kcla', pretrained, **kwargs)
+    return build_model('cifar_resnet56_kcla', pretrained, **kwargs)
 
 
 @register_model
 def cifar_resnet110_kcla(pretrained: bool = False, **kwargs) -> ResNetLA:
     """CIFAR ResNet-110 with KCLA."""
-    return _create_cifar_resnet_la('cifar_resnet110_kcla', pretrained, **kwargs)
+    return build_model('cifar_resnet110_kcla', pretrained, **kwargs)
 
 
 @register_model
 def cifar_resnet20_mrlal(pretrained: bool = False, **kwargs) -> ResNetLA:
     """CIFAR ResNet-20 with MRLA-light."""
-    return _create_cifar_resnet_la('cifar_resnet20_mrlal', pretrained, **kwargs)
+    return build_model('cifar_resnet20_mrlal', pretrained, **kwargs)
 
 
 @register_model
 def cifar_resnet56_mrlal(pretrained: bool = False, **kwargs) -> ResNetLA:
     """CIFAR ResNet-56 with MRLA-light."""
-    return _create_cifar_resnet_la('cifar_resnet56_mrlal', pretrained, **kwargs)
+    return build_model('cifar_resnet56_mrlal', pretrained, **kwargs)
 
 
 @register_model
 def cifar_resnet110_mrlal(pretrained: bool = False, **kwargs) -> ResNetLA:
     """CIFAR ResNet-110 with MRLA-light."""
-    return _create_cifar_resnet_la('cifar_resnet110_mrlal', pretrained, **kwargs)
+    return build_model('cifar_resnet110_mrlal', pretrained, **kwargs)
 
 
 @register_model
 def cifar_resnet20_mrlab(pretrained: bool = False, **kwargs) -> ResNetLA:
     """CIFAR ResNet-20 with MRLA-base."""
-    return _create_cifar_resnet_la('cifar_resnet20_mrlab', pretrained, **kwargs)
+    return build_model('cifar_resnet20_mrlab', pretrained, **kwargs)
 
 
 @register_model
 def cifar_resnet56_mrlab(pretrained: bool = False, **kwargs) -> ResNetLA:
     """CIFAR ResNet-56 with MRLA-base."""
-    return _create_cifar_resnet_la('cifar_resnet56_mrlab', pretrained, **kwargs)
+    return build_model('cifar_resnet56_mrlab', pretrained, **kwargs)
 
 
 @register_model
 def cifar_resnet110_mrlab(pretrained: bool = False, **kwargs) -> ResNetLA:
     """CIFAR ResNet-110 with MRLA-base."""
-    return _create_cifar_resnet_la('cifar_resnet110_mrlab', pretrained, **kwargs)
+    return build_model('cifar_resnet110_mrlab', pretrained, **kwargs)

@@ -11,8 +11,8 @@ module carries its own residual (gamma-gated for SelfAtt / MHA, plain for CBAM).
 stage exit units of the `ResNetLA` skeleton, so they follow its `(x, state) -> (x, state)` contract.
 """
 import math
-from dataclasses import dataclass, replace
-from typing import Any, Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -20,16 +20,15 @@ import torch.nn.functional as F
 from timm.models import generate_default_cfgs, register_model
 
 from ..checkpoints import cnntention as official_rules
-from ..families import Family, cifar_cfg, register_family, reject_kwargs
+from ..core.strategy import LayerStrategy, StageSite, TrunkCfg
+from ..core.units import Dd, Shared, State
+from ..families import Family, ModelArg, cifar_cfg, register_family
 from ..layers._checks import check_divisor, check_int, divisors, fmt_ints
-from ._builder import build_la_model
-from .skeleton import Dd, LayerStrategy, ResNetLA, ResNetLACfg, StageSite
+from ._builder import build_model
+from .resnet_trunk import ResNetLA, ResNetLACfg
 
 __all__ = ['SelfAttention2d', 'MultiHeadAttention2d', 'CBAM', 'StageAttention', 'checkpoint_filter_fn',
            'CNNTENTION_MEAN', 'CNNTENTION_STD']
-
-State = List[torch.Tensor]
-Shared = List[torch.Tensor]
 
 # The authors' normalisation (grey statistics, docs/design/cnntention.md#cnn-recipe):
 # right for their checkpoints, fine for new training.
@@ -146,7 +145,7 @@ class StageAttention(LayerStrategy):
     cbam_reduction: int = 16
     cbam_kernel: int = 7
 
-    def check(self, cfg: ResNetLACfg, owner: str) -> None:
+    def check(self, cfg: TrunkCfg, owner: str) -> None:
         if self.kind == 'mha':
             widths = cfg.block_widths()
             check_divisor(owner, 'att_heads', self.att_heads, divisors(math.gcd(*widths)),
@@ -171,32 +170,23 @@ def _cnntention_arch(kind: str = '') -> ResNetLACfg:
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: ResNetLA) -> Dict[str, torch.Tensor]:
     """Map the authors' checkpoints (`att{i}.*` -> `layer{i}.attn.*`, incl. MHA's swapped key / query) to
     this layout. A checkpoint already in this layout passes through unchanged."""
-    return official_rules.filter_checkpoint(state_dict, model)
+    return official_rules.RULES.filter(state_dict, model)
 
 
 _KINDS = {f'cifar_resnet20_basic{"_" + kind if kind else ""}': kind for kind in ('', 'selfatt', 'mha', 'cbam')}
 model_cfgs = {name: _cnntention_arch(kind) for name, kind in _KINDS.items()}
 
 
-# Model kwargs beyond timm's, by the variant kind that takes them.
-_KIND_KWARGS = {'': (), 'selfatt': (), 'mha': ('att_heads',), 'cbam': ('cbam_reduction', 'cbam_kernel')}
+def _kind_is(kind: str) -> Callable[[ResNetLACfg], bool]:
+    return lambda arch: isinstance(arch.strategy, StageAttention) and arch.strategy.kind == kind
 
 
-def _create_cnntention(
-        variant: str,
-        pretrained: bool = False,
-        att_heads: Optional[int] = None,
-        cbam_reduction: Optional[int] = None,
-        cbam_kernel: Optional[int] = None,
-        **kwargs,
-) -> ResNetLA:
-    cfg, kind = replace(model_cfgs[variant], name=variant), _KINDS[variant]
-    given = reject_kwargs(variant, dict(att_heads=att_heads, cbam_reduction=cbam_reduction, cbam_kernel=cbam_kernel),
-                          _KIND_KWARGS[kind])
-    if given:
-        cfg = replace(cfg, strategy=replace(cfg.strategy, **given))
-    return build_la_model(
-        ResNetLA, variant, pretrained, cfg, checkpoint_filter_fn, default_out_indices=(0, 1, 2, 3), **kwargs)
+# Model kwargs beyond timm's, each taken by one variant kind; `StageAttention.check` checks the values.
+CNNTENTION_ARGS = (
+    ModelArg('att_heads', 'strategy.att_heads', takes=_kind_is('mha')),
+    ModelArg('cbam_reduction', 'strategy.cbam_reduction', takes=_kind_is('cbam')),
+    ModelArg('cbam_kernel', 'strategy.cbam_kernel', takes=_kind_is('cbam')),
+)
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:
@@ -207,29 +197,28 @@ def _cfg(**kwargs) -> Dict[str, Any]:
 default_cfgs = generate_default_cfgs({f'{name}.untrained': _cfg() for name in model_cfgs})
 
 register_family(Family(
-    'cnntention', 'CNNtention', card='cnntention', filter_fn=checkpoint_filter_fn,
-    detect_official=official_rules.is_official, model_kwargs=('att_heads', 'cbam_reduction', 'cbam_kernel'), modules=('cnntention',)), model_cfgs)
+    'cnntention', 'CNNtention', card='cnntention', rules=official_rules.RULES, args=CNNTENTION_ARGS), model_cfgs)
 
 
 @register_model
 def cifar_resnet20_basic(pretrained: bool = False, **kwargs) -> ResNetLA:
     """He et al.'s CIFAR ResNet-20 (BasicBlocks, option-A shortcuts, 0.27M): CNNtention's baseline."""
-    return _create_cnntention('cifar_resnet20_basic', pretrained, **kwargs)
+    return build_model('cifar_resnet20_basic', pretrained, **kwargs)
 
 
 @register_model
 def cifar_resnet20_basic_selfatt(pretrained: bool = False, **kwargs) -> ResNetLA:
     """ResNet-20 (BasicBlock) with gamma-gated full-width self-attention after each stage (CNNtention)."""
-    return _create_cnntention('cifar_resnet20_basic_selfatt', pretrained, **kwargs)
+    return build_model('cifar_resnet20_basic_selfatt', pretrained, **kwargs)
 
 
 @register_model
 def cifar_resnet20_basic_mha(pretrained: bool = False, **kwargs) -> ResNetLA:
     """ResNet-20 (BasicBlock) with gamma-gated 8-head attention after each stage (CNNtention)."""
-    return _create_cnntention('cifar_resnet20_basic_mha', pretrained, **kwargs)
+    return build_model('cifar_resnet20_basic_mha', pretrained, **kwargs)
 
 
 @register_model
 def cifar_resnet20_basic_cbam(pretrained: bool = False, **kwargs) -> ResNetLA:
     """ResNet-20 (BasicBlock) with CBAM (reduction 16) after each stage (CNNtention)."""
-    return _create_cnntention('cifar_resnet20_basic_cbam', pretrained, **kwargs)
+    return build_model('cifar_resnet20_basic_cbam', pretrained, **kwargs)

@@ -15,7 +15,7 @@ an NCHW map `[B, 256, 1, 5]`, so timm's standard head (global average pool = mea
 is the paper's classifier. `features_only` gives the five taps (64/64/128/256/512 channels at reductions
 4/4/8/16/32) and prunes the neck.
 """
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -24,10 +24,12 @@ import torch.nn.functional as F
 from timm.models import generate_default_cfgs, register_model
 
 from ..checkpoints import gradattn as official_rules
-from ..families import Family, imagenet_cfg, register_family
+from ..core.strategy import LayerStrategy, TrunkCfg
+from ..core.units import Dd
+from ..families import Family, ModelArg, imagenet_cfg, register_family
 from ..layers._checks import check_choice, check_int, check_rate
-from ._builder import build_la_model
-from .skeleton import Dd, LayerStrategy, ResNetLA, ResNetLACfg
+from ._builder import build_model
+from .resnet_trunk import ResNetLA, ResNetLACfg
 
 __all__ = ['GradAttnNeck', 'TokenEncoder', 'TokenEncoderLayer', 'rotary_cos_sin', 'checkpoint_filter_fn']
 
@@ -173,6 +175,12 @@ class TokenEncoder(LayerStrategy):
     mlp_dim: int = 512
     drop: float = 0.1
 
+    def check(self, cfg: TrunkCfg, owner: str) -> None:
+        # Named as the model kwargs that set them (`GRADATTN_ARGS`).
+        _check_encoder(owner, self.embed_dim, self.num_heads, self.mlp_dim, self.drop, self.pos == 'rope',
+                       ('embed_dim', 'encoder_drop_rate'))
+        check_int(owner, 'depth', self.depth, minimum=0, allowed='a non-negative integer (encoder layers)')
+
     def neck(self, feature_chs: List[int], dd: Dd) -> Optional[nn.Module]:
         return GradAttnNeck(feature_chs, self.embed_dim, self.depth, self.num_heads, self.mlp_dim, self.drop,
                             self.pos, **dd)
@@ -187,37 +195,21 @@ def _gradattn_arch(pos: str) -> ResNetLACfg:
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: ResNetLA) -> Dict[str, torch.Tensor]:
     """Map a notebook-trained GradAttn state dict to this layout (RoPE: `w_q/w_k/w_v` concatenated into
     `qkv`). A checkpoint already in this layout passes through unchanged."""
-    return official_rules.filter_checkpoint(state_dict, model)
+    return official_rules.RULES.filter(state_dict, model)
 
 
 _POS = {'resnet18_gradattn_nope': 'none', 'resnet18_gradattn_lpe': 'learned', 'resnet18_gradattn_rope': 'rope'}
 model_cfgs = {name: _gradattn_arch(pos) for name, pos in _POS.items()}
 
 
-def _create_gradattn(
-        variant: str,
-        pretrained: bool = False,
-        embed_dim: Optional[int] = None,
-        num_heads: Optional[int] = None,
-        mlp_dim: Optional[int] = None,
-        depth: Optional[int] = None,
-        encoder_drop_rate: Optional[float] = None,
-        **kwargs,
-) -> ResNetLA:
-    """Args beyond timm's: the token encoder's `embed_dim` (256), `num_heads` (8), `mlp_dim` (512),
-    `depth` (3) and `encoder_drop_rate` (0.1; attention, residual and FFN dropout)."""
-    cfg = replace(model_cfgs[variant], name=variant)
-    _check_encoder(
-        variant, 256 if embed_dim is None else embed_dim, 8 if num_heads is None else num_heads,
-        512 if mlp_dim is None else mlp_dim, 0.1 if encoder_drop_rate is None else encoder_drop_rate,
-        _POS[variant] == 'rope', ('embed_dim', 'encoder_drop_rate'))
-    if depth is not None:
-        check_int(variant, 'depth', depth, minimum=0, allowed='a non-negative integer (encoder layers)')
-    neck_args = dict(embed_dim=embed_dim, num_heads=num_heads, mlp_dim=mlp_dim, depth=depth, drop=encoder_drop_rate)
-    neck_args = {k: v for k, v in neck_args.items() if v is not None}
-    if neck_args:
-        cfg = replace(cfg, strategy=replace(cfg.strategy, **neck_args))
-    return build_la_model(ResNetLA, variant, pretrained, cfg, checkpoint_filter_fn, **kwargs)
+# The token encoder's sizes as model kwargs; `TokenEncoder.check` checks them together.
+GRADATTN_ARGS = (
+    ModelArg('embed_dim', 'strategy.embed_dim'),
+    ModelArg('num_heads', 'strategy.num_heads'),
+    ModelArg('mlp_dim', 'strategy.mlp_dim'),
+    ModelArg('depth', 'strategy.depth'),
+    ModelArg('encoder_drop_rate', 'strategy.drop'),  # attention, residual and FFN dropout
+)
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:
@@ -227,25 +219,23 @@ def _cfg(**kwargs) -> Dict[str, Any]:
 
 default_cfgs = generate_default_cfgs({f'{name}.untrained': _cfg() for name in model_cfgs})
 
-register_family(Family(
-    'gradattn', 'GradAttn', card='gradattn', filter_fn=checkpoint_filter_fn,
-    model_kwargs=('embed_dim', 'num_heads', 'mlp_dim', 'depth', 'encoder_drop_rate'), modules=('gradattn',)),
-    model_cfgs)
+register_family(Family('gradattn', 'GradAttn', card='gradattn', rules=official_rules.RULES, args=GRADATTN_ARGS),
+                model_cfgs)
 
 
 @register_model
 def resnet18_gradattn_nope(pretrained: bool = False, **kwargs) -> ResNetLA:
     """GradAttn-18 without positional information (residual-free ResNet-18 + 3-layer token encoder)."""
-    return _create_gradattn('resnet18_gradattn_nope', pretrained, **kwargs)
+    return build_model('resnet18_gradattn_nope', pretrained, **kwargs)
 
 
 @register_model
 def resnet18_gradattn_lpe(pretrained: bool = False, **kwargs) -> ResNetLA:
     """GradAttn-18 with a learned positional embedding of the 5 depth tokens."""
-    return _create_gradattn('resnet18_gradattn_lpe', pretrained, **kwargs)
+    return build_model('resnet18_gradattn_lpe', pretrained, **kwargs)
 
 
 @register_model
 def resnet18_gradattn_rope(pretrained: bool = False, **kwargs) -> ResNetLA:
     """GradAttn-18 with rotary embeddings over the depth index (bias-free q/k/v)."""
-    return _create_gradattn('resnet18_gradattn_rope', pretrained, **kwargs)
+    return build_model('resnet18_gradattn_rope', pretrained, **kwargs)

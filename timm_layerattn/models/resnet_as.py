@@ -23,20 +23,22 @@ are in `cifar_resnet_as`.
 """
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 from timm.models import generate_default_cfgs, register_model
 
 from ..checkpoints import attention_shortcuts
-from ..families import Family, imagenet_cfg, register_family
+from ..core.strategy import BlockSite, LayerStrategy, StageSite, Trunk
+from ..core.units import Dd, LAStage
+from ..families import Family, ModelArg, imagenet_cfg, register_family
 from ..layers._checks import check_bool, check_choice, check_divisor, check_int, divisors, fmt_ints
 from ..layers.shortcut import AttentionShortcut, ShortcutCfg, ShortcutProjections, create_shortcut_site
-from ._builder import build_la_model
-from .skeleton import BlockSite, Dd, LAStage, LayerStrategy, ResNetLA, ResNetLACfg, StageSite
+from ._builder import build_model
+from .resnet_trunk import ResNetLA, ResNetLACfg
 
-__all__ = ['AttentionShortcuts', 'as_arch', 'apply_as_args', 'create_as_model', 'checkpoint_filter_fn', 'AS_FAMILY']
+__all__ = ['AttentionShortcuts', 'as_arch', 'checkpoint_filter_fn', 'AS_FAMILY']
 
 _DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 _INNER = (64, 128, 256, 512)
@@ -92,7 +94,7 @@ class AttentionShortcuts(LayerStrategy):
         proj.bind(sites)
         return 'as_proj', proj
 
-    def prune(self, model: ResNetLA) -> None:
+    def prune(self, model: Trunk) -> None:
         proj = getattr(model, 'as_proj', None)
         if isinstance(proj, ShortcutProjections):
             proj.prune(_block_sites(model.stages()))
@@ -132,92 +134,52 @@ def as_arch(kind: str, depth: int = 50, stem_type: str = '', zero_init_last: boo
     raise ValueError(f'Unknown attention-shortcut variant {kind!r}')
 
 
-def apply_as_args(
-        variant: str,
-        cfg: ResNetLACfg,
-        as_dim: Optional[int] = None,
-        as_heads: Optional[int] = None,
-        q_proj: Optional[str] = None,
-        kv_adapter: Optional[str] = None,
-        act_after_ln: Optional[bool] = None,
-        pre_ln: Optional[bool] = None,
-) -> ResNetLACfg:
-    """Fold the family's model kwargs (#as-kwargs) into the architecture; a kwarg the variant lacks is a TypeError.
+def _shortcuts(arch: ResNetLACfg) -> Optional[ShortcutCfg]:
+    return arch.strategy.cfg if isinstance(arch.strategy, AttentionShortcuts) else None
 
-    Args:
-        as_dim: Common width of AS_out (stem and every block output; 128).
-        as_heads: Attention heads h (4).
-        q_proj: 'per_site' or 'shared' W^Q (AS_out, AS_KV; #as-projection-sharing).
-        kv_adapter: 'separate' or 'shared' K/V cache adapter (AS_KV, AS_stages; #as-cache-adapters).
-        act_after_ln: ReLU after each block's LayerNorm (AS_out, AS_KV; #as-block-ending).
-        pre_ln: LayerNorm on each site's input (AS_stages; #as-stages-design).
-    """
-    sc = cfg.strategy.cfg if isinstance(cfg.strategy, AttentionShortcuts) else None
-    block_sites = sc is not None and sc.placement == 'block'
-    given = dict(as_dim=as_dim, as_heads=as_heads, q_proj=q_proj, kv_adapter=kv_adapter,
-                 act_after_ln=act_after_ln, pre_ln=pre_ln)
-    valid = {
-        'as_dim': block_sites and sc.downsample == 'subsample',
-        'as_heads': sc is not None,
-        'q_proj': block_sites,
-        'kv_adapter': sc is not None and sc.downsample == 'conv',
-        'act_after_ln': block_sites,
-        'pre_ln': sc is not None and sc.placement == 'stage',
-    }
-    for name, value in given.items():
-        if value is not None and not valid[name]:
-            raise TypeError(f'{variant} does not take {name!r}')
-    # Types and ranges here, where the variant is known; `ResNetLA` checks the heads against every site width.
-    if q_proj is not None:
-        check_choice(variant, 'q_proj', q_proj, ('per_site', 'shared'))
-    if kv_adapter is not None:
-        check_choice(variant, 'kv_adapter', kv_adapter, ('separate', 'shared'))
-    if as_heads is not None:
-        check_int(variant, 'as_heads', as_heads)
-    if as_dim is not None:
-        heads = as_heads if as_heads is not None else sc.num_heads
-        check_int(variant, 'as_dim', as_dim, allowed=f'a positive multiple of as_heads ({heads})')
-        if as_dim % heads:
-            raise ValueError(f'{variant}: as_dim must be a positive multiple of as_heads ({heads}), got {as_dim!r}')
-    for name, value in (('act_after_ln', act_after_ln), ('pre_ln', pre_ln)):
-        if value is not None:
-            check_bool(variant, name, value)
-    if as_dim is not None:
-        cfg = replace(cfg, stem_width=as_dim, out_channels=(as_dim,) * len(cfg.layers))
-    if act_after_ln is not None:
-        cfg = replace(cfg, last_act=act_after_ln)
-    sc_args = dict(num_heads=as_heads, q_proj=q_proj, kv_adapter=kv_adapter, pre_norm=pre_ln)
-    sc_args = {k: v for k, v in sc_args.items() if v is not None}
-    if sc_args:
-        cfg = replace(cfg, strategy=AttentionShortcuts(replace(sc, **sc_args)))
-    return cfg
+
+def _takes(**want: Any) -> Callable[[ResNetLACfg], bool]:
+    """Which variants take a kwarg: those with attention shortcuts whose `ShortcutCfg` has the given fields."""
+    def takes(arch: ResNetLACfg) -> bool:
+        sc = _shortcuts(arch)
+        return sc is not None and all(getattr(sc, k) == v for k, v in want.items())
+    return takes
+
+
+def _check_as_dim(variant: str, as_dim: Any, arch: ResNetLACfg) -> None:
+    heads = _shortcuts(arch).num_heads
+    check_int(variant, 'as_dim', as_dim, allowed=f'a positive multiple of as_heads ({heads})')
+    if as_dim % heads:
+        raise ValueError(f'{variant}: as_dim must be a positive multiple of as_heads ({heads}), got {as_dim!r}')
+
+
+# The family's model kwargs (#as-kwargs), in the order they apply (`as_dim` is checked against the heads).
+AS_ARGS = (
+    # Attention heads h (4).
+    ModelArg('as_heads', 'strategy.cfg.num_heads', takes=_takes(),
+             check=lambda variant, v, arch: check_int(variant, 'as_heads', v)),
+    # Common width of AS_out: stem and every block output (128).
+    ModelArg('as_dim', takes=_takes(placement='block', downsample='subsample'), check=_check_as_dim,
+             apply=lambda arch, v: replace(arch, stem_width=v, out_channels=(v,) * len(arch.layers))),
+    # 'per_site' or 'shared' W^Q (AS_out, AS_KV; #as-projection-sharing).
+    ModelArg('q_proj', 'strategy.cfg.q_proj', takes=_takes(placement='block'),
+             check=lambda variant, v, arch: check_choice(variant, 'q_proj', v, ('per_site', 'shared'))),
+    # 'separate' or 'shared' K/V cache adapter (AS_KV, AS_stages; #as-cache-adapters).
+    ModelArg('kv_adapter', 'strategy.cfg.kv_adapter', takes=_takes(downsample='conv'),
+             check=lambda variant, v, arch: check_choice(variant, 'kv_adapter', v, ('separate', 'shared'))),
+    # ReLU after each block's LayerNorm (AS_out, AS_KV; #as-block-ending).
+    ModelArg('act_after_ln', 'last_act', takes=_takes(placement='block'),
+             check=lambda variant, v, arch: check_bool(variant, 'act_after_ln', v)),
+    # LayerNorm on each site's input (AS_stages; #as-stages-design).
+    ModelArg('pre_ln', 'strategy.cfg.pre_norm', takes=_takes(placement='stage'),
+             check=lambda variant, v, arch: check_bool(variant, 'pre_ln', v)),
+)
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: ResNetLA) -> Dict[str, torch.Tensor]:
     """Unwrap containers / wrapper prefixes; warm-start a stage-site model from a plain ResNet checkpoint
     (its attention-site keys are filled from the model's own init, so loading stays strict)."""
-    return attention_shortcuts.filter_checkpoint(state_dict, model)
-
-
-def create_as_model(
-        variant: str,
-        arch: ResNetLACfg,
-        pretrained: bool = False,
-        as_dim: Optional[int] = None,
-        as_heads: Optional[int] = None,
-        q_proj: Optional[str] = None,
-        kv_adapter: Optional[str] = None,
-        act_after_ln: Optional[bool] = None,
-        pre_ln: Optional[bool] = None,
-        **kwargs,
-) -> ResNetLA:
-    """Build `variant` from its architecture `arch` with the family's kwargs folded in (CIFAR and ImageNet)."""
-    cfg = apply_as_args(variant, replace(arch, name=variant), as_dim, as_heads, q_proj, kv_adapter, act_after_ln, pre_ln)
-    return build_la_model(ResNetLA, variant, pretrained, cfg, checkpoint_filter_fn, **kwargs)
-
-
-def _create_resnet_as(variant: str, pretrained: bool = False, **kwargs) -> ResNetLA:
-    return create_as_model(variant, model_cfgs[variant], pretrained, **kwargs)
+    return attention_shortcuts.RULES.filter(state_dict, model)
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:
@@ -233,54 +195,53 @@ model_cfgs.update(resnet50_half=as_arch('half'), resnet50_plain=as_arch('plain')
 default_cfgs = generate_default_cfgs({f'{name}.untrained': _cfg() for name in model_cfgs})
 
 AS_FAMILY = register_family(Family(
-    'attention_shortcuts', 'Attention shortcuts', card='attention_shortcuts', filter_fn=checkpoint_filter_fn,
-    model_kwargs=('as_dim', 'as_heads', 'q_proj', 'kv_adapter', 'act_after_ln', 'pre_ln'),
-    modules=('resnet_as', 'cifar_resnet_as')), model_cfgs)
+    'attention_shortcuts', 'Attention shortcuts', card='attention_shortcuts', rules=attention_shortcuts.RULES,
+    args=AS_ARGS), model_cfgs)
 
 
 @register_model
 def resnet50_as_out(pretrained: bool = False, **kwargs) -> ResNetLA:
     """AS_out-Net-50 (common width 128, subsampled cache), ImageNet stem."""
-    return _create_resnet_as('resnet50_as_out', pretrained, **kwargs)
+    return build_model('resnet50_as_out', pretrained, **kwargs)
 
 
 @register_model
 def resnet50_as_kv(pretrained: bool = False, **kwargs) -> ResNetLA:
     """AS_KV-Net-50 (widths 1/4 of ResNet-50, K/V cache adapters), ImageNet stem."""
-    return _create_resnet_as('resnet50_as_kv', pretrained, **kwargs)
+    return build_model('resnet50_as_kv', pretrained, **kwargs)
 
 
 @register_model
 def resnet50_as_stages(pretrained: bool = False, **kwargs) -> ResNetLA:
     """AS_stages-ResNet-50 (ResNet-50 with attention over earlier stage outputs between stages)."""
-    return _create_resnet_as('resnet50_as_stages', pretrained, **kwargs)
+    return build_model('resnet50_as_stages', pretrained, **kwargs)
 
 
 @register_model
 def resnet101_as_out(pretrained: bool = False, **kwargs) -> ResNetLA:
     """AS_out-Net-101 (depths 3-4-23-3; not in the paper), ImageNet stem."""
-    return _create_resnet_as('resnet101_as_out', pretrained, **kwargs)
+    return build_model('resnet101_as_out', pretrained, **kwargs)
 
 
 @register_model
 def resnet101_as_kv(pretrained: bool = False, **kwargs) -> ResNetLA:
     """AS_KV-Net-101 (depths 3-4-23-3; not in the paper), ImageNet stem."""
-    return _create_resnet_as('resnet101_as_kv', pretrained, **kwargs)
+    return build_model('resnet101_as_kv', pretrained, **kwargs)
 
 
 @register_model
 def resnet101_as_stages(pretrained: bool = False, **kwargs) -> ResNetLA:
     """AS_stages-ResNet-101 (not in the paper)."""
-    return _create_resnet_as('resnet101_as_stages', pretrained, **kwargs)
+    return build_model('resnet101_as_stages', pretrained, **kwargs)
 
 
 @register_model
 def resnet50_half(pretrained: bool = False, **kwargs) -> ResNetLA:
     """ResNet-50 0.5x: block output widths halved (128/256/512/1024), inner widths kept (AS paper baseline)."""
-    return _create_resnet_as('resnet50_half', pretrained, **kwargs)
+    return build_model('resnet50_half', pretrained, **kwargs)
 
 
 @register_model
 def resnet50_plain(pretrained: bool = False, **kwargs) -> ResNetLA:
     """Plain ResNet-50: no skip connections at all (AS paper baseline)."""
-    return _create_resnet_as('resnet50_plain', pretrained, **kwargs)
+    return build_model('resnet50_plain', pretrained, **kwargs)

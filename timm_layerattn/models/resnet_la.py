@@ -12,21 +12,23 @@ docs/design/layer_attention.md (#la-kcla, #la-mrla-light, #la-mrla-base). The CI
 `cifar_resnet_la`.
 """
 import math
-from dataclasses import dataclass, replace
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Type
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
 from timm.models import generate_default_cfgs, register_model
 
 from ..checkpoints import kcla_mrla
-from ..families import Family, imagenet_cfg, register_family
+from ..core.strategy import BlockSite, LayerStrategy, TrunkCfg
+from ..core.units import Dd
+from ..families import Family, ModelArg, imagenet_cfg, register_family
 from ..layers import LayerAttnCfg, create_layer_attn
 from ..layers._checks import check_divisor, divisors, fmt_ints
-from ._builder import build_la_model
-from .skeleton import BlockSite, Dd, LayerStrategy, ResNetLA, ResNetLACfg
+from ._builder import build_model
+from .resnet_trunk import ResNetLA, ResNetLACfg
 
-__all__ = ['BlockAttention', 'create_la_model', 'checkpoint_filter_fn', 'LA_FAMILIES']
+__all__ = ['BlockAttention', 'checkpoint_filter_fn', 'LA_FAMILIES', 'HEAD_DIM', 'layer_attn_of']
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,7 @@ class BlockAttention(LayerStrategy):
     """One layer-attention module (`LayerAttnCfg.type`: KCLA, MRLA-light, MRLA-base) on every block's output."""
     attn: LayerAttnCfg
 
-    def check(self, cfg: ResNetLACfg, owner: str) -> None:
+    def check(self, cfg: TrunkCfg, owner: str) -> None:
         check_head_dim(owner, self.attn.head_dim, self.attn, cfg.block_widths())
 
     def branch_drop_path(self) -> Optional[float]:
@@ -60,7 +62,7 @@ def check_head_dim(owner: str, head_dim: int, attn: LayerAttnCfg, widths: Tuple[
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
     """Adapt a checkpoint to `model`: unwrap containers and wrapper prefixes, rename official KCLA / MRLA
     layouts (a checkpoint in this package's layout passes through unchanged)."""
-    return kcla_mrla.filter_checkpoint(state_dict, model)
+    return kcla_mrla.TRUNK_RULES.filter(state_dict, model)
 
 
 def layer_attn_of(cfg: ResNetLACfg) -> Optional[LayerAttnCfg]:
@@ -68,27 +70,35 @@ def layer_attn_of(cfg: ResNetLACfg) -> Optional[LayerAttnCfg]:
     return cfg.strategy.attn if isinstance(cfg.strategy, BlockAttention) else None
 
 
-def create_la_model(
-        variant: str,
-        arch: ResNetLACfg,
-        pretrained: bool = False,
-        head_dim: Optional[int] = None,
-        **kwargs,
-) -> ResNetLA:
-    """Build `variant` from `arch`; `head_dim` overrides the attention's head dim (e.g. 64 for the released
-    KCLA code's default)."""
-    cfg = replace(arch, name=variant)
-    if head_dim is not None:
+def _check_head_dim_arg(variant: str, head_dim: Any, arch: ResNetLACfg) -> None:
+    attn = layer_attn_of(arch)
+    if attn is None:
+        raise ValueError(f'{variant}: head_dim is only valid for models with layer attention, got {head_dim!r}')
+    check_head_dim(variant, head_dim, attn, arch.block_widths())  # before LayerAttnCfg's own, generic check
+
+
+# `head_dim` overrides the attention's head dim (e.g. 64 for the released KCLA code's default).
+HEAD_DIM = ModelArg('head_dim', path='strategy.attn.head_dim', check=_check_head_dim_arg)
+
+
+def _la_family(kind: str, title: str, card: str) -> Family:
+    return Family(kind, title, card=card, rules=kcla_mrla.RULES[kind], args=(HEAD_DIM,))
+
+
+# The layer-attention families, by `LayerAttnCfg.type` (the CIFAR module registers its variants too).
+LA_FAMILIES = {
+    'kcla': _la_family('kcla', 'KCLA', 'kcla'),
+    'mrla_light': _la_family('mrla_light', 'MRLA-light', 'mrla_l'),
+    'mrla_base': _la_family('mrla_base', 'MRLA-base', 'mrla_b'),
+}
+
+
+def register_la_models(cfgs: Dict[str, ResNetLACfg], module: str) -> None:
+    """Attach each layer-attention variant of model module `module` to its family (by attention type)."""
+    for name, cfg in cfgs.items():
         attn = layer_attn_of(cfg)
-        if attn is None:
-            raise ValueError(f'{variant}: head_dim is only valid for models with layer attention, got {head_dim!r}')
-        check_head_dim(variant, head_dim, attn, cfg.block_widths())  # before LayerAttnCfg's own, generic check
-        cfg = replace(cfg, strategy=BlockAttention(replace(attn, head_dim=head_dim)))
-    return build_la_model(ResNetLA, variant, pretrained, cfg, checkpoint_filter_fn, **kwargs)
-
-
-def _create_resnet_la(variant: str, pretrained: bool = False, **kwargs) -> ResNetLA:
-    return create_la_model(variant, model_cfgs[variant], pretrained, **kwargs)
+        if attn is not None:
+            register_family(LA_FAMILIES[attn.type], {name: cfg}, module=module)
 
 
 def _kcla_cfg(**kwargs) -> Dict[str, Any]:
@@ -121,66 +131,40 @@ default_cfgs = generate_default_cfgs({
     'resnet101_mrlab.untrained': _mrla_cfg(first_conv='conv1.0'),
 })
 
-def _official(kind: str) -> Callable[[Mapping[str, Any]], bool]:
-    """Detector of one attention type's official checkpoint layout."""
-    return lambda state_dict: kcla_mrla.official_type(state_dict) == kind
-
-
-def _la_family(kind: str, title: str, card: str) -> Family:
-    return Family(kind, title, card=card, filter_fn=checkpoint_filter_fn, detect_official=_official(kind),
-                  model_kwargs=('head_dim',), attention=kind, modules=('resnet_la', 'cifar_resnet_la'))
-
-
-# The layer-attention families, by `LayerAttnCfg.type` (the CIFAR module registers its variants too).
-LA_FAMILIES = {
-    'kcla': _la_family('kcla', 'KCLA', 'kcla'),
-    'mrla_light': _la_family('mrla_light', 'MRLA-light', 'mrla_l'),
-    'mrla_base': _la_family('mrla_base', 'MRLA-base', 'mrla_b'),
-}
-
-
-def register_la_models(cfgs: Dict[str, ResNetLACfg]) -> None:
-    """Attach each layer-attention variant to its family (by attention type)."""
-    for name, cfg in cfgs.items():
-        attn = layer_attn_of(cfg)
-        if attn is not None:
-            register_family(LA_FAMILIES[attn.type], {name: cfg})
-
-
-register_la_models(model_cfgs)
+register_la_models(model_cfgs, __name__)
 
 
 @register_model
 def resnet50_kcla(pretrained: bool = False, **kwargs) -> ResNetLA:
     """ResNet-50 with Key-Correlated Layer Attention (head dim 32 as in the paper)."""
-    return _create_resnet_la('resnet50_kcla', pretrained, **kwargs)
+    return build_model('resnet50_kcla', pretrained, **kwargs)
 
 
 @register_model
 def resnet101_kcla(pretrained: bool = False, **kwargs) -> ResNetLA:
     """ResNet-101 with Key-Correlated Layer Attention (head dim 32 as in the paper)."""
-    return _create_resnet_la('resnet101_kcla', pretrained, **kwargs)
+    return build_model('resnet101_kcla', pretrained, **kwargs)
 
 
 @register_model
 def resnet50_mrlal(pretrained: bool = False, **kwargs) -> ResNetLA:
     """ResNet-50 with MRLA-light."""
-    return _create_resnet_la('resnet50_mrlal', pretrained, **kwargs)
+    return build_model('resnet50_mrlal', pretrained, **kwargs)
 
 
 @register_model
 def resnet101_mrlal(pretrained: bool = False, **kwargs) -> ResNetLA:
     """ResNet-101 with MRLA-light."""
-    return _create_resnet_la('resnet101_mrlal', pretrained, **kwargs)
+    return build_model('resnet101_mrlal', pretrained, **kwargs)
 
 
 @register_model
 def resnet50_mrlab(pretrained: bool = False, **kwargs) -> ResNetLA:
     """ResNet-50 (deep stem) with MRLA-base."""
-    return _create_resnet_la('resnet50_mrlab', pretrained, **kwargs)
+    return build_model('resnet50_mrlab', pretrained, **kwargs)
 
 
 @register_model
 def resnet101_mrlab(pretrained: bool = False, **kwargs) -> ResNetLA:
     """ResNet-101 (deep stem) with MRLA-base."""
-    return _create_resnet_la('resnet101_mrlab', pretrained, **kwargs)
+    return build_model('resnet101_mrlab', pretrained, **kwargs)
