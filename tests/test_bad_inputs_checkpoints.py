@@ -460,7 +460,7 @@ def test_hub(files, tmp_path):
 
 def test_error_types_for_callers():
     """Every checkpoint error is a `PretrainedWeightsError` (and so a one-line CLI `UserError`)."""
-    from timm_layerattn._utils import UserError
+    from timm_layerattn._utils.errors import UserError
     for cls in (CheckpointError, CheckpointMismatchError, CheckpointNotFoundError, CheckpointNotCachedError):
         assert issubclass(cls, PretrainedWeightsError) and issubclass(cls, UserError)
     assert issubclass(CheckpointNotFoundError, FileNotFoundError)

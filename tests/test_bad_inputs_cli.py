@@ -319,7 +319,7 @@ def test_signals_clean_up_and_stale_temporaries_are_removed(ws, tmp_path, capsys
 
 def test_sigint_cleans_up(tmp_path):
     """Ctrl-C (KeyboardInterrupt from Python's own SIGINT handler) inside an atomic folder or file."""
-    from timm_layerattn._utils import atomic_dir, atomic_file
+    from timm_layerattn._utils.files import atomic_dir, atomic_file
     with pytest.raises(KeyboardInterrupt):
         with atomic_dir(tmp_path / 'out') as d:
             (d / 'f').write_text('x')
@@ -332,7 +332,8 @@ def test_sigint_cleans_up(tmp_path):
 
 
 def test_sigterm_in_process_cleans_up_and_restores_the_handler(tmp_path):
-    from timm_layerattn._utils import Terminated, atomic_dir
+    from timm_layerattn._utils.errors import Terminated
+    from timm_layerattn._utils.files import atomic_dir
     before = signal.getsignal(signal.SIGTERM)
     if before is not signal.SIG_DFL:
         pytest.skip('SIGTERM has a handler in this test process')
@@ -345,7 +346,7 @@ def test_sigterm_in_process_cleans_up_and_restores_the_handler(tmp_path):
 
 
 def test_temporaries_of_live_processes_are_kept(tmp_path):
-    from timm_layerattn._utils import _HOST, atomic_dir
+    from timm_layerattn._utils.files import _HOST, atomic_dir
     live = tmp_path / f'.out.{os.getppid()}-{_HOST}-abcd1234.tmp'  # our parent is alive
     other_host = tmp_path / '.out.999999-000000-abcd1234.tmp'
     live.mkdir(), other_host.mkdir()
@@ -356,7 +357,7 @@ def test_temporaries_of_live_processes_are_kept(tmp_path):
 
 def test_atomic_dir_restores_an_interrupted_swap(tmp_path):
     """Killed between moving the old folder aside and moving the new one in: the next run puts it back."""
-    from timm_layerattn._utils import _HOST, atomic_dir
+    from timm_layerattn._utils.files import _HOST, atomic_dir
     proc = subprocess.Popen([sys.executable, '-c', 'pass'])
     proc.wait()  # a pid that is certainly dead
     aside = tmp_path / f'.out.{proc.pid}-{_HOST}-swap.old'

@@ -11,7 +11,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from timm_layerattn._utils import UserError
+from timm_layerattn._utils.errors import UserError
 from timm_layerattn.checkpoints import (
     CONVERTIBLE, attention_shortcuts, cnntention, gradattn, kcla_mrla, official_layout)
 from timm_layerattn.checkpoints import match as match_mod

@@ -15,7 +15,7 @@ import torch
 
 import timm_layerattn  # noqa: F401  (registers the models)
 from timm_layerattn import convert_official, load_trunk
-from timm_layerattn._utils import UserError
+from timm_layerattn._utils.errors import UserError
 from timm_layerattn.cli import main as cli_main
 from timm_layerattn.checkpoints.cnntention import remap_keys as remap_cnntention_keys
 from timm_layerattn.models.resnet_la import checkpoint_filter_fn

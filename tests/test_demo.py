@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from timm_layerattn._utils import UserError
+from timm_layerattn._utils.errors import UserError
 from timm_layerattn.cli import main
 
 pytest.importorskip('sklearn')

@@ -12,7 +12,7 @@ from huggingface_hub import ModelCard
 
 import timm_layerattn
 from timm_layerattn import export_folder, register_pretrained, unregister_pretrained
-from timm_layerattn._utils import UserError
+from timm_layerattn._utils.errors import UserError
 from timm_layerattn.cli import main as cli_main
 from timm_layerattn.hub import CARD_TAGS, card_families, card_template_path, model_family
 from timm_layerattn.pretrained import PretrainedWeightsError
@@ -505,7 +505,7 @@ def test_register_pretrained_validation():
 def test_atomic_outputs_get_normal_permissions(tmp_path):
     """mkdtemp/mkstemp make private entries; results must follow the umask like any other file."""
     import os
-    from timm_layerattn._utils import atomic_dir, atomic_file
+    from timm_layerattn._utils.files import atomic_dir, atomic_file
     mask = os.umask(0o022)
     try:
         with atomic_dir(tmp_path / 'out') as d:

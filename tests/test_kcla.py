@@ -7,7 +7,7 @@ import torch
 
 import timm_layerattn  # noqa: F401  (registers the models)
 from timm_layerattn import convert_official
-from timm_layerattn._utils import UserError
+from timm_layerattn._utils.errors import UserError
 from timm_layerattn.convert import convert_official_with_report
 from timm_layerattn.layers import KCLA, kcla_temperatures
 from timm_layerattn.models.resnet_la import checkpoint_filter_fn

@@ -7,7 +7,7 @@ import torch
 
 import timm_layerattn  # noqa: F401  (registers the models)
 from timm_layerattn import convert_official
-from timm_layerattn._utils import UserError
+from timm_layerattn._utils.errors import UserError
 from timm_layerattn.layers import MRLABase, MRLALight
 
 from _layer_attn import (

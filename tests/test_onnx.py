@@ -15,7 +15,7 @@ import timm
 import torch
 
 import timm_layerattn  # noqa: F401  (registers the architectures)
-from timm_layerattn._utils import UserError
+from timm_layerattn._utils.errors import UserError
 from timm_layerattn.cli import main as cli_main
 from timm_layerattn.hub import export_onnx, is_export_folder
 from timm_layerattn.hub import onnx as hub_onnx

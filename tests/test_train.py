@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from timm_layerattn._utils import UserError
+from timm_layerattn._utils.errors import UserError
 from timm_layerattn.train import (
     RECIPES, create_lr_scheduler, parse_args, read_checkpoint, recipe_markdown, resolve_args, state_checksum, train)
 from timm_layerattn.train.args import batch_and_lr_line

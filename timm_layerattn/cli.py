@@ -11,7 +11,7 @@ import sys
 import traceback
 from typing import Callable, List, Optional
 
-from ._utils import Terminated, UserError, first_line
+from ._utils.errors import Terminated, UserError, first_line
 from .version import __version__
 
 # name -> (module, one-line help)

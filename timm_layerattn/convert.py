@@ -22,7 +22,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from ._utils import UserError, atomic_file
+from ._utils.errors import UserError
+from ._utils.files import atomic_file
 from .checkpoints import cnntention as _cnntention_rules
 from .checkpoints import kcla_mrla as _kcla_mrla_rules
 from . import models  # noqa: F401  (registers every family)
@@ -325,7 +326,7 @@ def load_trunk(
 # ---------------------------------------------------------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ._utils import int_arg
+    from ._utils.args import int_arg
     parser.description = ('Convert a checkpoint of the official KCLA / MRLA / CNNtention code to this package\'s '
                           'layout (safetensors), checked strictly against the target architecture.')
     parser.add_argument('input', help='official checkpoint (torch file read with weights_only=True, or safetensors)')
@@ -347,7 +348,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f'output file already exists: {out} (remove it or pass --overwrite)')
     if os.path.lexists(out) and not out.is_file():
         raise UserError(f'output {out} exists and is not a regular file; it is never replaced')
-    from ._utils import check_writable
+    from ._utils.files import check_writable
     check_writable(out.parent, 'output folder')
     state_dict, container = read_state_dict(args.input, prefer_ema=False)
     check_finite(state_dict, f'checkpoint {args.input}')

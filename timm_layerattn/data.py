@@ -13,7 +13,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from torch.utils.data import Dataset
 
-from ._utils import UserError
+from ._utils.errors import UserError
 
 __all__ = ['DigitsDataset', 'DIGITS_NAMES', 'cifar_train_transform', 'is_embedded_dataset', 'require_demo_extra']
 

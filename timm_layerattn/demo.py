@@ -20,7 +20,9 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
-from ._utils import MARKER_KEY, UserError, check_output_dir, float_arg, int_arg, output_marker, read_marker
+from ._utils.args import float_arg, int_arg
+from ._utils.errors import UserError
+from ._utils.files import MARKER_KEY, check_output_dir, output_marker, read_marker
 
 __all__ = ['DEFAULT_MODELS', 'EXTRA_FAMILY_MODELS', 'default_models', 'is_demo_folder', 'add_arguments', 'run',
            'plot_curves']
@@ -31,7 +33,7 @@ DEFAULT_MODELS = ('cifar_resnet20', 'cifar_resnet20_kcla')
 # `--models ... cifar_resnet20_mrlal cifar_resnet20_mrlab` to keep `make demo` well inside 10 minutes on 2 cores).
 EXTRA_FAMILY_MODELS = ('cifar_resnet20_basic_cbam',)
 
-# The demo's summary; its marker entry (`_utils.output_marker`) says the folder is a demo output, which a
+# The demo's summary; its marker entry (`_utils.files.output_marker`) says the folder is a demo output, which a
 # later demo replaces. Any other folder is never replaced.
 DEMO_MARKER = 'demo.json'
 DEMO_KIND = 'a demo output folder (one with the demo.json of an earlier demo)'
@@ -177,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
     from .data import is_embedded_dataset, require_demo_extra
     require_demo_extra(*(['sklearn'] if is_embedded_dataset(args.dataset) else []), 'matplotlib')
     import timm
-    from ._utils import atomic_dir
+    from ._utils.files import atomic_dir
     from .tools.zoo import format_table, model_table
     from .train import export_checkpoint, parse_args, resolve_args, train
 

@@ -1,4 +1,4 @@
-"""Small shared utilities: user-facing errors, checked command-line numbers and atomic output.
+"""Files and folders the package writes: atomic output, output markers, writability checks.
 
 Atomic output never loses a file: a folder or file is written under a temporary sibling name and renamed
 into place only when complete; an existing folder is replaced only when the caller recognises it as one
@@ -6,12 +6,10 @@ of its own outputs (and `overwrite` is given), never a regular file or a user's 
 siblings carry the writer's pid, so the next run removes those of runs that were killed (`kill -9`),
 and SIGTERM is turned into an exception while one is open, so its cleanup runs.
 """
-import argparse
 import contextlib
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -22,10 +20,11 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Union
 
-from .version import __version__
+from ..version import __version__
+from .errors import Terminated, UserError
 
-__all__ = ['UserError', 'first_line', 'Terminated', 'atomic_dir', 'atomic_file', 'cache_dir', 'check_output_dir',
-           'check_writable', 'int_arg', 'float_arg', 'output_marker', 'read_marker', 'MARKER_KEY']
+__all__ = ['atomic_dir', 'atomic_file', 'check_output_dir', 'check_writable', 'output_marker', 'read_marker',
+           'MARKER_KEY']
 
 _logger = logging.getLogger(__name__)
 
@@ -36,113 +35,6 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def cache_dir() -> Path:
-    """The package's cache: `$TIMM_LAYERATTN_CACHE`, else `${XDG_CACHE_HOME:-~/.cache}/timm-layerattn`.
-
-    Same rule as the standalone `tools/install_mmcv.py`, which keeps its own copy (it runs before the
-    package is installed).
-    """
-    explicit = os.environ.get('TIMM_LAYERATTN_CACHE')
-    if explicit:
-        return Path(explicit).expanduser()
-    return Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache').expanduser() / 'timm-layerattn'
-
-
-def env_switch(name: str) -> str:
-    """'off', 'on' or 'auto' from an on/off environment variable (0/off/false/no, 1/on/true/yes, else 'auto')."""
-    value = os.environ.get(name, '').strip().lower()
-    if value in ('0', 'off', 'false', 'no'):
-        return 'off'
-    if value in ('1', 'on', 'true', 'yes'):
-        return 'on'
-    return 'auto'
-
-
-def first_line(e: BaseException, default: Optional[str] = None, limit: int = 200) -> str:
-    """The first line of `e`'s message, cut to `limit` characters, for one-line error reports.
-
-    An empty message gives `default`, or the exception's type name.
-    """
-    text = str(e).strip()
-    line = text.splitlines()[0].strip() if text else (default if default is not None else type(e).__name__)
-    return line if len(line) <= limit else line[:limit - 3] + '...'
-
-
-class UserError(Exception):
-    """An error caused by the user's input; the CLI prints it as one line, without a traceback."""
-
-
-class Terminated(SystemExit):
-    """SIGTERM (or an unhandled SIGINT) arrived while an atomic output was open.
-
-    A `SystemExit` (exit status 128 + signal number), so `except Exception` blocks let it through while
-    the atomic writers' cleanup (`except BaseException`) still runs.
-    """
-
-    def __init__(self, signum: int):
-        super().__init__(128 + signum)
-        self.signum = signum
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Command-line numbers: argparse `type=` functions, so an out-of-range value is refused at parse time with a
-# message naming the flag ("argument --lr: must be a finite number > 0, got 'nan'").
-# ---------------------------------------------------------------------------------------------------------------
-
-def _range_text(lo: Optional[float], hi: Optional[float], lo_open: bool, hi_open: bool) -> str:
-    if lo is not None and hi is not None:
-        return f'in {"(" if lo_open else "["}{lo:g}, {hi:g}{")" if hi_open else "]"}'
-    if lo is not None:
-        return f'{">" if lo_open else ">="} {lo:g}'
-    if hi is not None:
-        return f'{"<" if hi_open else "<="} {hi:g}'
-    return ''
-
-
-def int_arg(min: Optional[int] = None, max: Optional[int] = None) -> Callable[[str], int]:
-    """An argparse type: an integer in [min, max] (either bound optional)."""
-    want = ' '.join(['an integer', _range_text(min, max, False, False)]).strip()
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f'must be {want}, got {text!r}') from None
-        if (min is not None and value < min) or (max is not None and value > max):
-            raise argparse.ArgumentTypeError(f'must be {want}, got {text!r}')
-        return value
-
-    parse.__name__ = 'int'  # argparse names the type in some messages
-    return parse
-
-
-def float_arg(
-        min: Optional[float] = None,
-        max: Optional[float] = None,
-        min_open: bool = False,
-        max_open: bool = False,
-) -> Callable[[str], float]:
-    """An argparse type: a finite number in the given range (`*_open`: the bound itself is excluded)."""
-    want = ' '.join(['a finite number', _range_text(min, max, min_open, max_open)]).strip()
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f'must be {want}, got {text!r}') from None
-        bad = not math.isfinite(value)
-        if min is not None:
-            bad = bad or value < min or (min_open and value == min)
-        if max is not None:
-            bad = bad or value > max or (max_open and value == max)
-        if bad:
-            raise argparse.ArgumentTypeError(f'must be {want}, got {text!r}')
-        return value
-
-    parse.__name__ = 'float'
-    return parse
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ callers that catch those keep working.
 """
 from typing import Optional
 
-from .._utils import UserError
+from .._utils.errors import UserError
 
 try:
     from huggingface_hub.errors import LocalEntryNotFoundError as _HubNotCached

@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Mapping, Sequence, Tuple, Union
 
 import torch
 
-from .._utils import UserError, first_line
+from .._utils.errors import UserError, first_line
 from .errors import CheckpointError
 
 __all__ = [

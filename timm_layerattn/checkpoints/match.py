@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-from .._utils import UserError
+from .._utils.errors import UserError
 from ..families import families
 from . import attention_shortcuts, cnntention, gradattn, kcla_mrla
 

@@ -28,7 +28,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .._utils import UserError, first_line
+from .._utils.errors import UserError, first_line
 from .errors import (
     CheckpointError, CheckpointMismatchError, CheckpointNotCachedError, CheckpointNotFoundError,
     PretrainedWeightsError)

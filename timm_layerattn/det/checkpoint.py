@@ -177,7 +177,7 @@ def hub_file(repo: str, spec: str, stem: str = 'model', prefer_cache: bool = Fal
         except EntryNotFoundError:  # the repo has no such file
             continue
         except OSError as e:  # repo or revision not found, HTTP errors (huggingface_hub's are OSErrors)
-            from .._utils import first_line
+            from .._utils.errors import first_line
             raise WeightsNotFound(f'backbone weights {spec!r} (Hub repo {repo}): {first_line(e)}') from None
     if unreachable:
         raise _offline(spec, f'Hub repo {repo}', str(constants.HF_HUB_CACHE), stem)

@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
-from .._utils import UserError, _terminate_cleanly, first_line
+from .._utils.errors import UserError, first_line
+from .._utils.files import _terminate_cleanly
 from .tiny_coco import SHAPES, make_tiny_coco
 
 __all__ = ['SMOKE_SCALE', 'SmokeResult', 'run_smoke', 'point_to_data', 'datasets_of', 'evaluators_of',

@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 import torch.nn as nn
 
-from .._utils import UserError
+from .._utils.errors import UserError
 from ..families import families, find_family
 from ..version import __version__
 

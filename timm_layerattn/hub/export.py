@@ -18,7 +18,8 @@ from typing import Any, Callable, ContextManager, Dict, List, Mapping, Optional,
 import torch
 import torch.nn as nn
 
-from .._utils import MARKER_KEY, UserError, atomic_dir, check_output_dir, first_line, output_marker, read_marker
+from .._utils.errors import UserError, first_line
+from .._utils.files import MARKER_KEY, atomic_dir, check_output_dir, output_marker, read_marker
 from ..checkpoints.io import EMA_KEYS, MODEL_KEYS
 from .card import model_family, render_model_card, resolve_dataset, validate_metrics
 

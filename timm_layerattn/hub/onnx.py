@@ -28,7 +28,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .._utils import UserError, atomic_file, first_line
+from .._utils.errors import UserError, first_line
+from .._utils.files import atomic_file
 
 __all__ = ['ONNX_FILE', 'OPSET', 'RTOL', 'INPUT_NAME', 'INSTALL_HINT', 'OnnxCheck', 'OnnxExport', 'require_onnx',
            'check_shapes', 'export_onnx']

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Union
 
-from .._utils import UserError, first_line
+from .._utils.errors import UserError, first_line
 from ..version import __version__
 from .card import YOUR_ORG
 from .export import HUB_FILES, check_repo_id, hub_files

@@ -41,7 +41,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from .._utils import env_switch
+from .._utils.env import env_switch
 from . import native
 
 __all__ = [

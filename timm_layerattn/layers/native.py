@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from .._utils import cache_dir, env_switch
+from .._utils.env import cache_dir, env_switch
 
 __all__ = [
     'NativeKernelError', 'available', 'build', 'disabled', 'last_error', 'mode', 'usable',

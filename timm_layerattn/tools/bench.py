@@ -319,14 +319,14 @@ def plot_depth_sweep(sweep: Dict[str, List[SweepPoint]], path: str, title: str) 
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    from .._utils import atomic_file
+    from .._utils.files import atomic_file
     with atomic_file(path) as f:
         fig.savefig(f, format='png', dpi=120)
     plt.close(fig)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .._utils import int_arg
+    from .._utils.args import int_arg
     parser.add_argument('--models', default=','.join(DEFAULT_MODELS), help='comma-separated model names')
     parser.add_argument('--baseline', default='resnet50', help='timm model every ratio refers to')
     parser.add_argument('--batch-size', type=int_arg(min=1), default=4)
@@ -357,7 +357,8 @@ _PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 
 def _check_plot_path(path: Path) -> None:
     """`--plot` may replace an earlier plot (a PNG), never another file or a folder."""
-    from .._utils import UserError, check_writable
+    from .._utils.errors import UserError
+    from .._utils.files import check_writable
     if path.is_dir():
         raise UserError(f'--plot {path} is a folder; give a file name, e.g. overheads.png')
     if os.path.lexists(path):
@@ -381,7 +382,7 @@ def _config(args: argparse.Namespace) -> BenchConfig:
 def run(args: argparse.Namespace) -> int:
     import timm
     from .. import models
-    from .._utils import UserError
+    from .._utils.errors import UserError
     names = [n.strip() for n in args.models.split(',') if n.strip()]
     if not names:
         raise UserError('--models names no model; give comma-separated names, e.g. resnet50_kcla,resnet50_mrlal')

@@ -10,7 +10,8 @@ import shutil
 from pathlib import Path
 from typing import List
 
-from .._utils import UserError, atomic_dir
+from .._utils.errors import UserError
+from .._utils.files import atomic_dir
 
 __all__ = ['config_dir', 'list_configs', 'is_config_copy']
 

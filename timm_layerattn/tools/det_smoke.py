@@ -14,7 +14,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from .._utils import UserError, int_arg
+from .._utils.args import int_arg
+from .._utils.errors import UserError
 
 __all__ = ['resolve_config', 'parse_cfg_options']
 

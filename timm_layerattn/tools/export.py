@@ -10,7 +10,7 @@ __all__ = ['add_arguments', 'run']
 
 def _json_arg(value: Optional[str], what: str) -> Any:
     """A JSON literal, or `@file.json` / a path to a JSON file."""
-    from .._utils import UserError
+    from .._utils.errors import UserError
     if value is None:
         return None
     text = value
@@ -27,7 +27,7 @@ def _json_arg(value: Optional[str], what: str) -> Any:
 
 def _label_names(value: Optional[str]) -> Optional[List[str]]:
     """JSON list, or a text file with one class name per line."""
-    from .._utils import UserError
+    from .._utils.errors import UserError
     if value is None:
         return None
     path = Path(value[1:] if value.startswith('@') else value)
@@ -46,7 +46,7 @@ def _label_names(value: Optional[str]) -> Optional[List[str]]:
 
 def _model_kwargs(items: List[str]) -> Dict[str, Any]:
     import ast
-    from .._utils import UserError
+    from .._utils.errors import UserError
     out = {}
     for item in items or []:
         key, sep, value = item.partition('=')
@@ -60,7 +60,7 @@ def _model_kwargs(items: List[str]) -> Dict[str, Any]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .._utils import int_arg
+    from .._utils.args import int_arg
     parser.add_argument('model', help='architecture, e.g. cifar_resnet20_kcla (optionally with .tag)')
     parser.add_argument('--checkpoint', required=True,
                         help="weights: safetensors, a state dict, a training checkpoint of timm's train.py or of "
@@ -100,7 +100,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .. import models  # noqa: F401  (registers the architectures)
-    from .._utils import UserError
+    from .._utils.errors import UserError
     from ..hub import check_export_dir, export_folder, load_model_from_checkpoint
     metrics = _json_arg(args.metrics, '--metrics')
     if metrics is not None and not isinstance(metrics, dict):
@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _print_onnx(out: Path) -> None:
     """One line on the ONNX graph: what it computes, its opset and how it compared with PyTorch."""
-    from .._utils import read_marker
+    from .._utils.files import read_marker
     record = (read_marker(out / 'config.json') or {}).get('onnx') or {}
     what = 'features_only backbone, outputs ' + ', '.join(record.get('outputs', [])) \
         if record.get('features_only') else 'classifier'

@@ -59,7 +59,7 @@ def format_table(rows: List[Dict]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('filter', nargs='?', default='*', help='wildcard filter on model names (default: all)')
-    from .._utils import int_arg
+    from .._utils.args import int_arg
     parser.add_argument('--num-classes', type=int_arg(min=0), default=None,
                         help='count params for this many classes (0: without the classifier)')
     parser.add_argument('--markdown', action='store_true', help='print a markdown table')
@@ -67,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .. import models
-    from .._utils import UserError
+    from .._utils.errors import UserError
     names = [n for n in models.list_models() if fnmatch.fnmatch(n, args.filter)]
     if not names:
         raise UserError(f'no registered model matches {args.filter!r}; see `timm-layerattn list`')

@@ -13,14 +13,15 @@ import copy
 import math
 from typing import Optional, Sequence
 
-from .._utils import UserError, float_arg, int_arg
+from .._utils.args import float_arg, int_arg
+from .._utils.errors import UserError
 from .recipes import BASE_DEFAULTS, RECIPE_HELP, RECIPES
 
 __all__ = ['DESCRIPTION', 'INTERPOLATIONS', 'add_arguments', 'parse_args', 'resolve_args', 'batch_and_lr_line']
 
 DESCRIPTION = "`timm-layerattn train`: train a model with the papers' recipes, built from timm's training parts."
 
-# Argument types (`timm_layerattn._utils`): out-of-range values are refused at parse time, naming the flag.
+# Argument types (`timm_layerattn._utils.args`): out-of-range values are refused at parse time, naming the flag.
 POS_INT = int_arg(min=1)
 POS_FLOAT = float_arg(min=0, min_open=True)
 NONNEG_FLOAT = float_arg(min=0)

@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .._utils import UserError
+from .._utils.errors import UserError
 from .recipes import recipe_markdown
 
 __all__ = ['CHECKPOINT_EXT', 'is_run_dir', 'read_checkpoint', 'check_checkpoint_matches', 'read_initial_checkpoint',

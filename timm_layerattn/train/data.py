@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .._utils import UserError
+from .._utils.errors import UserError
 
 __all__ = ['label_names_of', 'set_transform', 'create_datasets', 'create_transforms', 'create_loaders',
            'create_data_config']

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager, Dict, List, Opt
 import torch
 import torch.nn as nn
 
-from .._utils import UserError, atomic_file, check_writable
+from .._utils.errors import UserError
+from .._utils.files import atomic_file, check_writable
 from .args import batch_and_lr_line, parse_args, resolve_args
 from .checkpoint import (
     CHECKPOINT_EXT, check_checkpoint_matches, create_saver, export_checkpoint, is_run_dir, plain_args,
