@@ -27,11 +27,12 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	touch $@
 
 # Test extras on top of the core install, plus the MMDetection stack so the detection tests run.
-# mmcv has no wheel for this torch: the installer builds a CPU wheel once (about 25 min on 2 cores), caches
-# it in ~/.cache/timm-layerattn (or $$TIMM_LAYERATTN_CACHE) and reinstalls it from there (under a minute).
+# mmcv has no wheel for this torch: scripts/install_mmcv.py (standard library only, shipped in the sdist)
+# builds a CPU wheel once (about 25 min on 2 cores), caches it in ~/.cache/timm-layerattn (or
+# $$TIMM_LAYERATTN_CACHE) and reinstalls it from there (under a minute).
 # With mmcv in place the `mmdet` extra resolves without building anything.
-$(VENV)/.installed-test: $(VENV)/.installed pyproject.toml timm_layerattn/tools/install_mmcv.py
-	$(BIN)/python timm_layerattn/tools/install_mmcv.py
+$(VENV)/.installed-test: $(VENV)/.installed pyproject.toml scripts/install_mmcv.py
+	$(BIN)/python scripts/install_mmcv.py
 	$(PIP) install -q -e '.[test,demo,mmdet]'
 	touch $@
 

@@ -19,11 +19,12 @@ receive mmcv:
 The compiled ops link against torch's C++ ABI, so cached wheels are keyed on
 the exact ``torch.__version__``.  The build is CPU-only even on a GPU host.
 
-Run it as ``python -m timm_layerattn.tools.install_mmcv`` or, in a checkout, as
-``python timm_layerattn/tools/install_mmcv.py`` (``make install-test`` does). It uses the standard library
-only and never imports torch in this process (run as a module, the package's ``__init__`` imports torch;
-run as a file, nothing of the package is imported):
-everything touching torch runs in a child interpreter (``sys.executable``).
+Run it with the interpreter that should receive mmcv, from a checkout or an unpacked sdist of
+timm-layerattn: ``python scripts/install_mmcv.py`` (``make install-test`` does). It is one self-contained
+file: standard library only, it imports nothing of timm_layerattn (it runs before the package is
+installed) and never imports torch in this process; everything touching torch runs in a child
+interpreter (``sys.executable``). Its cache folder follows the package's ``cache_dir()`` rule
+(``tests/test_install_mmcv.py`` checks that the two agree).
 """
 
 from __future__ import annotations
@@ -132,7 +133,11 @@ def mmcv_version_ok(version: str) -> bool:
 
 
 def default_cache_dir() -> Path:
-    """``$TIMM_LAYERATTN_CACHE`` or ``${XDG_CACHE_HOME:-~/.cache}/timm-layerattn``."""
+    """``$TIMM_LAYERATTN_CACHE`` or ``${XDG_CACHE_HOME:-~/.cache}/timm-layerattn``.
+
+    The rule of the package's ``timm_layerattn._utils.env.cache_dir()``, restated here because this
+    script cannot import the package (a test checks that both agree).
+    """
     explicit = os.environ.get(CACHE_ENV)
     if explicit:
         return Path(explicit).expanduser()
@@ -725,7 +730,7 @@ def run(opts: Options) -> int:
 def parse_args(argv: Sequence[str] | None) -> Options:
     """Parse command-line arguments."""
     parser = argparse.ArgumentParser(
-        prog="python -m timm_layerattn.tools.install_mmcv",
+        prog="python scripts/install_mmcv.py",
         description=f"Install mmcv {MMCV_VERSION} (building and caching a CPU wheel if "
         "needed), mmengine and mmdet into the running interpreter.",
     )

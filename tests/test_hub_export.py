@@ -315,8 +315,8 @@ def test_cli_export_runner_checkpoint_without_mmdet(tmp_path, capsys, monkeypatc
     rc, _, err = _cli(capsys, 'export', NAME, '--checkpoint', 'epoch_1.pth', '--out', 'o')
     assert rc == 2 and len(err.strip().splitlines()) == 1, err
     assert ('epoch_1.pth: reading an mmengine Runner checkpoint (its message_hub holds '
-            'mmengine.logging.history_buffer.HistoryBuffer) needs MMDetection: python -m '
-            'timm_layerattn.tools.install_mmcv') in err, err
+            'mmengine.logging.history_buffer.HistoryBuffer) needs MMDetection (python '
+            'scripts/install_mmcv.py') in err, err
     assert not Path('o').exists()
 
 

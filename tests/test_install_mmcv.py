@@ -1,20 +1,31 @@
-"""Fast, torch-free tests for the mmcv installer, timm_layerattn/tools/install_mmcv.py (no build is run)."""
+"""Fast, torch-free tests for the mmcv installer, scripts/install_mmcv.py (no build is run).
+
+The installer is a standalone script outside the package (it runs before the package is installed); it is
+loaded here by path, as `make install-test` runs it.
+"""
 
 from __future__ import annotations
 
+import ast
 import importlib.util
+import os
+import shutil
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
 import pytest
 
-MODULE_PATH = Path(__file__).resolve().parents[1] / "timm_layerattn" / "tools" / "install_mmcv.py"
+REPO = Path(__file__).resolve().parents[1]
+MODULE_PATH = REPO / "scripts" / "install_mmcv.py"
+# The package's cache folder rule; a module without package imports, so it loads by path without torch.
+PACKAGE_ENV_PATH = REPO / "timm_layerattn" / "_utils" / "env.py"
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("install_mmcv_under_test", MODULE_PATH)
+def _load(path: Path = MODULE_PATH, name: str = "install_mmcv_under_test"):
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses resolve annotations through here
@@ -125,10 +136,84 @@ def test_runs_as_plain_script_without_torch() -> None:
             sys.executable,
             "-c",
             f"import runpy, sys; runpy.run_path({str(MODULE_PATH)!r}); "
-            "print('torch' in sys.modules)",
+            "print('torch' in sys.modules, 'timm_layerattn' in sys.modules)",
         ],
         capture_output=True,
         text=True,
         check=False,
     )
-    assert probe.stdout.strip() == "False"
+    assert probe.stdout.strip() == "False False"
+
+
+def test_imports_only_the_standard_library() -> None:
+    """Self-contained: nothing it imports needs an install (no torch, no timm_layerattn, no third party)."""
+    tree = ast.parse(MODULE_PATH.read_text(encoding="utf-8"))
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, "relative import in a standalone script"
+            imported.add((node.module or "").split(".")[0])
+    assert imported and imported <= set(sys.stdlib_module_names) | {"__future__"}, (
+        imported - set(sys.stdlib_module_names)
+    )
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {},
+        {"TIMM_LAYERATTN_CACHE": "{tmp}/explicit"},
+        {"TIMM_LAYERATTN_CACHE": "~/tla-cache"},
+        {"TIMM_LAYERATTN_CACHE": "", "XDG_CACHE_HOME": "{tmp}/xdg"},
+        {"XDG_CACHE_HOME": "{tmp}/xdg"},
+    ],
+)
+def test_cache_dir_agrees_with_the_package(
+    env: dict, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The installer's wheel cache is the package's cache folder (`timm_layerattn._utils.env.cache_dir`)."""
+    package_env = _load(PACKAGE_ENV_PATH, "timm_layerattn_env_under_test")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for name in ("TIMM_LAYERATTN_CACHE", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value.format(tmp=tmp_path))
+    assert im.default_cache_dir() == package_env.cache_dir()
+    assert im.parse_args([]).cache_dir == package_env.cache_dir().absolute()
+
+
+def test_makefile_runs_the_script() -> None:
+    """`make test` (and so CI's `.ci/run`) installs the test stack through this script."""
+    text = (REPO / "Makefile").read_text(encoding="utf-8")
+    rule = text[text.index("$(VENV)/.installed-test:"):].split("\n\n")[0]
+    assert "scripts/install_mmcv.py" in rule.splitlines()[0]  # a prerequisite: edits re-run the install
+    assert "$(BIN)/python scripts/install_mmcv.py" in rule
+
+
+def test_ships_in_the_sdist(tmp_path: Path) -> None:
+    """The sdist (what a source install starts from) carries the script, so the test stack installs from it."""
+    pytest.importorskip("setuptools")
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    ).stdout.split()
+    src = tmp_path / "src"
+    for rel in files:
+        path = REPO / rel
+        if path.is_symlink():
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(os.readlink(path), src / rel)
+        elif path.is_file():
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, src / rel)
+    code = "import sys; from setuptools import build_meta; print(build_meta.build_sdist(sys.argv[1]))"
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "dist")],
+        cwd=src, capture_output=True, text=True, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with tarfile.open(tmp_path / "dist" / proc.stdout.split()[-1]) as tar:
+        names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+    assert "scripts/install_mmcv.py" in names

@@ -115,8 +115,9 @@ def read_raw(path: PathLike, allowed_globals: Sequence[Any] = ()) -> Tuple[Any, 
         if unsupported and unsupported.group(1).startswith('mmengine.'):
             raise UnsupportedGlobalError(
                 f'{path}: reading an mmengine Runner checkpoint (its message_hub holds {unsupported.group(1)}) '
-                f'needs MMDetection: python -m timm_layerattn.tools.install_mmcv; or, where you trust the file, '
-                f're-save just the weights: torch.save(ckpt["state_dict"], "weights.pth")', unsupported.group(1))
+                f'needs MMDetection (python scripts/install_mmcv.py, in a checkout or the sdist); or, where you '
+                f'trust the file, re-save just the weights: torch.save(ckpt["state_dict"], "weights.pth")',
+                unsupported.group(1))
         if unsupported:
             raise UnsupportedGlobalError(
                 f'{path}: the checkpoint stores Python objects ({unsupported.group(1)}) that only a full unpickle '

@@ -8,13 +8,13 @@ Importing it also lets mmengine read checkpoints saved by its Runner under torch
 `smoke.py` (with the generated data of `tiny_coco.py`) is `timm-layerattn det-smoke`.
 
 `import timm_layerattn` never imports this package. The MMDetection stack is the `mmdet` extra; mmcv
-needs compiled ops, which the standalone installer `python -m timm_layerattn.tools.install_mmcv` builds
-once and caches when no official mmcv wheel matches the installed torch.
+needs compiled ops, which the standalone installer `scripts/install_mmcv.py` (in a checkout and in the sdist)
+builds once and caches when no official mmcv wheel matches the installed torch.
 """
 _INSTALL_HINT = (
-    'install the MMDetection stack with `python -m timm_layerattn.tools.install_mmcv` (builds and '
-    'caches mmcv for your torch if no official wheel exists), or `pip install "timm-layerattn[mmdet]"` where an '
-    'mmcv wheel for your torch is available')
+    'install the MMDetection stack with `python scripts/install_mmcv.py` from a timm-layerattn checkout or '
+    'sdist (builds and caches mmcv for your torch if no official wheel exists), or '
+    '`pip install "timm-layerattn[mmdet]"` where an mmcv wheel for your torch is available')
 
 try:
     import mmdet.registry  # noqa: F401  (mmdet itself asserts a compatible mmcv version)
