@@ -307,11 +307,11 @@ def _message_hub_checkpoint(path: Path, state_dict) -> None:
 
 def test_cli_export_runner_checkpoint_without_mmdet(tmp_path, capsys, monkeypatch):
     """Without MMDetection the message hub cannot be read: one line naming what to install."""
-    from timm_layerattn.hub import export as hub_export
+    from timm_layerattn.hub import source as hub_source
     monkeypatch.chdir(tmp_path)  # short paths: the one-line errors are cut at 200 characters
     state = {f'backbone.model.{k}': v for k, v in _trained_like(num_classes=0).state_dict().items()}
     _message_hub_checkpoint(Path('epoch_1.pth'), state)
-    monkeypatch.setattr(hub_export, '_mmengine_globals', lambda: None)  # as where MMDetection is missing
+    monkeypatch.setattr(hub_source, '_mmengine_globals', lambda: None)  # as where MMDetection is missing
     rc, _, err = _cli(capsys, 'export', NAME, '--checkpoint', 'epoch_1.pth', '--out', 'o')
     assert rc == 2 and len(err.strip().splitlines()) == 1, err
     assert ('epoch_1.pth: reading an mmengine Runner checkpoint (its message_hub holds '

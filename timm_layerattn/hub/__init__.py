@@ -9,17 +9,17 @@ that exists is a folder that loads.
 
 Pushing uses `huggingface_hub` (`create_repo` + `upload_folder`); it is imported only when used.
 
-Modules: `card` (dataset metadata, card families, card rendering), `export` (export, verification, checkpoint
-loading, output-folder checks), `onnx` (ONNX export and its onnxruntime check; onnx, onnxscript and onnxruntime
-are imported only when used), `push` (folder validation, staging, upload).
+Modules: `card` (dataset metadata, card families, card rendering), `export` (export, verification, output-folder
+checks), `source` (reading any checkpoint file a user has, building the model it fits), `onnx` (ONNX export and
+its onnxruntime check; onnx, onnxscript and onnxruntime are imported only when used), `push` (folder validation,
+staging, upload).
 """
 from .card import (
     CARD_TAGS, card_families, YOUR_ORG, card_template_path, model_family, render_model_card, resolve_dataset)
-from .export import (
-    HUB_FILES, OPTIONAL_HUB_FILES, check_export_dir, export_folder, hub_files, is_export_folder,
-    load_model_from_checkpoint, read_checkpoint)
+from .export import HUB_FILES, OPTIONAL_HUB_FILES, check_export_dir, export_folder, hub_files, is_export_folder
 from .onnx import OnnxExport, export_onnx
 from .push import PushResult, push_folder, validate_folder
+from .source import load_model_from_checkpoint, read_checkpoint
 
 __all__ = ['export_folder', 'is_export_folder', 'check_export_dir', 'load_model_from_checkpoint', 'read_checkpoint',
            'export_onnx', 'OnnxExport', 'render_model_card', 'model_family', 'validate_folder',
