@@ -10,7 +10,7 @@ from timm_layerattn._utils.errors import UserError
 from timm_layerattn.train import (
     RECIPES, create_lr_scheduler, parse_args, read_checkpoint, recipe_markdown, resolve_args, state_checksum, train)
 from timm_layerattn.train.args import batch_and_lr_line
-from timm_layerattn.train.loop import warmup_warning
+from timm_layerattn.train.setup import warmup_warning
 
 TINY = ['--dataset', 'digits', '--model', 'cifar_resnet20', '--train-samples', '48', '--val-samples', '24', '-b', '16',
         '--epochs', '1', '--no-progress', '--quiet', '--workers', '0']

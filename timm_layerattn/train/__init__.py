@@ -19,14 +19,16 @@ otherwise followed by the lr (linear rule, `--no-lr-scale` to keep it). Epochs c
 Checkpoints are plain dicts of tensors and Python scalars: they load with `torch.load(..., weights_only=True)`.
 
 Modules: `recipes` (the `--recipe` table), `args` (parser, recipe resolution), `data` (datasets, transforms,
-loaders), `checkpoint` (read, save, checksum, export), `loop` (set-up, epochs, evaluation, entry points).
+loaders), `checkpoint` (read, save, checksum, export), `setup` (device, folders, data, model, optimizer,
+schedule, resume: the run's `TrainContext`), `loop` (epochs, evaluation, finish, entry points).
 """
 from .args import add_arguments, parse_args, resolve_args
 from .checkpoint import (
     CHECKPOINT_EXT, check_checkpoint_matches, export_checkpoint, read_checkpoint, state_checksum)
 from .data import create_datasets, create_loaders, create_transforms, label_names_of, set_transform
-from .loop import TrainContext, TrainingDiverged, TrainResult, create_lr_scheduler, evaluate, main, run, train
+from .loop import TrainingDiverged, TrainResult, evaluate, main, run, train
 from .recipes import RECIPES, recipe_markdown
+from .setup import TrainContext, create_lr_scheduler
 
 __all__ = ['RECIPES', 'TrainResult', 'TrainingDiverged', 'TrainContext', 'add_arguments', 'resolve_args', 'train',
            'run', 'main', 'evaluate', 'export_checkpoint', 'parse_args', 'create_lr_scheduler', 'read_checkpoint',
