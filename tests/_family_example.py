@@ -1,7 +1,7 @@
 """The worked example of docs/add_a_family.md as a module: a new per-block family (DepthSE) made of a layer
 module, a strategy, checkpoint rules and registration data only, with no edit to any existing file.
 
-`tests/test_add_a_family.py` imports it in a fresh interpreter (so the family never leaks into the registry of
+`tests/test_worked_examples.py` imports it in a fresh interpreter (so the family never leaks into the registry of
 other tests) and runs the `check_*` functions: every generic part of the package (the builder, the kwargs, the
 registry, the checkpoint entry points, `list_models`) must pick the family up by itself.
 """
@@ -77,7 +77,7 @@ def resnet26_dse(pretrained: bool = False, **kwargs: Any) -> ResNetLA:
     return build_model('resnet26_dse', pretrained, **kwargs)
 
 
-# The checks, run by tests/test_add_a_family.py.
+# The checks, run by tests/test_worked_examples.py.
 
 def check_the_new_family_is_a_timm_model():
     model = timm.create_model('resnet26_dse', num_classes=7)
