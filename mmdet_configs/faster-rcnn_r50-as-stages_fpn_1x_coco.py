@@ -3,26 +3,22 @@
 # Paper (attention shortcuts): no detection experiments are reported; this config applies the recipe of
 # the KCLA / MRLA configs next to it, i.e. the stock MMDetection 1x one.
 #
-# This config: that stock recipe (SGD lr 0.02 for total batch 16 = 8 GPUs x 2 images, momentum 0.9,
-# weight decay 1e-4, 500-iter warm-up, steps at epochs 8 and 11) with auto_scale_lr enabled, so the lr
-# follows the linear rule for the batch actually run (GPUs x train_dataloader.batch_size): e.g. 2 GPUs x
-# 4 images -> 0.01. Backbone: frozen_stages=1 (stem and stage 1, including their attention modules),
-# norm_eval (every BatchNorm) and no drop path.
+# This config: the backbone and recipe of `_base_/layer_attn_backbone.py` (MMDetection's stock 1x schedule with
+# auto_scale_lr, frozen_stages=1, norm_eval) with no drop path.
 #
 # Weights: the trunk starts from timm's ImageNet `resnet50` weights, `resnet50.a1_in1k` (what
-# `timm.create_model('resnet50', pretrained=True)` loads), downloaded from the Hugging Face Hub on first use
-# and cached there; the attention-shortcut modules start freshly initialised (no layer-attention ImageNet
-# weights are published). The weights are checked when the model is built, before any dataset. Offline, or
-# from your own copy of a timm / torchvision resnet50 state dict (.safetensors or torch file):
+# `timm.create_model('resnet50', pretrained=True)` loads); the attention-shortcut modules start freshly
+# initialised. Your own copy of the trunk, or layer-attention weights of `resnet50_as_stages` (see
+# `_base_/layer_attn_backbone.py`):
 #   --cfg-options model.backbone.init_cfg.checkpoint=/path/to/resnet50.safetensors
-# With layer-attention weights of `resnet50_as_stages` (.safetensors / torch file, local-dir:DIR or
-# hf-hub:ORG/NAME):
 #   --cfg-options model.backbone.init_cfg.type=Pretrained model.backbone.init_cfg.checkpoint=PATH
 
-_base_ = './faster-rcnn_r50-mrlal_fpn_1x_coco.py'
+_base_ = ['mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py', './_base_/layer_attn_backbone.py']
 
-model = dict(
-    backbone=dict(
-        arch='resnet50_as_stages',
-        drop_path_rate=0.0,
-        init_cfg=dict(type='TimmTrunk', checkpoint='resnet50.a1_in1k')))
+model = dict(backbone=dict(
+    _base_.pop('layer_attn_backbone'),
+    arch='resnet50_as_stages',
+    drop_path_rate=0.0,
+    init_cfg=dict(type='TimmTrunk', checkpoint='resnet50.a1_in1k')))
+
+auto_scale_lr = dict(enable=True, base_batch_size=16)

@@ -5,39 +5,23 @@
 # SGD lr 0.02 for total batch 16, momentum 0.9, weight decay 1e-4, 500-iter linear warm-up, 12 epochs,
 # lr x0.1 after epochs 8 and 11; ImageNet-pretrained backbone, frozen_stages=1, norm_eval, no drop path.
 #
-# This config: that stock recipe (SGD lr 0.02 for total batch 16 = 8 GPUs x 2 images, momentum 0.9,
-# weight decay 1e-4, 500-iter warm-up, steps at epochs 8 and 11) with auto_scale_lr enabled, so the lr
-# follows the linear rule for the batch actually run (GPUs x train_dataloader.batch_size): e.g. 2 GPUs x
-# 4 images -> 0.01. Backbone as in the official code: frozen_stages=1 (stem and stage 1, including their
-# attention modules), norm_eval (every BatchNorm, the attention modules' too) and
-# no drop path on the MRLA branch (as for MRLA-L; also the MRLA-B model default).
+# This config: the backbone and recipe of `_base_/layer_attn_backbone.py` (MMDetection's stock 1x schedule with
+# auto_scale_lr, frozen_stages=1, norm_eval) with no drop path on the MRLA branch (as for MRLA-L; also the MRLA-B
+# model default).
 #
 # Weights: the trunk starts from timm's ImageNet `resnet50c` weights, `resnet50c.gluon_in1k` (what
-# `timm.create_model('resnet50c', pretrained=True)` loads, the plain ResNet with MRLA-B's deep stem),
-# downloaded from the Hugging Face Hub on first use and cached there; the MRLA-B modules start freshly
-# initialised (no layer-attention ImageNet weights are published). The weights are checked when the model is
-# built, before any dataset. Offline, or from your own copy of a timm resnet50c state dict (.safetensors or
-# torch file):
+# `timm.create_model('resnet50c', pretrained=True)` loads, the plain ResNet with MRLA-B's deep stem); the MRLA-B
+# modules start freshly initialised. Your own copy of the trunk, or layer-attention weights of `resnet50_mrlab`
+# (see `_base_/layer_attn_backbone.py`):
 #   --cfg-options model.backbone.init_cfg.checkpoint=/path/to/resnet50c.safetensors
-# With layer-attention weights of `resnet50_mrlab` (.safetensors / torch file, official training checkpoints
-# included, local-dir:DIR or hf-hub:ORG/NAME):
 #   --cfg-options model.backbone.init_cfg.type=Pretrained model.backbone.init_cfg.checkpoint=PATH
 
-_base_ = 'mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py'
+_base_ = ['mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py', './_base_/layer_attn_backbone.py']
 
-custom_imports = dict(imports=['timm_layerattn.det'], allow_failed_imports=False)
-
-model = dict(
-    backbone=dict(
-        _delete_=True,
-        type='LayerAttnResNet',
-        arch='resnet50_mrlab',
-        out_indices=(0, 1, 2, 3),
-        frozen_stages=1,
-        norm_cfg=dict(type='BN', requires_grad=True),
-        norm_eval=True,
-        drop_path_rate=0.0,
-        init_cfg=dict(type='TimmTrunk', checkpoint='resnet50c.gluon_in1k')),
-    neck=dict(in_channels=[256, 512, 1024, 2048]))
+model = dict(backbone=dict(
+    _base_.pop('layer_attn_backbone'),
+    arch='resnet50_mrlab',
+    drop_path_rate=0.0,
+    init_cfg=dict(type='TimmTrunk', checkpoint='resnet50c.gluon_in1k')))
 
 auto_scale_lr = dict(enable=True, base_batch_size=16)

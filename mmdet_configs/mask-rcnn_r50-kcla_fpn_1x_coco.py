@@ -5,38 +5,22 @@
 # That rule applied to MMDetection's 0.02 @ batch 16 gives 0.01 @ batch 8, a tenth of the written value;
 # the official repo's config itself keeps the stock lr 0.02 and 2 images per GPU.
 #
-# This config: that stock recipe (SGD lr 0.02 for total batch 16 = 8 GPUs x 2 images, momentum 0.9,
-# weight decay 1e-4, 500-iter warm-up, steps at epochs 8 and 11) with auto_scale_lr enabled, so the lr
-# follows the linear rule for the batch actually run (GPUs x train_dataloader.batch_size): e.g. 2 GPUs x
-# 4 images -> 0.01. Backbone as in the official code: frozen_stages=1 (stem and stage 1, including their
-# attention modules), norm_eval (every BatchNorm, the attention modules' too) and
-# drop path 0.2 on the KCLA branch (hard-coded in the official cell; the ImageNet weights were trained so).
+# This config: the backbone and recipe of `_base_/layer_attn_backbone.py` (MMDetection's stock 1x schedule with
+# auto_scale_lr, frozen_stages=1, norm_eval) with drop path 0.2 on the KCLA branch (hard-coded in the official
+# cell; the ImageNet weights were trained so).
 #
 # Weights: the trunk starts from timm's ImageNet `resnet50` weights, `resnet50.a1_in1k` (what
-# `timm.create_model('resnet50', pretrained=True)` loads), downloaded from the Hugging Face Hub on first use
-# and cached there; the KCLA modules start freshly initialised (no layer-attention ImageNet weights are
-# published). The weights are checked when the model is built, before any dataset. Offline, or from your own
-# copy of a timm / torchvision resnet50 state dict (.safetensors or torch file):
+# `timm.create_model('resnet50', pretrained=True)` loads); the KCLA modules start freshly initialised. Your own
+# copy of the trunk, or layer-attention weights of `resnet50_kcla` (see `_base_/layer_attn_backbone.py`):
 #   --cfg-options model.backbone.init_cfg.checkpoint=/path/to/resnet50.safetensors
-# With layer-attention weights of `resnet50_kcla` (.safetensors / torch file, official training checkpoints
-# included, local-dir:DIR or hf-hub:ORG/NAME):
 #   --cfg-options model.backbone.init_cfg.type=Pretrained model.backbone.init_cfg.checkpoint=PATH
 
-_base_ = 'mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py'
+_base_ = ['mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py', './_base_/layer_attn_backbone.py']
 
-custom_imports = dict(imports=['timm_layerattn.det'], allow_failed_imports=False)
-
-model = dict(
-    backbone=dict(
-        _delete_=True,
-        type='LayerAttnResNet',
-        arch='resnet50_kcla',
-        out_indices=(0, 1, 2, 3),
-        frozen_stages=1,
-        norm_cfg=dict(type='BN', requires_grad=True),
-        norm_eval=True,
-        drop_path_rate=0.2,
-        init_cfg=dict(type='TimmTrunk', checkpoint='resnet50.a1_in1k')),
-    neck=dict(in_channels=[256, 512, 1024, 2048]))
+model = dict(backbone=dict(
+    _base_.pop('layer_attn_backbone'),
+    arch='resnet50_kcla',
+    drop_path_rate=0.2,
+    init_cfg=dict(type='TimmTrunk', checkpoint='resnet50.a1_in1k')))
 
 auto_scale_lr = dict(enable=True, base_batch_size=16)

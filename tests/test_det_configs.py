@@ -20,7 +20,7 @@ import timm_layerattn  # noqa: E402
 from _det_utils import (CONFIG_DIR, REPO, add_to_hub_cache, offline_hub, trunk_shapes,  # noqa: E402
                         write_sparse_safetensors)
 from timm_layerattn.det.trunk import trunk_mismatch  # noqa: E402
-from timm_layerattn.tools.det_configs import config_dir, list_configs  # noqa: E402
+from timm_layerattn.tools.det_configs import base_fragments, config_dir, list_configs  # noqa: E402
 
 pytestmark = pytest.mark.det
 
@@ -46,6 +46,22 @@ def test_exactly_the_expected_configs_ship():
     assert list_configs() == EXPECTED
     for name in EXPECTED:
         assert (config_dir() / name).read_bytes() == (CONFIG_DIR / name).read_bytes()
+
+
+@pytest.mark.parametrize('name', EXPECTED)
+def test_configs_state_the_shared_part_once(name):
+    """R50 configs: MMDetection's detector config plus `_base_/layer_attn_backbone.py`, the backbone taken from
+    it (and not left behind as a key of its own); R101 configs: their R50 config, with arch and trunk only."""
+    assert base_fragments() == ['layer_attn_backbone.py']
+    text = (CONFIG_DIR / name).read_text()
+    det, depth = name.split('-rcnn')[0], name.split('_')[1][1:].split('-', 1)[0]
+    if depth == '50':
+        assert "'./_base_/layer_attn_backbone.py']" in text and "_base_.pop('layer_attn_backbone')" in text
+        assert f"'mmdet::{det}_rcnn/{det}-rcnn_r50_fpn_1x_coco.py'" in text
+    else:
+        assert f"_base_ = './{name.replace('_r101-', '_r50-')}'" in text
+        assert "type='LayerAttnResNet'" not in text and 'drop_path_rate' not in text
+    assert 'out_indices' not in text and 'layer_attn_backbone' not in Config.fromfile(str(CONFIG_DIR / name)).to_dict()
 
 
 @pytest.mark.parametrize('name', EXPECTED)
@@ -176,7 +192,11 @@ def test_configs_load_from_a_wheel_install(tmp_path, trunk_cache):
 def test_cli_prints_the_config_paths(tmp_path):
     from timm_layerattn.cli import main
     assert main(['det-configs', '--copy', str(tmp_path / 'mine')]) == 0
-    assert sorted(p.name for p in (tmp_path / 'mine').iterdir()) == EXPECTED
+    assert sorted(p.name for p in (tmp_path / 'mine').iterdir()) == sorted(EXPECTED + ['_base_'])
+    assert sorted(p.name for p in (tmp_path / 'mine' / '_base_').iterdir()) == base_fragments()
+    # The copy resolves on its own: R101 through its R50 config, R50 through the copied _base_/.
+    name = 'mask-rcnn_r101-kcla_fpn_1x_coco.py'
+    assert Config.fromfile(str(tmp_path / 'mine' / name)).to_dict() == Config.fromfile(str(CONFIG_DIR / name)).to_dict()
     assert main(['det-configs', '--copy', str(tmp_path / 'mine')]) == 2  # no silent overwrite
     assert main(['det-configs', 'no-such-*']) == 2
     assert Path(timm_layerattn.__file__).parent / 'det' / 'configs' == config_dir()
