@@ -8,14 +8,17 @@ import torch
 import timm_layerattn  # noqa: F401  (registers the models)
 from timm_layerattn import convert_official
 from timm_layerattn._utils.errors import UserError
+from timm_layerattn.checkpoints import CheckpointMismatchError
 from timm_layerattn.convert import convert_official_with_report
+from timm_layerattn.families import family_of
 from timm_layerattn.layers import KCLA, kcla_temperatures
 from timm_layerattn.models.resnet_la import checkpoint_filter_fn
 
 from _layer_attn import (
     SIZES, check_imagenet_layout_counts, check_kernels_match_pytorch, check_official_parity, check_official_r50_loads,
     check_reference_network, check_strict_conversion, half, kernel_calls, n_params, randomize_norms)
-from _official import BN_FIELDS, materialize, numel, official_cifar20, official_from_model, official_shapes
+from _official import (
+    BN_FIELDS, materialize, numel, official_cifar20, official_from_model, official_shapes, official_to_ours)
 from _reference import ref_kcla
 
 
@@ -306,6 +309,45 @@ def test_unexpected_kcla_extra_outside_known_cells_is_an_error():
     sd['stages.1.1.kcla.u_Wk.weight'] = torch.zeros(1, 1, 5)  # not an init cell in the official CIFAR code
     with pytest.raises(UserError, match=r'stages\.1\.1\.kcla\.u_Wk\.weight'):
         convert_official(sd, 'cifar_resnet20_kcla')
+
+
+def test_timm_and_convert_take_the_same_tensors_from_an_official_file(tmp_path):
+    """One never-run rule (#la-unused-modules): an official KCLA file loaded through timm's entry point and
+    converted with `convert_official` gives identical tensors, and the same official keys are dropped."""
+    official = official_cifar20('kcla')
+    path = tmp_path / 'kcla20.pth'
+    torch.save({'epoch': 299, 'state_dict': {'module.' + k: v for k, v in official.items()}}, path)
+    converted, report = convert_official_with_report(torch.load(path), 'cifar_resnet20_kcla')
+    loaded = timm.create_model(
+        'cifar_resnet20_kcla', pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).state_dict()
+    assert list(loaded) == list(converted)
+    assert all(torch.equal(loaded[k], v) for k, v in converted.items())
+    dropped_by_timm = [k for k in official if official_to_ours(k) not in loaded]
+    assert dropped_by_timm == report.dropped and len(report.dropped) == 7  # the first cell's re-init extras
+
+
+def test_timm_refuses_a_kcla_extra_outside_known_cells_as_convert_does(tmp_path):
+    """A re-init module the model lacks outside the known never-run cells runs in the official network: timm's
+    entry point keeps the key, and its strict load names it (as `convert_official` does)."""
+    sd = official_cifar20('kcla')
+    sd['stages.1.1.kcla.u_Wk.weight'] = torch.zeros(1, 1, 5)
+    path = tmp_path / 'kcla20_extra.pth'
+    torch.save(sd, path)
+    with pytest.raises(CheckpointMismatchError, match=r'unexpected key.*layer2\.1\.attn\.hist_k\.weight'):
+        timm.create_model('cifar_resnet20_kcla', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+
+
+def test_timm_filter_and_convert_drop_the_same_keys_of_resnet101():
+    """ResNet-101 also has a re-init cell of unchanged width (layer3.11, whose adjust_channel never runs): the
+    model's checkpoint filter (timm's `checkpoint_filter_fn`) keeps and drops what `convert_official` does."""
+    official = materialize(official_shapes('imagenet', 'kcla', 101, head_dim=32))
+    converted, report = convert_official_with_report(official, 'resnet101_kcla')
+    model = timm.create_model('resnet101_kcla', device='meta')
+    filtered = family_of('resnet101_kcla').rules.filter(official, model)  # what timm's build is given
+    assert set(filtered) == set(converted)
+    assert all(torch.equal(filtered[k], v) for k, v in converted.items())
+    assert [k for k in official if official_to_ours(k) not in filtered] == report.dropped
+    assert 'layer3.attention.11.adjust_channel.weight' in report.dropped
 
 
 @pytest.mark.parametrize('name,variant,entries', [

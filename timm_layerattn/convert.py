@@ -14,7 +14,6 @@ strict matching and each family's key rules live in `timm_layerattn.checkpoints`
 import argparse
 import logging
 import os
-import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
@@ -24,12 +23,11 @@ import torch.nn as nn
 
 from ._utils.errors import UserError
 from ._utils.files import atomic_file
-from .checkpoints import cnntention as _cnntention_rules
-from .checkpoints import kcla_mrla as _kcla_mrla_rules
 from . import models  # noqa: F401  (registers every family)
-from .families import families, find_family
+from .families import Family, find_family
 from .checkpoints.io import check_finite, read_state_dict, unwrap_state_dict
-from .checkpoints.match import blocks_per_stage, check_state_dict, layer_attn, layout_of, suggest_arch
+from .checkpoints.match import blocks_per_stage, check_state_dict, layout_of, suggest_arch
+from .checkpoints.rules import CheckpointRules, Remapped, official_layout, unsupported_layout
 
 __all__ = ['convert_official', 'convert_official_with_report', 'detect_official_family', 'load_trunk',
            'TrunkLoadResult']
@@ -49,15 +47,12 @@ def detect_official_family(state_dict: Mapping[str, Any]) -> Optional[str]:
     """Which official code wrote `state_dict`: 'kcla', 'mrla_light', 'mrla_base', 'dla', 'cnntention' or None.
 
     None means the keys are in this package's (= timm / torchvision) layout, which is also the layout of
-    the official plain CIFAR ResNets. 'dla' (dynamic layer attention, not part of this package) is only
-    recognised to be refused.
+    the official plain CIFAR ResNets. Asks every registered family's checkpoint rules (`official_layout`);
+    'dla' (dynamic layer attention, not part of this package) is one of the layouts only recognised to be
+    refused (`checkpoints.rules.UNSUPPORTED_LAYOUTS`).
     """
-    if any(isinstance(k, str) and '.lstm.' in k for k in state_dict):
-        return 'dla'
-    for family in families():
-        if family.detect_official is not None and family.detect_official(state_dict):
-            return family.name
-    return None
+    unsupported = unsupported_layout(state_dict)
+    return unsupported.name if unsupported is not None else official_layout(state_dict)
 
 
 @dataclass
@@ -82,7 +77,10 @@ class ConversionReport:
 
 
 def _target(model_name: str, num_classes: Optional[int], in_chans: Optional[int], head_dim: Optional[int]):
-    """The target model on the meta device (no memory, no compute) and its layer-attention type."""
+    """The target model on the meta device (no memory, no compute), its family, and the official layout it
+    takes: its family's name when the family's rules convert one and the model has the family's strategy,
+    'plain' for a ResNet without one (its official checkpoints are in timm's layout), 'other' for a model
+    that is not ours."""
     import timm
     from timm.models import is_model, split_model_name_tag
     arch = split_model_name_tag(model_name)[0]
@@ -94,13 +92,12 @@ def _target(model_name: str, num_classes: Optional[int], in_chans: Optional[int]
         model = timm.create_model(arch, device='meta', **kwargs)
     except (TypeError, ValueError) as e:
         raise UserError(f'cannot build {arch} with {kwargs}: {e}') from None
-    # The family whose official layout this model takes; 'plain' for a ResNet without one (its official
-    # checkpoints are in timm's layout), 'other' for a model that is not ours.
     cfg = getattr(model, 'cfg', None)
     family = find_family(arch)
-    if family is not None and family.detect_official is not None and getattr(cfg, 'strategy', None) is not None:
-        return arch, model, family.name
-    return arch, model, 'plain' if hasattr(cfg, 'layers') else 'other'
+    rules = family.rules if family is not None else None
+    if rules is not None and rules.converts and getattr(cfg, 'strategy', None) is not None:
+        return arch, model, family, family.name
+    return arch, model, family, 'plain' if hasattr(cfg, 'layers') else 'other'
 
 
 
@@ -110,95 +107,53 @@ def _suggest_arch(family: str, state_dict: Mapping[str, Any], stem_type: str) ->
     return suggest_arch(replace(layout_of(state_dict), kind=family), stem_type)
 
 
+def _rules(family: Optional[Family]) -> CheckpointRules:
+    return family.rules if family is not None and family.rules is not None else CheckpointRules()
+
+
 def convert_official_with_report(
         state_dict: Mapping[str, Any],
         model_name: str,
         *,
         head_dim: Optional[int] = None,
 ) -> Tuple[StateDict, ConversionReport]:
-    """`convert_official`, also returning a `ConversionReport`."""
-    from .layers.kcla import kcla_temperatures
+    """`convert_official`, also returning a `ConversionReport`.
+
+    Generic over the families: the official layout is detected through the registry, and the target family's
+    checkpoint rules (`Family.rules`) check the source against the target (`check_source`), rename it and
+    drop the official modules that never run (`remap`, as timm's entry points do) and check the values they
+    fix (`validate`).
+    """
     sd, _ = unwrap_state_dict(state_dict)
-    family = detect_official_family(sd)
-    if family == 'dla':
-        raise UserError('this is a DLA (dynamic layer attention) checkpoint; DLA models are not part of timm_layerattn')
+    unsupported = unsupported_layout(sd)
+    if unsupported is not None:
+        raise UserError(unsupported.message)
+    official = official_layout(sd)
 
     fc_w = sd.get('fc.weight')
     num_classes = fc_w.shape[0] if fc_w is not None and fc_w.ndim == 2 else None
     stem_w = sd.get('conv1.weight', sd.get('conv1.0.weight'))
     in_chans = stem_w.shape[1] if stem_w is not None and stem_w.ndim == 4 else None
-    inferred_head_dim = None
-    if family == 'kcla':
-        found = _kcla_mrla_rules.kcla_heads(sd)
-        if found is None:
-            raise UserError('KCLA checkpoint without norm_d / Wv.weight: cannot infer its head dim')
-        groups, channels = found
-        inferred_head_dim = channels // groups
-    arch, model, target_family = _target(model_name, num_classes, in_chans, head_dim)
-    if family is not None and family != target_family:
-        raise UserError(f"this is an official {family} checkpoint, but '{arch}' is a {target_family} model")
-    if family is None and target_family not in ('plain', 'cnntention', 'other'):
-        if not any('.attn.' in k for k in sd):
-            raise UserError(f"no layer-attention keys in this checkpoint, but '{arch}' is a {target_family} model")
-        _logger.info('checkpoint is already in the timm_layerattn layout; checking it only')
+    arch, model, family, target = _target(model_name, num_classes, in_chans, head_dim)
+    if official is not None and official != target:
+        raise UserError(f"this is an official {official} checkpoint, but '{arch}' is a {target} model")
+    rules = _rules(family)
     cfg = getattr(model, 'cfg', None)
-    if family == 'kcla':
-        model_head_dim = layer_attn(cfg).head_dim
-        if inferred_head_dim != model_head_dim:
-            raise UserError(
-                f"the checkpoint's KCLA head dim is {inferred_head_dim} (norm_d has {groups} heads for {channels} "
-                f"channels) but '{arch}' is built with head_dim={model_head_dim}; use head_dim={inferred_head_dim}: "
-                f"timm.create_model('{arch}', head_dim={inferred_head_dim}), convert_official(..., "
-                f"head_dim={inferred_head_dim}) or `--head-dim {inferred_head_dim}`")
-    if family == 'mrla_base' and stem_w is not None and stem_w.ndim == 4 and stem_w.shape[-1] == 7:
-        raise UserError(
-            "this MRLA-B checkpoint has a 7x7 stem: it comes from the official resnet_mrla_base22.py variant "
-            "(7x7 stem, no ReLU after the attention BatchNorm), which timm_layerattn does not implement; "
-            f"'{arch}' follows the official resnet_mrla_base.py (deep 3x3 stem)")
-
-    # Rename
-    source_names: Dict[str, str] = {}
-    if family in ('kcla', 'mrla_light', 'mrla_base'):
-        renamed = _kcla_mrla_rules.remap_keys(sd)
-        source_names = dict(zip(renamed.keys(), sd.keys()))
-    elif family == 'cnntention':
-        variant = _cnntention_rules.official_variant(sd)
-        target_variant = arch.rsplit('_', 1)[-1]
-        if variant != target_variant:
-            raise UserError(f"this is a CNNtention {variant} checkpoint, but '{arch}' is the {target_variant} model")
-        renamed = _cnntention_rules.remap_keys(sd, variant)
-        source_names = dict(zip(renamed.keys(), sd.keys()))
-    else:
-        renamed = dict(sd)
+    info = rules.check_source(sd, arch, cfg)
 
     expected = model.state_dict()
+    remapped = rules.remap(sd, expected) if official is not None else Remapped(dict(sd))
+    renamed, source_names = remapped.state_dict, remapped.source_names
     layers = blocks_per_stage(renamed)
     if cfg is not None and hasattr(cfg, 'layers') and layers and layers != tuple(cfg.layers):
-        hint = _suggest_arch(target_family, renamed, cfg.stem_type)
+        hint = _suggest_arch(target, renamed, cfg.stem_type)
         raise UserError(
             f"the checkpoint has {'-'.join(map(str, layers))} blocks per stage but '{arch}' has "
             f"{'-'.join(map(str, cfg.layers))}" + (f"; use '{hint}'" if hint else ''))
+    rules.validate(renamed, expected, source_names)
 
-    report = ConversionReport(family=family, model_name=arch, head_dim=inferred_head_dim)
-    out: StateDict = {}
-    first_block = 'layer1.0'
-    for k, v in renamed.items():
-        if k not in expected and family == 'kcla':
-            m = re.match(r'^(layer\d+\.\d+)\.attn\.(hist_proj|hist_k|hist_norm)\.', k)
-            # Official modules that never run (docs/design/layer_attention.md#la-unused-modules): all three
-            # re-init extras of the network's first cell (it never receives a history), and the adjust conv
-            # of a re-init cell whose width does not change (e.g. block 11 of ResNet-101's layer3).
-            if m and (m.group(1) == first_block or
-                      (m.group(2) == 'hist_proj' and f'{m.group(1)}.attn.hist_k.weight' in expected)):
-                report.dropped.append(source_names.get(k, k))
-                continue
-        if k.endswith('.attn.norm_d') and k in expected:
-            v = v.reshape(-1)
-            ref = kcla_temperatures(v.numel())
-            if v.shape == ref.shape and not torch.allclose(v.float(), ref, rtol=1e-6, atol=0.):
-                raise UserError(f'{source_names.get(k, k)} holds values that differ from the fixed KCLA temperatures '
-                                f'(1 / log-uniform [0.7, 1/0.7]); this is not a checkpoint of the official KCLA code')
-        out[k] = v
+    report = ConversionReport(family=official, model_name=arch, dropped=list(remapped.dropped), **info)
+    out: StateDict = dict(renamed)
     for k in expected:
         if k not in out and k.endswith('.num_batches_tracked'):
             out[k] = torch.zeros((), dtype=torch.long)

@@ -4,6 +4,9 @@ The authors' code (AttentionSeekers/CNNtention) keeps the attention module after
 package makes it the stage's exit unit `layer{i}.attn`. Trunk keys are the same. The MHA module computes
 `key^T @ query` with the softmax over the `query` axis: its `key` conv makes the queries and its `query` conv
 the keys, so the two swap places. See docs/design/cnntention.md#cnn-conversion.
+
+`remap` renames an official checkpoint for timm's entry points (`filter_checkpoint`) and `convert_official`
+alike; `RULES.check_source` refuses an official checkpoint of another variant than the target's.
 """
 import re
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
@@ -11,12 +14,13 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from .._utils.errors import UserError
 from . import kcla_mrla
-from .rules import CheckpointRules
+from .rules import CheckpointRules, Remapped
 
 __all__ = [
-    'VARIANT_RULES', 'is_official', 'official_type', 'official_variant', 'remap_keys', 'native_kind',
-    'filter_checkpoint',
+    'VARIANT_RULES', 'is_official', 'official_type', 'official_variant', 'remap_keys', 'remap', 'native_kind',
+    'filter_checkpoint', 'CnntentionRules', 'RULES',
 ]
 
 # The official attention keys (after stage i: `att{i}.*`).
@@ -60,6 +64,18 @@ def official_variant(state_dict: Mapping[str, Any]) -> Optional[str]:
     return None
 
 
+def _rename(key: Any, rules: Tuple[Tuple[str, str], ...]) -> Any:
+    m = re.match(r'^att(\d)\.(.+)$', key) if isinstance(key, str) else None
+    if m is None:
+        return key
+    rest = m.group(2)
+    for old, new in rules:
+        if rest == old or rest.startswith(old + '.'):
+            rest = new + rest[len(old):]
+            break
+    return f'layer{m.group(1)}.attn.{rest}'
+
+
 def remap_keys(state_dict: Mapping[str, Any], variant: str) -> Dict[str, Any]:
     """Rename the official attention keys (`att{i}.*`, the module after stage i) to this package's names
     (`layer{i}.attn.*`, the stage's exit unit); trunk keys are unchanged.
@@ -69,19 +85,26 @@ def remap_keys(state_dict: Mapping[str, Any], variant: str) -> Dict[str, Any]:
     """
     if variant not in VARIANT_RULES:
         raise ValueError(f'unknown CNNtention variant {variant!r}, expected one of {sorted(VARIANT_RULES)}')
-    rules = VARIANT_RULES[variant]
-    out = {}
+    return {_rename(k, VARIANT_RULES[variant]): v for k, v in state_dict.items()}
+
+
+def remap(state_dict: Mapping[str, Any], expected: Optional[Mapping[str, Any]] = None) -> Remapped:
+    """Rename an official checkpoint (`remap_keys` with its own variant) and give the scalar `gamma` its
+    1-element shape; a checkpoint without official attention keys is returned as it is. Nothing is dropped:
+    every official module runs. `expected` (the model's state dict) is not needed."""
+    variant = official_variant(state_dict)
+    if variant is None:
+        return Remapped(dict(state_dict))
+    out: Dict[Any, Any] = {}
+    source_names: Dict[str, str] = {}
     for k, v in state_dict.items():
-        m = re.match(r'^att(\d)\.(.+)$', k) if isinstance(k, str) else None
-        if m:
-            rest = m.group(2)
-            for old, new in rules:
-                if rest == old or rest.startswith(old + '.'):
-                    rest = new + rest[len(old):]
-                    break
-            k = f'layer{m.group(1)}.attn.{rest}'
-        out[k] = v
-    return out
+        new = _rename(k, VARIANT_RULES[variant])
+        if isinstance(new, str):
+            if new.endswith('.attn.gamma') and isinstance(v, torch.Tensor) and v.numel() == 1:
+                v = v.reshape(1)
+            source_names[new] = k
+        out[new] = v
+    return Remapped(out, source_names)
 
 
 def native_kind(keys: Sequence[str]) -> Optional[str]:
@@ -94,26 +117,40 @@ def filter_checkpoint(state_dict: Mapping[str, Any], model: nn.Module) -> Dict[s
     """Adapt a checkpoint to `model` (the family's timm `checkpoint_filter_fn`).
 
     The layer-attention family's filter first (unwrapping, official trunk names), then the authors' `att{i}.*`
-    keys are renamed and the scalar `gamma` gets its 1-element shape. A checkpoint already in this package's
-    layout passes through unchanged.
+    keys are renamed and the scalar `gamma` gets its 1-element shape (`remap`). A checkpoint already in this
+    package's layout passes through unchanged.
     """
     state_dict = kcla_mrla.filter_checkpoint(state_dict, model)
-    variant = official_variant(state_dict)
-    if variant is None:
+    if official_variant(state_dict) is None:
         return state_dict
-    return {k: v.reshape(1) if isinstance(k, str) and k.endswith('.attn.gamma') else v
-            for k, v in remap_keys(state_dict, variant).items()}
+    return remap(state_dict).state_dict
 
 
-class _Rules(CheckpointRules):
+class CnntentionRules(CheckpointRules):
+    """CNNtention: the official variant (from the checkpoint's `att*` keys) must be the target's (from its
+    architecture config, `StageAttention.kind`)."""
+    converts = True
+
     def official_type(self, state_dict: Mapping[str, Any]) -> Optional[str]:
         return official_type(state_dict)
 
     def native_kind(self, keys: Sequence[str]) -> Optional[str]:
         return native_kind(keys)
 
+    def check_source(self, state_dict: Mapping[str, Any], arch: str, cfg: Any) -> Dict[str, Any]:
+        if official_type(state_dict) is None:
+            return {}
+        variant = official_variant(state_dict)
+        target_variant = getattr(getattr(cfg, 'strategy', None), 'kind', None)
+        if variant != target_variant:
+            raise UserError(f"this is a CNNtention {variant} checkpoint, but '{arch}' is the {target_variant} model")
+        return {}
+
+    def remap(self, state_dict: Mapping[str, Any], expected: Mapping[str, Any]) -> Remapped:
+        return remap(state_dict, expected)
+
     def filter(self, state_dict: Mapping[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
         return filter_checkpoint(state_dict, model)
 
 
-RULES = _Rules()
+RULES = CnntentionRules()

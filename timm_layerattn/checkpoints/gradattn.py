@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from . import kcla_mrla
-from .rules import CheckpointRules
+from .rules import CheckpointRules, Remapped
 
 __all__ = ['KEY_RULES', 'is_official', 'official_type', 'remap_keys', 'native_kind', 'filter_checkpoint']
 
@@ -81,11 +81,18 @@ def filter_checkpoint(state_dict: Mapping[str, Any], model: nn.Module) -> Dict[s
 
 
 class _Rules(CheckpointRules):
+    """GradAttn: no official weights exist; a notebook-trained state dict loads through the model's filter
+    only (docs/design/gradattn.md#ga-conversion), so `converts` stays False and `convert_official` does not
+    detect the notebooks' layout."""
+
     def official_type(self, state_dict: Mapping[str, Any]) -> Optional[str]:
         return official_type(state_dict)
 
     def native_kind(self, keys: Sequence[str]) -> Optional[str]:
         return native_kind(keys)
+
+    def remap(self, state_dict: Mapping[str, Any], expected: Mapping[str, Any]) -> Remapped:
+        return Remapped(remap_keys(state_dict))
 
     def filter(self, state_dict: Mapping[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
         return filter_checkpoint(state_dict, model)

@@ -6,9 +6,9 @@ Every reader of checkpoints (the converter, the model export, timm's entry point
 checks with these before loading anything, so a checkpoint that does not fit never half-loads.
 
 `fit_hints` explains a mismatch: which family and depth the checkpoint holds (from its key names, with the
-rules modules' `native_kind`), which registered architecture it fits (`suggest_arch`, from the family
-registry `timm_layerattn.families`), a KCLA head dim or a classifier size that differs, and `load_trunk` for
-plain ResNet weights.
+registered families' `rules.native_kind`), which registered architecture it fits (`suggest_arch`, from the
+family registry `timm_layerattn.families`), what the family's rules say (`rules.hints`, e.g. a KCLA head dim
+that differs), a classifier size that differs, and `load_trunk` for plain ResNet weights.
 """
 import re
 from dataclasses import dataclass, field
@@ -16,7 +16,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from .._utils.errors import UserError
 from ..families import families
-from . import attention_shortcuts, cnntention, gradattn, kcla_mrla
+from .rules import registered_rules
 
 __all__ = [
     'KINDS', 'KeyMatch', 'match_keys', 'mismatch_parts', 'check_state_dict', 'blocks_per_stage', 'block_type',
@@ -26,9 +26,6 @@ __all__ = [
 
 # The kinds of mismatch, in the order they are reported.
 KINDS = ('unexpected', 'missing', 'shape')
-# The rules modules whose `native_kind` tells this package's layouts apart, in the order they are asked
-# (their key patterns are disjoint except KCLA's `attn.v`, which `kcla_mrla` handles itself).
-_KIND_RULES = (kcla_mrla, cnntention, attention_shortcuts, gradattn)
 _SHOW = 3
 
 
@@ -139,9 +136,13 @@ def block_type(keys: Iterable[str]) -> Optional[str]:
 def checkpoint_kind(keys: Sequence[str]) -> str:
     """The layer-interaction kind a state dict in this package's layout holds, from its key names: an attention
     type ('kcla', 'mrla_light', 'mrla_base'), 'CNNtention <variant>', 'attention-shortcut', 'gradattn', or
-    'plain' when no family's keys are there."""
+    'plain' when no family's keys are there.
+
+    Asks each registered family's `rules.native_kind`, in registration order (the families' key patterns are
+    disjoint except KCLA's `attn.v`, which the layer-attention rules tell apart themselves).
+    """
     keys = list(keys)
-    for rules in _KIND_RULES:
+    for rules in registered_rules():
         kind = rules.native_kind(keys)
         if kind is not None:
             return kind
@@ -290,11 +291,8 @@ def fit_hints(
                      'and call timm_layerattn.load_trunk(model, path)')
         hints.append(hint)
     else:
-        attn = layer_attn(model_cfg)
-        head_dim = kcla_mrla.infer_head_dim(state_dict) if kind == 'kcla' else None
-        if head_dim and attn is not None and getattr(attn, 'head_dim', head_dim) != head_dim:
-            hints.append(f"the checkpoint's KCLA head dim is {head_dim}, the model's {attn.head_dim}: pass "
-                         f"head_dim={head_dim} to timm.create_model")
+        for rules in registered_rules():  # the family's own hints (e.g. a KCLA head dim that differs)
+            hints.extend(rules.hints(state_dict, model_cfg))
     key = classifier + '.weight'
     weight = state_dict.get(key)
     if key in expected and weight is not None and getattr(weight, 'ndim', 0) == 2 \

@@ -43,8 +43,8 @@ from mmengine.model.weight_init import initialize, update_init_info
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..checkpoints.io import check_state_dict_values, select_prefix, strip_shared_prefix
-from ..checkpoints.kcla_mrla import infer_head_dim
 from ..checkpoints.match import match_keys
+from ..checkpoints.rules import registered_rules
 from .checkpoint import fetch_source, read_state_dict
 from .trunk import TimmTrunkInit
 
@@ -250,15 +250,10 @@ class LayerAttnResNet(BaseModule):
             problems = [f'{what}: {some(keys)}' for what, keys in (
                 ('missing keys', found.missing), ('unexpected keys', found.unexpected),
                 ('shape mismatches', mismatched)) if keys]
-            hint = ''
-            if any(k.endswith('.norm_d') for k in found.mismatched):
-                head_dim = infer_head_dim(state_dict)
-                if head_dim in (None, 64):
-                    hint = (" (KCLA head dim differs: the official ImageNet code uses 64, set the backbone's "
-                            "head_dim=64)")
-                else:
-                    hint = (f" (KCLA head dim differs: the checkpoint's is {head_dim}, set the backbone's "
-                            f"head_dim={head_dim})")
+            # The families' own hints, worded for this backbone (e.g. a KCLA head dim that differs).
+            hints = [h for rules in registered_rules() for h in rules.hints(
+                state_dict, getattr(self.model, 'cfg', None), mismatched=found.mismatched, backbone=True)]
+            hint = f" ({'; '.join(hints)})" if hints else ''
             raise ValueError(f'checkpoint {source} does not fit {self.arch}: ' + '; '.join(problems) + hint)
         self.model.load_state_dict(state_dict)
         print_log(f'{type(self).__name__}: loaded {len(state_dict)} tensors from {source}', logger='current')
@@ -272,7 +267,7 @@ def _family_filter(model: nn.Module, arch: str) -> Optional[Callable[..., Dict[s
     """
     from ..families import find_family
     family = find_family((getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or arch)
-    return family.filter_fn if family is not None else None
+    return family.rules.filter if family is not None and family.rules is not None else None
 
 
 def _apply_norm_cfg(model: nn.Module, norm_cfg: Optional[Dict[str, Any]]) -> nn.Module:

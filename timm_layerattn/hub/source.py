@@ -164,8 +164,8 @@ def load_model_from_checkpoint(
     import timm
     from timm.models import get_pretrained_cfg, is_model, split_model_name_tag
     from ..checkpoints.io import check_finite
-    from ..checkpoints.kcla_mrla import infer_head_dim
-    from ..checkpoints.match import check_state_dict, layer_attn
+    from ..checkpoints.match import check_state_dict
+    from ..families import find_family
     from ..convert import convert_official, detect_official_family
     arch = split_model_name_tag(model_name)[0]
     if not is_model(arch):
@@ -173,12 +173,13 @@ def load_model_from_checkpoint(
     model_family(arch)
     state_dict, note, is_backbone = read_checkpoint(checkpoint, use_ema=use_ema, model_name=arch)
     check_finite(state_dict, f'checkpoint {checkpoint}')
-    head_dim = infer_head_dim(state_dict)
-    if head_dim is not None and 'head_dim' not in model_kwargs and model_family(arch) == 'kcla':
-        default = getattr(layer_attn(timm.create_model(arch, device='meta').cfg), 'head_dim', None)
-        if head_dim != default:  # e.g. the released ImageNet KCLA code's 64; only recorded when not the default
-            model_kwargs['head_dim'] = head_dim
-            note += f' (KCLA head_dim {head_dim}, read from norm_d)'
+    family = find_family(arch)
+    if family is not None and family.rules is not None:
+        # e.g. the KCLA head dim read from norm_d (the released ImageNet code's 64); only when not the default
+        needed, why = family.rules.model_kwargs(state_dict, family.models[arch])
+        if needed and not needed.keys() & model_kwargs.keys():
+            model_kwargs.update(needed)
+            note += why
     if detect_official_family(state_dict) is not None:
         state_dict = convert_official(state_dict, arch, head_dim=model_kwargs.get('head_dim'))
         note += ' (official layout, converted)'
