@@ -404,7 +404,7 @@ def test_cli_export_refuses_bad_arguments(tmp_path, capsys):
 
 def test_export_requires_a_timm_model(tmp_path):
     from timm_layerattn.models.resnet_la import model_cfgs
-    from timm_layerattn.models.skeleton import ResNetLA
+    from timm_layerattn.models.resnet_trunk import ResNetLA
     with pytest.raises(UserError, match='pretrained_cfg'):
         export_folder(ResNetLA(model_cfgs['resnet50_kcla']), tmp_path / 'x', model_name='resnet50_kcla')
     with pytest.raises(UserError, match='does not match'):
