@@ -278,3 +278,47 @@ def test_constructor_errors_name_value_and_range():
     msg = str(info.value)
     assert msg.startswith('resnet50_kcla: head_dim must be one of') and msg.endswith('got 0')
     assert 'every block width 256, 512, 1024, 2048' in msg and '\n' not in msg
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Environment switches: an invalid value is a one-line error naming the variable and the accepted values
+# ---------------------------------------------------------------------------------------------------------------
+
+SWITCH_CASES = [('TIMM_LAYERATTN_LEAN', v) for v in ('disabled', 'enable', '2', 'off1')] + [
+    ('TIMM_LAYERATTN_NATIVE', 'disable')]
+
+
+@pytest.mark.parametrize('var,value', SWITCH_CASES, ids=[f'{v}={x}' for v, x in SWITCH_CASES])
+def test_bad_env_switch(monkeypatch, var, value):
+    from timm_layerattn._utils import UserError
+    from timm_layerattn._utils.env import EnvSwitchError, env_switch
+    from timm_layerattn.layers import lean
+    monkeypatch.setenv(var, value)
+    with pytest.raises(EnvSwitchError) as info:
+        env_switch(var)
+    message = str(info.value)
+    assert isinstance(info.value, UserError) and isinstance(info.value, ValueError)
+    assert '\n' not in message
+    assert f'{var}={value!r}' in message and '0, off, false, no, 1, on, true, yes, auto' in message
+    with pytest.raises(EnvSwitchError, match=var):  # where the switch is read: a training forward
+        (lean.mode if var.endswith('LEAN') else native.mode)()
+    model = timm.create_model('cifar_resnet20_kcla').train()
+    with pytest.raises(EnvSwitchError, match=var):
+        model(torch.randn(2, 3, 32, 32)).sum().backward()
+
+
+@pytest.mark.parametrize('value,expected', [('', 'auto'), ('auto', 'auto'), (' Off ', 'off'), ('0', 'off'),
+                                            ('no', 'off'), ('TRUE', 'on'), ('1', 'on'), ('yes', 'on')])
+def test_good_env_switch(monkeypatch, value, expected):
+    from timm_layerattn._utils.env import env_switch
+    monkeypatch.setenv('TIMM_LAYERATTN_LEAN', value)
+    assert env_switch('TIMM_LAYERATTN_LEAN') == expected
+
+
+def test_bad_env_switch_cli(monkeypatch, capsys):
+    from timm_layerattn.cli import main
+    monkeypatch.setenv('TIMM_LAYERATTN_NATIVE', 'disable')
+    assert main(['kernels']) == 2
+    err = capsys.readouterr().err
+    assert 'Traceback' not in err and err.count('\n') == 1
+    assert "TIMM_LAYERATTN_NATIVE='disable' is not an accepted value" in err
