@@ -464,3 +464,80 @@ def test_error_types_for_callers():
     for cls in (CheckpointError, CheckpointMismatchError, CheckpointNotFoundError, CheckpointNotCachedError):
         assert issubclass(cls, PretrainedWeightsError) and issubclass(cls, UserError)
     assert issubclass(CheckpointNotFoundError, FileNotFoundError)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# load_trunk and the one reader (timm train.py checkpoints through every entry point)
+# ---------------------------------------------------------------------------------------------------------------
+
+def _train_py_checkpoint(path: Path, sd: Dict[str, torch.Tensor]) -> Path:
+    """What timm's train.py saves: its argparse.Namespace under `args`, the weights under `state_dict`."""
+    import argparse
+    torch.save({'epoch': 3, 'arch': 'cifar_resnet20', 'args': argparse.Namespace(model='cifar_resnet20', lr=0.1),
+                'state_dict': sd, 'optimizer': {}, 'version': 2}, path)
+    return path
+
+
+def test_load_trunk_refusals(tmp_path, caplog):
+    from timm_layerattn import load_trunk
+    from timm_layerattn._utils import UserError
+    model = timm.create_model('cifar_resnet20_kcla')
+    with pytest.raises(TypeError, match='load_trunk: source must be a timm model name, a checkpoint file or a '
+                                        'state dict, got None'):
+        load_trunk(model, None)
+    # a source of another architecture: nothing fits the trunk
+    other = {'features.0.weight': torch.randn(8, 3, 3, 3), 'features.0.bias': torch.randn(8),  # a VGG's layout
+             'classifier.weight': torch.randn(10, 8), 'bn1.num_batches_tracked': torch.tensor(5)}
+    with pytest.raises(UserError, match='no tensor of the state dict matches a trunk tensor of the model'):
+        load_trunk(model, other)
+    # NaN / Inf weights, named
+    sd = timm.create_model('cifar_resnet20').state_dict()
+    bad = dict(sd, **{'layer1.0.conv1.weight': sd['layer1.0.conv1.weight'].clone().fill_(float('inf'))})
+    with pytest.raises(UserError, match=r'non-finite values \(NaN or inf\) in 1 tensor\(s\): layer1.0.conv1.weight'):
+        load_trunk(model, bad)
+    with pytest.raises(UserError, match="'nope.pth' is neither an existing file nor a timm model name"):
+        load_trunk(model, 'nope.pth')
+    # a partial load (trunk tensors left at init) is a WARNING with the counts
+    partial = {k: v for k, v in sd.items() if not k.startswith('layer3.')}
+    with caplog.at_level('INFO', logger='timm_layerattn.convert'):
+        result = load_trunk(model, partial)
+    warnings = [r for r in caplog.records if r.levelname == 'WARNING']
+    assert len(warnings) == 1 and 'partial load' in warnings[0].getMessage()
+    left = sum(1 for k in result.missing if k.startswith('layer3.') and '.attn.' not in k)
+    assert f'{left} of ' in warnings[0].getMessage() and left > 0
+    caplog.clear()
+    with caplog.at_level('INFO', logger='timm_layerattn.convert'):
+        load_trunk(model, sd)  # full: INFO only
+    assert not [r for r in caplog.records if r.levelname == 'WARNING']
+
+
+@pytest.mark.parametrize('in_chans', [1, 4])
+def test_load_trunk_adapts_the_first_conv(in_chans):
+    from timm_layerattn import load_trunk
+    sd = timm.create_model('cifar_resnet20').state_dict()
+    model = timm.create_model('cifar_resnet20_kcla', in_chans=in_chans)
+    result = load_trunk(model, sd)
+    assert 'conv1.weight' in result.loaded and 'conv1.weight' in result.adapted
+    assert torch.equal(model.state_dict()['conv1.weight'], adapt_input_conv(in_chans, sd['conv1.weight']))
+    assert 'adapted from 3 to' in result.summary()
+
+
+def test_train_py_checkpoint_everywhere(tmp_path, capsys):
+    """A timm train.py checkpoint (argparse Namespace inside) is read by every entry point through the one reader."""
+    from timm_layerattn import load_trunk
+    from timm_layerattn.cli import main
+    from timm_layerattn.checkpoints.io import read_state_dict
+    sd = _sd(_model('cifar_resnet20'))
+    path = _train_py_checkpoint(tmp_path / 'train_py.pth.tar', sd)
+    got, container = read_state_dict(path)
+    assert container == 'state_dict' and set(got) == set(sd)
+    model = timm.create_model('cifar_resnet20_kcla')
+    assert len(load_trunk(model, path).loaded) == len(sd)
+    assert main(['convert', '--model', 'cifar_resnet20', str(path), str(tmp_path / 'c.safetensors')]) == 0
+    assert main(['export', 'cifar_resnet20', '--checkpoint', str(path), '--out', str(tmp_path / 'exp')]) == 0
+    loaded = timm.create_model('cifar_resnet20', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    _same(loaded, sd)
+    from timm_layerattn.train.checkpoint import read_checkpoint, read_initial_checkpoint
+    assert set(read_initial_checkpoint(str(path))) == set(sd)
+    assert read_checkpoint(str(path))['epoch'] == 3
+    capsys.readouterr()

@@ -201,6 +201,7 @@ class TrunkLoadResult:
     loaded: List[str] = field(default_factory=list)
     missing: List[str] = field(default_factory=list)  # model keys left at their init
     skipped: Dict[str, str] = field(default_factory=dict)  # source key -> reason
+    adapted: Dict[str, str] = field(default_factory=dict)  # model key -> how it was adapted (first conv)
 
     def summary(self) -> str:
         attn = sum(_is_attention_key(k) for k in self.missing)
@@ -208,12 +209,29 @@ class TrunkLoadResult:
         for r in self.skipped.values():
             reasons[r] = reasons.get(r, 0) + 1
         skipped = ', '.join(f'{n} {r}' for r, n in sorted(reasons.items())) or 'none'
+        adapted = ''.join(f'; {k} {how}' for k, how in self.adapted.items())
         return (f'loaded {len(self.loaded)} tensors; left {len(self.missing)} at init ({attn} attention, '
-                f'{len(self.missing) - attn} other); skipped source tensors: {skipped}')
+                f'{len(self.missing) - attn} other); skipped source tensors: {skipped}{adapted}')
 
 
 def _is_attention_key(key: str) -> bool:
     return '.attn.' in key or '.attn_in.' in key or key.startswith('as_proj.')
+
+
+def _adapt_first_conv(key: str, weight: torch.Tensor, want: torch.Tensor, origin: str) -> Tuple[torch.Tensor, str]:
+    """The source's first conv `weight` adapted to the model's input channels as timm's pretrained loader does
+    (`adapt_input_conv`: summed for 1 channel, repeated and rescaled for more), or a `UserError` saying why not."""
+    from timm.models._manipulate import adapt_input_conv
+    have, need = int(weight.shape[1]), int(want.shape[1])
+    try:
+        adapted = adapt_input_conv(need, weight, base_chans=have)
+    except (NotImplementedError, ValueError, AssertionError) as e:
+        raise UserError(f'load_trunk: cannot adapt the first conv {key} of {origin} from {have} to {need} input '
+                        f'channels ({e or type(e).__name__})') from None
+    if tuple(adapted.shape) != tuple(want.shape):
+        raise UserError(f'load_trunk: cannot adapt the first conv {key} of {origin} {tuple(weight.shape)} to the '
+                        f"model's {tuple(want.shape)}: only its input channels may differ")
+    return adapted, f'adapted from {have} to {need} input channels (timm adapt_input_conv)'
 
 
 def load_trunk(
@@ -225,35 +243,47 @@ def load_trunk(
     """Initialise a layer-attention model's backbone from a timm (or torchvision) ResNet checkpoint.
 
     Every source tensor whose name and shape match a non-attention tensor of `model` is copied; the
-    attention modules keep their initialisation. The practical way to fine-tune these models from
-    ImageNet weights while no layer-attention weights are published.
+    attention modules keep their initialisation. The first conv is adapted to the model's `in_chans` as timm's
+    pretrained loader does (`adapt_input_conv`). The practical way to fine-tune these models from ImageNet
+    weights while no layer-attention weights are published.
+
+    Refused (`UserError`): a source of which no tensor fits the model's trunk (another architecture), one
+    holding NaN / Inf values (named), a first conv that cannot be adapted. A partial load (trunk tensors of the
+    model left at init, the classifier aside) is logged at WARNING with the counts, a full one at INFO.
 
     Args:
         model: The model to initialise in place.
         source: A timm model name with pretrained tag ('resnet50.a1_in1k', downloaded through timm), a
-            checkpoint file (safetensors / torch, read with weights_only=True) or a state dict.
+            checkpoint file (safetensors / torch, read with weights_only=True by the package's one reader, which
+            also takes timm train.py checkpoints) or a state dict.
         load_classifier: Also copy the classifier when its shape matches (same number of classes).
 
     Returns:
         A `TrunkLoadResult`; its `summary()` is also logged.
     """
+    if source is None or not isinstance(source, (str, os.PathLike, Mapping)):
+        raise TypeError(f'load_trunk: source must be a timm model name, a checkpoint file or a state dict, '
+                        f'got {"None" if source is None else type(source).__name__}')
     if isinstance(source, Mapping):
         src, _ = unwrap_state_dict(source)
-        origin = 'state dict'
-    elif Path(source).exists():
-        src, _ = read_state_dict(source)
+        origin = 'the state dict'
+    elif os.path.lexists(source):
+        src, _ = read_state_dict(source)  # its errors say what is wrong with the path (a folder, a FIFO, ...)
         origin = str(source)
     else:
         import timm
         name = str(source)
-        if not timm.is_model(name):
-            raise UserError(f'load_trunk: {name!r} is neither a file nor a timm model name')
+        if not _is_timm_name(name):
+            raise UserError(f'load_trunk: {name!r} is neither an existing file nor a timm model name')
         try:
             src = timm.create_model(name, pretrained=True).state_dict()
         except Exception as e:
             raise UserError(f'load_trunk: cannot load pretrained {name!r} ({type(e).__name__}: {e})') from None
         origin = name
-    classifier = (getattr(model, 'pretrained_cfg', None) or {}).get('classifier') or 'fc'
+    check_finite(src, f'load_trunk: {origin}')
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    classifier = cfg.get('classifier') or 'fc'
+    first_conv = (cfg.get('first_conv') or 'conv1') + '.weight'
     target = model.state_dict()
     result = TrunkLoadResult()
     to_load = {}
@@ -264,16 +294,36 @@ def load_trunk(
             result.skipped[k] = 'attention (kept at init)'
         elif not load_classifier and k.startswith(classifier + '.'):
             result.skipped[k] = 'classifier'
-        elif tuple(v.shape) != tuple(target[k].shape):
-            result.skipped[k] = 'shape mismatch'
-        else:
+        elif tuple(v.shape) == tuple(target[k].shape):
             to_load[k] = v
-    incompatible = model.load_state_dict(to_load, strict=False)
-    assert not incompatible.unexpected_keys
+        elif k == first_conv and v.ndim == target[k].ndim == 4 and v.shape[1] != target[k].shape[1]:
+            to_load[k], result.adapted[k] = _adapt_first_conv(k, v, target[k], origin)
+        else:
+            result.skipped[k] = 'shape mismatch'
     result.loaded = [k for k in target if k in to_load]
     result.missing = [k for k in target if k not in to_load]
-    _logger.info(f'load_trunk from {origin}: {result.summary()}')
+    trunk = [k for k in target if not _is_attention_key(k) and not k.startswith(classifier + '.')]
+    loaded_trunk = [k for k in trunk if k in to_load]
+    if not [k for k in loaded_trunk if not k.endswith('.num_batches_tracked')]:  # counters fit any BatchNorm
+        shown = ', '.join(list(src)[:3]) or 'none'
+        raise UserError(f'load_trunk: no tensor of {origin} matches a trunk tensor of the model by name and shape '
+                        f'({len(src)} source tensors, e.g. {shown}); is it a checkpoint of another architecture?')
+    incompatible = model.load_state_dict(to_load, strict=False)
+    assert not incompatible.unexpected_keys
+    left = len(trunk) - len(loaded_trunk)
+    if left:
+        example = next(k for k in trunk if k not in to_load)
+        _logger.warning(f'load_trunk from {origin}: partial load, {left} of {len(trunk)} trunk tensors left at init '
+                        f'(e.g. {example}); {result.summary()}')
+    else:
+        _logger.info(f'load_trunk from {origin}: {result.summary()}')
     return result
+
+
+def _is_timm_name(name: str) -> bool:
+    """Whether `name` is a timm model name (`resnet50`, `resnet50.a1_in1k`, `hf-hub:...`)."""
+    import timm
+    return name.startswith(('hf-hub:', 'hf_hub:')) or timm.is_model(name)
 
 
 # ---------------------------------------------------------------------------------------------------------------

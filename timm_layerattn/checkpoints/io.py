@@ -1,8 +1,10 @@
 """Reading checkpoint files safely, finding the state dict inside them, and checking its values.
 
 * `read_raw(path)`: the deserialised object of a safetensors file (recognised by its content, not only by
-  its name) or a torch file read with `torch.load(weights_only=True)`. Nothing is ever fully unpickled.
-  Every error is a `UserError` naming the file.
+  its name) or a torch file read with `torch.load(weights_only=True)`. Nothing is ever fully unpickled; the
+  `argparse.Namespace` that timm's train.py stores under `args` is allowed (`TRAINING_GLOBALS`, as timm's own
+  reader does), so every entry point (convert, export, load_trunk, `--initial-checkpoint`, `--resume`, timm's
+  pretrained loading) takes train.py checkpoints alike. Every error is a `UserError` naming the file.
 * `unwrap_checkpoint(obj)`: the one rule for finding the weights in what training scripts save (below).
 * `read_state_dict(path)`: both, keeping only the tensors.
 * `non_finite_keys`, `check_state_dict_values`, `check_finite`: NaN / Inf weights load without a complaint
@@ -17,6 +19,7 @@ The unwrapping rule, used by every reader and every model family's checkpoint fi
 2. Strip `module.` (DataParallel / DistributedDataParallel) and `_orig_mod.` (`torch.compile`) from the
    front of every key, as often as they occur (`module._orig_mod.module.x` is `x`).
 """
+import argparse
 import os
 import pickle
 import re
@@ -32,6 +35,7 @@ __all__ = [
     'StateDict', 'EMA_KEYS', 'MODEL_KEYS', 'WRAPPER_PREFIXES', 'read_raw', 'unwrap_checkpoint', 'unwrap_state_dict',
     'read_state_dict', 'strip_wrapper_prefixes', 'non_finite_keys', 'check_state_dict_values', 'check_finite',
     'format_keys', 'describe_type', 'UnsupportedGlobalError', 'select_prefix', 'strip_shared_prefix',
+    'TRAINING_GLOBALS',
 ]
 
 StateDict = Dict[str, torch.Tensor]
@@ -42,6 +46,8 @@ EMA_KEYS = ('state_dict_ema', 'model_ema', 'ema')
 MODEL_KEYS = ('state_dict', 'model')
 # Prefixes added by DataParallel / DistributedDataParallel and torch.compile.
 WRAPPER_PREFIXES = ('module.', '_orig_mod.')
+# Classes every torch checkpoint may hold besides tensors and plain values: timm train.py's `args` Namespace.
+TRAINING_GLOBALS = (argparse.Namespace,)
 # Nesting deeper than this is not a checkpoint any training script writes (and guards a self-referencing dict).
 _MAX_DEPTH = 8
 # A few keys of each kind in a message, the rest counted.
@@ -83,8 +89,9 @@ def read_raw(path: PathLike, allowed_globals: Sequence[Any] = ()) -> Tuple[Any, 
 
     Args:
         path: A safetensors file (by name or by content) or a torch file.
-        allowed_globals: Extra classes `torch.load(weights_only=True)` may rebuild (e.g. `argparse.Namespace`,
-            as timm's own reader allows); nothing else is ever unpickled.
+        allowed_globals: Classes `torch.load(weights_only=True)` may rebuild besides `TRAINING_GLOBALS` (always
+            allowed: timm train.py's `argparse.Namespace`, as timm's own reader allows); nothing else is ever
+            unpickled.
     """
     path = Path(path)
     if not path.exists():
@@ -103,9 +110,10 @@ def read_raw(path: PathLike, allowed_globals: Sequence[Any] = ()) -> Tuple[Any, 
             raise UserError(
                 f'{path}: not a readable safetensors file, it may be truncated or corrupt ({first_line(e)})')
     safe_globals = getattr(torch.serialization, 'safe_globals', None)  # torch >= 2.5
+    allowed = list(dict.fromkeys([*TRAINING_GLOBALS, *allowed_globals]))
     try:
-        if allowed_globals and safe_globals is not None:
-            with safe_globals(list(allowed_globals)):
+        if safe_globals is not None:
+            with safe_globals(allowed):
                 obj = torch.load(str(path), map_location='cpu', weights_only=True)
         else:
             obj = torch.load(str(path), map_location='cpu', weights_only=True)
