@@ -467,8 +467,8 @@ def test_every_block_takes_the_lean_path_by_default(ops, name):
 def test_switches_and_fallbacks(ops, monkeypatch):
     """The lean path is the default for training with autograd where it pays: on CPU, where the fused kernels
     run (float32 NCHW); bfloat16 autocast and channels_last keep plain autograd unless forced.
-    `TIMM_LAYERATTN_LEAN=0` / `=1`, `lean.disabled()` / `lean.forced()`, no autograd, SyncBatchNorm and an empty
-    batch keep the plain modules."""
+    `TIMM_LAYERATTN_LEAN=0` / `=1`, `lean.disabled()` / `lean.forced()`, no autograd, SyncBatchNorm, an empty
+    batch and the meta device keep the plain modules."""
     model = timm.create_model('cifar_resnet20_kcla').train()
     x = torch.randn(2, 3, 16, 16)
     assert lean.mode() == 'auto' and lean_node_names(model(x))
@@ -497,6 +497,9 @@ def test_switches_and_fallbacks(ops, monkeypatch):
     assert not attn.tail_usable(torch.randn(2, attn.channels, 4, 4), torch.randn(2, attn.channels, 4, 4), [])
     assert not lean.usable(torch.randn(0, 4, 3, 3))
     assert model(torch.randn(0, 3, 16, 16)).shape == (0, 10)
+    meta = torch.randn(2, 4, 3, 3, device='meta')
+    with lean.forced():  # the Functions switch autocast off, which the meta device does not support
+        assert not lean.usable(meta, meta)
 
 
 def test_batchnorm_refuses_one_value_per_channel_in_training():

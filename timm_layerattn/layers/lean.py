@@ -26,9 +26,10 @@ CPU tensors the Functions call the fused training kernels (`native`), faster tha
 Elsewhere they run the same maths with PyTorch ops, which trades recomputation time for memory: the default
 (`mode() == 'auto'`) takes that trade on accelerators, where activation memory bounds the batch, and keeps
 plain autograd on CPU when the kernels cannot run (bfloat16 autocast, channels_last), where time matters
-more. `TIMM_LAYERATTN_LEAN=0` turns the path off, `=1` on wherever it can run; `with lean.disabled():` and
-`with lean.forced():` do the same for a block of code (the tests compare the paths that way). The Functions are
-differentiable once (`once_differentiable`): double backward needs the plain path.
+more. Device types that autocast does not know (the meta device, where timm and accelerate infer shapes)
+keep the plain modules. `TIMM_LAYERATTN_LEAN=0` turns the path off, `=1` on wherever it can run;
+`with lean.disabled():` and `with lean.forced():` do the same for a block of code (the tests compare the paths
+that way). The Functions are differentiable once (`once_differentiable`): double backward needs the plain path.
 """
 import contextlib
 import contextvars
@@ -95,9 +96,18 @@ def _fx_tracing() -> bool:
     return bool(is_tracing and is_tracing())
 
 
+def _autocast_supported(device_type: str) -> bool:
+    """Whether `torch.autocast` accepts `device_type`: the Functions turn autocast off inside, which fails on
+    other device types, the meta device among them (timm, accelerate and smp run models there for shapes)."""
+    if device_type == 'meta':
+        return False
+    check = getattr(torch.amp.autocast_mode, 'is_autocast_available', None)  # torch >= 2.4
+    return True if check is None else bool(check(device_type))
+
+
 def usable(*tensors: Optional[Tensor]) -> bool:
     """True when a block can run the lean Functions on these tensors now (`active()`), 4-D floating-point maps
-    on one device, non-empty."""
+    on one device that autocast supports (not the meta device), non-empty."""
     if not active():
         return False
     device = None
@@ -111,7 +121,7 @@ def usable(*tensors: Optional[Tensor]) -> bool:
         elif t.device != device:
             return False
     first = tensors[0]
-    if first is None or first.dim() != 4 or first.numel() == 0:
+    if first is None or first.dim() != 4 or first.numel() == 0 or not _autocast_supported(first.device.type):
         return False
     # On CPU without the fused kernels plain autograd is faster; 'auto' keeps it there (see the module docstring).
     maps = [t for t in tensors if t is not None and t.dim() == 4]  # what the kernels read; small state is copied
