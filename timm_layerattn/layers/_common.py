@@ -5,7 +5,7 @@ from typing import List, Optional, Tuple, Type
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, register_notrace_function, register_notrace_module
+from timm.layers import DropPath, register_notrace_function
 
 from . import lean, native
 from ._checks import check_int, check_rate
@@ -107,7 +107,6 @@ def per_channel(t: torch.Tensor, head_dim: int) -> torch.Tensor:
     return t.repeat_interleave(head_dim, dim=-1)
 
 
-@register_notrace_module  # an fx leaf: a traced graph calls `forward`, so it takes the same path as eager
 class LayerAttnBase(nn.Module):
     """Common parts of a per-block layer-attention module, and its one dispatch point.
 
@@ -135,10 +134,9 @@ class LayerAttnBase(nn.Module):
     `tests/test_native_kernels.py::test_native_path_agrees_with_pytorch_paths` hold the paths equal up to
     rounding. Rounding is all that differs, but a deep net at random init amplifies it: in ResNet-101 MRLA-light
     one ulp changed in any single op (the fused kernel's, or a more exact pooling, gate or value conv in PyTorch)
-    moves some logits by more than timm's fx tolerance (rtol 1e-4, atol 1e-5) for about half the seeds. So the
-    module is an fx leaf (timm's `register_notrace_module`, which timm's and torchvision's feature extractors
-    honour): a traced graph runs this `forward` and dispatches like eager, bit for bit
-    (`tests/test_timm_contract.py::test_fx_every_model`).
+    moves some logits by more than timm's fx tolerance (rtol 1e-4, atol 1e-5) for about half the seeds. So under
+    fx tracing in eval mode the module records itself as one graph node (`_graph_node`): running the graph calls
+    this `forward`, which dispatches as in eager, bit for bit (`tests/test_timm_contract.py::test_fx_every_model`).
     """
 
     def __init__(
@@ -180,6 +178,8 @@ class LayerAttnBase(nn.Module):
         """
         if self._can_fold_norm():
             if not torch.jit.is_scripting():  # the fused ops are eager-only: scripting skips this branch
+                if isinstance(x, torch.fx.Proxy):
+                    return self._graph_node(x, shortcut, state)
                 if native.usable(x, *self._native_inputs(shortcut, state)):
                     return self.forward_native(x, shortcut, state)
             return self.forward_folded(x, shortcut, state)
@@ -214,11 +214,36 @@ class LayerAttnBase(nn.Module):
         raise NotImplementedError
 
     @torch.jit.unused
+    def _graph_node(
+            self,
+            x: torch.fx.Proxy,
+            shortcut: torch.fx.Proxy,
+            state: List[torch.fx.Proxy],
+    ) -> Tuple[torch.fx.Proxy, List[torch.fx.Proxy]]:
+        """Under fx tracing, eval mode: this module as one `call_module` node, whose `forward` runs at each call of
+        the graph and takes the eager path (the fused kernels where `native.usable`). Unlike a leaf module
+        (`register_notrace_module`) it unpacks its output here, the state's entries first and the new `x` last:
+        `x` stays the last node of the block and of the stage, which timm's and torchvision's feature extractors
+        return for a module name. A module traced as the root records its PyTorch ops."""
+        tracer = x.tracer
+        path = tracer.path_of_module(self)
+        if not path:
+            return self.forward_folded(x, shortcut, state)
+        out = tracer.create_proxy('call_module', path, (x, shortcut, state), {})
+        out_state = out[1]
+        return_state = [out_state[i] for i in range(self._state_len(len(state)))]
+        return out[0], return_state
+
+    @torch.jit.unused
+    def _state_len(self, incoming: int) -> int:
+        """Length of the state `forward` returns for an incoming state of `incoming` tensors."""
+        raise NotImplementedError
+
+    @torch.jit.unused
     def tail_usable(self, pre: torch.Tensor, shortcut: torch.Tensor, state: List[torch.Tensor]) -> bool:
         """Whether the block may hand this module its tail (`forward_tail`) now: autograd on, eager, a plain
-        BatchNorm (a SyncBatchNorm, say, keeps the module path), tensors `lean.usable` accepts. Under fx tracing
-        (`lean.active()` is False) `state` may be the output of the previous block's leaf call, not a list."""
-        return type(self.norm) is nn.BatchNorm2d and lean.active() and lean.usable(pre, shortcut, *state)
+        BatchNorm (a SyncBatchNorm, say, keeps the module path), tensors `lean.usable` accepts."""
+        return type(self.norm) is nn.BatchNorm2d and lean.usable(pre, shortcut, *state)
 
     @torch.jit.unused
     def forward_tail(

@@ -377,3 +377,7 @@ class KCLA(LayerAttnBase):
     @torch.jit.unused
     def _native_inputs(self, shortcut: torch.Tensor, state: List[torch.Tensor]) -> List[torch.Tensor]:
         return state
+
+    @torch.jit.unused
+    def _state_len(self, incoming: int) -> int:
+        return 2  # history, weight sum

@@ -250,6 +250,10 @@ class MRLALight(LayerAttnBase):
     def _native_inputs(self, shortcut: torch.Tensor, state: List[torch.Tensor]) -> List[torch.Tensor]:
         return [shortcut]
 
+    @torch.jit.unused
+    def _state_len(self, incoming: int) -> int:
+        return incoming  # passed through
+
 
 class MRLABase(LayerAttnBase):
     """MRLA-base: softmax attention over the cached keys / values of the stage's earlier blocks.
@@ -378,3 +382,8 @@ class MRLABase(LayerAttnBase):
     @torch.jit.unused
     def _native_inputs(self, shortcut: torch.Tensor, state: List[torch.Tensor]) -> List[torch.Tensor]:
         return state
+
+    @torch.jit.unused
+    def _state_len(self, incoming: int) -> int:
+        earlier = 0 if self.first_in_stage or incoming == 0 else incoming - 1
+        return 1 + earlier + 1  # keys, the earlier values, this block's value
