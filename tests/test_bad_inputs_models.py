@@ -102,6 +102,12 @@ CONSTRUCTOR_CASES = [
     ('resnet18_gradattn_nope', dict(encoder_drop_rate=NAN), ValueError, 'got nan'),
     # timm's own feature-index checks
     ('cifar_resnet20_kcla', dict(features_only=True, out_indices=(9,)), AssertionError, 'feature index 9 is out of range'),
+    # the value given, not a normalised one (-10, not -6)
+    ('cifar_resnet20_kcla', dict(features_only=True, out_indices=(-10,)), AssertionError,
+     'feature index -10 is out of range (-4 to 3)'),
+    # a classifier needs pooled features: refused at construction, not inside torch at forward
+    ('cifar_resnet20_kcla', dict(global_pool=''), ValueError, "global_pool='' (no pooling) needs num_classes=0"),
+    ('resnet18_gradattn_nope', dict(global_pool='', num_classes=5), ValueError, 'got num_classes=5'),
 ]
 
 
@@ -179,6 +185,12 @@ def test_bad_reset_classifier():
     with pytest.raises(ValueError, match='global_pool must be one of'):
         model.reset_classifier(10, 'mean')
     assert model.num_classes == 10 and model.fc.out_features == 10  # a refused reset changes nothing
+    with pytest.raises(ValueError, match="global_pool='' \\(no pooling\\) needs num_classes=0"):
+        model.reset_classifier(10, '')
+    model.reset_classifier(0, '')  # unpooled maps without a classifier: timm's features_only / pruning path
+    with pytest.raises(ValueError, match='needs num_classes=0, got num_classes=3'):
+        model.reset_classifier(3)  # keeps the current (unpooled) global_pool
+    assert model.num_classes == 0
 
 
 # (input, message fragment): forward refuses with a one-line AssertionError

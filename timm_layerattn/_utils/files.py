@@ -7,6 +7,7 @@ siblings carry the writer's pid, so the next run removes those of runs that were
 and SIGTERM is turned into an exception while one is open, so its cleanup runs.
 """
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -15,6 +16,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import tempfile
 import threading
 from pathlib import Path
@@ -24,7 +26,7 @@ from ..version import __version__
 from .errors import Terminated, UserError
 
 __all__ = ['atomic_dir', 'atomic_file', 'check_output_dir', 'check_writable', 'output_marker', 'read_marker',
-           'MARKER_KEY']
+           'MARKER_KEY', 'write_error', 'path_problem']
 
 _logger = logging.getLogger(__name__)
 
@@ -35,6 +37,70 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def path_problem(path: PathLike, want: str = 'file') -> Optional[str]:
+    """Why `path` cannot be read as a `want` ('file' or 'folder'), in words, or None when it can.
+
+    'not found' only when nothing is there; a symbolic link loop, a dangling link, a folder given for a file,
+    a file given for a folder, a FIFO, a socket or a device each get their own words.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return f'is a symbolic link to a missing target ({os.readlink(path)})'
+        return 'not found'
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return 'is a symbolic link loop'
+        if e.errno == errno.ENOTDIR:
+            return 'not found (a part of the path is a file, not a folder)'
+        return f'cannot be read ({e.strerror or e})'
+    mode = st.st_mode
+    if want == 'file' and stat.S_ISREG(mode) or want == 'folder' and stat.S_ISDIR(mode):
+        return None
+    kind = ('a folder' if stat.S_ISDIR(mode) else 'a FIFO (named pipe)' if stat.S_ISFIFO(mode)
+            else 'a socket' if stat.S_ISSOCK(mode) else 'a device' if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else 'a file' if stat.S_ISREG(mode) else 'not a regular file')
+    return f'is {kind}, not a {want}'
+
+
+# A serializer's message that carries the OS error (safetensors: "... (os error 28)") or a torch writer failure.
+_OS_ERROR_IN_MESSAGE = re.compile(r'\(os error (\d+)\)|\[Errno (\d+)\]')
+_TORCH_WRITE_FAILED = ('inline_container.cc', 'PytorchStreamWriter failed', 'file write failed')
+# Below this much free space a failed write is taken for a full disk.
+_NEARLY_FULL = 64 << 20
+
+
+def write_error(e: BaseException, dest: PathLike) -> Optional[OSError]:
+    """The `OSError` behind a failure to write `dest`, or None when `e` is not one.
+
+    Serializers hide the OS error: safetensors raises `SafetensorError('... No space left on device (os error
+    28)')`, torch `RuntimeError('[enforce fail at inline_container.cc] unexpected pos ...')`. Those (and an
+    `OSError` without a file name) become an `OSError` naming `dest`, which the command line reports as one
+    line (a full disk is the user's environment, not a bug). Call it before the partial output is removed: a
+    torch failure is called a full disk when the disk is (nearly) full.
+    """
+    if isinstance(e, OSError):
+        if e.filename is None and e.errno is not None:
+            return OSError(e.errno, e.strerror or os.strerror(e.errno), str(dest))
+        return None
+    text = str(e)
+    found = _OS_ERROR_IN_MESSAGE.search(text)
+    if found:
+        code = int(found.group(1) or found.group(2))
+        return OSError(code, os.strerror(code), str(dest))
+    if isinstance(e, RuntimeError) and any(t in text for t in _TORCH_WRITE_FAILED):
+        try:
+            free = shutil.disk_usage(_nearest_existing(Path(dest).absolute().parent)).free
+        except OSError:
+            free = None
+        if free is not None and free < _NEARLY_FULL:
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dest))
+        first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+        return OSError(errno.EIO, f'writing failed ({first[:120]})', str(dest))
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -138,10 +204,24 @@ def check_output_dir(
 # ---------------------------------------------------------------------------------------------------------------
 
 _HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
+# File names are at most 255 bytes on common file systems; a temporary sibling adds at most 31 to its stem
+# ('.' + stem + '.' + pid + '-' + host + '-' + 8 random characters + '.tmp').
+_NAME_MAX = 255
+_STEM_MAX = _NAME_MAX - 40
+
+
+def _tmp_stem(name: str) -> str:
+    """`name`, or for a long one its first bytes and a hash of the whole, so a temporary sibling's name stays
+    within the file system's limit for any legal output name."""
+    raw = name.encode('utf-8', 'surrogateescape')
+    if len(raw) <= _STEM_MAX:
+        return name
+    digest = hashlib.sha1(raw).hexdigest()[:8]
+    return raw[:_STEM_MAX - len(digest) - 1].decode('utf-8', 'ignore') + '~' + digest
 
 
 def _tmp_prefix(dest: Path) -> str:
-    return f'.{dest.name}.{os.getpid()}-{_HOST}-'
+    return f'.{_tmp_stem(dest.name)}.{os.getpid()}-{_HOST}-'
 
 
 def _pid_alive(pid: int) -> bool:
@@ -173,7 +253,7 @@ def _clean_stale(dest: Path) -> List[Path]:
     parent = dest.parent
     if not parent.is_dir():
         return []
-    ours = re.compile(rf'^\.{re.escape(dest.name)}\.(\d+)-([0-9a-f]{{6}})-.+\.(tmp|old)$')
+    ours = re.compile(rf'^\.{re.escape(_tmp_stem(dest.name))}\.(\d+)-([0-9a-f]{{6}})-.+\.(tmp|old)$')
     legacy = re.compile(rf'^\.{re.escape(dest.name)}\.([a-z0-9_]{{8}}\.tmp|old)$')
     removed = []
     try:
@@ -317,8 +397,11 @@ def atomic_dir(
                     shutil.rmtree(old, ignore_errors=True)
                 else:
                     tmp.rename(dest)
-        except BaseException:
+        except BaseException as e:
+            os_error = write_error(e, dest) if isinstance(e, Exception) else None
             shutil.rmtree(tmp, ignore_errors=True)
+            if os_error is not None:
+                raise os_error from e
             raise
 
 
@@ -345,7 +428,10 @@ def atomic_file(dest: PathLike, mode: str = 'wb') -> Iterator:
                 os.fsync(f.fileno())
             os.chmod(tmp, 0o666 & ~_umask())
             os.replace(tmp, dest)
-        except BaseException:
+        except BaseException as e:
+            os_error = write_error(e, dest) if isinstance(e, Exception) else None
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+            if os_error is not None:
+                raise os_error from e
             raise

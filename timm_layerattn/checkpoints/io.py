@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Mapping, Sequence, Tuple, Union
 import torch
 
 from .._utils.errors import UserError, first_line
+from .._utils.files import path_problem
 from .errors import CheckpointError
 
 __all__ = [
@@ -94,10 +95,12 @@ def read_raw(path: PathLike, allowed_globals: Sequence[Any] = ()) -> Tuple[Any, 
             unpickled.
     """
     path = Path(path)
-    if not path.exists():
+    problem = path_problem(path, 'file')
+    if problem == 'not found':
         raise UserError(f'checkpoint not found: {path}')
-    if not path.is_file():
-        raise UserError(f'checkpoint is not a file: {path}')
+    if problem is not None:
+        raise UserError(f'checkpoint {path} {problem}' + ('; give the checkpoint file in it'
+                                                          if problem.startswith('is a folder') else ''))
     with path.open('rb') as f:
         head = f.read(16)
     if not head:

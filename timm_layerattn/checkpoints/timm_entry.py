@@ -146,7 +146,8 @@ def _check_source(source: _Source) -> None:
 
 def _diagnose_file(path: Path, where: str, error: BaseException) -> CheckpointError:
     """A `CheckpointError` explaining why timm could not read `path`."""
-    if not path.exists():
+    from .._utils.files import path_problem
+    if path_problem(path) == 'not found':  # a folder, a FIFO, a symbolic link loop: the reader says which
         return CheckpointNotFoundError(f'pretrained weights file not found: {where}', path=str(path))
     named_safetensors = path.name.endswith('.safetensors')
     if named_safetensors and zipfile.is_zipfile(path):

@@ -8,7 +8,7 @@ units (`core.units`); that state is why features are built on `forward_intermedi
 feature wrapper), never by re-running children one by one. docs/architecture.md draws the whole picture.
 """
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple, Type, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
@@ -28,6 +28,22 @@ __all__ = ['ResNetLA', 'ResNetLACfg', 'make_stages', 'POOL_TYPES']
 POOL_TYPES = ('', 'avg', 'max', 'avgmax', 'catavgmax', 'fast', 'fastavg', 'fastmax', 'fastavgmax', 'fastcatavgmax')
 
 LayerType = Union[str, Callable[..., nn.Module]]
+
+
+def _check_pool_for_classifier(name: str, global_pool: str, num_classes: int) -> None:
+    """A classifier needs pooled features: `global_pool=''` (unpooled maps) only with `num_classes=0`."""
+    if global_pool == '' and num_classes > 0:
+        raise ValueError(f"{name}: global_pool='' (no pooling) needs num_classes=0, got num_classes={num_classes}; "
+                         f"a classifier takes pooled features (global_pool='avg')")
+
+
+def _take_indices(num_features: int, indices: Optional[Union[int, Sequence[int]]]) -> Tuple[List[int], int]:
+    """timm's `feature_take_indices`, with an out-of-range index reported as given (-10, not normalised to -6)."""
+    if isinstance(indices, (list, tuple)):
+        for idx in indices:
+            if isinstance(idx, int) and not -num_features <= idx < num_features:
+                raise AssertionError(f'feature index {idx} is out of range ({-num_features} to {num_features - 1})')
+    return feature_take_indices(num_features, indices)
 
 
 @dataclass(frozen=True)
@@ -250,6 +266,7 @@ class ResNetLA(nn.Module):
                                 allowed='a non-negative integer (0: no classifier)')
         in_chans = check_int(name, 'in_chans', in_chans)
         check_choice(name, 'global_pool', global_pool, POOL_TYPES)
+        _check_pool_for_classifier(name, global_pool, num_classes)
         output_stride = check_int(name, 'output_stride', output_stride, allowed='one of 8, 16, 32')
         if output_stride not in (8, 16, 32):
             raise ValueError(f'{name}: output_stride must be one of 8, 16, 32, got {output_stride!r}')
@@ -362,6 +379,7 @@ class ResNetLA(nn.Module):
         if global_pool is None:
             global_pool = self.global_pool.pool_type
         check_choice(self._name, 'global_pool', global_pool, POOL_TYPES)
+        _check_pool_for_classifier(self._name, global_pool, num_classes)
         self.num_classes = num_classes
         self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
         self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
@@ -426,7 +444,7 @@ class ResNetLA(nn.Module):
         """Forward returning the stem output (index 0) and stage outputs (1..N) selected by `indices`."""
         if output_fmt != 'NCHW':
             raise ValueError(f'output_fmt must be NCHW, got {output_fmt!r}')
-        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        take_indices, max_index = _take_indices(len(self.feature_info), indices)
         num_stages = max_index if stop_early else len(self.stage_names)
         x, feats = self._forward_levels(x, num_stages, keep=True)
         intermediates = [feats[i] for i in take_indices]
@@ -443,7 +461,7 @@ class ResNetLA(nn.Module):
             prune_head: bool = True,
     ) -> List[int]:
         """Drop the stages, neck and head that the selected intermediates do not need."""
-        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        take_indices, max_index = _take_indices(len(self.feature_info), indices)
         for name in self.stage_names[max_index:]:
             setattr(self, name, LAStage())
         if max_index == 0 and not self.stem_pooled:
