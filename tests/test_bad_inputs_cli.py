@@ -142,6 +142,16 @@ RUN_CASES = [
     ('train-device', [*TRAIN, '--output', '{ws}/r', '--device', 'banana'], 'cannot set up device banana'),
     ('train-in-chans', [*TRAIN, '--output', '{ws}/r', '--model-kwargs', 'in_chans=1'], 'takes 1 input channel(s)'),
     ('train-recipe', [*TRAIN, '--output', '{ws}/r', '--recipe', 'nope'], "unknown recipe 'nope'"),
+    # flags the run would ignore without a word (issue 21)
+    ('train-iters-and-epochs', [*TRAIN, '--output', '{ws}/r', '--iters', '3', '--epochs', '10'],
+     'give --iters or --epochs, not both'),
+    ('train-digits-data-dir', [*TRAIN, '--output', '{ws}/r', '{ws}/mine'],
+     'is embedded and reads no folder: drop DATA_DIR'),
+    ('train-pad-without-cifar-aug', [*TRAIN, '--output', '{ws}/r', '--pad', '2', '--train-aug', 'none'],
+     '--pad is the padding of the cifar crop: it has no effect with --train-aug none'),
+    ('train-milestones-cosine', [*TRAIN, '--output', '{ws}/r', '--decay-milestones', '5', '--sched', 'cosine'],
+     '--decay-milestones applies to --sched multistep only, not --sched cosine'),
+    ('train-resume-list', [*TRAIN, '--output', '{ws}/r', '--resume', '{ws}/list.pth'], 'not a training checkpoint'),
     # demo, det-configs, bench, push, list
     ('demo-user-folder', ['demo', '--output', '{ws}/mine', '--overwrite', '--no-bench'], 'not a demo output folder'),
     ('demo-output-under-file', ['demo', '--output', '{ws}/afile/x', '--no-bench'], 'cannot be created'),
@@ -372,3 +382,129 @@ def test_atomic_dir_restores_an_interrupted_swap(tmp_path):
         (d / 'f').write_text('new')
     assert (tmp_path / 'out' / 'f').read_text() == 'new'
     assert sorted(p.name for p in tmp_path.iterdir()) == ['out']
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Issue 21: full disks, long names, paths that exist but are not files
+# ---------------------------------------------------------------------------------------------------------------
+
+def _no_temporaries(folder: Path) -> None:
+    left = [p.name for p in folder.iterdir() if p.name.startswith('.') or p.name.startswith('tmp')]
+    assert not left, left
+
+
+def test_full_disk_is_an_os_error_line(ws, tmp_path, monkeypatch, capsys):
+    import errno
+    import timm.models
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError('Error while serializing: I/O error: No space left on device (os error 28)')
+
+    with monkeypatch.context() as m:  # export: safetensors hides the OS error in its own exception
+        m.setattr(timm.models, 'save_for_hf', full)
+        rc, _, err = _cli(capsys, 'export', NAME, '--checkpoint', ws / 'w.safetensors', '--out', tmp_path / 'exp')
+    _check(rc, err, 2, f'error: No space left on device: {tmp_path / "exp"}')
+    assert 'a bug' not in err and err.count('\n') == 1 and not (tmp_path / 'exp').exists()
+
+    def fsync_full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as m:  # convert: a plain OSError without a file name gets the output's
+        m.setattr(os, 'fsync', fsync_full)
+        rc, _, err = _cli(capsys, 'convert', '--model', NAME, ws / 'w.safetensors', tmp_path / 'c.safetensors')
+    _check(rc, err, 2, f'No space left on device: {tmp_path / "c.safetensors"}')
+    _no_temporaries(tmp_path)
+
+
+def test_torch_writer_failure_is_an_os_error(tmp_path, monkeypatch):
+    """torch.save reports a failed write as RuntimeError('... inline_container.cc ...'): an OSError for the file."""
+    from timm_layerattn._utils import files
+    monkeypatch.setattr(files.shutil, 'disk_usage', lambda p: type('U', (), {'free': 1024})())
+    with pytest.raises(OSError) as info:
+        with files.atomic_file(tmp_path / 'x.pth') as f:
+            f.write(b'part')
+            raise RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598')
+    assert info.value.strerror == os.strerror(28) and info.value.filename == str(tmp_path / 'x.pth')
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_long_output_names(ws, tmp_path, capsys):
+    """Any legal name (up to 255 bytes) works: the temporary sibling's name is shortened, not the output's."""
+    name = 'b' * 240
+    rc, _, err = _cli(capsys, 'export', NAME, '--checkpoint', ws / 'w.safetensors', '--out', tmp_path / name)
+    assert rc == 0, err
+    assert (tmp_path / name / 'model.safetensors').is_file()
+    out = tmp_path / ('c' * 240 + '.safetensors')  # 252 bytes
+    rc, _, err = _cli(capsys, 'convert', '--model', NAME, ws / 'w.safetensors', out)
+    assert rc == 0 and out.is_file(), err
+    _no_temporaries(tmp_path)
+
+
+@pytest.mark.skipif(os.name != 'posix', reason='FIFOs and symbolic links')
+def test_not_found_only_when_missing(ws, tmp_path, capsys):
+    (tmp_path / 'run').mkdir()
+    os.mkfifo(tmp_path / 'fifo')
+    (tmp_path / 'loop').symlink_to(tmp_path / 'loop')
+    (tmp_path / 'dangling').symlink_to(tmp_path / 'nowhere')
+    cases = [('run', 'is a folder, not a file'), ('fifo', 'is a FIFO (named pipe), not a file'),
+             ('loop', 'is a symbolic link loop'), ('dangling', 'is a symbolic link to a missing target'),
+             ('missing', 'not found')]
+    for name, words in cases:
+        rc, _, err = _cli(capsys, *TRAIN, '--resume', tmp_path / name, '--output', tmp_path / 'out')
+        _check(rc, err, 2, words)
+        assert name == 'missing' or 'not found' not in err, err
+        rc, _, err = _cli(capsys, 'convert', '--model', NAME, tmp_path / name, tmp_path / 'c.safetensors')
+        _check(rc, err, 2, words)
+        rc, _, err = _cli(capsys, *TRAIN, '--initial-checkpoint', tmp_path / name, '--output', tmp_path / 'out')
+        _check(rc, err, 2, words)
+    assert not (tmp_path / 'out').exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Issue 21: trainer faults
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_train_failed_save_is_one_line_and_leaves_no_temporary(tmp_path, monkeypatch, capsys):
+    import errno
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, 'fsync', full)  # every atomic write of the run (checkpoints, log.json) fails
+    rc, _, err = _cli(capsys, *TRAIN, '--output', tmp_path / 'r')
+    _check(rc, err, 2, f'error: No space left on device: {tmp_path / "r"}')
+    assert 'a bug' not in err and len([ln for ln in err.splitlines() if ln.startswith('timm-layerattn')]) == 1
+    left = [p.name for p in (tmp_path / 'r').iterdir()] if (tmp_path / 'r').exists() else []
+    assert not [n for n in left if n.startswith('.') or n.startswith('tmp')], left
+
+
+def test_train_resume_with_another_optimizer_or_schedule(tmp_path, capsys):
+    out = tmp_path / 'r'
+    rc, _, err = _cli(capsys, *TRAIN, '--output', out, '--opt', 'adamw', '--lr', '1e-3')
+    assert rc == 0, err
+    # another optimizer (the default, momentum SGD) and schedule: what fits is restored, the rest reset, one line
+    rc, out_text, err = _cli(capsys, *[a for a in TRAIN if a != '--quiet'], '--epochs', '2', '--sched', 'multistep',
+                             '--resume', out / 'last.pth.tar')
+    assert rc == 0, err
+    notes = [ln for ln in out_text.splitlines() if ln.startswith('note: --resume')]
+    assert len(notes) == 1, out_text
+    assert ("reset the optimizer state (the checkpoint's run used --opt adamw, this one --opt momentum)" in notes[0]
+            and 'the lr schedule (--sched multistep from the resumed epoch on' in notes[0]), notes
+    assert 'resumed from epoch 0' in out_text
+    # the same optimizer: restored silently
+    rc, out_text, err = _cli(capsys, *[a for a in TRAIN if a != '--quiet'], '--epochs', '3', '--sched', 'multistep',
+                             '--resume', out / 'last.pth.tar')
+    assert rc == 0 and 'note: --resume' not in out_text, out_text + err
+
+
+def test_train_one_class_is_refused(tmp_path, capsys):
+    from PIL import Image
+    for split in ('train', 'validation'):
+        (tmp_path / 'data' / split / 'cat').mkdir(parents=True)
+        for i in range(4):
+            Image.new('RGB', (32, 32), (i * 40, 0, 0)).save(tmp_path / 'data' / split / 'cat' / f'{i}.png')
+    rc, _, err = _cli(capsys, 'train', tmp_path / 'data', '--model', NAME, '--dataset', '', '--epochs', '1',
+                      '--no-progress', '--quiet', '--workers', '0', '-b', '2', '--output', tmp_path / 'r')
+    _check(rc, err, 2, 'the training data holds 1 class (cat); a classifier needs at least 2')
+    assert not (tmp_path / 'r').exists()

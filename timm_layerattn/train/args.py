@@ -203,6 +203,7 @@ def resolve_args(args: argparse.Namespace, world_size: int = 1) -> argparse.Name
         raise UserError(f'world size must be >= 1, got {world_size}')
     recipe = RECIPES.get(args.recipe, {})
     base_given = getattr(args, 'lr_base', None) is not None or getattr(args, 'lr_base_size', None) is not None
+    given = {key for key in BASE_DEFAULTS if getattr(args, key, None) is not None}  # on the command line
     for key, base in BASE_DEFAULTS.items():
         if getattr(args, key, None) is None:
             setattr(args, key, copy.copy(recipe.get(key, base)))
@@ -220,8 +221,31 @@ def resolve_args(args: argparse.Namespace, world_size: int = 1) -> argparse.Name
     for name in ('lr', 'lr_base'):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise UserError(f'--{name.replace("_", "-")} must be > 0')
+    _check_combinations(args, given)
     _resolve_batch_and_lr(args, world_size, 'recipe' if recipe and not base_given else 'base')
     return args
+
+
+def _check_combinations(args: argparse.Namespace, given: set) -> None:
+    """Refuse flags that the resolved arguments would ignore without a word (`given`: set on the command line)."""
+    from ..data import is_embedded_dataset
+    if args.data_dir and is_embedded_dataset(args.dataset or ''):
+        raise UserError(f'--dataset {args.dataset} is embedded and reads no folder: drop DATA_DIR {args.data_dir} '
+                        f'(or use --dataset "" for an image folder)')
+    if 'pad' in given and args.train_aug != 'cifar':
+        raise UserError(f'--pad is the padding of the cifar crop: it has no effect with --train-aug {args.train_aug} '
+                        f'(use --train-aug cifar, or drop --pad)')
+    if 'decay_milestones' in given and args.sched != 'multistep':
+        raise UserError(f'--decay-milestones applies to --sched multistep only, not --sched {args.sched} '
+                        f'(use --sched multistep, or drop --decay-milestones)')
+    if 'decay_iters' in given and args.sched != 'multistep':
+        raise UserError(f'--decay-iters applies to --sched multistep only, not --sched {args.sched} '
+                        f'(use --sched multistep, or drop --decay-iters)')
+    if args.iters is not None and 'epochs' in given:
+        if 'iters' in given:
+            raise UserError(f'give --iters or --epochs, not both: --iters {args.iters} decides the number of epochs '
+                            f'(--epochs {args.epochs} would be ignored)')
+        args.iters = None  # the recipe counts steps; --epochs, given, wins as every given flag does
 
 
 def _resolve_batch_and_lr(args: argparse.Namespace, world_size: int, source: str) -> None:

@@ -26,14 +26,24 @@ def is_run_dir(path: Path) -> bool:
     return path.is_dir() and any((path / n).exists() for n in ('log.json', 'summary.csv', 'last' + CHECKPOINT_EXT))
 
 
+def check_input_file(path: str, what: str) -> None:
+    """Raise a one-line UserError unless `path` is a readable file: 'not found' only when nothing is there."""
+    from .._utils.files import path_problem
+    problem = path_problem(path, 'file')
+    if problem == 'not found':
+        raise UserError(f'{what} not found: {path}')
+    if problem is not None:
+        hint = ' (give a checkpoint file, e.g. its last.pth.tar)' if problem.startswith('is a folder') else ''
+        raise UserError(f'{what} {path} {problem}{hint}')
+
+
 def read_checkpoint(path: str) -> Dict[str, Any]:
     """Load a training checkpoint through the one safe reader (weights_only; timm's argparse `args`
     allowed) or raise UserError."""
     from ..checkpoints.io import read_raw
-    if not Path(path).is_file():
-        raise UserError(f'--resume checkpoint not found: {path}')
+    check_input_file(path, '--resume checkpoint')
     try:
-        ckpt, _ = read_raw(path, allowed_globals=[argparse.Namespace])
+        ckpt, _ = read_raw(path)
     except UserError as e:
         raise UserError(f'cannot read checkpoint {e}') from None
     if not isinstance(ckpt, dict) or 'state_dict' not in ckpt:
@@ -111,9 +121,31 @@ def create_saver(**kwargs: Any):
             if self.updates is not None:
                 state['updates'] = self.updates
             state['saver'] = self.state_dict(epoch, metric)
-            torch.save(state, save_path)
+            write_checkpoint(state, save_path)
+
+        def save_checkpoint(self, epoch, metric=None):
+            """timm's save; a failure (disk full, permission) leaves no partial or temporary file behind and is an
+            `OSError` naming the file, which the command line reports as one line."""
+            tmp = Path(self.checkpoint_dir) / ('tmp' + self.extension)
+            try:
+                return super().save_checkpoint(epoch, metric)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
 
     return SafeCheckpointSaver(**kwargs)
+
+
+def write_checkpoint(state: Dict[str, Any], path: str) -> None:
+    """`torch.save(state, path)`, atomically: serialised in memory first, so a failed write is the file system's
+    `OSError` (torch would report a full disk as a RuntimeError), and written through a temporary sibling that a
+    failure removes."""
+    import io
+    from .._utils.files import atomic_file
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    with atomic_file(path) as f:
+        f.write(buffer.getbuffer())
 
 
 def state_checksum(model: nn.Module) -> str:
@@ -129,6 +161,7 @@ def state_checksum(model: nn.Module) -> str:
 def read_initial_checkpoint(path: str) -> Dict[str, torch.Tensor]:
     """The weights of `--initial-checkpoint`, read safely (weights_only) and checked to be finite."""
     from ..checkpoints.io import check_finite, read_state_dict
+    check_input_file(path, '--initial-checkpoint')
     state_dict, _ = read_state_dict(path)
     check_finite(state_dict, f'--initial-checkpoint {path}')
     return state_dict

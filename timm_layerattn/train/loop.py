@@ -242,7 +242,8 @@ def _open_run_log(ctx: TrainContext) -> RunLog:
             checkpoint_dir=str(out_dir), recovery_dir=str(out_dir), decreasing=False,
             max_history=max(1, args.checkpoint_hist))
         if ctx.resuming_here:
-            log.saver.load_state_dict_from_checkpoint(args.resume)
+            if ctx.resume_saver is not None:  # read with the checkpoint by the package's one reader
+                log.saver.load_state_dict(ctx.resume_saver)
             if log.log_path.exists():
                 with contextlib.suppress(ValueError, KeyError):
                     log.history = [h for h in json.loads(log.log_path.read_text())['epochs']

@@ -65,6 +65,7 @@ class TrainContext:
     mixup_fn: Optional['Mixup']
     start_epoch: int = 0
     updates: int = 0  # optimizer steps taken so far (resumed runs start at start_epoch * updates_per_epoch)
+    resume_saver: Optional[Dict[str, Any]] = None  # the checkpoint saver's records in the `--resume` checkpoint
 
     @property
     def is_primary(self) -> bool:
@@ -100,8 +101,6 @@ def _create_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
         kwargs['drop_path_rate'] = args.drop_path
     initial = None
     if args.initial_checkpoint:
-        if not Path(args.initial_checkpoint).is_file():
-            raise UserError(f'--initial-checkpoint not found: {args.initial_checkpoint}')
         initial = read_initial_checkpoint(args.initial_checkpoint)
     name = args.model
     if ':' not in name and not timm.is_model(name):
@@ -215,6 +214,12 @@ def _open_datasets(args: argparse.Namespace, distributed: bool, is_primary: bool
         raise UserError('cannot tell the number of classes of this dataset; pass --num-classes')
     if label_names and num_classes < len(label_names):
         raise UserError(f'--num-classes {num_classes} is smaller than the {len(label_names)} dataset classes')
+    if label_names and len(label_names) < 2:
+        raise UserError(f'the training data holds {len(label_names)} class{"" if len(label_names) == 1 else "es"} '
+                        f'({", ".join(label_names) or "none"}); a classifier needs at least 2 (one sub-folder per '
+                        f'class)')
+    if num_classes < 2:
+        raise UserError(f'--num-classes {num_classes}: a classifier needs at least 2 classes')
     return train_ds, val_ds, label_names, num_classes
 
 
@@ -269,6 +274,61 @@ def _create_amp(args: argparse.Namespace, device: torch.device,
     return loss_scaler, autocast
 
 
+def _saved_arg(ckpt: Dict[str, Any], name: str) -> Any:
+    """An argument of the run that wrote `ckpt` (a plain dict here, timm train.py's Namespace), or None."""
+    saved = ckpt.get('args')
+    return saved.get(name) if isinstance(saved, dict) else getattr(saved, name, None)
+
+
+def _optimizer_misfit(optimizer: torch.optim.Optimizer, saved: Any, saved_opt: Any, opt: str) -> Optional[str]:
+    """Why the optimizer state `saved` cannot be restored into `optimizer` (None: it fits)."""
+    if not isinstance(saved, dict) or not isinstance(saved.get('param_groups'), list):
+        return 'the checkpoint holds none'
+    if isinstance(saved_opt, str) and saved_opt.lower() != opt.lower():
+        return f'the checkpoint\'s run used --opt {saved_opt}, this one --opt {opt}'
+    groups = optimizer.state_dict()['param_groups']
+    if [len(g.get('params', ())) for g in saved['param_groups']] != [len(g['params']) for g in groups]:
+        return 'its parameter groups differ (another --decay-all setting or model?)'
+    # the optimizer's settings must all be there (a scheduler adds its own, e.g. `initial_lr`, to the saved groups)
+    if not all(set(g) <= set(h) for g, h in zip(groups, saved['param_groups'])):
+        return f'it is the state of another optimizer than --opt {opt}'
+    return None
+
+
+def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, loss_scaler: Optional['NativeScaler'],
+             ckpt: Dict[str, Any], args: argparse.Namespace, is_primary: bool) -> int:
+    """Load the `--resume` checkpoint (read once, by the package's reader) into the model, the optimizer and the
+    loss scaler, as timm's `resume_checkpoint` does; what does not fit this run (another optimizer) is reset and
+    said in one line. Returns the epoch to start at."""
+    from timm.models import clean_state_dict
+    model.load_state_dict(clean_state_dict(ckpt['state_dict']))
+    reset = []
+    if not args.no_resume_opt:
+        why = _optimizer_misfit(optimizer, ckpt.get('optimizer'), _saved_arg(ckpt, 'opt'), args.opt)
+        if why is None:
+            before = optimizer.state_dict()
+            try:
+                optimizer.load_state_dict(ckpt['optimizer'])
+            except (ValueError, KeyError, TypeError, RuntimeError) as e:
+                optimizer.load_state_dict(before)
+                why = f'it does not fit ({type(e).__name__}: {e})'
+        if why is not None:
+            reset.append(f'the optimizer state ({why})')
+    if loss_scaler is not None and loss_scaler.state_dict_key in ckpt:
+        loss_scaler.load_state_dict(ckpt[loss_scaler.state_dict_key])
+    saved_sched = _saved_arg(ckpt, 'sched')
+    if isinstance(saved_sched, str) and saved_sched != args.sched:
+        reset.append(f'the lr schedule (--sched {args.sched} from the resumed epoch on; the checkpoint\'s run used '
+                     f'{saved_sched})')
+    if reset and is_primary:
+        print(f'note: --resume {args.resume}: restored the weights and the epoch; reset ' + '; '.join(reset),
+              flush=True)
+    epoch = ckpt.get('epoch')
+    if type(epoch) is not int:
+        return 0
+    return epoch + 1 if type(ckpt.get('version')) is int and ckpt['version'] > 1 else epoch
+
+
 def _resume(
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
@@ -276,17 +336,15 @@ def _resume(
         resume_ckpt: Optional[Dict[str, Any]],
         args: argparse.Namespace,
         updates_per_epoch: int,
+        is_primary: bool = True,
 ) -> Tuple[int, int, Optional['ModelEmaV3'], Optional['Scheduler']]:
     """Where the run starts: epoch and update count (0 for a fresh run), with the model, optimizer and scaler
-    state of `--resume`, the EMA started from those weights (or the checkpoint's EMA) and the schedule
-    advanced to the resumed step."""
-    from timm.models import resume_checkpoint
+    state of `--resume` (`_restore`), the EMA started from those weights (or the checkpoint's EMA) and the
+    schedule advanced to the resumed step."""
     from timm.utils import ModelEmaV3
     start_epoch, updates = 0, 0
     if resume_ckpt is not None:
-        resumed = resume_checkpoint(model, args.resume, optimizer=None if args.no_resume_opt else optimizer,
-                                    loss_scaler=loss_scaler, log_info=False)
-        start_epoch = resumed or 0
+        start_epoch = _restore(model, optimizer, loss_scaler, resume_ckpt, args, is_primary)
         saved = resume_ckpt.get('updates')  # written by this trainer; timm's checkpoints count epochs only
         updates = saved if type(saved) is int and start_epoch > 0 else start_epoch * updates_per_epoch
     model_ema = None
@@ -353,7 +411,8 @@ def setup(args: argparse.Namespace) -> TrainContext:
     optimizer = _create_optimizer(model, args)
     loss_scaler, autocast = _create_amp(args, device, use_amp)
     start_epoch, updates, model_ema, lr_scheduler = _resume(
-        model, optimizer, loss_scaler, resume_ckpt, args, updates_per_epoch)
+        model, optimizer, loss_scaler, resume_ckpt, args, updates_per_epoch, is_primary)
+    resume_saver = resume_ckpt.get('saver') if resume_ckpt is not None else None
     del resume_ckpt  # its tensors are in the model, optimizer and EMA now
 
     unwrapped = model
@@ -366,4 +425,5 @@ def setup(args: argparse.Namespace) -> TrainContext:
         train_loader=train_loader, val_loader=val_loader, label_names=label_names, num_classes=num_classes,
         data_config=data_config, num_params=num_params, model=model, unwrapped=unwrapped, optimizer=optimizer,
         loss_scaler=loss_scaler, model_ema=model_ema, lr_scheduler=lr_scheduler, criterion=criterion,
-        mixup_fn=mixup_fn, start_epoch=start_epoch, updates=updates)
+        mixup_fn=mixup_fn, start_epoch=start_epoch, updates=updates,
+        resume_saver=resume_saver if isinstance(resume_saver, dict) else None)
