@@ -327,9 +327,11 @@ def test_signals_clean_up_and_stale_temporaries_are_removed(ws, tmp_path, capsys
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
-def test_sigint_cleans_up(tmp_path):
+def test_sigint_cleans_up(tmp_path, monkeypatch):
     """Ctrl-C (KeyboardInterrupt from Python's own SIGINT handler) inside an atomic folder or file."""
     from timm_layerattn._utils.files import atomic_dir, atomic_file
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started as a background job of a non-interactive shell
+        monkeypatch.setattr(signal, 'raise_signal', lambda sig: signal.default_int_handler(sig, None))
     with pytest.raises(KeyboardInterrupt):
         with atomic_dir(tmp_path / 'out') as d:
             (d / 'f').write_text('x')
