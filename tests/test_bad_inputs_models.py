@@ -188,9 +188,11 @@ def test_bad_reset_classifier():
     with pytest.raises(ValueError, match="global_pool='' \\(no pooling\\) needs num_classes=0"):
         model.reset_classifier(10, '')
     model.reset_classifier(0, '')  # unpooled maps without a classifier: timm's features_only / pruning path
-    with pytest.raises(ValueError, match='needs num_classes=0, got num_classes=3'):
-        model.reset_classifier(3)  # keeps the current (unpooled) global_pool
-    assert model.num_classes == 0
+    assert model.num_classes == 0 and model.global_pool.pool_type == ''
+    model.reset_classifier(3)  # a new classifier without a pool given gets the default pooling back (timm's tests)
+    assert model.num_classes == 3 and model.global_pool.pool_type == 'avg'
+    with pytest.raises(ValueError, match="needs num_classes=0"):
+        timm.create_model('cifar_resnet20_kcla', global_pool='', device='meta')  # refused at construction
 
 
 # (input, message fragment): forward refuses with a one-line AssertionError

@@ -377,7 +377,9 @@ class ResNetLA(nn.Module):
         num_classes = check_int(self._name, 'num_classes', num_classes, minimum=0,
                                 allowed='a non-negative integer (0: no classifier)')
         if global_pool is None:
-            global_pool = self.global_pool.pool_type
+            # Kept, but a new classifier on a model whose pooling was removed gets the default pooling back
+            # (timm's own checks call reset_classifier(n) after reset_classifier(0, '')).
+            global_pool = self.global_pool.pool_type or ('avg' if num_classes else '')
         check_choice(self._name, 'global_pool', global_pool, POOL_TYPES)
         _check_pool_for_classifier(self._name, global_pool, num_classes)
         self.num_classes = num_classes
