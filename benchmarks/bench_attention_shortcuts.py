@@ -27,7 +27,7 @@ import torch
 import timm_layerattn  # noqa: F401  (registers the models)
 from timm_layerattn.layers.shortcut import AttentionShortcut
 from timm_layerattn.models.resnet_as import as_arch
-from timm_layerattn.models.skeleton import ResNetLA
+from timm_layerattn.models.resnet_trunk import ResNetLA
 from timm_layerattn.tools.zoo import count_macs, count_params
 
 CIFAR = ['cifar_resnet50', 'cifar_resnet50_as_out', 'cifar_resnet50_as_kv', 'cifar_resnet50_as_stages',
