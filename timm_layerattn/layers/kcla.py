@@ -21,7 +21,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_function
-from torch.autograd.function import once_differentiable
 
 from . import lean, native
 from ._checks import check_int
@@ -73,7 +72,6 @@ class KCLABranch(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, pre, shortcut, scale, shift, hist, weight, gate, v_weight, norm_weight, norm_bias, norm, keep):
-        del norm_weight, norm_bias  # read through `norm`
         ctx.set_materialize_grads(False)
         fused = native.trainable(x, pre, shortcut, hist, weight, gate, v_weight)
         with torch.autocast(x.device.type, enabled=False):
@@ -90,15 +88,29 @@ class KCLABranch(torch.autograd.Function):
                 out = torch.addcmul(lean._map(b, u), u, lean._map(a, u)).relu_().add_(x)
         ctx.norm, ctx.fused = norm, fused
         ctx.batch_stats = lean._uses_batch_stats(norm)
-        ctx.save_for_backward(pre, shortcut, scale, shift, hist, weight, gate, v_weight, mean, invstd, keep, a, b)
+        ctx.save_for_backward(
+            pre, shortcut, scale, shift, hist, weight, gate, v_weight, mean, invstd, keep, a, b, norm_weight, norm_bias)
         return out, hist_new
 
     @staticmethod
-    @once_differentiable
+    def reference(x, hist, weight, gate, v_weight, norm_weight, norm_bias, norm, keep):
+        """`(out, A')` in differentiable PyTorch ops, without side effects (see `lean.replay`)."""
+        hist_new = _kcla_history(x, hist, weight)
+        u = depthwise_conv3x3(hist_new.to(x.dtype), v_weight) * gate[:, :, None, None]
+        a, b = lean.norm_reference(norm, u, norm_weight, norm_bias, keep)
+        return torch.relu(torch.addcmul(lean._map(b, u), u, lean._map(a, u))) + x, hist_new
+
+    @staticmethod
     def backward(ctx, grad_out, grad_hist):
-        pre, shortcut, scale, shift, hist, weight, gate, v_weight, mean, invstd, keep, a, b = ctx.saved_tensors
+        pre, shortcut, scale, shift, hist, weight, gate, v_weight, mean, invstd, keep, a, b, nw, nb = ctx.saved_tensors
         norm = ctx.norm
         needs = ctx.needs_input_grad
+        if lean.must_replay():
+            g = lean.replay(
+                lambda *t: KCLABranch.reference(*t, norm, keep),
+                [lean.tail_reference(pre, shortcut, scale, shift), hist, weight, gate, v_weight, nw, nb],
+                [grad_out, grad_hist], (needs[0],) + needs[5:11])
+            return (g[0], None, None, None, None, *g[1:], None, None)
         if grad_out is None:
             grad_out = torch.zeros_like(pre)
         if ctx.fused:  # incoming gradients may be expanded or strided views: the kernels read dense maps

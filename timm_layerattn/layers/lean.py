@@ -29,17 +29,25 @@ plain autograd on CPU when the kernels cannot run (bfloat16 autocast, channels_l
 more. Device types that autocast does not know (the meta device, where timm and accelerate infer shapes)
 keep the plain modules. `TIMM_LAYERATTN_LEAN=0` turns the path off, `=1` on wherever it can run;
 `with lean.disabled():` and `with lean.forced():` do the same for a block of code (the tests compare the paths
-that way). The Functions are differentiable once (`once_differentiable`): double backward needs the plain path.
+that way).
+
+Higher-order gradients are exact. Each Function states its maths once more as `reference`, in differentiable
+PyTorch ops without side effects, and its backward differentiates that (`replay`) instead of running the fast
+backward whenever the fast backward's result would be wrong: a graph of the gradient is being built
+(`create_graph=True`: gradient penalties, `torch.autograd.functional.hvp` / `hessian`), functorch batches the
+backward (`jacobian(vectorize=True)`), or gradients arrive for outputs the fast backward treats as constants
+(the tail's `scale` / `shift`, which only a second derivative reaches). Under `torch.func` transforms and
+forward-mode AD the Functions do not run at all (`native.transforms_active`): the plain modules do.
 """
 import contextlib
 import contextvars
-from typing import Iterator, NamedTuple, Optional, Tuple
+from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .._utils.env import env_switch
@@ -48,7 +56,8 @@ from . import native
 __all__ = [
     'ENV', 'mode', 'active', 'usable', 'disabled', 'forced', 'drop_path_keep', 'norm_stats', 'fused_norm',
     'norm_affine', 'plane_affine', 'norm_backward', 'weight_or_ones', 'affine_grads', 'dense', 'per_sample',
-    'tail_output', 'Tail', 'block_tail', 'BlockTail', 'ChannelConv',
+    'tail_output', 'tail_reference', 'norm_reference', 'must_replay', 'replay', 'Tail', 'block_tail', 'BlockTail',
+    'ChannelConv',
 ]
 
 ENV = 'TIMM_LAYERATTN_LEAN'
@@ -81,8 +90,9 @@ def forced() -> contextlib.AbstractContextManager:
 
 
 def active() -> bool:
-    """True when the lean path may run now: eager mode with autograd on, not turned off."""
-    if not torch.is_grad_enabled() or mode() == 'off':
+    """True when the lean path may run now: eager mode with autograd on, not turned off, no `torch.func`
+    transform or forward-mode AD (`native.transforms_active`)."""
+    if not torch.is_grad_enabled() or mode() == 'off' or native.transforms_active():
         return False
     if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling() or _fx_tracing():
         return False
@@ -214,12 +224,40 @@ def norm_affine(
         keep: Optional[Tensor],
 ) -> Tuple[Tensor, Tensor]:
     """`(scale, shift)` with `norm(u) * keep == u * scale + shift`: `[C]`, or `[B, C]` with a drop-path factor."""
-    scale = invstd if norm.weight is None else invstd * norm.weight.to(invstd.dtype)
-    shift = -mean * scale if norm.bias is None else norm.bias.to(invstd.dtype) - mean * scale
+    return _affine(mean, invstd, norm.weight, norm.bias, keep)
+
+
+def _affine(
+        mean: Tensor,
+        invstd: Tensor,
+        weight: Optional[Tensor],
+        bias: Optional[Tensor],
+        keep: Optional[Tensor],
+) -> Tuple[Tensor, Tensor]:
+    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+    shift = -mean * scale if bias is None else bias.to(invstd.dtype) - mean * scale
     if keep is not None:
         keep = keep.to(scale.dtype)[:, None]
         scale, shift = scale * keep, shift * keep
     return scale, shift
+
+
+def norm_reference(
+        norm: nn.BatchNorm2d,
+        u: Tensor,
+        weight: Optional[Tensor],
+        bias: Optional[Tensor],
+        keep: Optional[Tensor],
+) -> Tuple[Tensor, Tensor]:
+    """`norm_stats` and `norm_affine` as one differentiable function of `u`, `weight` and `bias`, for the
+    Functions' `reference`: batch statistics are recomputed, running ones neither read nor updated in training."""
+    acc = _acc_dtype(u)
+    if _uses_batch_stats(norm):
+        var, mean = torch.var_mean(u.to(acc), dim=(0, 2, 3), correction=0)
+        invstd = torch.rsqrt(var + norm.eps)
+    else:
+        mean, invstd = norm.running_mean.to(acc), torch.rsqrt(norm.running_var.to(acc) + norm.eps)
+    return _affine(mean, invstd, weight, bias, keep)
 
 
 def plane_affine(
@@ -291,16 +329,70 @@ def tail_output(pre: Tensor, shortcut: Tensor, scale: Tensor, shift: Tensor) -> 
     return torch.addcmul(_map(shift, pre), pre, _map(scale, pre)).add_(shortcut).relu_()
 
 
+def tail_reference(pre: Tensor, shortcut: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """`tail_output` in differentiable PyTorch ops, none in place (`replay` hands it views of saved tensors)."""
+    return torch.relu(torch.addcmul(_map(shift, pre), pre, _map(scale, pre)) + shortcut)
+
+
+def must_replay(*extra_grads: Optional[Tensor]) -> bool:
+    """In a Function's backward: whether to `replay` its `reference` rather than run the fast backward. True
+    when the gradient must itself be differentiable (grad mode is on inside a backward exactly when
+    `create_graph=True`), when functorch batches the backward, or when any of `extra_grads` (gradients of
+    outputs the fast backward treats as constants) arrived."""
+    return torch.is_grad_enabled() or native.transforms_active() or any(g is not None for g in extra_grads)
+
+
+def replay(
+        reference: Callable[..., Sequence[Tensor]],
+        inputs: Sequence[Optional[Tensor]],
+        grads: Sequence[Optional[Tensor]],
+        wanted: Sequence[bool],
+) -> List[Optional[Tensor]]:
+    """Backward by differentiating `reference(*inputs)` with autograd: the gradients of the `wanted` inputs
+    for output gradients `grads` (None entries count as zero), None elsewhere.
+
+    With `create_graph=True` the result carries a graph: `inputs` must then be the tensors the Function saved,
+    whose history reaches back into the network, so a second backward differentiates through the maths, the
+    recomputation included. Each wanted input is differentiated through a fresh view of itself, so an input
+    that also feeds another input (the block input `shortcut` of MRLA-light, which `x` is computed from) gets
+    only its own direct share. Otherwise the recomputation runs on detached copies, its graph freed on return.
+    """
+    create_graph = torch.is_grad_enabled()
+    device = next(t.device.type for t in inputs if t is not None)
+    with torch.enable_grad(), torch.autocast(device, enabled=False):
+        args = [_replay_input(t, w, create_graph) for t, w in zip(inputs, wanted)]
+        outs = reference(*args)
+    pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+    targets = [i for i, (t, w) in enumerate(zip(args, wanted)) if w and t is not None and t.requires_grad]
+    result: List[Optional[Tensor]] = [None] * len(inputs)
+    if pairs and targets:
+        found = torch.autograd.grad(
+            [o for o, _ in pairs], [args[i] for i in targets], [g for _, g in pairs],
+            create_graph=create_graph, allow_unused=True)
+        for i, g in zip(targets, found):
+            result[i] = g
+    return result
+
+
+def _replay_input(t: Optional[Tensor], wanted: bool, create_graph: bool) -> Optional[Tensor]:
+    if t is None:
+        return None
+    if create_graph:
+        return t.view_as(t) if wanted else t
+    return t.detach().requires_grad_(wanted and t.is_floating_point())
+
+
 class BlockTail(torch.autograd.Function):
     """`x = relu(norm(pre) * keep + shortcut)` and its pooled descriptor, keeping `pre` and `shortcut` only.
 
-    Outputs `(x, pooled, scale, shift)`; the last two (`[B, C]`, not differentiable) are the recipe
-    `tail_output` recomputes `x` from, for the branch Function that consumes `x`.
+    Outputs `(x, pooled, scale, shift)`; the last two (`[B, C]`) are the recipe `tail_output` recomputes `x`
+    from, for the branch Function that consumes `x`. The fast backward treats them as constants (the branch's
+    first derivative goes to `x`); a branch's differentiable backward (`replay`) reads them, and their own
+    gradient, which only a second derivative produces, is replayed here.
     """
 
     @staticmethod
     def forward(ctx, pre, shortcut, weight, bias, norm, keep):
-        del weight, bias  # read through `norm`; inputs so autograd routes their gradients
         ctx.set_materialize_grads(False)
         fused = native.trainable(pre, shortcut)
         with torch.autocast(pre.device.type, enabled=False):
@@ -314,18 +406,36 @@ class BlockTail(torch.autograd.Function):
                 pooled = x.mean((2, 3))
         ctx.norm, ctx.fused = norm, fused
         ctx.batch_stats = _uses_batch_stats(norm)
-        ctx.save_for_backward(pre, shortcut, scale, shift, mean, invstd, keep)
-        ctx.mark_non_differentiable(scale, shift)
+        ctx.save_for_backward(pre, shortcut, scale, shift, mean, invstd, keep, weight, bias)
         return x, pooled, scale, shift
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_x, grad_pooled, _grad_scale, _grad_shift):
-        pre, shortcut, scale, shift, mean, invstd, keep = ctx.saved_tensors
+    def reference(pre, shortcut, weight, bias, norm, keep):
+        """The forward's outputs in differentiable PyTorch ops, without side effects."""
+        scale, shift = norm_reference(norm, pre, weight, bias, keep)
+        batch = pre.shape[0]
+        scale, shift = scale.expand(batch, -1), shift.expand(batch, -1)
+        x = tail_reference(pre, shortcut, scale, shift)
+        return x, x.mean((2, 3)), scale, shift
+
+    @staticmethod
+    def backward(ctx, grad_x, grad_pooled, grad_scale, grad_shift):
+        pre, shortcut, scale, shift, mean, invstd, keep, weight, bias = ctx.saved_tensors
         norm = ctx.norm
         needs = ctx.needs_input_grad
-        if grad_x is None and grad_pooled is None:
+        if grad_x is None and grad_pooled is None and grad_scale is None and grad_shift is None:
             return None, None, None, None, None, None
+        if must_replay(grad_scale, grad_shift):
+            g = replay(
+                lambda *t: BlockTail.reference(*t, norm, keep), [pre, shortcut, weight, bias],
+                [grad_x, grad_pooled, grad_scale, grad_shift], needs[:4])
+            return (*g, None, None)
+        return BlockTail._fast_backward(ctx, grad_x, grad_pooled, pre, shortcut, scale, shift, mean, invstd, keep)
+
+    @staticmethod
+    def _fast_backward(ctx, grad_x, grad_pooled, pre, shortcut, scale, shift, mean, invstd, keep):
+        norm = ctx.norm
+        needs = ctx.needs_input_grad
         if ctx.fused:  # incoming gradients may be expanded views: the kernels read dense maps
             g_pre, g_short, g_w, g_b = native.tail_backward(
                 pre, shortcut, scale, shift, grad_x=dense(grad_x), grad_pooled=dense(grad_pooled), mean=mean,
@@ -352,9 +462,14 @@ class ChannelConv(torch.autograd.Function):
         return native.channel_conv(pooled, weight)
 
     @staticmethod
-    @once_differentiable
+    def reference(pooled, weight):
+        return (F.conv1d(pooled.unsqueeze(1), weight, None, 1, (weight.shape[-1] - 1) // 2),)
+
+    @staticmethod
     def backward(ctx, grad):
         pooled, weight = ctx.saved_tensors
+        if must_replay():
+            return tuple(replay(ChannelConv.reference, [pooled, weight], [grad], ctx.needs_input_grad))
         return native.channel_conv_backward(dense(grad), pooled, weight)
 
 

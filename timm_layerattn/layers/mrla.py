@@ -15,7 +15,6 @@ from typing import List, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
-from torch.autograd.function import once_differentiable
 
 from . import lean, native
 from ._common import LayerAttnBase, depthwise_conv3x3, depthwise_conv3x3_backward, per_channel
@@ -32,7 +31,6 @@ class MRLALightBranch(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, pre, shortcut, scale, shift, gate, v_weight, lambda_t, norm_weight, norm_bias, norm, keep):
-        del norm_weight, norm_bias  # read through `norm`
         ctx.set_materialize_grads(False)
         fused = native.trainable(x, pre, shortcut, scale, gate, v_weight, lambda_t)
         with torch.autocast(x.device.type, enabled=False):
@@ -48,17 +46,30 @@ class MRLALightBranch(torch.autograd.Function):
                 out = torch.addcmul(lean._map(b, u), u, lean._map(a, u)).add_(x)
         ctx.norm, ctx.fused = norm, fused
         ctx.batch_stats = lean._uses_batch_stats(norm)
-        ctx.save_for_backward(pre, shortcut, scale, shift, gate, v_weight, lambda_t, mean, invstd, keep)
+        ctx.save_for_backward(
+            pre, shortcut, scale, shift, gate, v_weight, lambda_t, mean, invstd, keep, norm_weight, norm_bias)
         return out
 
     @staticmethod
-    @once_differentiable
+    def reference(x, shortcut, gate, v_weight, lambda_t, norm_weight, norm_bias, norm, keep):
+        """`out` in differentiable PyTorch ops, without side effects (see `lean.replay`)."""
+        u = torch.addcmul(depthwise_conv3x3(x, v_weight) * gate[:, :, None, None], shortcut, lambda_t.to(x.dtype))
+        a, b = lean.norm_reference(norm, u, norm_weight, norm_bias, keep)
+        return (torch.addcmul(lean._map(b, u), u, lean._map(a, u)) + x,)
+
+    @staticmethod
     def backward(ctx, grad_out):
-        pre, shortcut, scale, shift, gate, v_weight, lambda_t, mean, invstd, keep = ctx.saved_tensors
+        pre, shortcut, scale, shift, gate, v_weight, lambda_t, mean, invstd, keep, nw, nb = ctx.saved_tensors
         norm = ctx.norm
         needs = ctx.needs_input_grad
         if grad_out is None:
             return (None,) * 12
+        if lean.must_replay():
+            g = lean.replay(
+                lambda *t: MRLALightBranch.reference(*t, norm, keep),
+                [lean.tail_reference(pre, shortcut, scale, shift), shortcut, gate, v_weight, lambda_t, nw, nb],
+                [grad_out], (needs[0], needs[2]) + needs[5:10])
+            return (g[0], None, g[1], None, None, *g[2:], None, None)
         if ctx.fused:  # incoming gradients may be expanded or strided views: the kernels read dense maps
             g_x, g_short, g_gate, g_v, g_lambda, g_nw, g_nb = native.mrla_light_train_backward(
                 pre, shortcut, scale, shift, gate=gate, v_weight=v_weight, lambda_t=lambda_t, keep=keep, mean=mean,
@@ -95,7 +106,6 @@ class MRLABaseBranch(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, pre, shortcut, scale, shift, weights, v_weight, norm_weight, norm_bias, norm, keep, *values):
-        del norm_weight, norm_bias  # read through `norm`
         ctx.set_materialize_grads(False)
         fused = native.trainable(x, pre, shortcut, scale, weights, v_weight, *values)
         with torch.autocast(x.device.type, enabled=False):
@@ -112,15 +122,32 @@ class MRLABaseBranch(torch.autograd.Function):
                 out = attn.mul_(lean._map(a, attn)).add_(lean._map(b, attn)).relu_().add_(x)
         ctx.norm, ctx.fused = norm, fused
         ctx.batch_stats = lean._uses_batch_stats(norm)
-        ctx.save_for_backward(pre, shortcut, scale, shift, weights, v_weight, mean, invstd, keep, a, b, *values)
+        ctx.save_for_backward(
+            pre, shortcut, scale, shift, weights, v_weight, mean, invstd, keep, a, b, norm_weight, norm_bias, *values)
         return out, value
 
     @staticmethod
-    @once_differentiable
+    def reference(x, weights, v_weight, norm_weight, norm_bias, *values, norm, keep):
+        """`(out, V_t)` in differentiable PyTorch ops, without side effects (see `lean.replay`)."""
+        value = depthwise_conv3x3(x, v_weight)
+        last = len(values)
+        attn = value * weights[:, last, :, None, None]
+        for j, v in enumerate(values):
+            attn = torch.addcmul(attn, v, weights[:, j, :, None, None])
+        a, b = lean.norm_reference(norm, attn, norm_weight, norm_bias, keep)
+        return torch.relu(torch.addcmul(lean._map(b, attn), attn, lean._map(a, attn))) + x, value
+
+    @staticmethod
     def backward(ctx, grad_out, grad_value):
-        pre, shortcut, scale, shift, weights, v_weight, mean, invstd, keep, a, b, *values = ctx.saved_tensors
+        pre, shortcut, scale, shift, weights, v_weight, mean, invstd, keep, a, b, nw, nb, *values = ctx.saved_tensors
         norm = ctx.norm
         needs = ctx.needs_input_grad
+        if lean.must_replay():
+            g = lean.replay(
+                lambda *t: MRLABaseBranch.reference(*t, norm=norm, keep=keep),
+                [lean.tail_reference(pre, shortcut, scale, shift), weights, v_weight, nw, nb, *values],
+                [grad_out, grad_value], (needs[0], needs[5], needs[6], needs[7], needs[8]) + needs[11:])
+            return (g[0], None, None, None, None, *g[1:5], None, None, *g[5:])
         if grad_out is None:
             grad_out = torch.zeros_like(pre)
         if ctx.fused:  # incoming gradients may be expanded or strided views: the kernels read dense maps

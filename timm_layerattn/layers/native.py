@@ -43,7 +43,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from .._utils.env import cache_dir, env_switch
 
 __all__ = [
-    'NativeKernelError', 'available', 'build', 'disabled', 'last_error', 'mode', 'usable',
+    'NativeKernelError', 'available', 'build', 'disabled', 'last_error', 'mode', 'usable', 'transforms_active',
     'kcla_', 'mrla_base_', 'mrla_light_', 'trainable', 'norm_plane_affine', 'channel_conv', 'channel_conv_backward',
     'plane_moments', 'tail_forward', 'tail_backward',
     'affine_residual_', 'kcla_train_values', 'kcla_train_backward', 'mrla_light_train_values',
@@ -214,13 +214,27 @@ def last_error() -> Optional[str]:
     return _error
 
 
+def transforms_active() -> bool:
+    """True under a `torch.func` transform (`grad`, `vmap`, `jacrev`, `jvp`, ...) or in forward-mode AD
+    (`torch.autograd.forward_ad.dual_level`). Tensors there are wrapped, and neither the fused ops nor the
+    memory-lean autograd Functions have rules for them (batching, forward derivative): PyTorch ops, which
+    have, compute the same function."""
+    functorch = getattr(torch._C, '_are_functorch_transforms_active', None)  # private, so looked up defensively
+    if functorch is not None and functorch():
+        return True
+    return getattr(torch.autograd.forward_ad, '_current_level', -1) >= 0
+
+
 def usable(*tensors: torch.Tensor) -> bool:
     """True when the fused kernels can compute a branch on these tensors right now.
 
-    Eager mode only (TorchScript, tracing by torch.jit / torch.fx, torch.compile and dispatch modes such as
-    FLOP counters see the PyTorch ops), autograd off, float32 CPU tensors in contiguous NCHW.
+    Eager mode only (TorchScript, tracing by torch.jit / torch.fx, torch.compile, `torch.func` transforms and
+    dispatch modes such as FLOP counters see the PyTorch ops), autograd off, float32 CPU tensors in contiguous
+    NCHW.
     """
     if torch.is_grad_enabled() or not _enabled.get() or torch.jit.is_scripting() or torch.jit.is_tracing():
+        return False
+    if transforms_active():
         return False
     if torch.compiler.is_compiling():
         return False

@@ -27,6 +27,7 @@ from ..checkpoints import gradattn as official_rules
 from ..core.strategy import LayerStrategy, TrunkCfg
 from ..core.units import Dd
 from ..families import Family, ModelArg, imagenet_cfg, register_family
+from ..layers import native
 from ..layers._checks import check_choice, check_int, check_rate
 from ._builder import build_model
 from .resnet_trunk import ResNetLA, ResNetLACfg
@@ -119,11 +120,25 @@ class TokenEncoderLayer(nn.Module):
             cos, sin = cos.to(q.dtype), sin.to(q.dtype)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-        a = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
+        a = _attention(q, k, v, drop)
         a = self.proj(a.transpose(1, 2).reshape(B, T, D))
         x = self.norm1(x + F.dropout(a, drop, self.training))
         y = self.fc2(F.dropout(F.relu(self.fc1(x)), drop, self.training))
         return self.norm2(x + F.dropout(y, drop, self.training))
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, drop: float) -> torch.Tensor:
+    """Scaled dot-product attention. PyTorch's fused CPU kernel has no forward derivative and no batching rule
+    for its backward, so under `torch.func` transforms and forward-mode AD the same maths runs as plain ops."""
+    if not torch.jit.is_scripting() and _transforms_active():
+        scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+        return F.dropout(scores.softmax(-1), drop, drop > 0.) @ v
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
+
+
+@torch.jit.unused
+def _transforms_active() -> bool:
+    return native.transforms_active()
 
 
 class GradAttnNeck(nn.Module):
