@@ -105,7 +105,8 @@ def test_api_contract_and_cfg(name):
     assert model.num_features > 0 and model.head_hidden_size > 0
     state = model.state_dict()
     assert cfg['classifier'] + '.weight' in state and cfg['first_conv'] + '.weight' in state
-    assert model.get_classifier() is model.fc and model.get_classifier(name_only=True) == 'fc'
+    head = cfg['classifier']
+    assert model.get_classifier() is model.get_submodule(head) and model.get_classifier(name_only=True) == head
 
     model.eval()
     x = torch.randn(1, *cfg['input_size'], **meta)
@@ -128,10 +129,10 @@ def test_meta_device_dtype_and_frozen_reset(name):
     model = timm.create_model(name, dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     model.reset_classifier(7)
-    assert model.fc.weight.dtype == torch.bfloat16 and model.fc.out_features == 7
+    assert model.get_classifier().weight.dtype == torch.bfloat16 and model.get_classifier().out_features == 7
     model = timm.create_model(name).eval().requires_grad_(False)
     model.reset_classifier(3)
-    assert not model.training and model.fc.training is False
+    assert not model.training and model.get_classifier().training is False
 
 
 @pytest.mark.parametrize('name', ALL_MODELS)
@@ -183,7 +184,8 @@ def _load_into_features(feats, model) -> None:
     """Load a full model's weights into a (pruned) FeatureGetterNet; only dropped parts may be left out."""
     result = feats.model.load_state_dict(model.state_dict(), strict=False)
     assert not result.missing_keys
-    assert all(k.startswith(('fc.', 'layer')) for k in result.unexpected_keys), result.unexpected_keys
+    head = (model.pretrained_cfg['classifier'] + '.', 'conv_head.', 'bn2.')  # EfficientNet's head conv and norm
+    assert all(k.startswith(('fc.', 'layer', *head)) for k in result.unexpected_keys), result.unexpected_keys
 
 
 @pytest.mark.parametrize('name', MODELS)
@@ -245,11 +247,12 @@ def test_prune_intermediate_layers(name):
 def test_fx_feature_extraction(name):
     model = timm.create_model(name).eval()
     x = _input(model)
-    fx = create_feature_extractor(model, return_nodes=['fc'])
+    head = model.pretrained_cfg['classifier']
+    fx = create_feature_extractor(model, return_nodes=[head])
     with torch.no_grad():
         # In eval mode the traced graph calls each layer-attention module, which runs as in eager.
         ref = model(x)
-        torch.testing.assert_close(fx(x)['fc'], ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+        torch.testing.assert_close(fx(x)[head], ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
     # timm's fx feature extractor returns each level's last node: the stage output, not its carried state
     feats = timm.create_model(name, features_only=True, feature_cls='fx').eval()
     assert type(feats).__name__ == 'FeatureGraphNet'
@@ -260,7 +263,7 @@ def test_fx_feature_extraction(name):
     assert all(isinstance(t, torch.Tensor) for t in out), [type(t).__name__ for t in out]
     torch.testing.assert_close(out, taps)
     fx.train()  # the graph shares the model's modules: this trains `model` too
-    fx(torch.randn(2, *x.shape[1:]))['fc'].mean().backward()
+    fx(torch.randn(2, *x.shape[1:]))[head].mean().backward()
     assert all(p.grad is not None for p in fx.parameters())
 
 
@@ -314,9 +317,10 @@ def test_fx_every_model(name):
     that takes the eager dispatch (fused CPU kernels included). Where fx traced their PyTorch ops instead,
     rounding alone moved `resnet101_mrlal`'s logits past that tolerance (at 32 px as at timm's 128 px)."""
     model, x, ref = _reference(name)
-    fx = create_feature_extractor(model, return_nodes=['fc'])
+    head = model.pretrained_cfg['classifier']
+    fx = create_feature_extractor(model, return_nodes=[head])
     with torch.no_grad():
-        out = fx(x)['fc']
+        out = fx(x)[head]
     _assert_matches(out, ref)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
