@@ -13,6 +13,7 @@ from _layer_attn import n_params
 
 CORE_NAMES = {
     'resnet50_kcla', 'resnet101_kcla', 'resnet50_mrlal', 'resnet101_mrlal', 'resnet50_mrlab', 'resnet101_mrlab',
+    *(f'resnet{d}_{a}' for d in (18, 34) for a in ('kcla', 'mrlal', 'mrlab')),
     'cifar_resnet20', 'cifar_resnet56', 'cifar_resnet110',
     *(f'cifar_resnet{d}_{a}' for d in (20, 56, 110) for a in ('kcla', 'mrlal', 'mrlab')),
 }

@@ -113,7 +113,18 @@ _KCLA = BlockAttention(LayerAttnCfg('kcla', head_dim=32, drop_path=0.2, rebuild_
 _MRLA_L = BlockAttention(LayerAttnCfg('mrla_light', head_dim=32))
 _MRLA_B = BlockAttention(LayerAttnCfg('mrla_base', head_dim=16))
 
+# BasicBlock nets: no official ImageNet code exists for them (the official BasicBlock cells are CIFAR-only), so
+# they take the ImageNet families' head dims and timm's resnet18 / resnet34 trunk, 7x7 stem included for MRLA-base
+# too, so that timm's weights warm-start them (docs/design/layer_attention.md#la-basic-imagenet).
+_BASIC = dict(block='basic')
+
 model_cfgs = dict(
+    resnet18_kcla=ResNetLACfg(layers=(2, 2, 2, 2), **_BASIC, strategy=_KCLA),
+    resnet34_kcla=ResNetLACfg(layers=(3, 4, 6, 3), **_BASIC, strategy=_KCLA),
+    resnet18_mrlal=ResNetLACfg(layers=(2, 2, 2, 2), **_BASIC, strategy=_MRLA_L),
+    resnet34_mrlal=ResNetLACfg(layers=(3, 4, 6, 3), **_BASIC, strategy=_MRLA_L),
+    resnet18_mrlab=ResNetLACfg(layers=(2, 2, 2, 2), **_BASIC, strategy=_MRLA_B),
+    resnet34_mrlab=ResNetLACfg(layers=(3, 4, 6, 3), **_BASIC, strategy=_MRLA_B),
     resnet50_kcla=ResNetLACfg(layers=(3, 4, 6, 3), strategy=_KCLA),
     resnet101_kcla=ResNetLACfg(layers=(3, 4, 23, 3), strategy=_KCLA),
     resnet50_mrlal=ResNetLACfg(layers=(3, 4, 6, 3), strategy=_MRLA_L),
@@ -123,6 +134,8 @@ model_cfgs = dict(
 )
 
 default_cfgs = generate_default_cfgs({
+    **{f'resnet{d}_{a}.untrained': _kcla_cfg() if a == 'kcla' else _mrla_cfg()
+       for d in (18, 34) for a in ('kcla', 'mrlal', 'mrlab')},
     'resnet50_kcla.untrained': _kcla_cfg(),
     'resnet101_kcla.untrained': _kcla_cfg(),
     'resnet50_mrlal.untrained': _mrla_cfg(),
@@ -132,6 +145,42 @@ default_cfgs = generate_default_cfgs({
 })
 
 register_la_models(model_cfgs, __name__)
+
+
+@register_model
+def resnet18_kcla(pretrained: bool = False, **kwargs) -> ResNetLA:
+    """ResNet-18 (BasicBlock) with Key-Correlated Layer Attention (head dim 32)."""
+    return build_model('resnet18_kcla', pretrained, **kwargs)
+
+
+@register_model
+def resnet34_kcla(pretrained: bool = False, **kwargs) -> ResNetLA:
+    """ResNet-34 (BasicBlock) with Key-Correlated Layer Attention (head dim 32)."""
+    return build_model('resnet34_kcla', pretrained, **kwargs)
+
+
+@register_model
+def resnet18_mrlal(pretrained: bool = False, **kwargs) -> ResNetLA:
+    """ResNet-18 (BasicBlock) with MRLA-light (head dim 32)."""
+    return build_model('resnet18_mrlal', pretrained, **kwargs)
+
+
+@register_model
+def resnet34_mrlal(pretrained: bool = False, **kwargs) -> ResNetLA:
+    """ResNet-34 (BasicBlock) with MRLA-light (head dim 32)."""
+    return build_model('resnet34_mrlal', pretrained, **kwargs)
+
+
+@register_model
+def resnet18_mrlab(pretrained: bool = False, **kwargs) -> ResNetLA:
+    """ResNet-18 (BasicBlock, timm's 7x7 stem) with MRLA-base (head dim 16)."""
+    return build_model('resnet18_mrlab', pretrained, **kwargs)
+
+
+@register_model
+def resnet34_mrlab(pretrained: bool = False, **kwargs) -> ResNetLA:
+    """ResNet-34 (BasicBlock, timm's 7x7 stem) with MRLA-base (head dim 16)."""
+    return build_model('resnet34_mrlab', pretrained, **kwargs)
 
 
 @register_model
