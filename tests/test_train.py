@@ -46,6 +46,47 @@ def test_recipe_values_and_overrides():
         resolve_args(parse_args(['--model', 'x', '--recipe', 'cifar-kcla']))
 
 
+def test_deit_and_efficientnet_recipes():
+    """The official DeiT-MRLA recipe (AdamW lr 5e-4 x batch / 512: linear, also for AdamW) and the MRLA
+    README's EfficientNet command, resolved; every timm part they name accepts the values."""
+    d = resolve_args(parse_args(['--model', 'x', '--recipe', 'deit-mrla', '-b', '512']))
+    assert (d.opt, d.lr, d.opt_eps, d.weight_decay, d.decay_all, d.epochs, d.sched) == (
+        'adamw', pytest.approx(5e-4), 1e-8, 0.05, False, 300, 'cosine')
+    assert (d.warmup_epochs, d.warmup_lr, d.min_lr, d.smoothing, d.mixup, d.cutmix) == (5, 1e-6, 1e-5, 0.1, 0.8, 1.0)
+    assert (d.aa, d.reprob, d.aug_repeats, d.drop_path, d.model_ema, d.model_ema_decay) == (
+        'rand-m9-mstd0.5-inc1', 0.25, 3, 0.1, True, 0.99996)
+    assert resolve_args(parse_args(['--model', 'x', '--recipe', 'deit-mrla'])).batch_size == 1024
+    off = resolve_args(parse_args(['--model', 'x', '--recipe', 'deit-mrla', '--no-model-ema', '--aug-repeats', '0',
+                                   '--drop-path', '0.2']))
+    assert (off.model_ema, off.aug_repeats, off.drop_path) == (False, 0, 0.2)
+    e = resolve_args(parse_args(['--model', 'x', '--recipe', 'effnet-mrla']))
+    assert (e.opt, e.lr, e.batch_size, e.opt_eps, e.weight_decay, e.epochs) == ('rmsproptf', 0.048, 768, 1e-3, 1e-5, 350)
+    assert (e.sched, e.decay_epochs, e.decay_rate, e.aa, e.reprob, e.drop, e.drop_path) == (
+        'step', 2.4, 0.97, 'rand-m9-mstd0.5', 0.2, 0.2, 0.2)
+    plain = resolve_args(parse_args(['--model', 'x']))
+    assert (plain.aa, plain.reprob, plain.aug_repeats, plain.mixup, plain.model_ema, plain.opt_eps, plain.drop_path) == (
+        None, 0.0, 0, 0.0, False, None, None)
+    import timm
+    from timm_layerattn.train.setup import _create_optimizer
+    opt = _create_optimizer(timm.create_model('cifar_resnet20'), e)
+    assert type(opt).__name__ == 'RMSpropTF' and opt.param_groups[0]['eps'] == 1e-3
+    lr = _lrs('effnet-mrla', [(0, 0), (3, 0), (5, 0)])
+    assert lr == pytest.approx([1e-6, 0.048 * 0.97 ** 1, 0.048 * 0.97 ** 2])
+
+
+def test_repeated_augmentation_sampler():
+    """--aug-repeats N: every image N times per epoch, the copies in one place on one rank (they land on different
+    ranks when distributed), one epoch's worth of samples, reshuffled per epoch."""
+    from timm_layerattn.train.data import create_loaders
+    args = resolve_args(parse_args(['--model', 'x', '--aug-repeats', '3', '-b', '4', '--workers', '0']))
+    ds = torch.utils.data.TensorDataset(torch.arange(24))
+    train, _ = create_loaders(args, ds, ds, torch.device('cpu'), distributed=False, rank=0, world_size=1)
+    seen = torch.cat([b[0] for b in train])
+    assert len(seen) == 24 and all((seen[i:i + 3] == seen[i]).all() for i in range(0, 24, 3))
+    train.sampler.set_epoch(1)
+    assert not torch.equal(torch.cat([b[0] for b in train]), seen)
+
+
 def _resolved(*argv, world_size=1):
     return resolve_args(parse_args(['--model', 'cifar_resnet20', *argv]), world_size)
 

@@ -87,8 +87,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument('--pretrained', action='store_true', help='start from the pretrained weights')
     g.add_argument('--initial-checkpoint', default='', metavar='PATH', help='initialise the model from a checkpoint')
     g.add_argument('--num-classes', type=POS_INT, default=None, metavar='N', help='default: number of dataset classes')
-    g.add_argument('--drop', type=PROB_OPEN, default=None, metavar='P', help='classifier dropout')
-    g.add_argument('--drop-path', type=PROB_OPEN, default=None, metavar='P', help='stochastic depth rate')
+    g.add_argument('--drop', type=PROB_OPEN, default=None, metavar='P',
+                   help='classifier dropout (default: the recipe\'s, else the model\'s)')
+    g.add_argument('--drop-path', type=PROB_OPEN, default=None, metavar='P',
+                   help='stochastic depth rate (default: the recipe\'s, else the model\'s)')
     g.add_argument('--model-kwargs', nargs='*', default={}, action=_ParseKwargs, metavar='K=V',
                    help='extra create_model keyword arguments')
     g.add_argument('--img-size', type=POS_INT, default=None, metavar='N', help='input size (default: model cfg)')
@@ -109,12 +111,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help='learning rate for a global batch of --lr-base-size, scaled to the global batch run' + R)
     g.add_argument('--lr-base-size', type=POS_INT, default=None, metavar='N',
                    help='global batch (all ranks) that --lr-base is for; also the default global batch' + R)
-    g.add_argument('--lr-base-scale', default='', choices=('', 'linear', 'sqrt'), metavar='RULE',
-                   help='how --lr-base follows the global batch: linear or sqrt (default: timm\'s rule, sqrt for '
-                        'Ada*/LAMB optimizers, else linear)')
+    g.add_argument('--lr-base-scale', default=None, choices=('', 'linear', 'sqrt'), metavar='RULE',
+                   help='how --lr-base follows the global batch: linear or sqrt (default: the recipe\'s, else '
+                        'timm\'s rule, sqrt for Ada*/LAMB optimizers, else linear)')
     g.add_argument('--lr-scale', action=argparse.BooleanOptionalAction, default=True,
                    help='scale --lr-base to the global batch (default: on; --no-lr-scale uses --lr-base as it is)')
     g.add_argument('--momentum', type=PROB_OPEN, default=None, help='optimizer momentum' + R)
+    g.add_argument('--opt-eps', type=POS_FLOAT, default=None, metavar='EPS',
+                   help='optimizer epsilon (default: the recipe\'s, else the optimizer\'s)')
     g.add_argument('--weight-decay', '--wd', type=NONNEG_FLOAT, default=None, help='weight decay' + R)
     g.add_argument('--decay-all', action=argparse.BooleanOptionalAction, default=None,
                    help='weight decay on norms and biases too (the papers\' setting)' + R)
@@ -152,14 +156,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument('--scale', type=float_arg(0, 1, min_open=True), nargs=2, default=None,
                    help='timm aug RandomResizedCrop scale' + R)
     g.add_argument('--ratio', type=POS_FLOAT, nargs=2, default=None, help='timm aug RandomResizedCrop ratio' + R)
-    g.add_argument('--aa', default=None, help='timm auto-augment policy, e.g. rand-m9-mstd0.5')
-    g.add_argument('--reprob', type=PROB, default=0.0, help='random erasing probability (timm aug)')
+    g.add_argument('--aa', default=None, help='timm auto-augment policy, e.g. rand-m9-mstd0.5' + R)
+    g.add_argument('--reprob', type=PROB, default=None, help='random erasing probability (timm aug)' + R)
+    g.add_argument('--aug-repeats', type=int_arg(min=0), default=None, metavar='N',
+                   help='repeated augmentation: each image N times per epoch, as timm\'s RepeatAugSampler '
+                        '(0 = off)' + R)
     g.add_argument('--smoothing', type=PROB_OPEN, default=None, help='label smoothing' + R)
-    g.add_argument('--mixup', type=NONNEG_FLOAT, default=0.0, help='mixup alpha (0 = off)')
-    g.add_argument('--cutmix', type=NONNEG_FLOAT, default=0.0, help='cutmix alpha (0 = off)')
-    g.add_argument('--model-ema', action='store_true', help='keep an EMA of the weights (ModelEmaV3); the EMA '
-                                                            'is validated, ranked and exported')
-    g.add_argument('--model-ema-decay', type=PROB_OPEN, default=0.9998)
+    g.add_argument('--mixup', type=NONNEG_FLOAT, default=None, help='mixup alpha (0 = off)' + R)
+    g.add_argument('--cutmix', type=NONNEG_FLOAT, default=None, help='cutmix alpha (0 = off)' + R)
+    g.add_argument('--model-ema', action=argparse.BooleanOptionalAction, default=None,
+                   help='keep an EMA of the weights (ModelEmaV3); the EMA is validated, ranked and exported' + R)
+    g.add_argument('--model-ema-decay', type=PROB_OPEN, default=None, help='EMA decay per step' + R)
 
     g = parser.add_argument_group('device and distributed')
     g.add_argument('--device', default=None, help='cuda, cpu, ... (default: cuda if available)')

@@ -139,7 +139,12 @@ def create_loaders(args, train_ds, val_ds, device: torch.device, distributed: bo
         from ..data import is_embedded_dataset
         workers = 0 if is_embedded_dataset(args.dataset) else min(4, os.cpu_count() or 1)
     common = dict(num_workers=workers, pin_memory=device.type == 'cuda', persistent_workers=workers > 0)
-    if distributed:
+    if args.aug_repeats > 1:  # each image several times per epoch, its copies spread over the ranks (DeiT's RA)
+        from timm.data.distributed_sampler import RepeatAugSampler
+        train_sampler = RepeatAugSampler(
+            train_ds, num_replicas=world_size, rank=rank, shuffle=True, num_repeats=args.aug_repeats)
+        per_rank = len(train_sampler)
+    elif distributed:
         train_sampler = DistributedSampler(train_ds, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
         per_rank = len(train_sampler)
     else:

@@ -17,6 +17,9 @@ BASE_DEFAULTS: Dict[str, Any] = dict(
     decay_milestones=[30, 60, 90], decay_epochs=30.0, decay_iters=None, decay_rate=0.1,
     warmup_epochs=0, warmup_lr=1e-4, min_lr=0.0, smoothing=0.0,
     train_aug='timm', hflip=0.5, pad=4, color_jitter=0.4, scale=[0.08, 1.0], ratio=[3 / 4, 4 / 3],
+    aa=None, reprob=0.0, aug_repeats=0, mixup=0.0, cutmix=0.0, model_ema=False, model_ema_decay=0.9998,
+    opt_eps=None, drop=None, drop_path=None,  # None: the optimizer's / model's own default
+    lr_base_scale='',  # timm's rule
 )
 
 # The CIFAR recipe stated in the KCLA and MRLA papers' experiment sections: SGD with classical momentum
@@ -50,6 +53,26 @@ RECIPES: Dict[str, Dict[str, Any]] = {
     'mrla-imagenet': dict(_LA_IMAGENET),
     # KCLA's decay: x0.1 at 40, x0.01 at 70, x0.001 at 90.
     'kcla-imagenet': dict(_LA_IMAGENET, sched='multistep', decay_milestones=[40, 70, 90]),
+    # DeiT + MRLA (joyfang1106/MRLA deit/main.py, the DeiT recipe): AdamW lr 5e-4 x batch / 512 (1e-3 at the
+    # DeiT paper's batch of 1024), wd 0.05 off norms and biases, 300 epochs, 5-epoch warm-up from 1e-6, cosine
+    # to 1e-5, RandAugment m9 / mstd 0.5, random erasing 0.25, mixup 0.8 / cutmix 1.0 with label smoothing 0.1,
+    # three repeated augmentations, drop path 0.1, an EMA of the weights (decay 0.99996).
+    'deit-mrla': dict(
+        opt='adamw', lr_base=1e-3, lr_base_size=1024, lr_base_scale='linear', opt_eps=1e-8, weight_decay=0.05, decay_all=False, epochs=300,
+        sched='cosine', warmup_epochs=5, warmup_lr=1e-6, min_lr=1e-5, smoothing=0.1, train_aug='timm', hflip=0.5,
+        color_jitter=0.4, aa='rand-m9-mstd0.5-inc1', reprob=0.25, aug_repeats=3, mixup=0.8, cutmix=1.0,
+        drop_path=0.1, model_ema=True, model_ema_decay=0.99996,
+    ),
+    # EfficientNet + MRLA (the MRLA README's command for timm 0.4.9's train.py, 2 GPUs x 384): RMSprop (TF style,
+    # eps 1e-3) lr 0.048 at batch 768, wd 1e-5, 350 epochs, x0.97 every 2.4 epochs after a 3-epoch warm-up from
+    # 1e-6 (train.py's default length), RandAugment m9 / mstd 0.5, random erasing 0.2, label smoothing 0.1
+    # (train.py's default), dropout 0.2, drop path 0.2.
+    'effnet-mrla': dict(
+        opt='rmsproptf', lr_base=0.048, lr_base_size=768, opt_eps=1e-3, momentum=0.9, weight_decay=1e-5,
+        decay_all=False, epochs=350, sched='step', decay_epochs=2.4, decay_rate=0.97, warmup_epochs=3,
+        warmup_lr=1e-6, smoothing=0.1, train_aug='timm', hflip=0.5, color_jitter=0.4, aa='rand-m9-mstd0.5',
+        reprob=0.2, drop=0.2, drop_path=0.2,
+    ),
     # The demo's recipe for the embedded 8x8 digits (32x32 upscaled): short, no flips (digits are not
     # mirror-symmetric), the CIFAR pad-and-crop as the only augmentation.
     'digits': dict(
@@ -68,6 +91,11 @@ RECIPE_HELP = {
     'la-imagenet': 'layer-attention ImageNet (MRLA decay): SGD lr 0.1 @ 256, 100 ep, 3-ep warm-up, x0.1 every 30 ep',
     'mrla-imagenet': 'same as la-imagenet',
     'kcla-imagenet': 'la-imagenet with KCLA decay: x0.1 at 40, 70, 90',
+    'deit-mrla': 'DeiT recipe (MRLA deit/main.py): AdamW lr 5e-4 x batch/512 (1e-3 @ 1024), wd 0.05, 300 ep cosine, '
+                 '5-ep warm-up, RandAugment, random erasing 0.25, mixup 0.8 / cutmix 1.0, smoothing 0.1, 3 repeated '
+                 'augmentations, drop path 0.1, EMA',
+    'effnet-mrla': 'EfficientNet recipe (MRLA README): RMSpropTF lr 0.048 @ 768, wd 1e-5, 350 ep, x0.97 every 2.4 ep, '
+                   'RandAugment, random erasing 0.2, smoothing 0.1, dropout 0.2, drop path 0.2',
     'digits': 'the demo: embedded 8x8 digits at 32 px, AdamW lr 2e-3 @ 32, wd 0.05, 5 ep cosine, pad-4 crop, no flip',
 }
 

@@ -252,8 +252,9 @@ def _create_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim
     """timm's optimizer factory; `--decay-all` puts weight decay on norms and biases too (the papers' setting)."""
     from timm.optim import create_optimizer_v2
     try:
+        extra = {} if args.opt_eps is None else {'eps': args.opt_eps}
         return create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
-                                   momentum=args.momentum, filter_bias_and_bn=not args.decay_all)
+                                   momentum=args.momentum, filter_bias_and_bn=not args.decay_all, **extra)
     except (ValueError, AssertionError) as e:  # timm: unknown optimizer name
         raise UserError(f'--opt {args.opt}: {str(e) or type(e).__name__} (names: timm.optim.list_optimizers(); '
                         f'"momentum" = SGD with classical momentum)') from None
