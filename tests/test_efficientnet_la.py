@@ -201,3 +201,23 @@ def test_bad_inputs_are_refused_everywhere():
             call(torch.randn(3, 32, 32))
         with pytest.raises(AssertionError, match='floating-point'):
             call(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_autocast_finite_like_the_plain_trunk(dtype):
+    """Under CPU autocast (bfloat16, float16) logits and gradients stay finite, as for timm's efficientnet_b0;
+    eval logits stay close to float32."""
+    torch.manual_seed(0)
+    model = timm.create_model('efficientnet_b0_mrlal', num_classes=10)
+    x = torch.randn(2, 3, 32, 32)  # float16 convolutions are slow on CPU
+    with torch.autocast('cpu', dtype=dtype):
+        out = model.train()(x)
+    out.float().square().mean().backward()
+    assert torch.isfinite(out).all() and all(torch.isfinite(p.grad).all() for p in model.parameters())
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)
+        with torch.autocast('cpu', dtype=dtype):
+            low = model(x)
+    assert torch.isfinite(low).all()
+    assert (low.float() - ref).abs().max().item() <= 0.1 * ref.abs().max().item()

@@ -276,14 +276,6 @@ class EfficientNetLA(EfficientNet):
             prev, prev_chs, in_chs = site, out_chs, out_chs
 
     @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        return dict(
-            stem=r'^conv_stem|^bn1',
-            blocks=[(r'^blocks\.(\d+)' if coarse else r'^blocks\.(\d+)\.(\d+)', None),
-                    (r'^conv_head|^bn2', (99999,))],
-        )
-
-    @torch.jit.ignore
     def get_classifier(self, name_only: bool = False) -> Union[str, nn.Module]:
         return 'classifier' if name_only else self.classifier
 
