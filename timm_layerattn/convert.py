@@ -215,6 +215,8 @@ class TrunkLoadResult:
 
 
 def _is_attention_key(key: str) -> bool:
+    if key.startswith('blocks.'):  # a ViT: `blocks.i.attn` is the trunk's self-attention
+        return '.layer_attn.' in key
     return '.attn.' in key or '.attn_in.' in key or key.startswith('as_proj.')
 
 

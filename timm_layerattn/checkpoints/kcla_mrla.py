@@ -78,9 +78,10 @@ def official_type(state_dict: Mapping[str, Any]) -> Optional[str]:
     """Which official attention code wrote `state_dict`: 'kcla', 'mrla_light', 'mrla_base', or None.
 
     Told from the attention modules' own keys (KCLA's `head_att`, MRLA-light's `lambda_t`, MRLA-base's
-    `mrla.Wq`), so a trunk-only checkpoint is None.
+    `mrla.Wq`), so a trunk-only checkpoint is None. The official DeiT-MRLA layout (`blocks.i.mrla.`) is the
+    DeiT families' (`checkpoints/deit_mrla.py`).
     """
-    keys = [k for k in state_dict if isinstance(k, str)]
+    keys = [k for k in state_dict if isinstance(k, str) and not k.startswith('blocks.')]
     if any(k.endswith('.head_att.weight') for k in keys):
         return 'kcla'
     if any(k.endswith('.mrla.lambda_t') for k in keys):

@@ -1,0 +1,330 @@
+"""DeiT with layer attention (`timm_layerattn/models/deit_la.py`, `layers/vit_la.py`, `checkpoints/deit_mrla.py`).
+
+* Parameter counts against the official DeiT-MRLA code (measured, see docs/design/vit_layer_attention.md) and
+  KCLA's closed form.
+* Parity: official-layout state dicts generated here (`_reference_vit.official_state_dict`) are converted with
+  `convert_official` / the CLI / timm's `pretrained=True` filter and the models built with default arguments
+  reproduce `_reference_vit.official_forward` (an independent re-implementation of the official forward) within
+  1e-4 relative.
+* The generalisations: non-square grids, other prefix tokens, the official setting unchanged by them.
+* The carried state: grad checkpointing, `forward_intermediates`, MRLA-base's cache resets.
+* `load_trunk` from timm's plain `deit_*` weights, argument errors.
+
+The timm contract as such (script, fx, compile, export, features, pruning, ...) comes from the registry-driven
+tests (`tests/test_timm_contract.py`, `tests/test_timm_models.py`, `tests/test_bad_inputs_models.py`).
+"""
+import pytest
+import safetensors.torch
+import timm
+import torch
+
+import timm_layerattn  # noqa: F401  (registers the models)
+from timm_layerattn import convert_official, load_trunk
+from timm_layerattn._utils.errors import UserError
+from timm_layerattn.cli import main as cli_main
+from timm_layerattn.checkpoints.rules import official_layout
+from timm_layerattn.layers._common import eca_kernel_size
+from timm_layerattn.layers.factory import LayerAttnCfg, create_layer_attn
+from timm_layerattn.layers.vit_la import GridCell, MRLABaseTokens, MRLALightTokens
+
+from _reference_vit import mrla_base, mrla_light, official_forward, official_state_dict
+
+SIZES = dict(tiny=192, small=384, base=768)
+# Official parameter counts (measured with joyfang1106/MRLA's deit/deit_mrla_{light,base}.py and timm's deit_*).
+OFFICIAL = {
+    ('tiny', 'mrlal'): 5_749_792, ('small', 'mrlal'): 22_115_296, ('base', 'mrlal'): 86_696_800,
+    ('tiny', 'mrlab'): 5_742_880, ('small', 'mrlab'): 22_101_472, ('base', 'mrlab'): 86_669_152,
+}
+PLAIN = dict(tiny=5_717_416, small=22_050_664, base=86_567_656)
+
+
+def _count(name: str, **kwargs) -> int:
+    return sum(p.numel() for p in timm.create_model(name, device='meta', **kwargs).parameters())
+
+
+@pytest.mark.parametrize('size,kind', list(OFFICIAL))
+def test_param_counts_equal_official(size, kind):
+    assert _count(f'deit_{size}_patch16_224_{kind}') == OFFICIAL[size, kind]
+    c, k = SIZES[size], eca_kernel_size(SIZES[size])
+    per_block = dict(mrlal=14 * c + 2 * k, mrlab=11 * c + 2 * k)[kind]  # 2 LN (MRLA-L) or 1, lambda, DW3, 2 ECA
+    assert OFFICIAL[size, kind] == PLAIN[size] + 12 * per_block
+
+
+@pytest.mark.parametrize('size', ['tiny', 'small', 'base'])
+def test_plain_trunk_is_timms_deit(size):
+    assert _count(f'deit_{size}_patch16_224') == PLAIN[size]
+
+
+@pytest.mark.parametrize('size', ['tiny', 'small'])
+def test_kcla_param_count_closed_form(size):
+    """KCLA cell on the grid: DW3 9C, BatchNorm 2C, head gate g^2, two ECA convs (no re-summary modules: one
+    history through all blocks, docs/design/vit_layer_attention.md#vit-kcla)."""
+    c, k = SIZES[size], eca_kernel_size(SIZES[size])
+    g = c // 16
+    assert _count(f'deit_{size}_patch16_224_kcla') == PLAIN[size] + 12 * (11 * c + g * g + 2 * k)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parity with the official forward (models built with default arguments)
+# ---------------------------------------------------------------------------------------------------------------
+
+def _assert_rel(out: torch.Tensor, ref: torch.Tensor, rtol: float = 1e-4) -> None:
+    err = ((out - ref).abs().max() / ref.abs().max()).item()
+    assert err <= rtol, err
+
+
+@pytest.mark.parametrize('kind,official', [('mrlal', 'light'), ('mrlab', 'base')])
+def test_official_parity_via_convert(kind, official):
+    sd = official_state_dict('tiny', official)
+    assert official_layout(sd) == f'deit_mrla_{official}'
+    converted = convert_official(sd, f'deit_tiny_patch16_224_{kind}')
+    model = timm.create_model(f'deit_tiny_patch16_224_{kind}').eval()
+    model.load_state_dict(converted)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        ref = official_forward(sd, x, 'tiny', official)
+        _assert_rel(model(x), ref)
+        # The generalisation (dynamic image size) does not change the official setting's outputs.
+        fixed = timm.create_model(f'deit_tiny_patch16_224_{kind}', dynamic_img_size=False).eval()
+        fixed.load_state_dict(converted)
+        torch.testing.assert_close(fixed(x), model(x), rtol=0, atol=0)
+
+
+def test_official_parity_via_timm_pretrained_and_cli(tmp_path, capsys):
+    """The training-script container (`model` nesting) through `timm-layerattn convert`, and the raw official file
+    through timm's `pretrained=True` (the family's `checkpoint_filter_fn`): the same tensors either way."""
+    sd = official_state_dict('tiny', 'base', seed=3)
+    src = tmp_path / 'checkpoint.pth'
+    torch.save({'model': sd, 'epoch': 299}, src)
+    out = tmp_path / 'converted.safetensors'
+    assert cli_main(['convert', '--model', 'deit_tiny_patch16_224_mrlab', str(src), str(out)]) == 0
+    assert 'deit_mrla_base checkpoint' in capsys.readouterr().out
+    via_cli = timm.create_model('deit_tiny_patch16_224_mrlab', pretrained=True,
+                                pretrained_cfg_overlay=dict(file=str(out))).eval()
+    via_filter = timm.create_model('deit_tiny_patch16_224_mrlab', pretrained=True,
+                                   pretrained_cfg_overlay=dict(file=str(src))).eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        ref = official_forward(sd, x, 'tiny', 'base')
+        _assert_rel(via_cli(x), ref)
+        torch.testing.assert_close(via_filter(x), via_cli(x), rtol=0, atol=0)
+
+
+def test_conversion_is_strict():
+    sd = official_state_dict('tiny', 'light')
+    with pytest.raises(UserError, match="official deit_mrla_light checkpoint, but 'deit_tiny_patch16_224_mrlab'"):
+        convert_official(sd, 'deit_tiny_patch16_224_mrlab')
+    with pytest.raises(UserError, match='official deit_mrla_light'):
+        convert_official(sd, 'resnet50_mrlal')  # the ResNet rules do not claim the DeiT layout
+    missing = {k: v for k, v in sd.items() if k != 'blocks.3.mrla.lambda_t'}
+    with pytest.raises(UserError, match='blocks.3.layer_attn.lambda_t'):
+        convert_official(missing, 'deit_tiny_patch16_224_mrlal')
+    with pytest.raises(UserError, match='distilled'):
+        convert_official({**sd, 'dist_token': torch.zeros(1, 1, 192)}, 'deit_tiny_patch16_224_mrlal')
+    with pytest.raises(UserError, match='pos_embed'):  # trained at 384 px
+        convert_official(official_state_dict('tiny', 'light', img=384), 'deit_tiny_patch16_224_mrlal')
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The modules on any grid and prefix (the generalisations), against the reference with the grid given
+# ---------------------------------------------------------------------------------------------------------------
+
+def _official_params(module, prefix: str) -> dict:
+    """A module's tensors under the official names (what the reference reads)."""
+    names = {'norm.': 'normx.', 'norm_prev.': 'normo.', 'q.': 'mrla.Wq.', 'k.': 'mrla.Wk.', 'v.': 'mrla.Wv.'}
+    out = {}
+    for k, v in module.state_dict().items():
+        for ours, theirs in names.items():
+            if k.startswith(ours):
+                k = theirs + k[len(ours):]
+        out[prefix + k] = v
+    return out
+
+
+def _close(out: torch.Tensor, ref: torch.Tensor) -> None:
+    """Equal up to float32 rounding of sums over the grid and channels (scaled to the largest value)."""
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+def _randomise(module) -> None:
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0., 0.5).add_(1. if p.ndim == 1 and p.shape[0] != 0 else 0.)
+
+
+@pytest.mark.parametrize('prefix,hw', [(1, (14, 14)), (1, (3, 5)), (0, (4, 2)), (5, (2, 7)), (2, (1, 1))])
+def test_mrla_light_tokens_any_grid_and_prefix(prefix, hw):
+    m = MRLALightTokens(32, head_dim=16, num_prefix_tokens=prefix).eval()
+    _randomise(m)
+    x, o = torch.randn(2, prefix + hw[0] * hw[1], 32), torch.randn(2, prefix + hw[0] * hw[1], 32)
+    out, state = m(x, o, [], *hw)
+    assert state == []
+    ref = x + mrla_light(x, o, _official_params(m, 'm.'), 'm.', prefix=prefix, hw=hw)
+    _close(out, ref)
+
+
+@pytest.mark.parametrize('prefix,hw', [(1, (14, 14)), (1, (6, 3)), (0, (2, 5)), (5, (3, 4))])
+def test_mrla_base_tokens_carry_and_reset(prefix, hw):
+    """Three blocks: the cache grows, then a reset block starts a new one (the official `layer_index % 4`)."""
+    mods = [MRLABaseTokens(48, head_dim=16, reset=r, num_prefix_tokens=prefix).eval() for r in (True, False, True)]
+    x = torch.randn(2, prefix + hw[0] * hw[1], 48)
+    state, ref, prev_k, prev_v = [], x, None, None
+    for i, m in enumerate(mods):
+        _randomise(m)
+        x, state = m(x, x, state, *hw)
+        branch, prev_k, prev_v = mrla_base(ref, _official_params(m, 'm.'), 'm.', prev_k, prev_v, m.reset,
+                                           prefix=prefix, hw=hw)
+        ref = ref + branch
+        assert len(state) == 1 + prev_k.shape[1] and state[0].shape == prev_k.shape
+        _close(x, ref)
+
+
+def test_prefix_norm_off_leaves_prefix_tokens_alone():
+    for m in (MRLALightTokens(32, num_prefix_tokens=3, prefix_norm=False),
+              MRLABaseTokens(32, num_prefix_tokens=3, prefix_norm=False)):
+        x = torch.randn(2, 3 + 12, 32)
+        out, _ = m(x, x, [], 3, 4)
+        assert torch.equal(out[:, :3], x[:, :3])
+        on = type(m)(32, num_prefix_tokens=3)
+        on.load_state_dict(m.state_dict())
+        out_on, _ = on(x, x, [], 3, 4)
+        torch.testing.assert_close(out_on[:, 3:], out[:, 3:])
+        torch.testing.assert_close(out_on[:, :3], x[:, :3] + on.norm(x)[:, :3])  # the official quirk
+
+
+def test_grid_cell_is_the_resnet_kcla_cell_on_the_grid():
+    cell = create_layer_attn(LayerAttnCfg('kcla', 16), 32, None, 0, 1, 0.).eval()
+    m = GridCell(cell, num_prefix_tokens=2).eval()
+    x = torch.randn(2, 2 + 3 * 5, 32)
+    out, state = m(x, x, [], 3, 5)
+    grid = x[:, 2:].reshape(2, 3, 5, 32).permute(0, 3, 1, 2)
+    ref, ref_state = cell.forward_reference(grid.contiguous(), grid, [])
+    assert torch.equal(out[:, :2], x[:, :2])
+    torch.testing.assert_close(out[:, 2:], ref.flatten(2).transpose(1, 2))
+    torch.testing.assert_close(state[0], ref_state[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models: sizes, prefix tokens, pooling, carried state
+# ---------------------------------------------------------------------------------------------------------------
+
+NAMES = ['deit_tiny_patch16_224_mrlal', 'deit_tiny_patch16_224_mrlab', 'deit_tiny_patch16_224_kcla']
+
+
+@pytest.mark.parametrize('name', NAMES)
+@pytest.mark.parametrize('kwargs', [dict(), dict(class_token=False, global_pool='avg'), dict(reg_tokens=4),
+                                    dict(global_pool='avg'), dict(reg_tokens=2, no_embed_class=True)])
+def test_non_square_inputs_and_prefix_variants(name, kwargs):
+    model = timm.create_model(name, num_classes=5, **kwargs)
+    x = torch.randn(2, 3, 48, 80)  # a 3 x 5 grid
+    out = model.train()(x)
+    assert out.shape == (2, 5)
+    out.square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    model.eval()
+    with torch.no_grad():
+        taps = model.forward_intermediates(x, indices=[0, 11], intermediates_only=True)
+        assert [t.shape for t in taps] == [(2, 192, 3, 5)] * 2
+        assert torch.isfinite(model(x)).all() and model(x[:0]).shape == (0, 5)
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_grad_checkpointing_threads_the_state(name):
+    """Equal gradients with checkpointed blocks (the carried MRLA-base cache / KCLA history are passed to each
+    checkpointed block as tensor arguments); also through `forward_intermediates`."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=3).train()
+    x = torch.randn(2, 3, 32, 48)
+
+    def grads(fn):
+        model.zero_grad(set_to_none=True)
+        fn().square().sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref = grads(lambda: model(x))
+    inter = grads(lambda: model.forward_intermediates(x, intermediates_only=True)[-1])
+    model.set_grad_checkpointing(True)
+    for got, want in ((grads(lambda: model(x)), ref),
+                      (grads(lambda: model.forward_intermediates(x, intermediates_only=True)[-1]), inter)):
+        for n in want:
+            torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-6, msg=n)
+        assert got.keys() == want.keys()
+    assert len(ref) == len(list(model.parameters())) and len(inter) == len(ref) - 4  # all but norm and head
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_forward_intermediates_carry_the_state(name):
+    """Each tap is the block output of the full forward (checked by hooks), stop_early included."""
+    model = timm.create_model(name).eval()
+    x = torch.randn(1, 3, 64, 48)
+    seen = []
+    hooks = [b.register_forward_hook(lambda m, i, o: seen.append(o[0])) for b in model.blocks]
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        final, taps = model.forward_intermediates(x, output_fmt='NLC')
+        early = model.forward_intermediates(x, indices=[2, 5], stop_early=True, intermediates_only=True)
+    for h in hooks:
+        h.remove()
+    torch.testing.assert_close(final, feats)
+    for tap, out in zip(taps, seen[:12]):
+        torch.testing.assert_close(tap, out[:, 1:])
+    torch.testing.assert_close(early[1], taps[5].reshape(1, 4, 3, -1).permute(0, 3, 1, 2))
+
+
+def test_mrlab_reset_every():
+    resets = lambda m: [b.layer_attn.reset for b in m.blocks]  # noqa: E731
+    assert resets(timm.create_model('deit_tiny_patch16_224_mrlab', device='meta')) == [i % 4 == 0 for i in range(12)]
+    assert resets(timm.create_model('deit_tiny_patch16_224_mrlab', reset_every=6, device='meta')) == \
+        [i % 6 == 0 for i in range(12)]
+    assert resets(timm.create_model('deit_tiny_patch16_224_mrlab', reset_every=0, device='meta')) == \
+        [i == 0 for i in range(12)]
+
+
+def test_autocast_and_low_precision_finite():
+    for name in NAMES:
+        model = timm.create_model(name).eval()
+        x = torch.randn(2, 3, 32, 32) * 50
+        with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+            assert torch.isfinite(model(x).float()).all(), name
+        with torch.no_grad():
+            assert torch.isfinite(model.to(torch.bfloat16)(x.bfloat16()).float()).all(), name
+
+
+def test_argument_errors():
+    with pytest.raises(ValueError, match=r"deit_tiny_patch16_224_mrlal: head_dim must be one of .*got 40"):
+        timm.create_model('deit_tiny_patch16_224_mrlal', head_dim=40, device='meta')
+    with pytest.raises(TypeError, match='reset_every'):
+        timm.create_model('deit_tiny_patch16_224_mrlal', reset_every=2, device='meta')
+    with pytest.raises(TypeError, match='prefix_norm'):
+        timm.create_model('deit_tiny_patch16_224_kcla', prefix_norm=False, device='meta')
+    with pytest.raises(ValueError, match='reset_every must be a non-negative integer'):
+        timm.create_model('deit_tiny_patch16_224_mrlab', reset_every=-1, device='meta')
+    with pytest.raises(ValueError, match='patch_drop_rate must be 0'):
+        timm.create_model('deit_tiny_patch16_224_mrlab', patch_drop_rate=0.1, device='meta')
+    with pytest.raises(TypeError, match="does not take 'depth'"):
+        timm.create_model('deit_tiny_patch16_224_kcla', depth=6, device='meta')
+    model = timm.create_model('deit_tiny_patch16_224_mrlal').eval()
+    with pytest.raises(AssertionError, match='at least one patch'):
+        model(torch.randn(1, 3, 8, 64))
+    with pytest.raises(AssertionError, match='3 input channels'):
+        model(torch.randn(1, 4, 32, 32))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Warm start from timm's plain DeiT
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_load_trunk_from_timm_deit(tmp_path):
+    plain = timm.create_model('deit_tiny_patch16_224')
+    path = tmp_path / 'deit_tiny.safetensors'
+    safetensors.torch.save_file({k: v.contiguous() for k, v in plain.state_dict().items()}, str(path))
+    model = timm.create_model('deit_tiny_patch16_224_mrlal')
+    before = {k: v.clone() for k, v in model.state_dict().items() if '.layer_attn.' in k}
+    result = load_trunk(model, str(path))
+    state = model.state_dict()
+    assert set(result.loaded) == set(plain.state_dict())  # every trunk tensor, self-attention included
+    for k, v in plain.state_dict().items():
+        assert torch.equal(state[k], v), k
+    assert result.missing and all('.layer_attn.' in k for k in result.missing)
+    for k, v in before.items():
+        assert torch.equal(state[k], v), k

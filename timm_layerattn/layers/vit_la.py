@@ -1,0 +1,217 @@
+"""Layer attention on a vision transformer's token grid (DeiT + MRLA-light, MRLA-base, KCLA).
+
+A ViT block's output is a token sequence `[B, P + H*W, C]`: `P` prefix tokens (class, distillation, registers)
+followed by the patch tokens of an `H x W` grid. The layer-attention maths of the papers acts on `[B, C, H, W]`
+maps, so every module here splits the sequence into its prefix and its patch grid (`split_grid`), with the grid
+shape given by the caller (the patch embedding's actual grid, never `sqrt(N - 1)`), and joins them back
+(`join_grid`).
+
+Every module has the token-unit contract `(x, shortcut, state, grid_h, grid_w) -> (x, state)`: `x` is the block
+output, `shortcut` the block input, `state` the carried layer-attention state (a list of tensors whose meaning
+belongs to the module). The maths, the official quirks and every decision are in
+docs/design/vit_layer_attention.md.
+"""
+import math
+from typing import List, Tuple, Type
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ._checks import check_bool, check_int
+from ._common import ChannelConv1d, DepthwiseConv3x3, accumulation_dtype, per_channel
+
+__all__ = ['split_grid', 'join_grid', 'MRLALightTokens', 'MRLABaseTokens', 'GridCell']
+
+
+def split_grid(x: torch.Tensor, num_prefix_tokens: int, grid_h: int, grid_w: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`[B, P + H*W, C]` tokens -> prefix tokens `[B, P, C]` and the patch grid `[B, C, H, W]` (contiguous NCHW)."""
+    prefix = x[:, :num_prefix_tokens]
+    grid = x[:, num_prefix_tokens:].reshape(x.shape[0], grid_h, grid_w, x.shape[-1]).permute(0, 3, 1, 2)
+    return prefix, grid.contiguous()
+
+
+def join_grid(prefix: torch.Tensor, grid: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+    """Inverse of `split_grid`: prefix tokens followed by the grid's tokens in row-major order."""
+    tokens = grid.flatten(2).transpose(1, 2)
+    return torch.cat([prefix, tokens.to(prefix.dtype)], dim=1) if num_prefix_tokens > 0 else tokens
+
+
+class _TokenLayerAttn(nn.Module):
+    """What MRLA-light and MRLA-base on tokens share: the LayerNorm of the block output (`norm`), the ECA query
+    and key of its pooled grid (`q`, `k`), the depth-wise 3x3 value (`v`), the head split and the prefix rule.
+
+    `prefix_norm=True` is the official behaviour: the branch's prefix slots hold the normalised block output, so
+    each prefix token `t` becomes `t + LN(t)` (docs/design/vit_layer_attention.md#vit-prefix-quirk); `False`
+    leaves prefix tokens to the transformer alone.
+    """
+
+    def __init__(
+            self,
+            channels: int,
+            head_dim: int,
+            num_prefix_tokens: int,
+            prefix_norm: bool,
+            norm_layer: Type[nn.Module],
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        owner = type(self).__name__
+        check_int(owner, 'channels', channels)
+        check_int(owner, 'head_dim', head_dim)
+        check_int(owner, 'num_prefix_tokens', num_prefix_tokens, minimum=0)
+        check_bool(owner, 'prefix_norm', prefix_norm)
+        if channels % head_dim:
+            raise ValueError(f'{owner}: channels ({channels}) must be divisible by head_dim ({head_dim})')
+        self.channels = channels
+        self.head_dim = head_dim
+        self.num_heads = channels // head_dim
+        self.scale = 1. / math.sqrt(head_dim)
+        self.num_prefix_tokens = num_prefix_tokens
+        self.prefix_norm = prefix_norm
+        self.norm = norm_layer(channels, **dd)
+        self.q = ChannelConv1d(channels, **dd)
+        self.k = ChannelConv1d(channels, **dd)
+        self.v = DepthwiseConv3x3(channels, **dd)
+
+    def _query_key(self, grid: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Per-head query and key `[B, g, d]` of the pooled grid, in the accumulation dtype (float32 under
+        float16: their products overflow half precision)."""
+        pooled = grid.mean((2, 3))
+        weight = torch.cat([self.q.weight, self.k.weight])
+        qk = F.conv1d(pooled.unsqueeze(1), weight, None, 1, (weight.shape[-1] - 1) // 2).to(accumulation_dtype(pooled))
+        return qk[:, 0].view(-1, self.num_heads, self.head_dim), qk[:, 1].view(-1, self.num_heads, self.head_dim)
+
+    def _add(self, x: torch.Tensor, prefix: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """`x` plus the branch: the patch-token part `tokens` and, with `prefix_norm`, the normalised prefix."""
+        p = self.num_prefix_tokens
+        if p == 0:
+            return x + tokens.to(x.dtype)
+        if self.prefix_norm:
+            return x + torch.cat([prefix.to(x.dtype), tokens.to(x.dtype)], dim=1)
+        return torch.cat([x[:, :p], x[:, p:] + tokens.to(x.dtype)], dim=1)
+
+
+class MRLALightTokens(_TokenLayerAttn):
+    """MRLA-light on the token grid (official `deit/deit_mrla_light.py`):
+
+        y = LN_x(x_t), z = LN_o(o),   Y = grid(y)
+        a_h = sigmoid(<Q_h, K_h> / sqrt(d)),   Q, K = ECA(GAP(Y))
+        x_t + [y_prefix ; a * GELU(DW3(Y)) + lambda * z_patches]
+
+    `o` is the block input (the paper's previous layer-attention output). No carried state.
+    """
+
+    def __init__(
+            self,
+            channels: int,
+            head_dim: int = 16,
+            num_prefix_tokens: int = 1,
+            prefix_norm: bool = True,
+            norm_layer: Type[nn.Module] = nn.LayerNorm,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__(channels, head_dim, num_prefix_tokens, prefix_norm, norm_layer, device=device, dtype=dtype)
+        self.norm_prev = norm_layer(channels, device=device, dtype=dtype)
+        # Official init: an unscaled N(0, 1) (docs/design/layer_attention.md#la-lambda-init).
+        self.lambda_t = nn.Parameter(torch.randn(channels, device=device, dtype=dtype))
+
+    def forward(
+            self,
+            x: torch.Tensor,
+            shortcut: torch.Tensor,
+            state: List[torch.Tensor],
+            grid_h: int,
+            grid_w: int,
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        prefix, grid = split_grid(self.norm(x), self.num_prefix_tokens, grid_h, grid_w)
+        q, k = self._query_key(grid)
+        gate = per_channel(torch.sigmoid((q * k).sum(-1) * self.scale), self.head_dim).to(grid.dtype)
+        value = F.gelu(self.v(grid)) * gate[:, :, None, None]
+        prev = self.norm_prev(shortcut[:, self.num_prefix_tokens:])
+        tokens = value.flatten(2).transpose(1, 2) + self.lambda_t * prev
+        return self._add(x, prefix, tokens), state
+
+
+class MRLABaseTokens(_TokenLayerAttn):
+    """MRLA-base on the token grid (official `deit/deit_mrla_base.py`):
+
+        y = LN_x(x_t), Y = grid(y), q, k = ECA(GAP(Y)), v = DW3(Y)
+        keys / values: the cache of the blocks since the last reset, plus (k, v)
+        x_t + [y_prefix ; sum_j softmax_j(<q_h, k_{j,h}> / sqrt(d)) v_{j,h}]
+
+    State: `[keys [B, T, C], v_0, ..., v_{T-1}]` (values `[B, C, H, W]`, kept as separate tensors). A block with
+    `reset=True` starts a new cache (official: every 4th block, docs/design/vit_layer_attention.md#vit-mrlab-reset).
+    """
+
+    def __init__(
+            self,
+            channels: int,
+            head_dim: int = 16,
+            reset: bool = False,
+            num_prefix_tokens: int = 1,
+            prefix_norm: bool = True,
+            norm_layer: Type[nn.Module] = nn.LayerNorm,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__(channels, head_dim, num_prefix_tokens, prefix_norm, norm_layer, device=device, dtype=dtype)
+        self.reset = check_bool(type(self).__name__, 'reset', reset)
+
+    def forward(
+            self,
+            x: torch.Tensor,
+            shortcut: torch.Tensor,
+            state: List[torch.Tensor],
+            grid_h: int,
+            grid_w: int,
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        g, d = self.num_heads, self.head_dim
+        prefix, grid = split_grid(self.norm(x), self.num_prefix_tokens, grid_h, grid_w)
+        q, k = self._query_key(grid)
+        value = self.v(grid)
+        if self.reset or len(state) == 0:
+            keys = k.reshape(-1, 1, self.channels)
+            values = [value]
+        else:
+            keys = torch.cat([state[0], k.reshape(-1, 1, self.channels)], dim=1)
+            values = state[1:] + [value]
+        scores = (q.unsqueeze(1) * keys.view(-1, keys.shape[1], g, d)).sum(-1) * self.scale
+        weights = per_channel(scores.softmax(dim=1), d).to(value.dtype)  # [B, T, C]
+        out = values[0] * weights[:, 0, :, None, None]
+        for j in range(1, len(values)):
+            out = out.addcmul(values[j], weights[:, j, :, None, None])
+        return self._add(x, prefix, out.flatten(2).transpose(1, 2)), [keys] + values
+
+
+class GridCell(nn.Module):
+    """A per-block layer-attention module of the ResNets (`(x, shortcut, state) -> (x, state)` on NCHW maps, e.g.
+    `KCLA`) applied to the patch grid of the block output; the prefix tokens pass through unchanged.
+
+    The cell keeps its own dispatch (fused CPU kernels, folded eval norm, fx node); its carried state lives at
+    the grid's resolution, which is the same for every block of a ViT.
+    """
+
+    def __init__(self, cell: nn.Module, num_prefix_tokens: int = 1):
+        super().__init__()
+        self.num_prefix_tokens = check_int(type(self).__name__, 'num_prefix_tokens', num_prefix_tokens, minimum=0)
+        self.cell = cell
+
+    def init_weights(self) -> None:
+        """The cell's own init (timm's ViT init would give its gate Linear a truncated normal)."""
+        self.cell.reset_parameters()
+
+    def forward(
+            self,
+            x: torch.Tensor,
+            shortcut: torch.Tensor,
+            state: List[torch.Tensor],
+            grid_h: int,
+            grid_w: int,
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        prefix, grid = split_grid(x, self.num_prefix_tokens, grid_h, grid_w)
+        grid, state = self.cell(grid, grid, state)
+        return join_grid(prefix, grid, self.num_prefix_tokens), state
