@@ -303,6 +303,16 @@ def test_argument_errors():
         timm.create_model('deit_tiny_patch16_224_mrlab', patch_drop_rate=0.1, device='meta')
     with pytest.raises(TypeError, match="does not take 'depth'"):
         timm.create_model('deit_tiny_patch16_224_kcla', depth=6, device='meta')
+    for kwargs, exc, fragment in [
+            (dict(num_classes=-1), ValueError, 'num_classes must be a non-negative integer, got -1'),
+            (dict(drop_path_rate=1.5), ValueError, 'drop_path_rate must be a probability in [0, 1), got 1.5'),
+            (dict(global_pool='mean'), ValueError, "global_pool must be one of"),
+            (dict(class_token=False), ValueError, "global_pool='token' needs the class token"),
+            (dict(reg_tokens=-2), ValueError, 'reg_tokens must be a non-negative integer'),
+            (dict(class_token='no'), TypeError, 'class_token must be True or False')]:
+        with pytest.raises(exc) as info:
+            timm.create_model('deit_tiny_patch16_224_mrlab', device='meta', **kwargs)
+        assert str(info.value).startswith('deit_tiny_patch16_224_mrlab: ') and fragment in str(info.value)
     model = timm.create_model('deit_tiny_patch16_224_mrlal').eval()
     with pytest.raises(AssertionError, match='at least one patch'):
         model(torch.randn(1, 3, 8, 64))
@@ -328,3 +338,17 @@ def test_load_trunk_from_timm_deit(tmp_path):
     assert result.missing and all('.layer_attn.' in k for k in result.missing)
     for k, v in before.items():
         assert torch.equal(state[k], v), k
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', ['deit_tiny_patch16_224_mrlab', 'deit_tiny_patch16_224_kcla'])
+def test_onnx_export_dynamic_sizes(tmp_path, name):
+    """ONNX with dynamic batch / height / width (`timm-layerattn export --onnx` uses `export_onnx`): the carried
+    state and the grid follow the input size (onnxruntime checks two shapes, one padded to whole patches)."""
+    pytest.importorskip('onnxruntime')
+    pytest.importorskip('onnxscript')
+    from timm_layerattn.hub import export_onnx
+    model = timm.create_model(name).eval()
+    result = export_onnx(model, tmp_path / 'm.onnx', input_size=(3, 64, 64))
+    assert len(result.checks) == 2 and result.checks[0].shape[2:] != result.checks[1].shape[2:]
+    assert all(c.max_rel_err <= 1e-4 for c in result.checks)

@@ -29,7 +29,7 @@ from ..checkpoints import deit_mrla
 from ..core.strategy import BlockSite, LayerStrategy, TrunkCfg
 from ..core.units import Dd, State, checkpoint_unit
 from ..families import Family, ModelArg, pretrained_cfg, register_family
-from ..layers._checks import check_bool, check_choice, check_divisor, check_int, divisors
+from ..layers._checks import check_bool, check_choice, check_divisor, check_int, check_rate, divisors
 from ..layers.factory import LayerAttnCfg, create_layer_attn
 from ..layers.vit_la import GridCell, MRLABaseTokens, MRLALightTokens
 from ._builder import build_model, register_trunk
@@ -186,6 +186,28 @@ class LABlocks(nn.Sequential):
         return x, state
 
 
+# timm's pooling types of `VisionTransformer`.
+POOL_TYPES = ('', 'avg', 'avgmax', 'max', 'token', 'map', 'prr')
+
+
+def _check_vit_kwargs(owner: str, kwargs: Dict[str, Any]) -> None:
+    """timm's ViT kwargs that its constructor would take silently or fail on later, refused in one line."""
+    ints = dict(num_classes=0, in_chans=1, reg_tokens=0)
+    for key, minimum in ints.items():
+        if key in kwargs:
+            check_int(owner, key, kwargs[key], minimum=minimum)
+    for key in ('drop_rate', 'pos_drop_rate', 'proj_drop_rate', 'attn_drop_rate', 'drop_path_rate'):
+        if kwargs.get(key) is not None:
+            check_rate(owner, key, kwargs[key])
+    for key in ('class_token', 'no_embed_class', 'dynamic_img_size', 'dynamic_img_pad'):
+        if key in kwargs:
+            check_bool(owner, key, kwargs[key])
+    pool = check_choice(owner, 'global_pool', kwargs.get('global_pool', 'token'), POOL_TYPES)
+    if pool == 'token' and not kwargs.get('class_token', True):
+        raise ValueError(f"{owner}: global_pool='token' needs the class token; pass global_pool='avg' with "
+                         f"class_token=False")
+
+
 class VisionTransformerLA(VisionTransformer):
     """timm's `VisionTransformer` whose blocks are `LABlock`s threading the layer-attention state.
 
@@ -210,6 +232,7 @@ class VisionTransformerLA(VisionTransformer):
         for key in ('embed_dim', 'num_heads', 'depth', 'patch_size', 'block_fn'):
             if key in kwargs:
                 raise TypeError(f'{owner} does not take {key!r} (fixed by the architecture)')
+        _check_vit_kwargs(owner, kwargs)
         cfg.strategy.check(cfg, owner)
         num_prefix_tokens = int(bool(kwargs.get('class_token', True))) + int(kwargs.get('reg_tokens', 0) or 0)
         block_fn = partial(LABlock, strategy=cfg.strategy, num_blocks=cfg.depth, num_prefix_tokens=num_prefix_tokens)
@@ -220,6 +243,11 @@ class VisionTransformerLA(VisionTransformer):
         self.cfg = cfg
         self._name = owner
         self._patch = cfg.patch_size
+
+    @torch.jit.ignore
+    def get_classifier(self, name_only: bool = False) -> Union[str, nn.Module]:
+        """The classifier, or its name (`head`) with `name_only`, as every model of this package answers."""
+        return 'head' if name_only else self.head
 
     def _check_input(self, x: torch.Tensor) -> None:
         # torch._assert stays traceable and scriptable; shapes and dtype only (an empty batch is valid).
@@ -316,7 +344,7 @@ class VisionTransformerLA(VisionTransformer):
             is_causal: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]], Dict[str, Any]]:
         """timm's `forward_intermediates` (same arguments and outputs), threading the layer-attention state; the
-        NCHW maps take the grid of the patch embedding."""
+        NCHW maps take the grid of the patch embedding and are channels_last (the token layout)."""
         assert output_fmt in ('NCHW', 'NLC'), 'Output format must be one of NCHW or NLC.'
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         x, grid_h, grid_w = self._embed(x)
@@ -331,9 +359,10 @@ class VisionTransformerLA(VisionTransformer):
         p = self.num_prefix_tokens
         prefix_tokens = [y[:, :p] for y in intermediates] if p else None
         intermediates = [y[:, p:] for y in intermediates]
-        if output_fmt == 'NCHW':
-            intermediates = [y.reshape(y.shape[0], grid_h, grid_w, y.shape[-1]).permute(0, 3, 1, 2).contiguous()
-                             for y in intermediates]
+        if output_fmt == 'NCHW':  # the token grid is NHWC: as an NCHW map it is channels_last (one copy, no transpose)
+            intermediates = [
+                y.reshape(y.shape[0], grid_h, grid_w, y.shape[-1]).permute(0, 3, 1, 2).contiguous(
+                    memory_format=torch.channels_last) for y in intermediates]
         if output_dict:
             out: Dict[str, Any] = {'image_intermediates': intermediates}
             if prefix_tokens is not None and return_prefix_tokens:
