@@ -112,14 +112,18 @@ def test_api_contract_and_cfg(name):
     x = torch.randn(1, *cfg['input_size'], **meta)
     with torch.no_grad():
         feat = model.forward_features(x)
-        assert feat.shape[1] == model.num_features and tuple(feat.shape[-2:]) == tuple(cfg['pool_size'])
+        tokens = feat.ndim == 3  # a vision transformer's [B, N, C] tokens; NCHW maps otherwise
+        if tokens:
+            assert feat.shape[-1] == model.num_features
+        else:
+            assert feat.shape[1] == model.num_features and tuple(feat.shape[-2:]) == tuple(cfg['pool_size'])
         assert model.forward_head(feat, pre_logits=True).shape == (1, model.head_hidden_size)
         model.reset_classifier(0)
         assert model(x).shape == (1, model.head_hidden_size)
         model.reset_classifier(0, '')
-        assert model(x).shape == (1, model.num_features, *cfg['pool_size'])
+        assert model(x).shape == (feat.shape if tokens else (1, model.num_features, *cfg['pool_size']))
         assert timm.create_model(name, num_classes=0, **meta).eval()(x).shape == (1, model.num_features)
-        assert timm.create_model(name, num_classes=0, global_pool='', **meta)(x).ndim == 4
+        assert timm.create_model(name, num_classes=0, global_pool='', **meta)(x).ndim == feat.ndim
 
 
 @pytest.mark.parametrize('name', MODELS)
@@ -184,7 +188,8 @@ def _load_into_features(feats, model) -> None:
     """Load a full model's weights into a (pruned) FeatureGetterNet; only dropped parts may be left out."""
     result = feats.model.load_state_dict(model.state_dict(), strict=False)
     assert not result.missing_keys
-    head = (model.pretrained_cfg['classifier'] + '.', 'conv_head.', 'bn2.')  # EfficientNet's head conv and norm
+    head = (model.pretrained_cfg['classifier'] + '.', 'conv_head.', 'bn2.',  # EfficientNet's head conv and norm
+            'norm.', 'fc_norm.')  # a vision transformer's final norms
     assert all(k.startswith(('fc.', 'layer', *head)) for k in result.unexpected_keys), result.unexpected_keys
 
 
@@ -231,7 +236,7 @@ def test_prune_intermediate_layers(name):
     for idx in range(1, len(base.feature_info)):
         model = timm.create_model(name).eval()
         model.load_state_dict(base.state_dict())
-        kept = model.prune_intermediate_layers(indices=[idx], prune_head=True)
+        kept = model.prune_intermediate_layers(indices=[idx], prune_head=True, prune_norm=True)
         assert kept == [idx]
         with torch.no_grad():
             out = model.forward_intermediates(x, indices=[idx], intermediates_only=True)
@@ -259,8 +264,10 @@ def test_fx_feature_extraction(name):
     assert not feats.graph_module.load_state_dict(model.state_dict(), strict=False).missing_keys
     with torch.no_grad():
         out = feats(x)
-        taps = model.forward_intermediates(x, intermediates_only=True)
+        tokens = out[0].ndim == 3  # a vision transformer's taps are its block outputs, prefix tokens included
+        taps = model.forward_intermediates(x, intermediates_only=True, output_fmt='NLC' if tokens else 'NCHW')
     assert all(isinstance(t, torch.Tensor) for t in out), [type(t).__name__ for t in out]
+    out = [t[:, model.num_prefix_tokens:] for t in out] if tokens else out
     torch.testing.assert_close(out, taps)
     fx.train()  # the graph shares the model's modules: this trains `model` too
     fx(torch.randn(2, *x.shape[1:]))[head].mean().backward()
@@ -389,7 +396,7 @@ def test_bad_input_errors(name):
         timm.create_model(name, heads=3)
     if name in LAYER_ATTN:  # the layer-attention families take a head width
         with pytest.raises(ValueError, match='divisible'):
-            timm.create_model(name, head_dim=48)
+            timm.create_model(name, head_dim=7)  # no block width splits into heads of 7 channels
 
 
 def test_pretrained_without_weights_fails_clearly():
