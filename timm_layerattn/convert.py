@@ -14,6 +14,7 @@ strict matching and each family's key rules live in `timm_layerattn.checkpoints`
 import argparse
 import logging
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
@@ -214,10 +215,13 @@ class TrunkLoadResult:
                 f'{len(self.missing) - attn} other); skipped source tensors: {skipped}{adapted}')
 
 
+_VIT_SELF_ATTN = re.compile(r'^blocks\.\d+\.attn\.')  # a ViT block's own self-attention: trunk
+
+
 def _is_attention_key(key: str) -> bool:
-    if key.startswith('blocks.'):  # a ViT: `blocks.i.attn` is the trunk's self-attention
-        return '.layer_attn.' in key
-    return '.attn.' in key or '.attn_in.' in key or key.startswith('as_proj.')
+    if _VIT_SELF_ATTN.match(key):  # (a ViT's layer attention is `blocks.i.layer_attn`)
+        return False
+    return '.attn.' in key or '.attn_in.' in key or '.layer_attn.' in key or key.startswith('as_proj.')
 
 
 def _adapt_first_conv(key: str, weight: torch.Tensor, want: torch.Tensor, origin: str) -> Tuple[torch.Tensor, str]:
