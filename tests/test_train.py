@@ -66,6 +66,11 @@ def test_deit_and_efficientnet_recipes():
     plain = resolve_args(parse_args(['--model', 'x']))
     assert (plain.aa, plain.reprob, plain.aug_repeats, plain.mixup, plain.model_ema, plain.opt_eps, plain.drop_path) == (
         None, 0.0, 0, 0.0, False, None, None)
+    from timm_layerattn.train.data import create_transforms
+    train_tf, _ = create_transforms(d, dict(input_size=(3, 32, 32), interpolation='bicubic', mean=(0.5,) * 3,
+                                            std=(0.5,) * 3, crop_pct=0.875, crop_mode='center'))
+    erasing = [t for t in train_tf.transforms if type(t).__name__ == 'RandomErasing']
+    assert len(erasing) == 1 and erasing[0].probability == 0.25 and erasing[0].mode == 'pixel'
     import timm
     from timm_layerattn.train.setup import _create_optimizer
     opt = _create_optimizer(timm.create_model('cifar_resnet20'), e)

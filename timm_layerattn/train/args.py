@@ -157,7 +157,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help='timm aug RandomResizedCrop scale' + R)
     g.add_argument('--ratio', type=POS_FLOAT, nargs=2, default=None, help='timm aug RandomResizedCrop ratio' + R)
     g.add_argument('--aa', default=None, help='timm auto-augment policy, e.g. rand-m9-mstd0.5' + R)
-    g.add_argument('--reprob', type=PROB, default=None, help='random erasing probability (timm aug)' + R)
+    g.add_argument('--reprob', type=PROB, default=None, help='random erasing probability (timm aug; per-pixel random values, as timm\'s train.py)' + R)
     g.add_argument('--aug-repeats', type=int_arg(min=0), default=None, metavar='N',
                    help='repeated augmentation: each image N times per epoch, as timm\'s RepeatAugSampler '
                         '(0 = off)' + R)

@@ -109,7 +109,7 @@ def create_transforms(args: argparse.Namespace, data_config: Dict[str, Any]) -> 
         try:
             train_tf = create_transform(
                 **data_config, is_training=True, scale=tuple(args.scale), ratio=tuple(args.ratio), hflip=args.hflip,
-                color_jitter=args.color_jitter, auto_augment=args.aa, re_prob=args.reprob)
+                color_jitter=args.color_jitter, auto_augment=args.aa, re_prob=args.reprob, re_mode='pixel')
         except (AssertionError, ValueError, KeyError) as e:  # timm's checks of the policy strings
             raise UserError(f'--aa {args.aa!r}: {str(e) or type(e).__name__} (timm policies look like '
                             f'rand-m9-mstd0.5, augmix-m5-w4-d2, v0)') from None
