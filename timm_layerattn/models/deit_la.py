@@ -16,10 +16,11 @@ The maths and every decision: docs/design/vit_layer_attention.md.
 """
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Dict, List, Optional, Tuple, Type, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from timm.layers import register_notrace_function, resample_abs_pos_embed
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
@@ -29,6 +30,7 @@ from ..checkpoints import deit_mrla
 from ..core.strategy import BlockSite, LayerStrategy, TrunkCfg
 from ..core.units import Dd, State, checkpoint_unit
 from ..families import Family, ModelArg, pretrained_cfg, register_family
+from ..layers import native
 from ..layers._checks import check_bool, check_choice, check_divisor, check_int, check_rate, divisors
 from ..layers.factory import LayerAttnCfg, create_layer_attn
 from ..layers.vit_la import GridCell, MRLABaseTokens, MRLALightTokens
@@ -315,11 +317,30 @@ class VisionTransformerLA(VisionTransformer):
                 lambda t, s, _: block(t, s, grid_h, grid_w, attn_mask, is_causal), x, state, [])
         return block(x, state, grid_h, grid_w, attn_mask, is_causal)
 
+    @torch.jit.unused
+    def _math_attention(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)` with PyTorch's math attention kernel: the fused CPU kernel of `scaled_dot_product_attention`
+        has no forward-mode derivative, so `torch.func.jvp` / `forward_ad` (and the other transforms, for one rule)
+        take the composite form, which computes the same function."""
+        with sdpa_kernel(SDPBackend.MATH):
+            return fn(*args)
+
     def forward_features(
             self,
             x: torch.Tensor,
             attn_mask: Optional[torch.Tensor] = None,
             is_causal: bool = False,
+    ) -> torch.Tensor:
+        if not torch.jit.is_scripting():  # (TorchScript compiles this branch only when it is a separate `if`)
+            if native.transforms_active():
+                return self._math_attention(self._forward_features, x, attn_mask, is_causal)
+        return self._forward_features(x, attn_mask, is_causal)
+
+    def _forward_features(
+            self,
+            x: torch.Tensor,
+            attn_mask: Optional[torch.Tensor],
+            is_causal: bool,
     ) -> torch.Tensor:
         x, grid_h, grid_w = self._embed(x)
         state: List[torch.Tensor] = []
@@ -346,6 +367,26 @@ class VisionTransformerLA(VisionTransformer):
         """timm's `forward_intermediates` (same arguments and outputs), threading the layer-attention state; the
         NCHW maps take the grid of the patch embedding and are channels_last (the token layout)."""
         assert output_fmt in ('NCHW', 'NLC'), 'Output format must be one of NCHW or NLC.'
+        args = (x, indices, return_prefix_tokens, norm, stop_early, output_fmt, intermediates_only, output_dict,
+                attn_mask, is_causal)
+        if not torch.jit.is_scripting():
+            if native.transforms_active():
+                return self._math_attention(self._forward_intermediates, *args)
+        return self._forward_intermediates(*args)
+
+    def _forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]],
+            return_prefix_tokens: bool,
+            norm: bool,
+            stop_early: bool,
+            output_fmt: str,
+            intermediates_only: bool,
+            output_dict: bool,
+            attn_mask: Optional[torch.Tensor],
+            is_causal: bool,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]], Dict[str, Any]]:
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         x, grid_h, grid_w = self._embed(x)
         blocks = self.blocks if torch.jit.is_scripting() or not stop_early else self.blocks[:max_index + 1]
