@@ -16,6 +16,8 @@ CORE_NAMES = {
     *(f'resnet{d}_{a}' for d in (18, 34) for a in ('kcla', 'mrlal', 'mrlab')),
     'cifar_resnet20', 'cifar_resnet56', 'cifar_resnet110',
     *(f'cifar_resnet{d}_{a}' for d in (20, 56, 110) for a in ('kcla', 'mrlal', 'mrlab')),
+    *(f'deit_{s}_patch16_224_{a}' for s in ('tiny', 'small', 'base') for a in ('mrlal', 'mrlab')),
+    'deit_tiny_patch16_224_kcla', 'deit_small_patch16_224_kcla',
 }
 
 # Parameter counts of the official code (docs/design/layer_attention.md#la-param-counts); the KCLA / MRLA
