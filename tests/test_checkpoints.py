@@ -14,6 +14,7 @@ import torch
 from timm_layerattn._utils.errors import UserError
 from timm_layerattn.checkpoints import (
     CONVERTIBLE, attention_shortcuts, cnntention, gradattn, kcla_mrla, official_layout)
+from timm_layerattn.checkpoints import deit_mrla
 from timm_layerattn.checkpoints import match as match_mod
 from timm_layerattn.checkpoints.errors import CheckpointError
 from timm_layerattn.checkpoints.io import (
@@ -441,7 +442,9 @@ def test_attention_shortcut_rules():
 
 
 def test_official_layout_loop():
-    assert CONVERTIBLE == (kcla_mrla, cnntention)
+    assert CONVERTIBLE[:2] == (kcla_mrla, cnntention)  # in registration order; the families of issue 22 follow
+    assert deit_mrla in CONVERTIBLE
+    assert official_layout({'blocks.0.mrla.lambda_t': _t(1)}) == 'deit_mrla_light'  # not the ResNet MRLA-L layout
     assert official_layout({'layer1.attention.0.head_att.weight': _t(1)}) == 'kcla'
     assert official_layout({'att1.query.weight': _t(1)}) == 'cnntention'
     assert official_layout({'projections.0.2.weight': _t(1)}) is None  # GradAttn: only the model's filter
