@@ -281,11 +281,19 @@ def test_mrlab_reset_every():
 
 
 def test_autocast_and_low_precision_finite():
-    for name in NAMES:
-        model = timm.create_model(name).eval()
+    """float16 / bfloat16 autocast (training and eval) and a bfloat16 model stay finite, as timm's plain DeiT does."""
+    for name in NAMES + ['deit_tiny_patch16_224']:
+        model = timm.create_model(name, dynamic_img_size=True).eval()
         x = torch.randn(2, 3, 32, 32) * 50
-        with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
-            assert torch.isfinite(model(x).float()).all(), name
+        for dtype in (torch.float16, torch.bfloat16):
+            with torch.no_grad(), torch.autocast('cpu', dtype=dtype):
+                assert torch.isfinite(model(x).float()).all(), (name, dtype)
+            with torch.autocast('cpu', dtype=dtype):
+                out = model.train()(x)
+            out.float().square().mean().backward()
+            assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None), (name, dtype)
+            model.zero_grad(set_to_none=True)
+            model.eval()
         with torch.no_grad():
             assert torch.isfinite(model.to(torch.bfloat16)(x.bfloat16()).float()).all(), name
 

@@ -25,10 +25,12 @@ __all__ = ['split_grid', 'join_grid', 'MRLALightTokens', 'MRLABaseTokens', 'Grid
 
 
 def split_grid(x: torch.Tensor, num_prefix_tokens: int, grid_h: int, grid_w: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """`[B, P + H*W, C]` tokens -> prefix tokens `[B, P, C]` and the patch grid `[B, C, H, W]` (contiguous NCHW)."""
+    """`[B, P + H*W, C]` tokens -> prefix tokens `[B, P, C]` and the patch grid `[B, C, H, W]`, a view in the
+    tokens' own (channels_last) layout: the depth-wise conv takes it as it is and its output flattens back to
+    tokens without a copy."""
     prefix = x[:, :num_prefix_tokens]
     grid = x[:, num_prefix_tokens:].reshape(x.shape[0], grid_h, grid_w, x.shape[-1]).permute(0, 3, 1, 2)
-    return prefix, grid.contiguous()
+    return prefix, grid
 
 
 def join_grid(prefix: torch.Tensor, grid: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
@@ -130,9 +132,9 @@ class MRLALightTokens(_TokenLayerAttn):
         prefix, grid = split_grid(self.norm(x), self.num_prefix_tokens, grid_h, grid_w)
         q, k = self._query_key(grid)
         gate = per_channel(torch.sigmoid((q * k).sum(-1) * self.scale), self.head_dim).to(grid.dtype)
-        value = F.gelu(self.v(grid)) * gate[:, :, None, None]
+        value = F.gelu(self.v(grid)).flatten(2).transpose(1, 2)  # [B, H*W, C]
         prev = self.norm_prev(shortcut[:, self.num_prefix_tokens:])
-        tokens = value.flatten(2).transpose(1, 2) + self.lambda_t * prev
+        tokens = torch.addcmul(self.lambda_t * prev, value, gate.unsqueeze(1))
         return self._add(x, prefix, tokens), state
 
 
@@ -213,5 +215,6 @@ class GridCell(nn.Module):
             grid_w: int,
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         prefix, grid = split_grid(x, self.num_prefix_tokens, grid_h, grid_w)
+        grid = grid.contiguous()  # NCHW: the cell's fused CPU kernels read contiguous maps
         grid, state = self.cell(grid, grid, state)
         return join_grid(prefix, grid, self.num_prefix_tokens), state
