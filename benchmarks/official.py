@@ -9,10 +9,14 @@ Get the checkouts with, for example::
 
     git clone https://github.com/bgx666/KCLA /tmp/official/KCLA
     git clone https://github.com/joyfang1106/MRLA /tmp/official/MRLA
+    git -C /tmp/official/MRLA worktree add /tmp/official/MRLA-2915aff 2915aff^
 
-and pass their roots as ``kcla_repo`` / ``mrla_repo`` (or set ``KCLA_REPO`` / ``MRLA_REPO``; the
-default is ``/tmp/official/KCLA`` and ``/tmp/official/MRLA``). The MRLA-B files need ``einops``
-installed (only to run the official code; the project itself does not use it).
+and pass their roots as ``kcla_repo`` / ``mrla_repo`` / ``mrla_2915aff_repo`` (or set ``KCLA_REPO`` /
+``MRLA_REPO`` / ``MRLA_2915AFF_REPO``; the defaults are ``/tmp/official/KCLA``, ``/tmp/official/MRLA`` and
+``/tmp/official/MRLA-2915aff``). The third is joyfang1106/MRLA at the parent of commit 2915aff, which removed
+the EfficientNet-MRLA files (a fork of timm 0.4.9's ``timm/models``) from the tree; only the EfficientNet
+entries need it. The MRLA-B files (ResNet and DeiT) need ``einops`` installed (only to run the official
+code; the project itself does not use it).
 
 Names (ours -> official file : builder; ``docs/design/layer_attention.md#la-kcla`` and the MRLA sections after it):
 
@@ -25,6 +29,16 @@ Names (ours -> official file : builder; ``docs/design/layer_attention.md#la-kcla
 ``cifar_resnet{20,56,110}_mrlal`` bgx666/KCLA ``cifar/models/cifar/mrla_light.py`` : ``mrla_light``
 ``cifar_resnet{20,56,110}_mrlab`` bgx666/KCLA ``cifar/models/cifar/mrla_base.py`` : ``mrla_base``
 ================================  ===============================================================
+
+Vision transformers and EfficientNets (:data:`OFFICIAL_TRUNK_MODELS`; kept apart from
+:data:`OFFICIAL_MODELS`, whose consumers expect ResNets):
+
+* ``deit_{tiny,small,base}_patch16_224_mrlal``: joyfang1106/MRLA ``deit/deit_mrla_light.py`` :
+  ``deit_mrlal_{tiny,small,base}_patch16_224``
+* ``deit_{tiny,small,base}_patch16_224_mrlab``: joyfang1106/MRLA ``deit/deit_mrla_base.py`` :
+  ``deit_mrlab_{tiny,small,base}_patch16_224``
+* ``efficientnet_b{0,1,2}_mrlal``: joyfang1106/MRLA at ``2915aff^``, ``timm/models/efficientnet_mrla.py`` :
+  ``efficientnet_mrla_b{0,1,2}``
 
 CIFAR models are always built with ``block_name='Bottleneck'`` and ``depth`` from the name
 (9n+2) and default to ``num_classes=10`` (the official constructor's default is 1000).
@@ -45,6 +59,30 @@ and ``#la-no-prints``):
 * CUDA: none of the files used here calls ``.cuda()`` at import, construction or forward (only
   DLA-L/DLA-B do, which this harness does not build), so no CUDA patch is needed; models are built
   on CPU.
+* DeiT (``deit/deit_mrla_{light,base}.py``, written against timm 0.3.2): the files import the plain modules
+  ``helpers`` and ``weight_init`` from their own folder, and ``timm.models.layers.helpers``,
+  ``timm.models.registry``. For the duration of the load, ``helpers`` / ``weight_init`` are the checkout's files
+  (executed fresh), ``timm.models.layers.helpers`` is a shim holding ``to_2tuple`` from ``timm.layers``
+  (timm 1.0 has no such module), and ``timm.models.registry`` is a shim whose ``register_model`` returns the
+  builder unchanged, so the official names never enter timm's registry (the builders are called directly).
+  Every ``sys.modules`` entry touched is restored afterwards.
+* EfficientNet (the timm 0.4.9 fork at ``2915aff^``): ``efficientnet_mrla.py`` is executed as a submodule of a
+  fresh stub package whose ``__path__`` is the fork's ``timm/models``, so its package-relative imports
+  (``.efficientnet_blocks``, ``.efficientnet_builder``) load the fork's own files. The fork holds only those
+  three files; the other relative imports resolve to these shims, each used only where the fork has no such
+  file:
+
+  - ``.layers``, ``.layers.activations``, ``.layers.drop``: timm 1.0's ``timm.layers`` modules themselves
+    (``create_conv2d``, ``drop_path``, ``DropPath``, ``make_divisible``, ``sigmoid``, ``get_act_layer``,
+    ``CondConv2d``, ``get_condconv_initializer``, ``create_classifier``: same names, same signatures);
+  - ``.features``: ``timm.models._features`` (``FeatureInfo``, ``FeatureHooks``; imported, never used to build);
+  - ``.registry``: ``register_model`` returning the builder unchanged (as for DeiT);
+  - ``.helpers``: ``build_model_with_cfg`` with timm 0.4.9's signature (``default_cfg=``, ``kwargs_filter=``),
+    which calls the model class with the remaining keywords and sets ``default_cfg`` (what 0.4.9 does without
+    pretrained weights or ``features_only``; ``pretrained=True`` raises), and ``default_cfg_for_features``
+    (imported, never called).
+
+  The stub package and everything loaded under it are removed from ``sys.modules`` afterwards.
 
 ``head_dim`` (optional keyword, applies to every family; ``None`` = the code default: KCLA
 ImageNet 64, KCLA CIFAR 16, MRLA-L ImageNet 32, MRLA-L/MRLA-B CIFAR 16, MRLA-B ImageNet 16):
@@ -59,10 +97,13 @@ ImageNet 64, KCLA CIFAR 16, MRLA-L ImageNet 32, MRLA-L/MRLA-B CIFAR 16, MRLA-B I
   ``head_dim=32`` is the paper's setting (``docs/design/layer_attention.md#la-kcla-head-dim``; the
   ``#la-params-imagenet`` counts for d = 32 come from the builder patched this way).
 * MRLA-L / MRLA-B: the class attribute ``mrla_module.dim_perhead`` of the fresh copy is set.
+* The DeiT and EfficientNet builders fix their head sizes (``dim_mrla=16``; 8 heads per EfficientNet cell):
+  ``head_dim`` is refused for them.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import io
 import itertools
@@ -71,30 +112,37 @@ import re
 import subprocess
 import sys
 import types
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 
 __all__ = [
-    'OfficialEntry', 'OFFICIAL_MODELS', 'IMAGENET_MODELS', 'CIFAR_MODELS', 'list_official',
-    'load_official', 'official_repo', 'official_commit', 'DEFAULT_KCLA_REPO', 'DEFAULT_MRLA_REPO',
+    'OfficialEntry', 'OFFICIAL_MODELS', 'OFFICIAL_TRUNK_MODELS', 'IMAGENET_MODELS', 'CIFAR_MODELS', 'list_official',
+    'load_official', 'official_entry', 'official_repo', 'official_commit', 'DEFAULT_KCLA_REPO', 'DEFAULT_MRLA_REPO',
+    'DEFAULT_MRLA_2915AFF_REPO',
 ]
 
 DEFAULT_KCLA_REPO = '/tmp/official/KCLA'
 DEFAULT_MRLA_REPO = '/tmp/official/MRLA'
+DEFAULT_MRLA_2915AFF_REPO = '/tmp/official/MRLA-2915aff'
 
 
 @dataclass(frozen=True)
 class OfficialEntry:
     """Where one of our model names lives in the official code."""
-    repo: str                   # 'kcla' (bgx666/KCLA) or 'mrla' (joyfang1106/MRLA)
+    repo: str                   # 'kcla' (bgx666/KCLA), 'mrla' (joyfang1106/MRLA) or 'mrla_2915aff' (MRLA at 2915aff^)
     file: str                   # path of the model file inside the repository
     builder: str                # builder function in that file
     family: str                 # 'kcla' | 'mrlal' | 'mrlab' | 'resnet'
     kwargs: Dict[str, Any] = field(default_factory=dict)   # fixed builder kwargs
     default_kwargs: Dict[str, Any] = field(default_factory=dict)  # overridable defaults
     forward: str = ''           # where the per-block layer-attention forward lives (file:qualname)
-    models_pkg: Optional[str] = None  # dir to expose as the stub package ``models`` while loading
+    models_pkg: Optional[str] = None  # dir to expose as the stub package ``models`` (file) / the fork (timm049_fork)
+    # how the file is made to import (module docstring): 'file' (ResNet / CIFAR files), 'timm032' (the DeiT files:
+    # sibling modules, timm 0.3.2 import paths), 'timm049_fork' (a file of the timm 0.4.9 fork, under a stub package)
+    loader: str = 'file'
+    siblings: Tuple[str, ...] = ()  # plain top-level modules the file imports from its own folder ('timm032')
 
 
 def _build_table() -> Dict[str, OfficialEntry]:
@@ -140,25 +188,63 @@ IMAGENET_MODELS = tuple(n for n in OFFICIAL_MODELS if not n.startswith('cifar_')
 CIFAR_MODELS = tuple(n for n in OFFICIAL_MODELS if n.startswith('cifar_'))
 
 
+def _build_trunk_table() -> Dict[str, OfficialEntry]:
+    table: Dict[str, OfficialEntry] = {}
+    deit = {
+        'mrlal': ('deit/deit_mrla_light.py', 'mrlal_module.forward (+ mrlal_layer.forward, Block.forward)'),
+        'mrlab': ('deit/deit_mrla_base.py', 'mrlab_module.forward (+ mrlab_layer.forward, Block.forward, '
+                                            'ViT_mrlab.forward_features)'),
+    }
+    for size in ('tiny', 'small', 'base'):
+        for family, (file, fwd) in deit.items():
+            table[f'deit_{size}_patch16_224_{family}'] = OfficialEntry(
+                'mrla', file, f'deit_{family}_{size}_patch16_224', family, forward=f'{file}:{fwd}',
+                loader='timm032', siblings=('helpers', 'weight_init'))
+    fork = 'timm/models/'
+    for b in (0, 1, 2):
+        table[f'efficientnet_b{b}_mrlal'] = OfficialEntry(
+            'mrla_2915aff', fork + 'efficientnet_mrla.py', f'efficientnet_mrla_b{b}', 'mrlal',
+            forward=fork + 'efficientnet_blocks.py:mrla_module.forward (+ mla_layer.forward, '
+                           'InvertedResidual_MRLA.forward)',
+            models_pkg=fork, loader='timm049_fork')
+    return table
+
+
+OFFICIAL_TRUNK_MODELS: Dict[str, OfficialEntry] = _build_trunk_table()
+
+
 def list_official() -> Tuple[str, ...]:
-    return tuple(OFFICIAL_MODELS)
+    """Every name :func:`load_official` builds (ResNets first, then the ViT / EfficientNet trunks)."""
+    return tuple(OFFICIAL_MODELS) + tuple(OFFICIAL_TRUNK_MODELS)
 
 
-def official_repo(which: str, kcla_repo: Optional[str] = None, mrla_repo: Optional[str] = None) -> Path:
-    """Root of the official checkout for ``which`` in {'kcla', 'mrla'} (argument > env var > default)."""
-    if which == 'kcla':
-        root = kcla_repo or os.environ.get('KCLA_REPO') or DEFAULT_KCLA_REPO
-        url = 'https://github.com/bgx666/KCLA'
-    elif which == 'mrla':
-        root = mrla_repo or os.environ.get('MRLA_REPO') or DEFAULT_MRLA_REPO
-        url = 'https://github.com/joyfang1106/MRLA'
-    else:
+def official_entry(name: str) -> OfficialEntry:
+    entry = OFFICIAL_MODELS.get(name) or OFFICIAL_TRUNK_MODELS.get(name)
+    if entry is None:
+        raise ValueError(f'unknown official model {name!r}; known: {", ".join(list_official())}')
+    return entry
+
+
+_REPOS = {  # which -> (argument / env var stem, default root, how to get it)
+    'kcla': ('KCLA_REPO', DEFAULT_KCLA_REPO, 'clone https://github.com/bgx666/KCLA there'),
+    'mrla': ('MRLA_REPO', DEFAULT_MRLA_REPO, 'clone https://github.com/joyfang1106/MRLA there'),
+    'mrla_2915aff': ('MRLA_2915AFF_REPO', DEFAULT_MRLA_2915AFF_REPO,
+                     'make it from a joyfang1106/MRLA clone: git -C <clone> worktree add <path> 2915aff^'),
+}
+
+
+def official_repo(which: str, kcla_repo: Optional[str] = None, mrla_repo: Optional[str] = None,
+                  mrla_2915aff_repo: Optional[str] = None) -> Path:
+    """Root of the official checkout for ``which`` in {'kcla', 'mrla', 'mrla_2915aff'} (argument > env var > default)."""
+    if which not in _REPOS:
         raise ValueError(f'unknown official repository {which!r}')
-    path = Path(root).expanduser()
+    env, default, how = _REPOS[which]
+    given = {'kcla': kcla_repo, 'mrla': mrla_repo, 'mrla_2915aff': mrla_2915aff_repo}[which]
+    path = Path(given or os.environ.get(env) or default).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(
-            f'official {which.upper()} checkout not found at {path}; clone {url} there '
-            f'or pass {which}_repo=… / set {which.upper()}_REPO')
+            f'official {which.upper()} checkout not found at {path}; {how} '
+            f'or pass {which}_repo=… / set {env}')
     return path
 
 
@@ -177,37 +263,131 @@ _counter = itertools.count()
 
 
 @contextlib.contextmanager
-def _stub_models_package(pkg_dir: Optional[Path]) -> Iterator[None]:
-    """Expose ``pkg_dir`` as the top-level package ``models`` without running its ``__init__.py``.
+def _temporary_modules(modules: Mapping[str, types.ModuleType]) -> Iterator[None]:
+    """Put ``modules`` into ``sys.modules`` for the duration of the block.
 
-    Restores every ``models`` / ``models.*`` entry of ``sys.modules`` on exit.
+    On exit every entry named in ``modules``, or below one of them (``name.…``: whatever got imported through
+    them), is removed, and the entries that were there before are restored.
     """
-    if pkg_dir is None:
-        yield
-        return
-    saved = {k: v for k, v in sys.modules.items() if k == 'models' or k.startswith('models.')}
+    roots = tuple(modules)
+
+    def owned(key: str) -> bool:
+        return any(key == r or key.startswith(r + '.') for r in roots)
+
+    saved = {k: v for k, v in sys.modules.items() if owned(k)}
     for k in saved:
         del sys.modules[k]
-    stub = types.ModuleType('models')
-    stub.__path__ = [str(pkg_dir)]  # package: submodules resolve under pkg_dir (namespace sub-packages)
-    stub.__package__ = 'models'
-    sys.modules['models'] = stub
+    sys.modules.update(modules)
     try:
         yield
     finally:
-        for k in [k for k in sys.modules if k == 'models' or k.startswith('models.')]:
+        for k in [k for k in sys.modules if owned(k)]:
             del sys.modules[k]
         sys.modules.update(saved)
 
 
-def _exec_file(path: Path, models_pkg: Optional[Path]) -> types.ModuleType:
+def _package(name: str, path: Path) -> types.ModuleType:
+    """A package object whose submodules resolve under ``path`` (its ``__init__.py``, if any, never runs)."""
+    pkg = types.ModuleType(name)
+    pkg.__path__ = [str(path)]
+    pkg.__package__ = name
+    return pkg
+
+
+def _shim(name: str, **attrs: Any) -> types.ModuleType:
+    module = types.ModuleType(name, 'import shim of benchmarks/official.py (see its module docstring)')
+    module.__dict__.update(attrs)
+    return module
+
+
+def _keep_unregistered(fn):
+    """``register_model`` of the shims: the builder is called directly, timm's registry is left alone."""
+    return fn
+
+
+def _timm032_shims() -> Dict[str, types.ModuleType]:
+    """timm 0.3.2 import paths of the DeiT files that timm 1.0 lacks or that would register the official names."""
+    from timm.layers import to_2tuple
+    return {'timm.models.layers.helpers': _shim('timm.models.layers.helpers', to_2tuple=to_2tuple),
+            'timm.models.registry': _shim('timm.models.registry', register_model=_keep_unregistered)}
+
+
+def _fork_build_model_with_cfg(model_cls, variant, pretrained, default_cfg=None, pretrained_strict=True,
+                               kwargs_filter=None, **kwargs):
+    """timm 0.4.9's ``build_model_with_cfg`` for a model without pretrained weights or ``features_only``."""
+    if pretrained:
+        raise ValueError(f'{variant}: the official EfficientNet-MRLA published no weights; use pretrained=False')
+    if kwargs.get('features_only'):
+        raise ValueError(f'{variant}: features_only is not supported by the import shim')
+    model = model_cls(**kwargs)
+    model.default_cfg = copy.deepcopy(default_cfg)
+    return model
+
+
+def _fork_default_cfg_for_features(default_cfg):
+    raise NotImplementedError('default_cfg_for_features: features_only is not supported by the import shim')
+
+
+def _timm049_fork_shims(pkg: str, pkg_dir: Path) -> Dict[str, types.ModuleType]:
+    """Relative imports of the timm 0.4.9 fork that the checkout does not hold, mapped onto timm 1.0."""
+    import timm.layers
+    import timm.layers.activations
+    import timm.layers.drop
+    import timm.models._features
+    shims = {
+        'layers': timm.layers,
+        'layers.activations': timm.layers.activations,
+        'layers.drop': timm.layers.drop,
+        'features': timm.models._features,
+        'registry': _shim(f'{pkg}.registry', register_model=_keep_unregistered),
+        'helpers': _shim(f'{pkg}.helpers', build_model_with_cfg=_fork_build_model_with_cfg,
+                         default_cfg_for_features=_fork_default_cfg_for_features),
+    }
+    held = lambda rel: (pkg_dir / f'{rel}.py').is_file() or (pkg_dir / rel).is_dir()  # noqa: E731
+    return {f'{pkg}.{rel}': m for rel, m in shims.items() if not held(rel.split('.')[0])}
+
+
+def _exec_sibling(path: Path, name: str) -> types.ModuleType:
+    """A fresh copy of a plain module beside an official file (the DeiT files' ``helpers``, ``weight_init``)."""
+    spec = importlib.util.spec_from_file_location(name, str(path))
+    if spec is None or spec.loader is None or not path.is_file():
+        raise ImportError(f'cannot load {path}')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _exec_file(path: Path, entry: OfficialEntry, root: Path) -> types.ModuleType:
     """Execute one official model file as a fresh private module (stdout swallowed)."""
-    mod_name = f'_official_{re.sub(r"[^0-9a-zA-Z]", "_", path.stem)}_{next(_counter)}'
+    uid = next(_counter)
+    stem = re.sub(r'[^0-9a-zA-Z]', '_', path.stem)
+    modules: Dict[str, types.ModuleType] = {}
+    if entry.loader == 'file':
+        mod_name = f'_official_{stem}_{uid}'
+        if entry.models_pkg:
+            modules['models'] = _package('models', root / entry.models_pkg)
+    elif entry.loader == 'timm032':
+        mod_name = f'_official_{stem}_{uid}'
+        modules.update(_timm032_shims())
+        modules.update({s: _exec_sibling(path.parent / f'{s}.py', s) for s in entry.siblings})
+    elif entry.loader == 'timm049_fork':
+        pkg_dir = root / (entry.models_pkg or path.parent.relative_to(root))
+        pkg = f'_official_timm_fork_{uid}'
+        modules[pkg] = _package(pkg, pkg_dir)
+        modules.update(_timm049_fork_shims(pkg, pkg_dir))
+        mod_name = f'{pkg}.{path.stem}'
+    else:
+        raise ValueError(f'unknown loader {entry.loader!r}')
     spec = importlib.util.spec_from_file_location(mod_name, str(path))
     if spec is None or spec.loader is None:
         raise ImportError(f'cannot load {path}')
     module = importlib.util.module_from_spec(spec)
-    with _stub_models_package(models_pkg), contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_temporary_modules(modules))
+        stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+        stack.enter_context(warnings.catch_warnings())
+        warnings.simplefilter('ignore', FutureWarning)  # timm's notes on the deprecated import paths
+        warnings.simplefilter('ignore', DeprecationWarning)
         try:
             spec.loader.exec_module(module)
         except ModuleNotFoundError as e:
@@ -219,6 +399,8 @@ def _exec_file(path: Path, models_pkg: Optional[Path]) -> types.ModuleType:
 
 
 def _patch_head_dim(module: types.ModuleType, entry: OfficialEntry, head_dim: int) -> None:
+    if entry.loader != 'file':
+        raise ValueError(f'head_dim: the official builder {entry.builder!r} fixes its head size')
     if entry.family == 'kcla':
         orig = module.kcla_layer
 
@@ -237,23 +419,21 @@ def _patch_head_dim(module: types.ModuleType, entry: OfficialEntry, head_dim: in
 
 
 def load_official(name: str, kcla_repo: Optional[str] = None, mrla_repo: Optional[str] = None,
-                  **kwargs: Any):
+                  mrla_2915aff_repo: Optional[str] = None, **kwargs: Any):
     """Build the official model for one of our model names (see module docstring).
 
     ``kwargs`` go to the official builder (e.g. ``num_classes``, ``drop_path``), except
     ``head_dim`` which is applied by the runtime patch described in the module docstring.
     The model is returned on CPU in training mode, exactly as the builder returns it.
     """
-    try:
-        entry = OFFICIAL_MODELS[name]
-    except KeyError:
-        raise ValueError(f'unknown official model {name!r}; known: {", ".join(OFFICIAL_MODELS)}') from None
+    entry = official_entry(name)
     head_dim = kwargs.pop('head_dim', None)
-    root = official_repo(entry.repo, kcla_repo, mrla_repo)
+    root = official_repo(entry.repo, kcla_repo, mrla_repo, mrla_2915aff_repo)
     path = root / entry.file
     if not path.is_file():
-        raise FileNotFoundError(f'{path} missing from the official checkout')
-    module = _exec_file(path, root / entry.models_pkg if entry.models_pkg else None)
+        hint = ' (it is the checkout of 2915aff^, not of HEAD?)' if entry.repo == 'mrla_2915aff' else ''
+        raise FileNotFoundError(f'{path} missing from the official checkout{hint}')
+    module = _exec_file(path, entry, root)
     if head_dim is not None:
         _patch_head_dim(module, entry, int(head_dim))
     clash = set(kwargs) & set(entry.kwargs)

@@ -1,0 +1,206 @@
+"""Layer-attention models on one timm trunk vs that trunk, and vs the official code, in one process.
+
+One command per trunk (the official checkouts are optional; see ``benchmarks/official.py``)::
+
+    python benchmarks/bench_trunks.py --trunk deit_tiny_patch16_224 --official-mrla /tmp/official/MRLA
+    python benchmarks/bench_trunks.py --trunk efficientnet_b0 --official-mrla-2915aff /tmp/official/MRLA-2915aff
+    python benchmarks/bench_trunks.py --trunk resnet18                # no official code exists for it
+    python benchmarks/bench_trunks.py --trunk deit_tiny_patch16_224 --official-mrla /tmp/official/MRLA --check-only
+
+Rows: timm's ``--trunk`` (the baseline every ratio refers to), our models on it (default: every registered
+``<trunk>_{kcla,mrlal,mrlab}``; ``--models`` picks), and for each of ours that the official code builds, the
+official model, named by its official builder (``deit_mrlal_tiny_patch16_224``, ``efficientnet_mrla_b0``, ...).
+The timing is ``timm_layerattn.tools.bench.benchmark``, as in ``timm-layerattn bench``: every model built once,
+interleaved round-robin, median of the repeats; inference in ``eval()`` under ``torch.inference_mode()``; a
+training step is forward + cross-entropy + backward + SGD; activation memory is what autograd keeps for backward
+in one training forward. Defaults: batch 4, 224², 2 threads, 7 inference / 5 training repeats. Weights are the
+builders' random init (speed does not depend on them).
+
+Before timing, each official model is checked against ours (``--no-check`` skips, ``--check-only`` stops after
+it): its parameter count must equal our model's, and with its weights made non-trivial (every tensor perturbed,
+BatchNorm statistics calibrated) and converted by ``timm_layerattn.convert_official``, our model built with
+default arguments must give the same eval logits (batch 2, 224², max |difference| relative to the official
+logits' largest magnitude, ``--tol`` 1e-4). A failed check stops the run: the rows would not time the same model.
+"""
+import argparse
+import os
+import sys
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from timm_layerattn.tools.bench import (  # noqa: E402
+    PLAIN_AUTOGRAD_SUFFIX, PYTORCH_OPS_SUFFIX, BenchConfig, benchmark, format_results, timm_factory)
+
+FAMILIES = ('kcla', 'mrlal', 'mrlab')
+CHECK_BATCH, CHECK_SIZE = 2, 224
+
+
+def default_models(trunk: str) -> List[str]:
+    import timm
+    import timm_layerattn  # noqa: F401  (registers our models)
+    return [f'{trunk}_{f}' for f in FAMILIES if timm.is_model(f'{trunk}_{f}')]
+
+
+def official_pairs(models: Sequence[str], mrla_repo: Optional[str], mrla_2915aff_repo: Optional[str]
+                   ) -> Dict[str, str]:
+    """Ours -> official row label, for the models whose official code has a checkout given here."""
+    from official import OFFICIAL_TRUNK_MODELS
+    repos = {'mrla': mrla_repo, 'mrla_2915aff': mrla_2915aff_repo}
+    return {n: OFFICIAL_TRUNK_MODELS[n].builder for n in models
+            if n in OFFICIAL_TRUNK_MODELS and repos.get(OFFICIAL_TRUNK_MODELS[n].repo)}
+
+
+def official_factory(name: str, mrla_repo: Optional[str], mrla_2915aff_repo: Optional[str],
+                     img_size: int = CHECK_SIZE) -> Callable[[], nn.Module]:
+    def make() -> nn.Module:
+        from official import load_official, official_entry
+        kwargs = {}
+        if official_entry(name).loader == 'timm032' and img_size != CHECK_SIZE:
+            kwargs['img_size'] = img_size  # the official PatchEmbed asserts its construction size
+        return load_official(name, mrla_repo=mrla_repo, mrla_2915aff_repo=mrla_2915aff_repo, **kwargs)
+    return make
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def make_non_trivial(model: nn.Module, seed: int) -> None:
+    """Perturb every parameter (the official inits leave heads at zero, norms at one) and calibrate BatchNorm
+    statistics on random inputs, so that every tensor of the official layout changes the logits."""
+    gen = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if bns:
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the calibration batches
+        model.train()
+        for _ in range(2):
+            model(torch.randn(CHECK_BATCH, 3, CHECK_SIZE, CHECK_SIZE, generator=gen))
+    model.eval()
+
+
+def check_pair(ours: str, official_model: nn.Module, tol: float) -> Tuple[bool, str]:
+    """(ok, one-line report): parameter counts and eval logits of ``ours`` holding the official weights."""
+    import timm
+    from timm_layerattn import convert_official
+    make_non_trivial(official_model, seed=0)
+    model = timm.create_model(ours)
+    n_ours, n_official = count_params(model), count_params(official_model)
+    model.load_state_dict(convert_official(official_model.state_dict(), ours), strict=True)
+    model.eval()
+    x = torch.randn(CHECK_BATCH, 3, CHECK_SIZE, CHECK_SIZE, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref, out = official_model(x), model(x)
+    rel = (out.double() - ref.double()).abs().max().item() / max(ref.double().abs().max().item(), 1e-12)
+    ok = n_ours == n_official and rel <= tol
+    line = (f'params {n_ours:,} (ours) / {n_official:,} (official){"" if n_ours == n_official else " DIFFER"}; '
+            f'eval logits max rel diff {rel:.1e} (batch {CHECK_BATCH}, {CHECK_SIZE}², tol {tol:g})')
+    return ok, line
+
+
+def run_checks(pairs: Dict[str, str], mrla_repo: Optional[str], mrla_2915aff_repo: Optional[str], tol: float
+               ) -> bool:
+    all_ok = True
+    for ours, label in pairs.items():
+        torch.manual_seed(0)
+        ok, line = check_pair(ours, official_factory(ours, mrla_repo, mrla_2915aff_repo)(), tol)
+        print(f'check {ours} = official {label}: {line}{"" if ok else "  FAILED"}', flush=True)
+        all_ok &= ok
+    return all_ok
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--trunk', required=True, help="timm baseline, e.g. deit_tiny_patch16_224, efficientnet_b0")
+    p.add_argument('--models', default=None, help='comma-separated; default: every registered <trunk>_<family>')
+    p.add_argument('--official-mrla', default=None, help='checkout of github.com/joyfang1106/MRLA (DeiT)')
+    p.add_argument('--official-mrla-2915aff', default=None,
+                   help='joyfang1106/MRLA checked out at 2915aff^ (EfficientNet)')
+    p.add_argument('--no-check', action='store_true', help='time without checking the official models first')
+    p.add_argument('--check-only', action='store_true', help='check the official models, do not time')
+    p.add_argument('--tol', type=float, default=1e-4, help='check: max logits difference, relative')
+    p.add_argument('--channels-last', action='store_true')
+    p.add_argument('--batch-size', type=int, default=4)
+    p.add_argument('--img-size', type=int, default=224)
+    p.add_argument('--threads', type=int, default=2)
+    p.add_argument('--repeats', type=int, default=7)
+    p.add_argument('--train-repeats', type=int, default=5)
+    p.add_argument('--no-train', action='store_true')
+    p.add_argument('--device', default='cpu')
+    p.add_argument('--amp', action='store_true')
+    p.add_argument('--compile', action='store_true')
+    p.add_argument('--steady-malloc', action='store_true',
+                   help='glibc: keep freed memory for reuse, so page faults do not depend on the run order')
+    p.add_argument('--pytorch-ops', action='store_true',
+                   help='also time our models with the fused CPU kernels off (same run)')
+    p.add_argument('--plain-autograd', action='store_true',
+                   help='also time our models training with plain autograd, without the memory-lean Functions')
+    args = p.parse_args(argv)
+
+    import timm
+    import timm_layerattn  # noqa: F401
+    for repo in (args.official_mrla, args.official_mrla_2915aff):
+        if repo and not os.path.isdir(repo):
+            p.error(f'not a directory: {repo}')
+    models = [n.strip() for n in args.models.split(',') if n.strip()] if args.models else default_models(args.trunk)
+    for n in [args.trunk, *models]:
+        if not timm.is_model(n):
+            p.error(f'unknown model {n!r}')
+    if not models:
+        p.error(f'no layer-attention model is registered on {args.trunk!r}; give --models')
+    pairs = official_pairs(models, args.official_mrla, args.official_mrla_2915aff)
+    if (args.official_mrla or args.official_mrla_2915aff) and not pairs:
+        print(f'note: the official code given builds none of {", ".join(models)}', flush=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if pairs and not args.no_check:
+        if not run_checks(pairs, args.official_mrla, args.official_mrla_2915aff, args.tol):
+            print('an official model does not match ours: not timing (use --no-check to time anyway)')
+            return 1
+    if args.check_only:
+        return 0
+
+    cfg = BenchConfig(
+        batch_size=args.batch_size, img_size=args.img_size, threads=args.threads, repeats=args.repeats,
+        train=not args.no_train, train_repeats=args.train_repeats, channels_last=args.channels_last,
+        device=args.device, amp=args.amp, compile=args.compile, steady_malloc=args.steady_malloc)
+    factories = {args.trunk: timm_factory(args.trunk)}
+    factories.update({n: timm_factory(n) for n in models})
+    if args.pytorch_ops:
+        factories.update({n + PYTORCH_OPS_SUFFIX: timm_factory(n, pytorch_ops=True) for n in models})
+    if args.plain_autograd:
+        factories.update({n + PLAIN_AUTOGRAD_SUFFIX: timm_factory(n, plain_autograd=True) for n in models})
+    factories.update({label: official_factory(ours, args.official_mrla, args.official_mrla_2915aff, args.img_size)
+                      for ours, label in pairs.items()})
+    results = benchmark(factories, cfg, baseline=args.trunk)
+    print(format_results(results, cfg, args.trunk))
+    if pairs:
+        from official import official_commit, official_entry, official_repo
+        for ours, label in pairs.items():
+            e = official_entry(ours)
+            root = official_repo(e.repo, mrla_repo=args.official_mrla, mrla_2915aff_repo=args.official_mrla_2915aff)
+            sha = official_commit(root)
+            print(f'{label}: official joyfang1106/MRLA {e.file} @ {sha[:7] if sha else "?"} ({root})')
+    by_name = {r.name: r for r in results}
+    for ours, label in pairs.items():
+        o, r = by_name[ours], by_name[label]
+        line = f'{ours} vs official: inference {o.infer_ms / r.infer_ms:.2f}x'
+        plain = by_name.get(ours + PYTORCH_OPS_SUFFIX)
+        if plain is not None:
+            line += f' ({plain.infer_ms / r.infer_ms:.2f}x with PyTorch ops only)'
+        if cfg.train:
+            line += f', train step {o.train_ms / r.train_ms:.2f}x, activation memory {o.act_mb / r.act_mb:.2f}x'
+        print(line + ' (lower is better)')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
