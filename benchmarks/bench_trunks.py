@@ -14,10 +14,11 @@ The timing is ``timm_layerattn.tools.bench.benchmark``, as in ``timm-layerattn b
 interleaved round-robin, median of the repeats; inference in ``eval()`` under ``torch.inference_mode()``; a
 training step is forward + cross-entropy + backward + SGD; activation memory is what autograd keeps for backward
 in one training forward. Defaults: batch 4, 224², 2 threads, 7 inference / 5 training repeats. Weights are the
-builders' random init (speed does not depend on them).
+builders' random init (speed does not depend on them). DeiT rows need ``--img-size 224``: timm's ``deit_*`` and
+the official patch embedding both assert the size they were built for.
 
 Before timing, each official model is checked against ours (``--no-check`` skips, ``--check-only`` stops after
-it): its parameter count must equal our model's, and with its weights made non-trivial (every tensor perturbed,
+it): its parameter count must equal our model's, and with its weights made non-trivial (every parameter perturbed,
 BatchNorm statistics calibrated) and converted by ``timm_layerattn.convert_official``, our model built with
 default arguments must give the same eval logits (batch 2, 224², max |difference| relative to the official
 logits' largest magnitude, ``--tol`` 1e-4). A failed check stops the run: the rows would not time the same model.
@@ -54,14 +55,11 @@ def official_pairs(models: Sequence[str], mrla_repo: Optional[str], mrla_2915aff
             if n in OFFICIAL_TRUNK_MODELS and repos.get(OFFICIAL_TRUNK_MODELS[n].repo)}
 
 
-def official_factory(name: str, mrla_repo: Optional[str], mrla_2915aff_repo: Optional[str],
-                     img_size: int = CHECK_SIZE) -> Callable[[], nn.Module]:
+def official_factory(name: str, mrla_repo: Optional[str], mrla_2915aff_repo: Optional[str]
+                     ) -> Callable[[], nn.Module]:
     def make() -> nn.Module:
-        from official import load_official, official_entry
-        kwargs = {}
-        if official_entry(name).loader == 'timm032' and img_size != CHECK_SIZE:
-            kwargs['img_size'] = img_size  # the official PatchEmbed asserts its construction size
-        return load_official(name, mrla_repo=mrla_repo, mrla_2915aff_repo=mrla_2915aff_repo, **kwargs)
+        from official import load_official
+        return load_official(name, mrla_repo=mrla_repo, mrla_2915aff_repo=mrla_2915aff_repo)
     return make
 
 
@@ -178,7 +176,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         factories.update({n + PYTORCH_OPS_SUFFIX: timm_factory(n, pytorch_ops=True) for n in models})
     if args.plain_autograd:
         factories.update({n + PLAIN_AUTOGRAD_SUFFIX: timm_factory(n, plain_autograd=True) for n in models})
-    factories.update({label: official_factory(ours, args.official_mrla, args.official_mrla_2915aff, args.img_size)
+    factories.update({label: official_factory(ours, args.official_mrla, args.official_mrla_2915aff)
                       for ours, label in pairs.items()})
     results = benchmark(factories, cfg, baseline=args.trunk)
     print(format_results(results, cfg, args.trunk))
