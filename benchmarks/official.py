@@ -225,7 +225,7 @@ def official_entry(name: str) -> OfficialEntry:
     return entry
 
 
-_REPOS = {  # which -> (argument / env var stem, default root, how to get it)
+_REPOS = {  # which -> (env var, default root, how to get it)
     'kcla': ('KCLA_REPO', DEFAULT_KCLA_REPO, 'clone https://github.com/bgx666/KCLA there'),
     'mrla': ('MRLA_REPO', DEFAULT_MRLA_REPO, 'clone https://github.com/joyfang1106/MRLA there'),
     'mrla_2915aff': ('MRLA_2915AFF_REPO', DEFAULT_MRLA_2915AFF_REPO,
@@ -235,7 +235,7 @@ _REPOS = {  # which -> (argument / env var stem, default root, how to get it)
 
 def official_repo(which: str, kcla_repo: Optional[str] = None, mrla_repo: Optional[str] = None,
                   mrla_2915aff_repo: Optional[str] = None) -> Path:
-    """Root of the official checkout for ``which`` in {'kcla', 'mrla', 'mrla_2915aff'} (argument > env var > default)."""
+    """Root of the official checkout ``which`` ('kcla', 'mrla', 'mrla_2915aff'): argument > env var > default."""
     if which not in _REPOS:
         raise ValueError(f'unknown official repository {which!r}')
     env, default, how = _REPOS[which]
