@@ -36,7 +36,7 @@ from ..layers.factory import LayerAttnCfg, create_layer_attn
 from ..layers.vit_la import GridCell, MRLABaseTokens, MRLALightTokens
 from ._builder import build_model, register_trunk
 
-__all__ = ['TokenAttnCfg', 'TokenAttention', 'DeiTLACfg', 'LABlock', 'LABlocks', 'VisionTransformerLA']
+__all__ = ['TokenAttnCfg', 'TokenAttention', 'DeiTLACfg', 'ViTLABlock', 'ViTLABlocks', 'VisionTransformerLA']
 
 TOKEN_ATTN_TYPES = ('mrla_light', 'mrla_base', 'kcla')
 
@@ -130,7 +130,7 @@ class DeiTLACfg:
         return self.depth
 
 
-class LABlock(Block):
+class ViTLABlock(Block):
     """timm's pre-norm transformer block followed by a layer-attention module (`layer_attn`) that reads the block
     output, the block input and the carried state on the patch grid."""
 
@@ -170,7 +170,7 @@ class LABlock(Block):
         return self.layer_attn(x, shortcut, state, grid_h, grid_w)
 
 
-class LABlocks(nn.Sequential):
+class ViTLABlocks(nn.Sequential):
     """The transformer blocks, run in order with the carried layer-attention state (timm's `nn.Sequential` of
     blocks passes one tensor). Slicing (`prune_intermediate_layers`) keeps the class."""
 
@@ -211,7 +211,7 @@ def _check_vit_kwargs(owner: str, kwargs: Dict[str, Any]) -> None:
 
 
 class VisionTransformerLA(VisionTransformer):
-    """timm's `VisionTransformer` whose blocks are `LABlock`s threading the layer-attention state.
+    """timm's `VisionTransformer` whose blocks are `ViTLABlock`s threading the layer-attention state.
 
     Everything else (patch and position embedding, prefix tokens, pooling, head, weight init, `set_input_size`,
     pruning, parameter groups) is timm's. `dynamic_img_size` and `dynamic_img_pad` default to True, so any input
@@ -235,13 +235,15 @@ class VisionTransformerLA(VisionTransformer):
             if key in kwargs:
                 raise TypeError(f'{owner} does not take {key!r} (fixed by the architecture)')
         _check_vit_kwargs(owner, kwargs)
+        if cfg.strategy is None:
+            raise ValueError(f"{owner}: a layer-attention strategy is needed; timm's deit_* are the plain models")
         cfg.strategy.check(cfg, owner)
         num_prefix_tokens = int(bool(kwargs.get('class_token', True))) + int(kwargs.get('reg_tokens', 0) or 0)
-        block_fn = partial(LABlock, strategy=cfg.strategy, num_blocks=cfg.depth, num_prefix_tokens=num_prefix_tokens)
+        block_fn = partial(ViTLABlock, strategy=cfg.strategy, num_blocks=cfg.depth, num_prefix_tokens=num_prefix_tokens)
         super().__init__(
             patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, num_heads=cfg.num_heads, depth=cfg.depth,
             dynamic_img_size=dynamic_img_size, dynamic_img_pad=dynamic_img_pad, block_fn=block_fn, **kwargs)
-        self.blocks = LABlocks(*self.blocks)
+        self.blocks = ViTLABlocks(*self.blocks)
         self.cfg = cfg
         self._name = owner
         self._patch = cfg.patch_size
