@@ -9,6 +9,8 @@ from .resnet_as import *
 from .cifar_resnet_as import *
 from .cnntention import *
 from .gradattn import *
+from .efficientnet_la import *
+from .deit_la import *
 from ..families import families as _families
 
 
