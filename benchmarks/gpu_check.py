@@ -13,7 +13,8 @@ Run through `benchmarks/gpu_check.sh` on a lent GPU machine (a budget of a few m
    `torch.compile`d, and `torch.cuda.max_memory_allocated` of a step. Eager rows include each model with the
    memory-lean Functions off ("plain autograd"), to show what they cost or save on the device. The official
    implementations join when their checkouts are given (`--official-kcla`, `--official-mrla`, see
-   `official.py`).
+   `official.py`). Then the other trunks, each against its own timm model (eager): ResNet-18, EfficientNet-B0,
+   DeiT-Tiny.
 
 Exit status 1 when a correctness or numerics check fails.
 """
@@ -41,8 +42,16 @@ FAMILY_MODELS = [
     ('cifar_resnet20_kcla', 32), ('cifar_resnet20_mrlal', 32), ('cifar_resnet20_mrlab', 32),
     ('cifar_resnet50_as_kv', 32), ('cifar_resnet20_basic_mha', 32), ('resnet18_gradattn_rope', 64),
     ('resnet50_kcla', 224), ('resnet50_mrlal', 224), ('resnet50_mrlab', 224), ('resnet50_as_stages', 224),
+    ('resnet18_kcla', 224), ('efficientnet_b0_mrlal', 224), ('deit_tiny_patch16_224_mrlal', 224),
+    ('deit_tiny_patch16_224_mrlab', 224), ('deit_tiny_patch16_224_kcla', 224),
 ]
-NUMERICS_MODELS = ['resnet50', 'resnet50_kcla', 'resnet50_mrlal', 'resnet50_mrlab', 'resnet50_as_stages']
+NUMERICS_MODELS = ['resnet50', 'resnet50_kcla', 'resnet50_mrlal', 'resnet50_mrlab', 'resnet50_as_stages',
+                   'efficientnet_b0_mrlal', 'deit_tiny_patch16_224_mrlal', 'deit_tiny_patch16_224_mrlab']
+# The other trunks (issue 22), each against its own timm model, eager only (compiling each costs a minute).
+TRUNK_SPEED = [('resnet18', ['resnet18_kcla', 'resnet18_mrlal', 'resnet18_mrlab']),
+               ('efficientnet_b0', ['efficientnet_b0_mrlal']),
+               ('deit_tiny_patch16_224', ['deit_tiny_patch16_224_mrlal', 'deit_tiny_patch16_224_mrlab',
+                                          'deit_tiny_patch16_224_kcla'])]
 SPEED_MODELS = ['resnet50', 'resnet50_kcla', 'resnet50_mrlal', 'resnet50_mrlab']
 TRAIN_MODELS = ['cifar_resnet20_kcla', 'cifar_resnet20_mrlal', 'cifar_resnet20_mrlab']
 PLAIN = ' (plain autograd)'
@@ -133,15 +142,20 @@ def _factories(official_kcla: Optional[str], official_mrla: Optional[str],
 
 
 def measure_training(device: str, quick: bool, official_kcla: Optional[str], official_mrla: Optional[str],
-                     compile_modes: Tuple[bool, ...]) -> List[str]:
+                     compile_modes: Tuple[bool, ...], baseline: str = 'resnet50',
+                     models_of: Optional[Callable[[bool], Dict[str, Callable[[], nn.Module]]]] = None) -> List[str]:
+    """Training throughput and peak memory against `baseline` (the ResNet-50s and the official code by default;
+    `models_of(plain)` gives other factories, the baseline first)."""
     batch, size, steps, warmup = (2, 64, 2, 1) if quick else (64, 224, 10, 3)
+    if quick and baseline.startswith('deit'):
+        size = 224  # timm's ViTs take their configured size only
     amp_dtype = torch.bfloat16
-    rows = ['| model | compile | images/s | time × resnet50 | peak memory (GiB) | memory × resnet50 |',
+    rows = [f'| model | compile | images/s | time × {baseline} | peak memory (GiB) | memory × {baseline} |',
             '|---|---|---:|---:|---:|---:|']
     x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
     target = torch.randint(0, 1000, (batch,), device=device)
     for compiled in compile_modes:
-        factories = _factories(official_kcla, official_mrla, plain=not compiled)
+        factories = (models_of or (lambda plain: _factories(official_kcla, official_mrla, plain)))(not compiled)
         models, opts, steps_of = {}, {}, {}
         for name, make in factories.items():
             torch.manual_seed(0)
@@ -175,11 +189,11 @@ def measure_training(device: str, quick: bool, official_kcla: Optional[str], off
                 step(name)
                 _sync(device)
                 times[name].append(time.perf_counter() - t0)
-        base_t = statistics.median(times['resnet50'])
+        base_t = statistics.median(times[baseline])
         for name in models:
             t = statistics.median(times[name])
             mem = peak.get(name, math.nan)
-            base_m = peak.get('resnet50', math.nan)
+            base_m = peak.get(baseline, math.nan)
             rows.append(f'| `{name}` | {"yes" if compiled else "no"} | {batch / t:.0f} | {t / base_t:.2f} | '
                         f'{mem:.2f} | {mem / base_m:.2f} |')
         del models, opts, steps_of
@@ -219,6 +233,16 @@ def main() -> int:
             *measure_training(args.device, args.quick, args.official_kcla, args.official_mrla, modes), '']
     print('\n'.join(part), flush=True)
     report += part
+    for base, names in TRUNK_SPEED[:1] if args.quick else TRUNK_SPEED:
+        def models_of(plain: bool, base=base, names=names) -> Dict[str, Callable[[], nn.Module]]:
+            out = {n: (lambda n=n: timm.create_model(n)) for n in [base, *names]}
+            if plain:
+                out.update({n + PLAIN: (lambda n=n: WithPlainAutograd(timm.create_model(n))) for n in names})
+            return out
+        part = [f'### Training step vs timm {base} (same process, interleaved)',
+                *measure_training(args.device, args.quick, None, None, (False,), base, models_of), '']
+        print('\n'.join(part), flush=True)
+        report += part
     report.append(f'total {time.perf_counter() - t0:.0f} s')
     print(report[-1])
     if args.out:
