@@ -194,6 +194,7 @@ def test_features_only_options_need_onnx(tmp_path, capsys):
     ('cifar_resnet50_as_kv', None),
     ('cifar_resnet20_basic_mha', None),
     ('resnet18_gradattn_rope', (3, 64, 64)),
+    ('efficientnet_b0_mrlal', (3, 64, 64)),
 ])
 def test_every_family_exports(tmp_path, name, input_size):
     """The families the CLI tests above do not cover (KCLA, MRLA-B there): classifier, dynamic shapes, 1e-4."""
