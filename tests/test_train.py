@@ -79,6 +79,23 @@ def test_deit_and_efficientnet_recipes():
     assert lr == pytest.approx([1e-6, 0.048 * 0.97 ** 1, 0.048 * 0.97 ** 2])
 
 
+@pytest.mark.parametrize('recipe,model', [('deit-mrla', 'deit_tiny_patch16_224_mrlal'),
+                                          ('effnet-mrla', 'efficientnet_b0_mrlal')])
+def test_trunk_recipes_train(tmp_path, recipe, model):
+    """The DeiT and EfficientNet recipes run end to end through the trainer (RandAugment, random erasing, mixup /
+    cutmix, repeated augmentation, EMA, RMSpropTF) on a few embedded digits at 32 px."""
+    from timm_layerattn.train import main
+    out = tmp_path / 'run'
+    assert main(['--recipe', recipe, '--model', model, '--dataset', 'digits', '--img-size', '32', '--iters', '2',
+                 '-b', '8', '--train-samples', '32', '--val-samples', '8', '--workers', '0', '--no-progress',
+                 '--quiet', '--output', str(out)]) == 0
+    log = json.loads((out / 'log.json').read_text())
+    args = log['args']
+    assert log['recipe'] == recipe and (args['aug_repeats'], args['model_ema']) == (
+        (3, True) if recipe == 'deit-mrla' else (0, False))
+    assert (out / 'last.pth.tar').is_file()
+
+
 def test_repeated_augmentation_sampler():
     """--aug-repeats N: every image N times per epoch, the copies in one place on one rank (they land on different
     ranks when distributed), one epoch's worth of samples, reshuffled per epoch."""
