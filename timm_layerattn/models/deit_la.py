@@ -35,6 +35,7 @@ from ..layers._checks import check_bool, check_choice, check_divisor, check_int,
 from ..layers.factory import LayerAttnCfg, create_layer_attn
 from ..layers.vit_la import GridCell, MRLABaseTokens, MRLALightTokens
 from ._builder import build_model, register_trunk
+from ._contract import check_image
 
 __all__ = ['TokenAttnCfg', 'TokenAttention', 'DeiTLACfg', 'ViTLABlock', 'ViTLABlocks', 'VisionTransformerLA']
 
@@ -254,15 +255,7 @@ class VisionTransformerLA(VisionTransformer):
         return 'head' if name_only else self.head
 
     def _check_input(self, x: torch.Tensor) -> None:
-        # torch._assert stays traceable and scriptable; shapes and dtype only (an empty batch is valid).
-        torch._assert(x.dim() == 4, f'{self._name} expects a 4-D input [B, {self.in_chans}, H, W]')
-        torch._assert(x.shape[1] == self.in_chans, f'{self._name} expects {self.in_chans} input channels')
-        torch._assert(
-            x.is_floating_point(),
-            f'{self._name} expects a floating-point input (convert integer images with .float() and normalise them)')
-        patch = self._patch
-        torch._assert(x.shape[2] >= patch, f'{self._name} expects an image of at least one patch ({patch}x{patch} px)')
-        torch._assert(x.shape[3] >= patch, f'{self._name} expects an image of at least one patch ({patch}x{patch} px)')
+        check_image(self._name, self.in_chans, x, self._patch)
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
         """timm's position embedding; a `dynamic_img_size` NHWC map is first flattened here with `reshape` (timm's

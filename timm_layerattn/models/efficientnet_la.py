@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
-from timm.layers import create_classifier, get_act_layer, get_device_dtype
+from timm.layers import get_act_layer, get_device_dtype
 from timm.models import generate_default_cfgs, register_model
 from timm.models._efficientnet_blocks import InvertedResidual
 from timm.models._efficientnet_builder import decode_arch_def, efficientnet_init_weights, round_channels
@@ -28,9 +28,9 @@ from ..core.strategy import BlockSite, LayerStrategy
 from ..core.units import Dd
 from ..families import Family, ModelArg, imagenet_cfg, register_family
 from ..layers import MRLALight
-from ..layers._checks import check_choice, check_divisor, check_int, check_rate, divisors, fmt_ints
+from ..layers._checks import check_divisor, check_rate, divisors, fmt_ints
 from ._builder import build_model, register_trunk
-from .resnet_trunk import POOL_TYPES, _check_pool_for_classifier
+from ._contract import check_image, check_trunk_args, classifier_head
 
 __all__ = ['EfficientNetLA', 'EfficientNetLACfg', 'MRLALightCells', 'InvertedResidualMRLA', 'CheckedStemConv']
 
@@ -189,13 +189,7 @@ class CheckedStemConv(nn.Conv2d):
         self.model_name = name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Shapes and dtype only; an empty batch is valid (the same checks and words as the ResNet trunk).
-        torch._assert(x.dim() == 4, f'{self.model_name} expects a 4-D input [B, {self.in_channels}, H, W]')
-        torch._assert(x.shape[1] == self.in_channels, f'{self.model_name} expects {self.in_channels} input channels')
-        torch._assert(
-            x.is_floating_point(),
-            f'{self.model_name} expects a floating-point input (convert integer images with .float() and normalise them)')
-        torch._assert(x.shape[2] * x.shape[3] > 0, f'{self.model_name} expects a non-empty image (H > 0 and W > 0)')
+        check_image(self.model_name, self.in_channels, x)
         return self._conv_forward(x, self.weight, self.bias)
 
 
@@ -229,15 +223,8 @@ class EfficientNetLA(EfficientNet):
         if not isinstance(cfg, EfficientNetLACfg):
             raise TypeError(f'{type(self).__name__}: cfg must be an EfficientNetLACfg, got {cfg!r}')
         name = cfg.name or type(self).__name__
-        num_classes = check_int(name, 'num_classes', num_classes, minimum=0,
-                                allowed='a non-negative integer (0: no classifier)')
-        in_chans = check_int(name, 'in_chans', in_chans)
-        check_choice(name, 'global_pool', global_pool, POOL_TYPES)
-        _check_pool_for_classifier(name, global_pool, num_classes)
-        output_stride = check_int(name, 'output_stride', output_stride, allowed='one of 8, 16, 32')
-        if output_stride not in (8, 16, 32):
-            raise ValueError(f'{name}: output_stride must be one of 8, 16, 32, got {output_stride!r}')
-        drop_rate = check_rate(name, 'drop_rate', drop_rate)
+        num_classes, in_chans, output_stride, drop_rate = check_trunk_args(
+            name, num_classes, in_chans, global_pool, output_stride, drop_rate)
         drop_path_rate = check_rate(name, 'drop_path_rate', drop_path_rate)
         strategy = cfg.strategy
         if strategy is not None:
@@ -280,21 +267,10 @@ class EfficientNetLA(EfficientNet):
         return 'classifier' if name_only else self.classifier
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        dd = get_device_dtype(self)
-        num_classes = check_int(self._name, 'num_classes', num_classes, minimum=0,
-                                allowed='a non-negative integer (0: no classifier)')
-        if global_pool is None:
-            # Kept, but a new classifier on a model whose pooling was removed gets the default pooling back
-            # (timm's own checks call reset_classifier(n) after reset_classifier(0, '')).
-            global_pool = self.global_pool.pool_type or ('avg' if num_classes else '')
-        check_choice(self._name, 'global_pool', global_pool, POOL_TYPES)
-        _check_pool_for_classifier(self._name, global_pool, num_classes)
-        self.num_classes = num_classes
-        self.global_pool, self.classifier = create_classifier(
-            self.num_features, num_classes, pool_type=global_pool, **dd)
+        self.num_classes, self.global_pool, self.classifier = classifier_head(
+            self._name, self.num_features, num_classes, global_pool, self.global_pool.pool_type, self.training,
+            get_device_dtype(self))
         self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
-        self.global_pool.train(self.training)
-        self.classifier.train(self.training)
 
 
 register_trunk(EfficientNetLACfg, EfficientNetLA)

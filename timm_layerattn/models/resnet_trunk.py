@@ -20,21 +20,12 @@ from ..core.strategy import BlockSite, LayerStrategy, StageSite
 from ..core.units import Dd, LAStage, Shared, State
 from ..layers._checks import check_bool, check_choice, check_int, check_rate
 from ._builder import register_trunk
+from ._contract import check_image, check_trunk_args, classifier_head
 from .resnet_blocks import BLOCKS, STEMS, LABlock, make_downsample
 
-__all__ = ['ResNetLA', 'ResNetLACfg', 'make_stages', 'POOL_TYPES']
-
-# Global pooling types of timm's `SelectAdaptivePool2d` ('' for none).
-POOL_TYPES = ('', 'avg', 'max', 'avgmax', 'catavgmax', 'fast', 'fastavg', 'fastmax', 'fastavgmax', 'fastcatavgmax')
+__all__ = ['ResNetLA', 'ResNetLACfg', 'make_stages']
 
 LayerType = Union[str, Callable[..., nn.Module]]
-
-
-def _check_pool_for_classifier(name: str, global_pool: str, num_classes: int) -> None:
-    """A classifier needs pooled features: `global_pool=''` (unpooled maps) only with `num_classes=0`."""
-    if global_pool == '' and num_classes > 0:
-        raise ValueError(f"{name}: global_pool='' (no pooling) needs num_classes=0, got num_classes={num_classes}; "
-                         f"a classifier takes pooled features (global_pool='avg')")
 
 
 def _take_indices(num_features: int, indices: Optional[Union[int, Sequence[int]]]) -> Tuple[List[int], int]:
@@ -262,15 +253,8 @@ class ResNetLA(nn.Module):
         if not isinstance(cfg, ResNetLACfg):
             raise TypeError(f'{type(self).__name__}: cfg must be a ResNetLACfg, got {cfg!r}')
         name = cfg.name or type(self).__name__
-        num_classes = check_int(name, 'num_classes', num_classes, minimum=0,
-                                allowed='a non-negative integer (0: no classifier)')
-        in_chans = check_int(name, 'in_chans', in_chans)
-        check_choice(name, 'global_pool', global_pool, POOL_TYPES)
-        _check_pool_for_classifier(name, global_pool, num_classes)
-        output_stride = check_int(name, 'output_stride', output_stride, allowed='one of 8, 16, 32')
-        if output_stride not in (8, 16, 32):
-            raise ValueError(f'{name}: output_stride must be one of 8, 16, 32, got {output_stride!r}')
-        drop_rate = check_rate(name, 'drop_rate', drop_rate)
+        num_classes, in_chans, output_stride, drop_rate = check_trunk_args(
+            name, num_classes, in_chans, global_pool, output_stride, drop_rate)
         if drop_path_rate is not None:
             drop_path_rate = check_rate(name, 'drop_path_rate', drop_path_rate)
         strategy = cfg.strategy or LayerStrategy()
@@ -373,30 +357,13 @@ class ResNetLA(nn.Module):
         return 'fc' if name_only else self.fc
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        dd = get_device_dtype(self)
-        num_classes = check_int(self._name, 'num_classes', num_classes, minimum=0,
-                                allowed='a non-negative integer (0: no classifier)')
-        if global_pool is None:
-            # Kept, but a new classifier on a model whose pooling was removed gets the default pooling back
-            # (timm's own checks call reset_classifier(n) after reset_classifier(0, '')).
-            global_pool = self.global_pool.pool_type or ('avg' if num_classes else '')
-        check_choice(self._name, 'global_pool', global_pool, POOL_TYPES)
-        _check_pool_for_classifier(self._name, global_pool, num_classes)
-        self.num_classes = num_classes
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
+        self.num_classes, self.global_pool, self.fc = classifier_head(
+            self._name, self.num_features, num_classes, global_pool, self.global_pool.pool_type, self.training,
+            get_device_dtype(self))
         self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
-        self.global_pool.train(self.training)
-        self.fc.train(self.training)
 
     def _check_input(self, x: torch.Tensor) -> None:
-        # torch._assert stays traceable (fx) and scriptable; messages must not format traced values. Shapes and
-        # dtype only: no data is read. An empty batch (B == 0) is valid and gives an empty output.
-        torch._assert(x.dim() == 4, f'{self._name} expects a 4-D input [B, {self.in_chans}, H, W]')
-        torch._assert(x.shape[1] == self.in_chans, f'{self._name} expects {self.in_chans} input channels')
-        torch._assert(
-            x.is_floating_point(),
-            f'{self._name} expects a floating-point input (convert integer images with .float() and normalise them)')
-        torch._assert(x.shape[2] * x.shape[3] > 0, f'{self._name} expects a non-empty image (H > 0 and W > 0)')
+        check_image(self._name, self.in_chans, x)
 
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act1(self.bn1(self.conv1(x)))
