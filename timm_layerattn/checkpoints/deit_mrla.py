@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from .._utils.errors import UserError
 from .io import unwrap_checkpoint
-from .rules import CheckpointRules, Remapped
+from .rules import CheckpointRules, Remapped, rename_key
 
 __all__ = ['KEY_RULES', 'official_type', 'remap_keys', 'native_kind', 'DeiTLayerAttnRules', 'RULES']
 
@@ -48,16 +48,9 @@ def official_type(state_dict: Mapping[str, Any]) -> Optional[str]:
     return 'deit_mrla_base' if any('.mrla.mrla.Wq.' in k for k in keys) else None
 
 
-def _rename(key: Any) -> Any:
-    if isinstance(key, str):
-        for pattern, repl in KEY_RULES:
-            key = re.sub(pattern, repl, key)
-    return key
-
-
 def remap_keys(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
     """Rename official DeiT-MRLA keys to this package's layout (values and order unchanged)."""
-    return {_rename(k): v for k, v in state_dict.items()}
+    return {rename_key(k, KEY_RULES): v for k, v in state_dict.items()}
 
 
 def native_kind(keys: Sequence[str]) -> Optional[str]:
@@ -97,7 +90,7 @@ class DeiTLayerAttnRules(CheckpointRules):
         return {}
 
     def remap(self, state_dict: Mapping[str, Any], expected: Mapping[str, Any]) -> Remapped:
-        renamed = [_rename(k) for k in state_dict]
+        renamed = [rename_key(k, KEY_RULES) for k in state_dict]
         source = {new: k for new, k in zip(renamed, state_dict) if isinstance(new, str) and new != k}
         return Remapped(dict(zip(renamed, state_dict.values())), source, [])
 

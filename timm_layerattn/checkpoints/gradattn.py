@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from . import kcla_mrla
-from .rules import CheckpointRules, Remapped
+from .rules import CheckpointRules, Remapped, rename_key
 
 __all__ = ['KEY_RULES', 'is_official', 'official_type', 'remap_keys', 'native_kind', 'filter_checkpoint']
 
@@ -55,9 +55,7 @@ def remap_keys(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
         if m:
             qkv.setdefault(int(m.group(1)), {})[m.group(2)] = v
             continue
-        for pattern, repl in KEY_RULES:
-            k = re.sub(pattern, repl, k)
-        out[k] = v
+        out[rename_key(k, KEY_RULES)] = v
     for j, parts in qkv.items():
         out[f'neck.layers.{j}.qkv.weight'] = torch.cat([parts['q'], parts['k'], parts['v']], dim=0)
     return out

@@ -23,7 +23,7 @@ from .._utils.errors import UserError
 from ..layers.kcla import kcla_temperatures
 from .io import unwrap_checkpoint
 from .match import layer_attn
-from .rules import CheckpointRules, Remapped
+from .rules import CheckpointRules, Remapped, rename_key
 
 __all__ = [
     'KEY_RULES', 'UNUSED', 'is_official', 'official_type', 'remap_keys', 'remap', 'never_runs', 'kcla_heads',
@@ -91,16 +91,9 @@ def official_type(state_dict: Mapping[str, Any]) -> Optional[str]:
     return None
 
 
-def _rename(key: Any) -> Any:
-    if isinstance(key, str):
-        for pattern, repl in KEY_RULES:
-            key = re.sub(pattern, repl, key)
-    return key
-
-
 def remap_keys(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
     """Rename official KCLA / MRLA keys to this package's layout (values and order unchanged)."""
-    return {_rename(k): v for k, v in state_dict.items()}
+    return {rename_key(k, KEY_RULES): v for k, v in state_dict.items()}
 
 
 def _first_cell(keys: Sequence[Any]) -> Optional[str]:
@@ -133,7 +126,7 @@ def remap(state_dict: Mapping[str, Any], expected: Mapping[str, Any]) -> Remappe
     """Rename an official KCLA / MRLA checkpoint for the model whose state dict is `expected` (meta tensors
     are fine): keys renamed (`remap_keys`), `norm_d` reshaped to its 1-D buffer form, and the official modules
     that never run (`never_runs`) dropped and reported by their official names."""
-    renamed = [_rename(k) for k in state_dict]
+    renamed = [rename_key(k, KEY_RULES) for k in state_dict]
     first = _first_cell(renamed)
     out: Dict[Any, Any] = {}
     source_names: Dict[str, str] = {}

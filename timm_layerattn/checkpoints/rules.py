@@ -17,6 +17,7 @@ So `filter` and `convert_official` rename and drop through the same `remap`: one
 either way. The base class is the rule set of a family without an official layout: checkpoints pass through
 unwrapped.
 """
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -29,8 +30,17 @@ from .io import unwrap_checkpoint
 
 __all__ = [
     'CheckpointRules', 'Remapped', 'UnsupportedLayout', 'UNSUPPORTED_LAYOUTS', 'unsupported_layout',
-    'registered_rules', 'official_layout', 'convertible_modules',
+    'registered_rules', 'official_layout', 'convertible_modules', 'rename_key',
 ]
+
+
+def rename_key(key: Any, rules: Sequence[Tuple[str, str]]) -> Any:
+    """`key` with each `(pattern, replacement)` regular-expression rule applied in order; a key that is not a
+    string is returned as it is."""
+    if isinstance(key, str):
+        for pattern, repl in rules:
+            key = re.sub(pattern, repl, key)
+    return key
 
 
 @dataclass
