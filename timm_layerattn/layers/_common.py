@@ -107,6 +107,26 @@ def per_channel(t: torch.Tensor, head_dim: int) -> torch.Tensor:
     return t.repeat_interleave(head_dim, dim=-1)
 
 
+def eca_channel_conv(pooled: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The ECA channel convs of pooled descriptors, `F.conv1d(pooled.unsqueeze(1), weight, padding=(k - 1) // 2)`
+    (`[B, C]`, `[F, 1, k]` -> `[B, F, C]`). On float32 CPU tensors in eager mode it runs the fused kernel (with
+    autograd, as `lean.ChannelConv` on the lean path): a oneDNN conv1d (and its backward) costs 0.1-0.7 ms on
+    these `[B, 1, C]` inputs, the kernel a few microseconds."""
+    if not torch.jit.is_scripting() and _fused_channel_conv(pooled, weight):
+        return _channel_conv_kernel(pooled, weight)
+    return F.conv1d(pooled.unsqueeze(1), weight, None, 1, (weight.shape[-1] - 1) // 2)
+
+
+@torch.jit.unused
+def _fused_channel_conv(pooled: torch.Tensor, weight: torch.Tensor) -> bool:
+    return native.usable(pooled, weight) or (lean.active() and native.trainable(pooled, weight))
+
+
+@torch.jit.unused
+def _channel_conv_kernel(pooled: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return native.channel_conv(pooled, weight) if not torch.is_grad_enabled() else lean.ChannelConv.apply(pooled, weight)
+
+
 class LayerAttnBase(nn.Module):
     """Common parts of a per-block layer-attention module, and its one dispatch point.
 
@@ -283,22 +303,8 @@ class LayerAttnBase(nn.Module):
         Returned in `accumulation_dtype` (float32 under float16 / bfloat16 and autocast), so that the scores built
         from them cannot overflow; callers cast the resulting gates back to the feature dtype.
         """
-        weight = torch.cat([self.q.weight, self.k.weight])
-        fused = False
-        if not torch.jit.is_scripting():
-            fused = lean.active() and native.trainable(pooled, weight)
-        if fused:
-            qk = self._channel_conv_fused(pooled, weight)
-        else:
-            qk = F.conv1d(pooled.unsqueeze(1), weight, None, 1, (weight.shape[-1] - 1) // 2)
-        qk = qk.to(accumulation_dtype(pooled))
+        qk = eca_channel_conv(pooled, torch.cat([self.q.weight, self.k.weight])).to(accumulation_dtype(pooled))
         return qk[:, 0], qk[:, 1]
-
-    @torch.jit.unused
-    def _channel_conv_fused(self, pooled: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """`F.conv1d(pooled.unsqueeze(1), weight, padding=(k - 1) // 2)` (`[B, F, C]`) with the fused CPU kernels:
-        a oneDNN conv1d and its backward cost 0.3-0.7 ms on these `[B, 1, C]` inputs, the kernels a few us."""
-        return lean.ChannelConv.apply(pooled, weight)
 
     def _can_fold_norm(self) -> bool:
         """True when the branch is deterministic and its norm uses running statistics."""

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._checks import check_bool, check_int
-from ._common import ChannelConv1d, DepthwiseConv3x3, accumulation_dtype, per_channel
+from ._common import ChannelConv1d, DepthwiseConv3x3, accumulation_dtype, eca_channel_conv, per_channel
 
 __all__ = ['split_grid', 'join_grid', 'MRLALightTokens', 'MRLABaseTokens', 'GridCell']
 
@@ -82,8 +82,7 @@ class _TokenLayerAttn(nn.Module):
         """Per-head query and key `[B, g, d]` of the pooled grid, in the accumulation dtype (float32 under
         float16: their products overflow half precision)."""
         pooled = grid.mean((2, 3))
-        weight = torch.cat([self.q.weight, self.k.weight])
-        qk = F.conv1d(pooled.unsqueeze(1), weight, None, 1, (weight.shape[-1] - 1) // 2).to(accumulation_dtype(pooled))
+        qk = eca_channel_conv(pooled, torch.cat([self.q.weight, self.k.weight])).to(accumulation_dtype(pooled))
         return qk[:, 0].view(-1, self.num_heads, self.head_dim), qk[:, 1].view(-1, self.num_heads, self.head_dim)
 
     def _add(self, x: torch.Tensor, prefix: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
