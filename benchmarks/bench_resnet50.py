@@ -18,8 +18,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from timm_layerattn.tools.bench import (  # noqa: E402
-    PLAIN_AUTOGRAD_SUFFIX, PYTORCH_OPS_SUFFIX, BenchConfig, benchmark, format_results, timm_factory)
+from _same_run import add_timing_arguments, bench_config, our_factories, vs_official_lines  # noqa: E402
+from timm_layerattn.tools.bench import benchmark, format_results  # noqa: E402
 
 OURS = {'resnet50_kcla': 'KCLA', 'resnet50_mrlal': 'MRLA-L', 'resnet50_mrlab': 'MRLA-B'}
 
@@ -35,34 +35,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--official-kcla', default=None, help='checkout of github.com/bgx666/KCLA')
     p.add_argument('--official-mrla', default=None, help='checkout of github.com/joyfang1106/MRLA')
-    p.add_argument('--channels-last', action='store_true')
-    p.add_argument('--batch-size', type=int, default=4)
-    p.add_argument('--img-size', type=int, default=224)
-    p.add_argument('--threads', type=int, default=2)
-    p.add_argument('--repeats', type=int, default=7)
-    p.add_argument('--train-repeats', type=int, default=5)
-    p.add_argument('--no-train', action='store_true')
-    p.add_argument('--device', default='cpu')
-    p.add_argument('--amp', action='store_true')
-    p.add_argument('--compile', action='store_true')
-    p.add_argument('--steady-malloc', action='store_true',
-                   help='glibc: keep freed memory for reuse, so page faults do not depend on the run order')
-    p.add_argument('--pytorch-ops', action='store_true',
-                   help='also time our models with the fused CPU kernels off (same run)')
-    p.add_argument('--plain-autograd', action='store_true',
-                   help='also time our models training with plain autograd, without the memory-lean Functions')
+    add_timing_arguments(p)
     args = p.parse_args()
 
-    cfg = BenchConfig(
-        batch_size=args.batch_size, img_size=args.img_size, threads=args.threads, repeats=args.repeats,
-        train=not args.no_train, train_repeats=args.train_repeats, channels_last=args.channels_last,
-        device=args.device, amp=args.amp, compile=args.compile, steady_malloc=args.steady_malloc)
-    factories = {'resnet50': timm_factory('resnet50')}
-    factories.update({n: timm_factory(n) for n in OURS})
-    if args.pytorch_ops:
-        factories.update({n + PYTORCH_OPS_SUFFIX: timm_factory(n, pytorch_ops=True) for n in OURS})
-    if args.plain_autograd:
-        factories.update({n + PLAIN_AUTOGRAD_SUFFIX: timm_factory(n, plain_autograd=True) for n in OURS})
+    cfg = bench_config(args)
+    factories = our_factories('resnet50', OURS, args)
     pairs = {}
     if args.official_kcla and not args.channels_last:  # its 5-D norm_d parameter cannot be made channels_last
         # head dim 32: the paper's setting and our default (the released code defaults to 64)
@@ -75,17 +52,7 @@ def main() -> None:
             pairs[n] = f'official_{n}'
     results = benchmark(factories, cfg, baseline='resnet50')
     print(format_results(results, cfg, 'resnet50'))
-    by_name = {r.name: r for r in results}
-    for ours, official in pairs.items():
-        o, r = by_name[ours], by_name[official]
-        line = f'{OURS[ours]:<7} ours vs official: inference {o.infer_ms / r.infer_ms:.2f}x'
-        plain = by_name.get(ours + PYTORCH_OPS_SUFFIX)
-        if plain is not None:
-            line += f' ({plain.infer_ms / r.infer_ms:.2f}x with PyTorch ops only)'
-        if cfg.train:
-            line += f', train step {o.train_ms / r.train_ms:.2f}x, activation memory {o.act_mb / r.act_mb:.2f}x'
-        print(line + ' (lower is better)')
-
+    print('\n'.join(vs_official_lines(results, pairs, cfg, {n: f'{lab:<7} ours' for n, lab in OURS.items()})))
 
 if __name__ == '__main__':
     main()

@@ -33,8 +33,8 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from timm_layerattn.tools.bench import (  # noqa: E402
-    PLAIN_AUTOGRAD_SUFFIX, PYTORCH_OPS_SUFFIX, BenchConfig, benchmark, format_results, timm_factory)
+from _same_run import add_timing_arguments, bench_config, our_factories, vs_official_lines  # noqa: E402
+from timm_layerattn.tools.bench import benchmark, format_results  # noqa: E402
 
 FAMILIES = ('kcla', 'mrlal', 'mrlab')
 CHECK_BATCH, CHECK_SIZE = 2, 224
@@ -125,22 +125,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument('--no-check', action='store_true', help='time without checking the official models first')
     p.add_argument('--check-only', action='store_true', help='check the official models, do not time')
     p.add_argument('--tol', type=float, default=1e-4, help='check: max logits difference, relative')
-    p.add_argument('--channels-last', action='store_true')
-    p.add_argument('--batch-size', type=int, default=4)
-    p.add_argument('--img-size', type=int, default=224)
-    p.add_argument('--threads', type=int, default=2)
-    p.add_argument('--repeats', type=int, default=7)
-    p.add_argument('--train-repeats', type=int, default=5)
-    p.add_argument('--no-train', action='store_true')
-    p.add_argument('--device', default='cpu')
-    p.add_argument('--amp', action='store_true')
-    p.add_argument('--compile', action='store_true')
-    p.add_argument('--steady-malloc', action='store_true',
-                   help='glibc: keep freed memory for reuse, so page faults do not depend on the run order')
-    p.add_argument('--pytorch-ops', action='store_true',
-                   help='also time our models with the fused CPU kernels off (same run)')
-    p.add_argument('--plain-autograd', action='store_true',
-                   help='also time our models training with plain autograd, without the memory-lean Functions')
+    add_timing_arguments(p)
     args = p.parse_args(argv)
 
     import timm
@@ -166,16 +151,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.check_only:
         return 0
 
-    cfg = BenchConfig(
-        batch_size=args.batch_size, img_size=args.img_size, threads=args.threads, repeats=args.repeats,
-        train=not args.no_train, train_repeats=args.train_repeats, channels_last=args.channels_last,
-        device=args.device, amp=args.amp, compile=args.compile, steady_malloc=args.steady_malloc)
-    factories = {args.trunk: timm_factory(args.trunk)}
-    factories.update({n: timm_factory(n) for n in models})
-    if args.pytorch_ops:
-        factories.update({n + PYTORCH_OPS_SUFFIX: timm_factory(n, pytorch_ops=True) for n in models})
-    if args.plain_autograd:
-        factories.update({n + PLAIN_AUTOGRAD_SUFFIX: timm_factory(n, plain_autograd=True) for n in models})
+    cfg = bench_config(args)
+    factories = our_factories(args.trunk, models, args)
     factories.update({label: official_factory(ours, args.official_mrla, args.official_mrla_2915aff)
                       for ours, label in pairs.items()})
     results = benchmark(factories, cfg, baseline=args.trunk)
@@ -187,16 +164,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             root = official_repo(e.repo, mrla_repo=args.official_mrla, mrla_2915aff_repo=args.official_mrla_2915aff)
             sha = official_commit(root)
             print(f'{label}: official joyfang1106/MRLA {e.file} @ {sha[:7] if sha else "?"} ({root})')
-    by_name = {r.name: r for r in results}
-    for ours, label in pairs.items():
-        o, r = by_name[ours], by_name[label]
-        line = f'{ours} vs official: inference {o.infer_ms / r.infer_ms:.2f}x'
-        plain = by_name.get(ours + PYTORCH_OPS_SUFFIX)
-        if plain is not None:
-            line += f' ({plain.infer_ms / r.infer_ms:.2f}x with PyTorch ops only)'
-        if cfg.train:
-            line += f', train step {o.train_ms / r.train_ms:.2f}x, activation memory {o.act_mb / r.act_mb:.2f}x'
-        print(line + ' (lower is better)')
+    if pairs:
+        print('\n'.join(vs_official_lines(results, pairs, cfg, {})))
     return 0
 
 
