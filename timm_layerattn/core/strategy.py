@@ -9,12 +9,15 @@ Modules follow the unit contract of `core.units` (`(x, state, shared) -> (x, sta
 inside a block, the block-tail contracts:
 
 * `block_entry`: in front of a block's convs, a unit `(x, state, shared) -> (x, state)`;
+* `block_conv_input`: widens the input of a block's convs from the state, `(x, state) -> conv input`, with
+  `extra_chs` more channels than `x` (the residual keeps `x`);
 * `block_pre_residual`: after the block's last norm, before the residual add, `(x, state) -> (x, state)`
   (SE / ECA-style gates);
 * `block_attn`: on the block's output, `(x, shortcut, state) -> (x, state)` (KCLA, MRLA);
 * `stage_entry` / `stage_exit`: units before a stage's first / after its last block;
 * `network_module`: a module whose `shared_tensors()` are handed to every unit at call time;
-* `neck`: a module turning the list of all feature levels into `forward_features`'s output.
+* `neck`: a module turning the list of all feature levels, followed by the final carried state, into
+  `forward_features`'s output.
 """
 from dataclasses import dataclass
 from typing import List, Optional, Protocol, Sequence, Tuple, Type
@@ -105,6 +108,11 @@ class LayerStrategy:
         """Unit in front of a block's convs, `(x, state, shared) -> (x, state)`."""
         return None
 
+    def block_conv_input(self, site: BlockSite, dd: Dd) -> Optional[nn.Module]:
+        """Module widening a block's conv input from the carried state, `(x, state) -> conv input`, with an
+        `extra_chs` attribute: the block's first conv takes `in_chs + extra_chs` channels; the residual keeps `x`."""
+        return None
+
     def stage_entry(self, site: StageSite, dd: Dd) -> Optional[nn.Module]:
         """Unit before a stage's first block, `(x, state, shared) -> (x, state)`."""
         return None
@@ -118,7 +126,8 @@ class LayerStrategy:
         return None
 
     def neck(self, feature_chs: List[int], dd: Dd) -> Optional[nn.Module]:
-        """Module turning the list of all feature levels into an NCHW map; it has `num_features`."""
+        """Module turning the list of all feature levels followed by the final carried state (`levels + state`)
+        into an NCHW map; it has `num_features`."""
         return None
 
     def init_weights(self, model: Trunk) -> None:

@@ -2,8 +2,8 @@
 
 A block is a template (`LABlock`) with one tail, the same for every block type:
 
-    entry unit -> conv stack -> last norm -> pre-residual module -> residual add (drop path) -> activation
-    -> attention
+    entry unit -> conv input (widened from the state) -> conv stack -> last norm -> pre-residual module
+    -> residual add (drop path) -> activation -> attention
 
 A block type only builds its conv stack under timm's parameter names (`conv1` / `bn1` / ... ) and says which
 of its modules are the last norm and activation; the strategy's modules sit at the named places of the tail
@@ -63,6 +63,7 @@ class LABlock(nn.Module):
         self.attn = layer_attn
         self.attn_in = entry
         self.attn_pre = pre_residual
+        self.attn_cat = None  # the strategy's `block_conv_input`, set by the trunk
 
     def forward_convs(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -103,6 +104,8 @@ class LABlock(nn.Module):
         if self.attn_in is not None:
             x, state = self.attn_in(x, state, shared)
         shortcut = x
+        if self.attn_cat is not None:
+            x = self.attn_cat(x, state)
         x = self.forward_convs(x)
         if not torch.jit.is_scripting():
             lean = self._lean_tail(x, shortcut, state)

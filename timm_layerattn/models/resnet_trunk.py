@@ -192,8 +192,9 @@ def make_stages(
             site = BlockSite(stage_idx, block_idx, block_id, num_blocks, in_chs, out_chs, prev_chs,
                              stride if block_idx == 0 else 1, prev_block)
             trunk_drop = 0. if branch_drop else drop_path_rate * block_id / max(num_blocks - 1, 1)
+            conv_input = strategy.block_conv_input(site, dd)
             blocks.append(block_cls(
-                in_chs, planes, site.stride,
+                in_chs + (conv_input.extra_chs if conv_input is not None else 0), planes, site.stride,
                 downsample=downsample if block_idx == 0 else None,
                 dilation=dilation,
                 first_dilation=prev_dilation,
@@ -210,6 +211,7 @@ def make_stages(
                 norm_layer=norm_layer,
                 **dd,
             ))
+            blocks[-1].attn_cat = conv_input
             prev_dilation = dilation
             in_chs = prev_chs = out_chs
             prev_block = site
@@ -378,9 +380,10 @@ class ResNetLA(nn.Module):
                 shared = m.shared_tensors()
         return shared
 
-    def _forward_levels(self, x: torch.Tensor, num_stages: int, keep: bool) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    def _forward_levels(self, x: torch.Tensor, num_stages: int,
+                        keep: bool) -> Tuple[torch.Tensor, List[torch.Tensor], State]:
         """Stem and the first `num_stages` stages; the feature levels are returned when `keep` (else only the
-        final map, so that each level is freed as early as possible)."""
+        final map, so that each level is freed as early as possible), and the final carried state."""
         self._check_input(x)
         x = self.forward_stem(x)
         feats: List[torch.Tensor] = []
@@ -399,7 +402,7 @@ class ResNetLA(nn.Module):
                     if keep:
                         feats.append(x)
                 i += 1
-        return x, feats
+        return x, feats, state
 
     def forward_intermediates(
             self,
@@ -415,12 +418,12 @@ class ResNetLA(nn.Module):
             raise ValueError(f'output_fmt must be NCHW, got {output_fmt!r}')
         take_indices, max_index = _take_indices(len(self.feature_info), indices)
         num_stages = max_index if stop_early else len(self.stage_names)
-        x, feats = self._forward_levels(x, num_stages, keep=True)
+        x, feats, state = self._forward_levels(x, num_stages, keep=True)
         intermediates = [feats[i] for i in take_indices]
         if intermediates_only:
             return intermediates
         if self.neck is not None and num_stages == len(self.stage_names):
-            x = self.neck(feats)
+            x = self.neck(feats + state)
         return x, intermediates
 
     def prune_intermediate_layers(
@@ -449,9 +452,9 @@ class ResNetLA(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         # Only a neck reads every level; otherwise each is freed as soon as the next stage has run.
-        x, feats = self._forward_levels(x, len(self.stage_names), keep=self.neck is not None)
+        x, feats, state = self._forward_levels(x, len(self.stage_names), keep=self.neck is not None)
         if self.neck is not None:
-            x = self.neck(feats)
+            x = self.neck(feats + state)
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
