@@ -85,8 +85,11 @@ def test_wrong_family_depth_and_norm_d_are_refused():
     sd['stages.0.0.kcla.norm_d'] = sd['stages.0.0.kcla.norm_d'] * 1.5
     with pytest.raises(UserError, match='norm_d'):
         convert_official(sd, 'cifar_resnet20_kcla')
-    with pytest.raises(UserError, match='DLA'):
-        convert_official({'stages.0.lstm.weight': torch.zeros(2)}, 'cifar_resnet20_kcla')
+    dla = {'stages.0.lstm.w_ih.0.seq.0.weight': torch.zeros(16, 64),
+           'stages.0.attention.0.bn_layer_attention.weight': torch.zeros(64),
+           'stages.0.attention.0.layer_attention.lambda_t': torch.zeros(64, 1, 1)}
+    with pytest.raises(UserError, match=r'official dynamic_la_light checkpoint.*kcla model'):
+        convert_official(dla, 'cifar_resnet20_kcla')
 
 
 def test_native_checkpoint_passes_through_unchanged():

@@ -120,10 +120,7 @@ class UnsupportedLayout:
 
 
 # Known official layouts of families this package does not implement.
-UNSUPPORTED_LAYOUTS: Tuple[UnsupportedLayout, ...] = (
-    UnsupportedLayout('dla', '.lstm.', 'this is a DLA (dynamic layer attention) checkpoint; DLA models are not '
-                                       'part of timm_layerattn'),
-)
+UNSUPPORTED_LAYOUTS: Tuple[UnsupportedLayout, ...] = ()
 
 
 def unsupported_layout(state_dict: Mapping[str, Any]) -> Optional[UnsupportedLayout]:
