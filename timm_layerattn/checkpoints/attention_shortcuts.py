@@ -17,7 +17,9 @@ from .rules import CheckpointRules
 
 __all__ = ['is_official', 'official_type', 'is_plain_trunk', 'native_kind', 'filter_checkpoint']
 
-_NATIVE = re.compile(r'(^as_proj\.|\.attn_in\.)', re.M)
+# Every variant has the shared `as_proj.*` or a site's own query (`attn_in.q`); other families' stage entry
+# units are `attn_in` too.
+_NATIVE = re.compile(r'(^as_proj\.|\.attn_in\.q\.weight$)', re.M)
 
 
 def is_official(state_dict: Mapping[str, Any]) -> bool:
