@@ -1,0 +1,129 @@
+"""Channel gates on a residual branch: squeeze-and-excitation (SE), ECA and DIANet's stage-shared LSTM cell.
+
+All three scale the residual branch of a block per channel, between its last norm and the residual add,
+`x = act(branch * gate + shortcut)`, the place of a `block_pre_residual` module (contract `(x, state) ->
+(x, state)`):
+
+* `SEGate`: `gate = sigmoid(W2 relu(W1 GAP(branch)))`, W1: C -> C / r, W2: C / r -> C, no biases (Hu et al.).
+* `EcaGate`: `gate = sigmoid(conv1d_k(GAP(branch)))` along the channel axis, k adaptive in C: timm's
+  `EcaModule(C)` (Wang et al.).
+* `DIAGate`: `gate = h`, the hidden state of an LSTM-like cell that one stage's blocks share (DIANet, Huang et
+  al.): each block steps the cell once on GAP(branch). The cell's weights belong to the stage (`DIACell`,
+  its entry unit), and its `(h, c)` start at zero in every stage.
+
+TorchScript passes no modules between units, so the stage's cell travels to its blocks as tensors: the entry
+unit starts the stage's carried state as `[h, c, *cell weights]`, and each gate steps the cell with the weights
+it finds there (`dia_cell_step`) and hands `[h', c', *cell weights]` on. The maths, placement and every decision
+are in docs/design/channel_gates.md.
+"""
+from typing import List, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import EcaModule
+
+from ._checks import check_int
+
+__all__ = ['SEGate', 'EcaGate', 'DIACell', 'DIAGate', 'dia_cell_step']
+
+State = List[torch.Tensor]
+
+
+def _check_reduced(owner: str, chs: int, reduction: int) -> None:
+    check_int(owner, 'chs', chs)
+    check_int(owner, 'reduction', reduction)
+    if chs < reduction:
+        raise ValueError(f'{owner}: chs must be at least reduction ({reduction}, so that C / {reduction} >= 1), '
+                         f'got {chs!r}')
+
+
+class SEGate(nn.Module):
+    """Squeeze-and-excitation of a residual branch (the official CIFAR `SELayer`, bias-free linears).
+
+    Linears keep PyTorch's default init (the official one: the trunk's init touches only convs and norms).
+    """
+
+    def __init__(self, chs: int, reduction: int = 16, device=None, dtype=None):
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        _check_reduced('SEGate', chs, reduction)
+        self.fc1 = nn.Linear(chs, chs // reduction, bias=False, **dd)
+        self.fc2 = nn.Linear(chs // reduction, chs, bias=False, **dd)
+
+    def forward(self, x: torch.Tensor, state: State) -> Tuple[torch.Tensor, State]:
+        gate = torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean((2, 3))))))
+        return x * gate[:, :, None, None], state
+
+
+class EcaGate(nn.Module):
+    """ECA of a residual branch: timm's `EcaModule(C)` (adaptive kernel, sigmoid gate) as a pre-residual module."""
+
+    def __init__(self, chs: int, device=None, dtype=None):
+        super().__init__()
+        check_int('EcaGate', 'chs', chs)
+        self.eca = EcaModule(chs, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, state: State) -> Tuple[torch.Tensor, State]:
+        return self.eca(x), state
+
+
+class _CellMlp(nn.Module):
+    """One of the cell's two gate maps: Linear C -> C / 4, ReLU, Linear C / 4 -> 4C (both with bias)."""
+
+    def __init__(self, chs: int, device=None, dtype=None):
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        self.fc1 = nn.Linear(chs, chs // 4, **dd)
+        self.fc2 = nn.Linear(chs // 4, 4 * chs, **dd)
+
+    def tensors(self) -> List[torch.Tensor]:
+        return [self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias]
+
+
+def _mlp(x: torch.Tensor, w: List[torch.Tensor]) -> torch.Tensor:
+    return F.linear(F.relu(F.linear(x, w[0], w[1])), w[2], w[3])
+
+
+def dia_cell_step(p: torch.Tensor, h: torch.Tensor, c: torch.Tensor, weights: List[torch.Tensor]
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One step of DIANet's cell on the pooled branch `p` `[B, C]` with state `h`, `c` `[B, C]`.
+
+    `weights`: the input map's `fc1.weight, fc1.bias, fc2.weight, fc2.bias`, then the hidden map's. The gates
+    are split in the order input, forget, cell, output; the new hidden state is `o * sigmoid(c')` (the official
+    cell's choice, not an LSTM's `tanh`), so it is a gate in (0, 1).
+    """
+    gates = _mlp(p, weights[:4]) + _mlp(h, weights[4:8])
+    i, f, g, o = gates.chunk(4, 1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    h = torch.sigmoid(o) * torch.sigmoid(c)
+    return h, c
+
+
+class DIACell(nn.Module):
+    """DIANet's cell of one stage, the stage's entry unit: it owns the weights that every block of the stage
+    shares and starts the stage's state `[h, c, *weights]` with `h = c = 0` (`(x, state, shared) -> (x, state)`;
+    the state of the previous stage is dropped). The blocks' `DIAGate`s step it."""
+
+    def __init__(self, chs: int, device=None, dtype=None):
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        _check_reduced('DIACell', chs, 4)
+        self.chs = chs
+        self.ih = _CellMlp(chs, **dd)
+        self.hh = _CellMlp(chs, **dd)
+
+    def forward(self, x: torch.Tensor, state: State, shared: List[torch.Tensor]) -> Tuple[torch.Tensor, State]:
+        zeros = x.new_zeros(x.shape[0], self.chs)
+        return x, [zeros, zeros] + self.ih.tensors() + self.hh.tensors()
+
+
+class DIAGate(nn.Module):
+    """DIANet's gate of one block: steps the stage's cell (`dia_cell_step`) on GAP(branch) and scales the branch
+    by the new hidden state. No parameters of its own: the cell's weights come with the state `[h, c, *weights]`
+    that the stage's `DIACell` started."""
+
+    def forward(self, x: torch.Tensor, state: State) -> Tuple[torch.Tensor, State]:
+        weights = state[2:]
+        h, c = dia_cell_step(x.mean((2, 3)), state[0], state[1], weights)
+        return x * h[:, :, None, None], [h, c] + weights
