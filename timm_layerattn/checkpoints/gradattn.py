@@ -28,7 +28,7 @@ KEY_RULES: Tuple[Tuple[str, str], ...] = (
     (r'^classifier\.', 'fc.'),
 )
 _ROPE_QKV = re.compile(r'^transformer_layers\.(\d+)\.self_attn\.w_([qkv])\.weight$')
-_NATIVE = re.compile(r'^neck\.', re.M)
+_NATIVE = re.compile(r'^neck\.(proj|layers)\.', re.M)  # its token encoder (other necks exist)
 
 
 def is_official(state_dict: Mapping[str, Any]) -> bool:
@@ -62,7 +62,7 @@ def remap_keys(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 def native_kind(keys: Sequence[str]) -> Optional[str]:
-    """'gradattn' for a state dict in this package's layout (a `neck.*` key), else None."""
+    """'gradattn' for a state dict in this package's layout (token-encoder `neck.*` keys), else None."""
     return 'gradattn' if _NATIVE.search('\n'.join(k for k in keys if isinstance(k, str))) else None
 
 
