@@ -81,7 +81,7 @@ class ChannelGates(LayerStrategy):
 
 
 _GATES = dict(
-    se=ChannelGates('se', max_chs=256),
+    se=ChannelGates('se', max_chs=gate_rules.SE_SKIP_CHS),  # the official SE Bottleneck's rule
     eca=ChannelGates('eca'),
     dia=ChannelGates('dia'),
 )
