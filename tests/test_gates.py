@@ -8,7 +8,7 @@ import torch
 from timm_layerattn import convert_official
 from timm_layerattn._utils.errors import UserError
 from timm_layerattn.convert import convert_official_with_report, detect_official_family
-from timm_layerattn.layers import DIACell, EcaGate, SEGate
+from timm_layerattn.layers.gates import DIACell, EcaGate, SEGate
 from timm_layerattn.models.cifar_resnet_gates import ChannelGates
 
 from _official import materialize, numel
