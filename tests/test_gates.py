@@ -201,9 +201,9 @@ def test_dianet_grad_checkpointing_gives_the_same_gradients():
      r'drop_path_rate must be a probability in \[0, 1\), got 1.5'),
     (lambda: ChannelGates('cbam'), ValueError, r"^ChannelGates: kind must be one of \('se', 'eca', 'dia'\), got 'cbam'$"),
     (lambda: ChannelGates('se', reduction=0), ValueError, r'^ChannelGates: reduction must be a positive integer, got 0$'),
-    (lambda: SEGate(8), ValueError, r'^SEGate: chs must be at least reduction \(16'),
+    (lambda: SEGate(8), ValueError, r'^SEGate: chs must be an integer >= 16 \(C // 16 channels in the squeeze\), got 8$'),
     (lambda: SEGate(64, reduction=2.0), TypeError, r'^SEGate: reduction must be a positive integer, got 2.0$'),
-    (lambda: DIACell(2), ValueError, r'^DIACell: chs must be at least reduction \(4'),
+    (lambda: DIACell(2), ValueError, r'^DIACell: chs must be an integer >= 4 \(C // 4 '),
     (lambda: EcaGate(0), ValueError, r'^EcaGate: chs must be a positive integer, got 0$'),
 ])
 def test_bad_arguments_fail_in_one_line(build, exc, match):

@@ -31,11 +31,12 @@ State = List[torch.Tensor]
 
 
 def _check_reduced(owner: str, chs: int, reduction: int) -> None:
+    # The gate squeezes C channels to C // reduction: at least one must remain.
     check_int(owner, 'chs', chs)
     check_int(owner, 'reduction', reduction)
     if chs < reduction:
-        raise ValueError(f'{owner}: chs must be at least reduction ({reduction}, so that C / {reduction} >= 1), '
-                         f'got {chs!r}')
+        raise ValueError(f'{owner}: chs must be an integer >= {reduction} (C // {reduction} channels in the '
+                         f'squeeze), got {chs!r}')
 
 
 class SEGate(nn.Module):

@@ -21,7 +21,7 @@ import torch.nn as nn
 from timm.models import generate_default_cfgs, register_model
 
 from ..checkpoints import gates as gate_rules
-from ..core.strategy import BlockSite, LayerStrategy, StageSite, TrunkCfg
+from ..core.strategy import BlockSite, LayerStrategy, StageSite
 from ..core.units import Dd
 from ..families import Family, cifar_cfg, register_family
 from ..layers.gates import DIACell, DIAGate, EcaGate, SEGate
@@ -58,14 +58,6 @@ class ChannelGates(LayerStrategy):
 
     def _gated(self, chs: int) -> bool:
         return self.max_chs is None or chs < self.max_chs
-
-    def check(self, cfg: TrunkCfg, owner: str) -> None:
-        # SE squeezes each gated width by `reduction`, DIANet's cell by 4: both must leave a channel.
-        need = self.reduction if self.kind == 'se' else 4 if self.kind == 'dia' else 1
-        for width in cfg.block_widths():
-            if self._gated(width) and width < need:
-                raise ValueError(f'{owner}: every gated block width must be at least {need} for the {self.kind} '
-                                 f'gate, got {width}')
 
     def stage_entry(self, site: StageSite, dd: Dd) -> Optional[nn.Module]:
         return DIACell(site.out_chs, **dd) if self.kind == 'dia' and self._gated(site.out_chs) else None
