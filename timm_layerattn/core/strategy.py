@@ -134,5 +134,5 @@ class LayerStrategy:
         """Initialise the strategy's own modules after the trunk's init (which covers every conv and norm)."""
 
     def prune(self, model: Trunk) -> None:
-        """Drop what the remaining stages no longer use, after `prune_intermediate_layers` removed stages
-        (every parameter must receive a gradient under DDP)."""
+        """Drop what the remaining stages no longer use, after `prune_intermediate_layers` removed stages (and
+        the neck and head where it drops them; every parameter must receive a gradient under DDP)."""

@@ -438,8 +438,6 @@ class ResNetLA(nn.Module):
             setattr(self, name, LAStage())
         if max_index == 0 and not self.stem_pooled:
             self.maxpool = nn.Identity()
-        if self.cfg.strategy is not None:
-            self.cfg.strategy.prune(self)
         prune_end = max_index < len(self.stage_names)
         if self.neck is not None and (prune_head or prune_end):
             self.neck = None
@@ -448,6 +446,8 @@ class ResNetLA(nn.Module):
             self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
         if prune_head or prune_end:
             self.reset_classifier(0, '')
+        if self.cfg.strategy is not None:  # last: it sees what is left of stages, neck and head
+            self.cfg.strategy.prune(self)
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
