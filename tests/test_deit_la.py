@@ -13,6 +13,8 @@
 The timm contract as such (script, fx, compile, export, features, pruning, ...) comes from the registry-driven
 tests (`tests/test_timm_contract.py`, `tests/test_timm_models.py`, `tests/test_bad_inputs_models.py`).
 """
+import contextlib
+
 import pytest
 import safetensors.torch
 import timm
@@ -146,37 +148,103 @@ def _close(out: torch.Tensor, ref: torch.Tensor) -> None:
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
+def _randomise_and_return(module):
+    _randomise(module)
+    return module
+
+
 def _randomise(module) -> None:
     with torch.no_grad():
         for p in module.parameters():
             p.normal_(0., 0.5).add_(1. if p.ndim == 1 and p.shape[0] != 0 else 0.)
 
 
+def _path(fused: bool, request):
+    """Autograd on: the PyTorch ops; off: the fused token kernel (skipped without a C++ compiler)."""
+    if fused:
+        request.getfixturevalue('ops')
+        return torch.no_grad()
+    return contextlib.nullcontext()
+
+
+def _kernel_ran(fn) -> bool:
+    """Whether `fn()` ran a token-grid kernel."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return any(e.key.startswith('timm_layerattn::') and e.key.endswith('_tokens') for e in prof.key_averages())
+
+
+@pytest.mark.parametrize('fused', [False, True], ids=['torch', 'kernel'])
 @pytest.mark.parametrize('prefix,hw', [(1, (14, 14)), (1, (3, 5)), (0, (4, 2)), (5, (2, 7)), (2, (1, 1))])
-def test_mrla_light_tokens_any_grid_and_prefix(prefix, hw):
+def test_mrla_light_tokens_any_grid_and_prefix(prefix, hw, fused, request):
     m = MRLALightTokens(32, head_dim=16, num_prefix_tokens=prefix).eval()
     _randomise(m)
     x, o = torch.randn(2, prefix + hw[0] * hw[1], 32), torch.randn(2, prefix + hw[0] * hw[1], 32)
-    out, state = m(x, o, [], *hw)
+    with _path(fused, request):
+        out, state = m(x, o, [], *hw)
+        assert _kernel_ran(lambda: m(x, o, [], *hw)) == fused
     assert state == []
     ref = x + mrla_light(x, o, _official_params(m, 'm.'), 'm.', prefix=prefix, hw=hw)
     _close(out, ref)
 
 
+@pytest.mark.parametrize('fused', [False, True], ids=['torch', 'kernel'])
 @pytest.mark.parametrize('prefix,hw', [(1, (14, 14)), (1, (6, 3)), (0, (2, 5)), (5, (3, 4))])
-def test_mrla_base_tokens_carry_and_reset(prefix, hw):
+def test_mrla_base_tokens_carry_and_reset(prefix, hw, fused, request):
     """Three blocks: the cache grows, then a reset block starts a new one (the official `layer_index % 4`)."""
     mods = [MRLABaseTokens(48, head_dim=16, reset=r, num_prefix_tokens=prefix).eval() for r in (True, False, True)]
     x = torch.randn(2, prefix + hw[0] * hw[1], 48)
     state, ref, prev_k, prev_v = [], x, None, None
     for i, m in enumerate(mods):
         _randomise(m)
-        x, state = m(x, x, state, *hw)
+        with _path(fused, request):
+            assert _kernel_ran(lambda: m(x, x, state, *hw)) == fused
+            x, state = m(x, x, state, *hw)
         branch, prev_k, prev_v = mrla_base(ref, _official_params(m, 'm.'), 'm.', prev_k, prev_v, m.reset,
                                            prefix=prefix, hw=hw)
         ref = ref + branch
         assert len(state) == 1 + prev_k.shape[1] and state[0].shape == prev_k.shape
         _close(x, ref)
+
+
+def test_mrla_base_tokens_cache_crosses_paths(ops):
+    """Each path reads the cache the other wrote (values are `[B, C, H, W]` views of channels-last buffers on both);
+    the kernel steps aside for a cache in another layout instead of misreading it, and runs again after a reset."""
+    mods = [_randomise_and_return(MRLABaseTokens(32, head_dim=16, reset=r).eval())
+            for r in (True, False, False, False, True)]
+    x = torch.randn(2, 1 + 12, 32)
+    ref_state, state = [], []
+    ref = out = x
+    for i, m in enumerate(mods):
+        ref, ref_state = m(ref, ref, ref_state, 3, 4)  # autograd on: PyTorch ops throughout
+        if i == 3:
+            state = state[:1] + [v.contiguous() for v in state[1:]]  # NCHW: not the kernel's layout
+        with contextlib.nullcontext() if i == 1 else torch.no_grad():
+            assert _kernel_ran(lambda: m(out, out, state, 3, 4)) == (i != 1 and i != 3)
+            out, state = m(out, out, state, 3, 4)
+        _close(out, ref)
+
+
+def test_token_kernels_reject_bad_input(ops):
+    m = MRLALightTokens(32, head_dim=16).eval()
+    x = torch.randn(2, 1 + 12, 32)
+    args = dict(shortcut=x, norm_weight=m.norm.weight, norm_bias=m.norm.bias, norm_eps=1e-5,
+                prev_weight=m.norm_prev.weight, prev_bias=m.norm_prev.bias, prev_eps=1e-5, v_weight=m.v.weight,
+                q_weight=m.q.weight, k_weight=m.k.weight, lambda_t=m.lambda_t, num_prefix=1, grid_h=3, grid_w=4,
+                head_dim=16, attn_scale=0.25, prefix_norm=True)
+    from timm_layerattn.layers import native
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match='expected 1 prefix tokens \\+ a 4 x 4 grid'):
+            native.mrla_light_tokens(x, **{**args, 'grid_h': 4})
+        with pytest.raises(RuntimeError, match='3-D'):
+            native.mrla_light_tokens(x[0], **args)
+        with pytest.raises(RuntimeError, match='head_dim'):
+            native.mrla_light_tokens(x, **{**args, 'head_dim': 5})
+        with pytest.raises(RuntimeError, match='keys must be given'):
+            native.mrla_base_tokens(x, values=[torch.randn(2, 3, 4, 32)], keys=None, norm_weight=m.norm.weight,
+                                    norm_bias=m.norm.bias, norm_eps=1e-5, v_weight=m.v.weight, q_weight=m.q.weight,
+                                    k_weight=m.k.weight, num_prefix=1, grid_h=3, grid_w=4, head_dim=16,
+                                    attn_scale=0.25, prefix_norm=True)
 
 
 def test_prefix_norm_off_leaves_prefix_tokens_alone():

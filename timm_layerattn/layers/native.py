@@ -5,7 +5,8 @@ which reorders NCHW maps through blocked copies, then needs several full-size el
 gates, the BatchNorm and the residual, and dozens of tiny ops per block for the gates themselves.
 `csrc/layer_attn_cpu.cpp` computes a block's whole inference branch in one op, with one pass over the
 full-size maps; `csrc/layer_attn_train_cpu.cpp` holds the forward and backward kernels of the memory-lean
-training Functions (`lean`, `kcla`, `mrla`), which recompute what they do not keep plane by plane in L1. Both
+training Functions (`lean`, `kcla`, `mrla`), which recompute what they do not keep plane by plane in L1, and
+`csrc/layer_attn_tokens_cpu.cpp` the inference branches of the vision transformers' token grids (`vit_la`). All
 are compiled here with the system C++ compiler against the installed torch (about 10 s, once per machine: the
 library is cached under `~/.cache/timm-layerattn/kernels`, keyed by the sources, torch build, compiler and CPU)
 and registered as `torch.ops.timm_layerattn.*`.
@@ -44,7 +45,8 @@ from .._utils.env import cache_dir, env_switch
 
 __all__ = [
     'NativeKernelError', 'available', 'build', 'disabled', 'last_error', 'mode', 'usable', 'transforms_active',
-    'kcla_', 'mrla_base_', 'mrla_light_', 'trainable', 'norm_plane_affine', 'channel_conv', 'channel_conv_backward',
+    'kcla_', 'mrla_base_', 'mrla_light_', 'mrla_light_tokens', 'mrla_base_tokens', 'trainable', 'norm_plane_affine',
+    'channel_conv', 'channel_conv_backward',
     'plane_moments', 'tail_forward', 'tail_backward',
     'affine_residual_', 'kcla_train_values', 'kcla_train_backward', 'mrla_light_train_values',
     'mrla_light_train_backward', 'mrla_base_train_values', 'mrla_base_train_backward',
@@ -52,8 +54,9 @@ __all__ = [
 
 ENV = 'TIMM_LAYERATTN_NATIVE'
 SOURCE = Path(__file__).with_name('csrc') / 'layer_attn_cpu.cpp'
-# Every file of the library: the inference kernels (SOURCE), the training kernels and their shared header.
-SOURCES = (SOURCE, SOURCE.with_name('layer_attn_train_cpu.cpp'))
+# Every file of the library: the inference kernels (SOURCE), the training kernels, the token-grid inference kernels
+# and their shared header.
+SOURCES = (SOURCE, SOURCE.with_name('layer_attn_train_cpu.cpp'), SOURCE.with_name('layer_attn_tokens_cpu.cpp'))
 HEADERS = (SOURCE.with_name('plane.h'),)
 _LIB_NAME = 'layer_attn_cpu'
 
@@ -336,6 +339,63 @@ def mrla_base_(
 # for the maths of each). Unlike the inference ops they run inside autograd Functions, so the grad mode is not
 # part of the rule; `trainable` is.
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def mrla_light_tokens(
+        x: Tensor,
+        *,
+        shortcut: Tensor,
+        norm_weight: Tensor,
+        norm_bias: Tensor,
+        norm_eps: float,
+        prev_weight: Tensor,
+        prev_bias: Tensor,
+        prev_eps: float,
+        v_weight: Tensor,
+        q_weight: Tensor,
+        k_weight: Tensor,
+        lambda_t: Tensor,
+        num_prefix: int,
+        grid_h: int,
+        grid_w: int,
+        head_dim: int,
+        attn_scale: float,
+        prefix_norm: bool,
+) -> Tensor:
+    """MRLA-light on `[B, P + H*W, C]` tokens: `x + [LN(x)_prefix or 0 ; gate * GELU(DW3(LN(x)_grid)) +
+    lambda_t * LN_prev(shortcut)_grid]` (a new tensor), with the gate from the ECA query / key of the pooled grid."""
+    return torch.ops.timm_layerattn.mrla_light_tokens(
+        x, shortcut=shortcut, norm_weight=norm_weight, norm_bias=norm_bias, norm_eps=norm_eps,
+        prev_weight=prev_weight, prev_bias=prev_bias, prev_eps=prev_eps, v_weight=v_weight, q_weight=q_weight,
+        k_weight=k_weight, lambda_t=lambda_t, num_prefix=num_prefix, grid_h=grid_h, grid_w=grid_w,
+        head_dim=head_dim, attn_scale=attn_scale, prefix_norm=prefix_norm)
+
+
+def mrla_base_tokens(
+        x: Tensor,
+        *,
+        values: List[Tensor],
+        keys: Optional[Tensor],
+        norm_weight: Tensor,
+        norm_bias: Tensor,
+        norm_eps: float,
+        v_weight: Tensor,
+        q_weight: Tensor,
+        k_weight: Tensor,
+        num_prefix: int,
+        grid_h: int,
+        grid_w: int,
+        head_dim: int,
+        attn_scale: float,
+        prefix_norm: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """MRLA-base on `[B, P + H*W, C]` tokens: returns `(out, value, keys')`, with `value = DW3(LN(x)_grid)`
+    `[B, H, W, C]`, `keys'` the cache's keys plus this block's, and `out = x + [LN(x)_prefix or 0 ; sum_j w_j V_j]`
+    over the earlier `values` (`[B, H, W, C]` each) and `value`."""
+    return torch.ops.timm_layerattn.mrla_base_tokens(
+        x, values=values, keys=keys, norm_weight=norm_weight, norm_bias=norm_bias, norm_eps=norm_eps,
+        v_weight=v_weight, q_weight=q_weight, k_weight=k_weight, num_prefix=num_prefix, grid_h=grid_h,
+        grid_w=grid_w, head_dim=head_dim, attn_scale=attn_scale, prefix_norm=prefix_norm)
 
 
 def trainable(*tensors: Optional[Tensor]) -> bool:

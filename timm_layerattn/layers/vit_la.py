@@ -12,14 +12,19 @@ belongs to the module). The maths, the official quirks and every decision are in
 docs/design/vit_layer_attention.md.
 """
 import math
-from typing import List, Tuple, Type
+from typing import List, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import timm.layers
 
+from . import native
 from ._checks import check_bool, check_int
 from ._common import ChannelConv1d, DepthwiseConv3x3, accumulation_dtype, eca_channel_conv, per_channel
+
+# LayerNorms whose forward is `F.layer_norm` (timm's subclass only picks an implementation of it).
+_PLAIN_LAYER_NORMS = (nn.LayerNorm, timm.layers.LayerNorm)
 
 __all__ = ['split_grid', 'join_grid', 'MRLALightTokens', 'MRLABaseTokens', 'GridCell']
 
@@ -78,6 +83,15 @@ class _TokenLayerAttn(nn.Module):
         self.k = ChannelConv1d(channels, **dd)
         self.v = DepthwiseConv3x3(channels, **dd)
 
+    @torch.jit.unused
+    def _fused(self, *tensors: torch.Tensor) -> bool:
+        """Whether the fused token kernel computes this block (inference, float32 CPU, eager; the norms plain
+        affine LayerNorms, whose eps and parameters it reads)."""
+        norms = [m for m in (self.norm, getattr(self, 'norm_prev', None)) if m is not None]
+        if not all(type(m) in _PLAIN_LAYER_NORMS and m.weight is not None and m.bias is not None for m in norms):
+            return False
+        return native.usable(*tensors)
+
     def _query_key(self, grid: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Per-head query and key `[B, g, d]` of the pooled grid, in the accumulation dtype (float32 under
         float16: their products overflow half precision)."""
@@ -128,6 +142,8 @@ class MRLALightTokens(_TokenLayerAttn):
             grid_h: int,
             grid_w: int,
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        if not torch.jit.is_scripting() and self._fused(x, shortcut):
+            return self._forward_fused(x, shortcut, grid_h, grid_w), state
         prefix, grid = split_grid(self.norm(x), self.num_prefix_tokens, grid_h, grid_w)
         q, k = self._query_key(grid)
         gate = per_channel(torch.sigmoid((q * k).sum(-1) * self.scale), self.head_dim).to(grid.dtype)
@@ -135,6 +151,15 @@ class MRLALightTokens(_TokenLayerAttn):
         prev = self.norm_prev(shortcut[:, self.num_prefix_tokens:])
         tokens = torch.addcmul(self.lambda_t * prev, value, gate.unsqueeze(1))
         return self._add(x, prefix, tokens), state
+
+    @torch.jit.unused
+    def _forward_fused(self, x: torch.Tensor, shortcut: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
+        return native.mrla_light_tokens(
+            x, shortcut=shortcut, norm_weight=self.norm.weight, norm_bias=self.norm.bias, norm_eps=self.norm.eps,
+            prev_weight=self.norm_prev.weight, prev_bias=self.norm_prev.bias, prev_eps=self.norm_prev.eps,
+            v_weight=self.v.weight, q_weight=self.q.weight, k_weight=self.k.weight, lambda_t=self.lambda_t,
+            num_prefix=self.num_prefix_tokens, grid_h=grid_h, grid_w=grid_w, head_dim=self.head_dim,
+            attn_scale=self.scale, prefix_norm=self.prefix_norm)
 
 
 class MRLABaseTokens(_TokenLayerAttn):
@@ -170,6 +195,10 @@ class MRLABaseTokens(_TokenLayerAttn):
             grid_h: int,
             grid_w: int,
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        if not torch.jit.is_scripting():
+            fused = self._forward_fused(x, state, grid_h, grid_w)
+            if fused is not None:
+                return fused
         g, d = self.num_heads, self.head_dim
         prefix, grid = split_grid(self.norm(x), self.num_prefix_tokens, grid_h, grid_w)
         q, k = self._query_key(grid)
@@ -186,6 +215,24 @@ class MRLABaseTokens(_TokenLayerAttn):
         for j in range(1, len(values)):
             out = out.addcmul(values[j], weights[:, j, :, None, None])
         return self._add(x, prefix, out.flatten(2).transpose(1, 2)), [keys] + values
+
+    @torch.jit.unused
+    def _forward_fused(
+            self, x: torch.Tensor, state: List[torch.Tensor], grid_h: int, grid_w: int,
+    ) -> Optional[Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """The fused kernel's step, or None where it does not apply. Cached values are `[B, C, H, W]` views of
+        channels-last `[B, H, W, C]` buffers on both paths (the depth-wise conv keeps the token grid's layout); a
+        cache in another layout is left to the PyTorch ops, which read any."""
+        fresh = self.reset or len(state) == 0
+        values = [] if fresh else [v.permute(0, 2, 3, 1) for v in state[1:]]
+        if not self._fused(x, *values, *([] if fresh else [state[0]])):
+            return None
+        out, value, keys = native.mrla_base_tokens(
+            x, values=values, keys=None if fresh else state[0], norm_weight=self.norm.weight,
+            norm_bias=self.norm.bias, norm_eps=self.norm.eps, v_weight=self.v.weight, q_weight=self.q.weight,
+            k_weight=self.k.weight, num_prefix=self.num_prefix_tokens, grid_h=grid_h, grid_w=grid_w,
+            head_dim=self.head_dim, attn_scale=self.scale, prefix_norm=self.prefix_norm)
+        return out, [keys] + [v.permute(0, 3, 1, 2) for v in values] + [value.permute(0, 3, 1, 2)]
 
 
 class GridCell(nn.Module):
