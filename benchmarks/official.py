@@ -40,6 +40,25 @@ Vision transformers and EfficientNets (:data:`OFFICIAL_TRUNK_MODELS`; kept apart
 * ``efficientnet_b{0,1,2}_mrlal``: joyfang1106/MRLA at ``2915aff^``, ``timm/models/efficientnet_mrla.py`` :
   ``efficientnet_mrla_b{0,1,2}``
 
+The papers' baselines (:data:`OFFICIAL_BASELINE_MODELS`; ``dla`` / ``rla`` are the checkouts of
+tunantu/Dynamic-Layer-Attention and joyfang1106/RLANet, ``DLA_REPO`` / ``RLA_REPO``, defaults
+``/tmp/official/Dynamic-Layer-Attention`` and ``/tmp/official/RLANet``):
+
+* ``cifar_resnet{20,56,110}_{se,eca,dia,dynlal,dynlab,la,linla}``: bgx666/KCLA ``cifar/models/cifar/`` ``senet.py`` :
+  ``senet``, ``ecanet.py`` : ``ecanet``, ``dia_resnet.py`` : ``dia_resnet``, ``dla_l.py`` : ``dla_l``, ``dla_b.py`` :
+  ``dla_b``, ``layer_attention.py`` : ``layer_attention``, ``linear_attention.py`` : ``linear_attention``
+* ``resnet{50,101}_dynlal``: tunantu/Dynamic-Layer-Attention ``image_classification/imagenet/models/resnet_dla_l.py``
+  : ``resnet{50,101}_dla_l`` (its ``from models.modules…`` imports resolve through the stub package ``models``)
+* ``resnet{50,101}_rla``: joyfang1106/RLANet ``models/resnet_rla.py`` : ``rla_resnet{50,101}`` (package-relative
+  imports: executed as a submodule of a stub package whose ``__path__`` is ``models/``, so its ``__init__.py``,
+  which imports every variant, never runs)
+* ``resnet50_la``: joyfang1106/MRLA ``resnet/models/resnet_la_eq4.py`` : ``resnet50_la_eq4`` (the paper's eq. 4)
+
+The DIANet and DLA files call ``.cuda()`` on fresh LSTM states inside ``forward``; their models are returned with
+``forward`` wrapped so that ``Tensor.cuda`` returns the tensor itself during the call (the official maths is
+untouched; the wrapper costs one attribute swap per call). ``dla_b.py``, ``layer_attention.py`` and
+``linear_attention.py`` need ``einops``.
+
 CIFAR models are always built with ``block_name='Bottleneck'`` and ``depth`` from the name
 (9n+2) and default to ``num_classes=10`` (the official constructor's default is 1000).
 
@@ -56,8 +75,8 @@ and ``#la-no-prints``):
   models.
 * The constructor prints ("Constructing …", ``#la-no-prints``) are swallowed (stdout redirected during load
   and build).
-* CUDA: none of the files used here calls ``.cuda()`` at import, construction or forward (only
-  DLA-L/DLA-B do, which this harness does not build), so no CUDA patch is needed; models are built
+* CUDA: none of the KCLA / MRLA / DeiT / EfficientNet files calls ``.cuda()`` at import, construction or forward
+  (DIANet and DLA do, see the baselines below), so no CUDA patch is needed for them; models are built
   on CPU.
 * DeiT (``deit/deit_mrla_{light,base}.py``, written against timm 0.3.2): the files import the plain modules
   ``helpers`` and ``weight_init`` from their own folder, and ``timm.models.layers.helpers``,
@@ -119,19 +138,22 @@ from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 
 __all__ = [
     'OfficialEntry', 'OFFICIAL_MODELS', 'OFFICIAL_TRUNK_MODELS', 'IMAGENET_MODELS', 'CIFAR_MODELS', 'list_official',
-    'load_official', 'official_entry', 'official_repo', 'official_commit', 'DEFAULT_KCLA_REPO', 'DEFAULT_MRLA_REPO',
-    'DEFAULT_MRLA_2915AFF_REPO',
+    'OFFICIAL_BASELINE_MODELS', 'load_official', 'official_entry', 'official_repo', 'official_commit',
+    'DEFAULT_KCLA_REPO', 'DEFAULT_MRLA_REPO', 'DEFAULT_MRLA_2915AFF_REPO', 'DEFAULT_DLA_REPO', 'DEFAULT_RLA_REPO',
 ]
 
 DEFAULT_KCLA_REPO = '/tmp/official/KCLA'
 DEFAULT_MRLA_REPO = '/tmp/official/MRLA'
 DEFAULT_MRLA_2915AFF_REPO = '/tmp/official/MRLA-2915aff'
+DEFAULT_DLA_REPO = '/tmp/official/Dynamic-Layer-Attention'
+DEFAULT_RLA_REPO = '/tmp/official/RLANet'
 
 
 @dataclass(frozen=True)
 class OfficialEntry:
     """Where one of our model names lives in the official code."""
-    repo: str                   # 'kcla' (bgx666/KCLA), 'mrla' (joyfang1106/MRLA) or 'mrla_2915aff' (MRLA at 2915aff^)
+    repo: str                   # 'kcla' (bgx666/KCLA), 'mrla' (joyfang1106/MRLA), 'mrla_2915aff' (MRLA at 2915aff^),
+                                # 'dla' (tunantu/Dynamic-Layer-Attention) or 'rla' (joyfang1106/RLANet)
     file: str                   # path of the model file inside the repository
     builder: str                # builder function in that file
     family: str                 # 'kcla' | 'mrlal' | 'mrlab' | 'resnet'
@@ -140,9 +162,11 @@ class OfficialEntry:
     forward: str = ''           # where the per-block layer-attention forward lives (file:qualname)
     models_pkg: Optional[str] = None  # dir to expose as the stub package ``models`` (file) / the fork (timm049_fork)
     # how the file is made to import (module docstring): 'file' (ResNet / CIFAR files), 'timm032' (the DeiT files:
-    # sibling modules, timm 0.3.2 import paths), 'timm049_fork' (a file of the timm 0.4.9 fork, under a stub package)
+    # sibling modules, timm 0.3.2 import paths), 'timm049_fork' (a file of the timm 0.4.9 fork, under a stub package),
+    # 'package' (a file with package-relative imports of its own folder, under a stub package)
     loader: str = 'file'
     siblings: Tuple[str, ...] = ()  # plain top-level modules the file imports from its own folder ('timm032')
+    cuda_in_forward: bool = False  # the forward calls ``.cuda()``: wrapped so that it runs on CPU (docstring)
 
 
 def _build_table() -> Dict[str, OfficialEntry]:
@@ -213,13 +237,46 @@ def _build_trunk_table() -> Dict[str, OfficialEntry]:
 OFFICIAL_TRUNK_MODELS: Dict[str, OfficialEntry] = _build_trunk_table()
 
 
+def _build_baseline_table() -> Dict[str, OfficialEntry]:
+    table: Dict[str, OfficialEntry] = {}
+    cifar = 'cifar/models/cifar/'
+    # ours suffix -> (file, builder, family, forward calls .cuda())
+    kcla_repo = {
+        'se': ('senet.py', 'senet', 'se', False), 'eca': ('ecanet.py', 'ecanet', 'eca', False),
+        'dia': ('dia_resnet.py', 'dia_resnet', 'dia', True), 'dynlal': ('dla_l.py', 'dla_l', 'dynlal', True),
+        'dynlab': ('dla_b.py', 'dla_b', 'dynlab', True),
+        'la': ('layer_attention.py', 'layer_attention', 'la', False),
+        'linla': ('linear_attention.py', 'linear_attention', 'linla', False),
+    }
+    for depth in (20, 56, 110):
+        for suffix, (file, builder, family, cuda) in kcla_repo.items():
+            table[f'cifar_resnet{depth}_{suffix}'] = OfficialEntry(
+                'kcla', cifar + file, builder, family, dict(depth=depth, block_name='Bottleneck'),
+                dict(num_classes=10), cuda_in_forward=cuda)
+    for depth in (50, 101):
+        table[f'resnet{depth}_dynlal'] = OfficialEntry(
+            'dla', 'image_classification/imagenet/models/resnet_dla_l.py', f'resnet{depth}_dla_l', 'dynlal',
+            models_pkg='image_classification/imagenet/models', cuda_in_forward=True)
+        table[f'resnet{depth}_rla'] = OfficialEntry(
+            'rla', 'models/resnet_rla.py', f'rla_resnet{depth}', 'rla', loader='package')
+    table['resnet50_la'] = OfficialEntry(
+        'mrla', 'resnet/models/resnet_la_eq4.py', 'resnet50_la_eq4', 'la', models_pkg='resnet/models')
+    return table
+
+
+# The baselines of the layer-attention papers (SE, ECA, DIANet, DLA-L / DLA-B, full / linear layer attention,
+# RLA-Net); kept apart as the trunks are, since the parity and reference tools above know only KCLA / MRLA.
+OFFICIAL_BASELINE_MODELS: Dict[str, OfficialEntry] = _build_baseline_table()
+
+
 def list_official() -> Tuple[str, ...]:
-    """Every name :func:`load_official` builds (ResNets first, then the ViT / EfficientNet trunks)."""
-    return tuple(OFFICIAL_MODELS) + tuple(OFFICIAL_TRUNK_MODELS)
+    """Every name :func:`load_official` builds (ResNets first, then the ViT / EfficientNet trunks, then the
+    baselines)."""
+    return tuple(OFFICIAL_MODELS) + tuple(OFFICIAL_TRUNK_MODELS) + tuple(OFFICIAL_BASELINE_MODELS)
 
 
 def official_entry(name: str) -> OfficialEntry:
-    entry = OFFICIAL_MODELS.get(name) or OFFICIAL_TRUNK_MODELS.get(name)
+    entry = OFFICIAL_MODELS.get(name) or OFFICIAL_TRUNK_MODELS.get(name) or OFFICIAL_BASELINE_MODELS.get(name)
     if entry is None:
         raise ValueError(f'unknown official model {name!r}; known: {", ".join(list_official())}')
     return entry
@@ -230,16 +287,21 @@ _REPOS = {  # which -> (env var, default root, how to get it)
     'mrla': ('MRLA_REPO', DEFAULT_MRLA_REPO, 'clone https://github.com/joyfang1106/MRLA there'),
     'mrla_2915aff': ('MRLA_2915AFF_REPO', DEFAULT_MRLA_2915AFF_REPO,
                      'make it from a joyfang1106/MRLA clone: git -C <clone> worktree add <path> 2915aff^'),
+    'dla': ('DLA_REPO', DEFAULT_DLA_REPO, 'clone https://github.com/tunantu/Dynamic-Layer-Attention there'),
+    'rla': ('RLA_REPO', DEFAULT_RLA_REPO, 'clone https://github.com/joyfang1106/RLANet there'),
 }
 
 
 def official_repo(which: str, kcla_repo: Optional[str] = None, mrla_repo: Optional[str] = None,
-                  mrla_2915aff_repo: Optional[str] = None) -> Path:
-    """Root of the official checkout ``which`` ('kcla', 'mrla', 'mrla_2915aff'): argument > env var > default."""
+                  mrla_2915aff_repo: Optional[str] = None, dla_repo: Optional[str] = None,
+                  rla_repo: Optional[str] = None) -> Path:
+    """Root of the official checkout ``which`` ('kcla', 'mrla', 'mrla_2915aff', 'dla', 'rla'): argument > env var >
+    default."""
     if which not in _REPOS:
         raise ValueError(f'unknown official repository {which!r}')
     env, default, how = _REPOS[which]
-    given = {'kcla': kcla_repo, 'mrla': mrla_repo, 'mrla_2915aff': mrla_2915aff_repo}[which]
+    given = {'kcla': kcla_repo, 'mrla': mrla_repo, 'mrla_2915aff': mrla_2915aff_repo, 'dla': dla_repo,
+             'rla': rla_repo}[which]
     path = Path(given or os.environ.get(env) or default).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(
@@ -370,6 +432,10 @@ def _exec_file(path: Path, entry: OfficialEntry, root: Path) -> types.ModuleType
         mod_name = f'_official_{stem}_{uid}'
         modules.update(_timm032_shims())
         modules.update({s: _exec_sibling(path.parent / f'{s}.py', s) for s in entry.siblings})
+    elif entry.loader == 'package':
+        pkg = f'_official_pkg_{uid}'
+        modules[pkg] = _package(pkg, path.parent)
+        mod_name = f'{pkg}.{path.stem}'
     elif entry.loader == 'timm049_fork':
         pkg_dir = root / (entry.models_pkg or path.parent.relative_to(root))
         pkg = f'_official_timm_fork_{uid}'
@@ -418,8 +484,26 @@ def _patch_head_dim(module: types.ModuleType, entry: OfficialEntry, head_dim: in
         raise ValueError(f'head_dim is meaningless for the plain ResNet {entry.builder!r}')
 
 
+class _CudaFreeForward:
+    """Makes ``Tensor.cuda()`` return the tensor itself for the duration of a call (the DIANet / DLA forwards move
+    their fresh LSTM states with ``.cuda()``; everything else is already where the input is)."""
+
+    def __init__(self, forward):
+        self.forward = forward
+
+    def __call__(self, *args, **kwargs):
+        import torch
+        cuda = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda t, *a, **k: t
+        try:
+            return self.forward(*args, **kwargs)
+        finally:
+            torch.Tensor.cuda = cuda
+
+
 def load_official(name: str, kcla_repo: Optional[str] = None, mrla_repo: Optional[str] = None,
-                  mrla_2915aff_repo: Optional[str] = None, **kwargs: Any):
+                  mrla_2915aff_repo: Optional[str] = None, dla_repo: Optional[str] = None,
+                  rla_repo: Optional[str] = None, **kwargs: Any):
     """Build the official model for one of our model names (see module docstring).
 
     ``kwargs`` go to the official builder (e.g. ``num_classes``, ``drop_path``), except
@@ -428,7 +512,7 @@ def load_official(name: str, kcla_repo: Optional[str] = None, mrla_repo: Optiona
     """
     entry = official_entry(name)
     head_dim = kwargs.pop('head_dim', None)
-    root = official_repo(entry.repo, kcla_repo, mrla_repo, mrla_2915aff_repo)
+    root = official_repo(entry.repo, kcla_repo, mrla_repo, mrla_2915aff_repo, dla_repo, rla_repo)
     path = root / entry.file
     if not path.is_file():
         hint = ' (it is the checkout of 2915aff^, not of HEAD?)' if entry.repo == 'mrla_2915aff' else ''
@@ -442,4 +526,6 @@ def load_official(name: str, kcla_repo: Optional[str] = None, mrla_repo: Optiona
     build_kwargs = {**entry.default_kwargs, **kwargs, **entry.kwargs}
     with contextlib.redirect_stdout(io.StringIO()):
         model = getattr(module, entry.builder)(**build_kwargs)
+    if entry.cuda_in_forward:
+        model.forward = _CudaFreeForward(model.forward)  # an instance attribute: nn.Module.__call__ uses it
     return model

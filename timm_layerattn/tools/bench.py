@@ -267,6 +267,9 @@ DEPTH_SERIES = {
         'KCLA': [(f'cifar_resnet{d}_kcla', f'cifar_resnet{d}') for d in (20, 56, 110)],
         'MRLA-L': [(f'cifar_resnet{d}_mrlal', f'cifar_resnet{d}') for d in (20, 56, 110)],
         'MRLA-B': [(f'cifar_resnet{d}_mrlab', f'cifar_resnet{d}') for d in (20, 56, 110)],
+        # the quadratic ones: every block re-reads (full layer attention) or re-weights (DLA-B) its whole stage
+        'Layer Att': [(f'cifar_resnet{d}_la', f'cifar_resnet{d}') for d in (20, 56, 110)],
+        'DLA-B': [(f'cifar_resnet{d}_dynlab', f'cifar_resnet{d}') for d in (20, 56, 110)],
     },
     'imagenet': {
         'KCLA': [(f'resnet{d}_kcla', f'resnet{d}') for d in (50, 101)],
