@@ -14,8 +14,12 @@ history `A = U / (Z + eps)` itself (plus `Z`): one `lerp` per block updates it, 
 range of the activations (no `e^10`-scale sums, so it is safe in low precision), and no extra pass
 is needed to normalise it before the value convolution. `A` and `Z` are kept in float32 (float64 for a
 float64 model).
+
+`KCLAVariant` holds the paper's Table V ablations (docs/design/layer_attention.md#la-kcla-ablations); its
+defaults are the model above.
 """
-from typing import List, Optional, Tuple, Type
+from dataclasses import dataclass, fields
+from typing import Any, List, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
@@ -23,23 +27,65 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_function
 
 from . import lean, native
-from ._checks import check_int
+from ._checks import check_bool, check_choice, check_int
 from ._common import (
-    ChannelConv1d, LayerAttnBase, accumulation_dtype, depthwise_conv3x3, depthwise_conv3x3_backward, per_channel)
+    ChannelConv1d, LayerAttnBase, accumulation_dtype, depthwise_conv3x3, depthwise_conv3x3_backward,
+    eca_channel_conv, per_channel)
 
-__all__ = ['KCLA', 'kcla_temperatures']
+__all__ = ['KCLA', 'KCLAVariant', 'kcla_temperatures', 'KCLA_TEMPERATURES', 'KCLA_FORMS']
 
 _HISTORY_EPS = 1e-3  # added to Z when normalising the history (official value)
 _MAX_LOG_WEIGHT = 10.  # upper clamp of the key-weight exponent (official value)
 _KEY_NORM_EPS = 1e-12  # guards <Q, K> / ||K|| for an all-zero key (official code divides by zero)
 
+KCLA_TEMPERATURES = ('log_uniform', 'equal')
+KCLA_FORMS = ('kcla', 'rla')
 
-def kcla_temperatures(num_heads: int, device=None) -> torch.Tensor:
-    """Per-head key-norm divisors `norm_d = 1 / s`, `s` log-uniform in [0.7, 1/0.7].
+
+@dataclass(frozen=True)
+class KCLAVariant:
+    """The parts of KCLA that the paper's ablation (Table V) switches off; the defaults are KCLA.
+
+    Attributes:
+        temperatures: 'log_uniform': head `h` scales its key norm by `s_h`, log-uniform in [0.7, 1/0.7];
+            'equal': `s_h = 1` for every head (Table V (a)).
+        key_exp: Weight each block by `exp(min(s_h ||K_h||, 10))`; False: by `s_h ||K_h||` (Table V (b)).
+        head_attn: Gate each head by `sigmoid(W_head e)`; False: no gate, and no `W_head` nor query conv,
+            which only feed it (Table V (c)).
+        form: 'kcla': the value conv of the current block acts on the aggregated history; 'rla': every block
+            aggregates its own value `DW3_j(x_j)`, static once computed, as RLA caches values (Table V (d)).
+        cross_stage: Carry the history across stages through the re-summary cells; False: every stage starts a
+            new history at its first block (Table V (f)).
+    """
+    temperatures: str = 'log_uniform'
+    key_exp: bool = True
+    head_attn: bool = True
+    form: str = 'kcla'
+    cross_stage: bool = True
+
+    def __post_init__(self):
+        for f in fields(self):
+            self.check_field('KCLAVariant', f.name, getattr(self, f.name))
+
+    @staticmethod
+    def check_field(owner: str, name: str, value: Any) -> None:
+        """Check one field's value; the message names `owner` (a model, where a model kwarg sets the field)."""
+        if name == 'temperatures':
+            check_choice(owner, name, value, KCLA_TEMPERATURES)
+        elif name == 'form':
+            check_choice(owner, name, value, KCLA_FORMS)
+        else:
+            check_bool(owner, name, value)
+
+
+def kcla_temperatures(num_heads: int, device=None, mode: str = 'log_uniform') -> torch.Tensor:
+    """Per-head key-norm divisors `norm_d = 1 / s`, `s` log-uniform in [0.7, 1/0.7] (`mode='equal'`: all ones).
 
     Computed with the official float32 op sequence so converted checkpoints hold identical values.
     """
     cpu = torch.device('cpu')  # explicit, so a `with torch.device('meta')` context cannot intercept it
+    if mode == 'equal':
+        return torch.ones(num_heads, device=cpu).to(torch.get_default_device() if device is None else device)
     lo, hi = torch.log(torch.tensor(0.7, device=cpu)), torch.log(torch.tensor(1 / 0.7, device=cpu))
     norm_d = torch.exp(torch.linspace(lo.item(), hi.item(), num_heads, device=cpu)).reciprocal()
     return norm_d.to(torch.get_default_device() if device is None else device)
@@ -160,7 +206,8 @@ class KCLA(LayerAttnBase):
     State: `[A, Z]` with `A` the normalised history `[B, C_prev, H_prev, W_prev]` and `Z` the weight sum
     `[B, g_prev]`, both float32. A cell with `rebuild=True` first compresses an incoming history into a
     single re-weighted token (the official "init layer"): `U / Z`, a grouped 1x1 projection when the
-    width changes, BatchNorm, then a weight from the token's own key.
+    width changes, BatchNorm, then a weight from the token's own key. A cell with `restart=True` ignores any
+    incoming state and starts a new history (a stage's first cell without the cross-stage design).
     """
 
     def __init__(
@@ -172,6 +219,8 @@ class KCLA(LayerAttnBase):
             history_stride: int = 2,
             drop_path: float = 0.2,
             norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+            variant: Optional[KCLAVariant] = None,
+            restart: bool = False,
             device=None,
             dtype=None,
     ):
@@ -184,18 +233,40 @@ class KCLA(LayerAttnBase):
             history_stride: Spatial stride between the incoming history and this block (1 if dilated).
             drop_path: Drop-path rate of the attention branch.
             norm_layer: Norm for the branch output and the rebuilt history.
+            variant: The ablations of Table V (`KCLAVariant`; default: none). Its `cross_stage` is the model's
+                business: the factory then builds stage entries with `restart`.
+            restart: Ignore the incoming state: this block starts a new history (exclusive with `rebuild`).
         """
         dd = {'device': device, 'dtype': dtype}
         super().__init__(channels, head_dim, drop_path, norm_layer, **dd)
         check_int('KCLA', 'history_stride', history_stride)
         if in_channels is not None:
             check_int('KCLA', 'in_channels', in_channels)
+        variant = variant if variant is not None else KCLAVariant()
+        if not isinstance(variant, KCLAVariant):
+            raise TypeError(f'KCLA: variant must be a KCLAVariant, got {variant!r}')
+        check_bool('KCLA', 'restart', restart)
+        if restart and rebuild:
+            raise ValueError('KCLA: a cell cannot both restart and rebuild the history, got restart=True, rebuild=True')
         self.history_eps = _HISTORY_EPS
         self.max_log_weight = _MAX_LOG_WEIGHT
         self.key_norm_eps = _KEY_NORM_EPS
+        self.temperatures = variant.temperatures
+        self.key_exp = variant.key_exp
+        self.value_first = variant.form == 'rla'
+        self.restart = restart
+        # The fused kernels compute the default maths: `native.kcla_` the key weight `exp(min(., 10))`, the head
+        # gate and the value after aggregation (any temperatures); `KCLABranch` only the last.
+        self.fused_eval = variant.key_exp and variant.head_attn and not self.value_first
+        self.fused_train = not self.value_first
 
-        self.head_gate = nn.Linear(self.num_heads, self.num_heads, bias=False, **dd)
-        self.register_buffer('norm_d', kcla_temperatures(self.num_heads, device=device), persistent=True)
+        if variant.head_attn:
+            self.head_gate = nn.Linear(self.num_heads, self.num_heads, bias=False, **dd)
+        else:
+            self.q = None  # only the head gate reads the query
+            self.head_gate = None
+        self.register_buffer(
+            'norm_d', kcla_temperatures(self.num_heads, device=device, mode=variant.temperatures), persistent=True)
 
         # History re-summary (only for cells that can receive a history: never the network's first).
         if rebuild:
@@ -227,11 +298,30 @@ class KCLA(LayerAttnBase):
             if m is not None:
                 nn.init.xavier_uniform_(m.weight)
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """Refuse temperatures other than this cell's: `norm_d` is fixed by `temperatures`, and loading another
+        model's (a KCLA checkpoint into a `temperatures='equal'` model, or back) would silently change the model."""
+        value = state_dict.get(prefix + 'norm_d')
+        own = self.norm_d
+        if isinstance(value, torch.Tensor) and value.numel() == own.numel() and not (value.is_meta or own.is_meta):
+            value = value.detach().reshape(-1).float().cpu()
+            if not torch.allclose(value, own.detach().float().cpu(), rtol=1e-6, atol=0.):
+                theirs = 'equal' if torch.equal(value, torch.ones_like(value)) else 'log_uniform'
+                error_msgs.append(
+                    f"{prefix}norm_d: the checkpoint's KCLA temperatures are not this model's "
+                    f"(temperatures={self.temperatures!r}); build it with temperatures={theirs!r}")
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
     def _key_weight(self, key: torch.Tensor, acc: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Per-head key norm `[B, g]` and its weight `exp(min(||k|| / norm_d, 10))` in dtype `acc`."""
+        """Per-head key norm `[B, g]` and its weight `exp(min(||k|| / norm_d, 10))` (`||k|| / norm_d` without
+        `key_exp`) in dtype `acc`."""
         key_norm = torch.linalg.vector_norm(key.view(-1, self.num_heads, self.head_dim).to(acc), dim=-1)
-        weight = torch.exp(torch.clamp(key_norm.to(acc) / self.norm_d.to(acc), max=self.max_log_weight))
-        return key_norm, weight
+        scaled = key_norm.to(acc) / self.norm_d.to(acc)
+        if not self.key_exp:
+            return key_norm, scaled
+        return key_norm, torch.exp(torch.clamp(scaled, max=self.max_log_weight))
 
     def _rebuild(
             self,
@@ -248,6 +338,8 @@ class KCLA(LayerAttnBase):
             hist = hist[:, :, ::stride, ::stride]
             if torch.is_grad_enabled():  # autograd would keep the view's whole full-size storage
                 hist = hist.contiguous()
+        if not self.key_exp:  # linear weights can sum to 0 (all keys 0; then U = 0): U / Z must stay finite
+            z = z.clamp_min(self.key_norm_eps)
         hist = hist * per_channel((z + self.history_eps) / z, self.head_dim)[:, :, None, None]
         hist = hist.to(dtype)
         proj = self.hist_proj
@@ -273,11 +365,14 @@ class KCLA(LayerAttnBase):
         at the first block `A' = alpha / (alpha + eps) * x`.
         """
         d = self.head_dim
-        q, k = self._query_key(pooled)
-        q, k = q.view(-1, self.num_heads, d), k.view(-1, self.num_heads, d)
         acc = accumulation_dtype(pooled)
+        if self.q is None:  # no head attention: the key alone
+            q: Optional[torch.Tensor] = None
+            k = eca_channel_conv(pooled, self.k.weight).to(acc)[:, 0]
+        else:
+            q, k = self._query_key(pooled)
         key_norm, alpha = self._key_weight(k, acc)
-        if len(state) == 0:
+        if len(state) == 0 or self.restart:
             hist: Optional[torch.Tensor] = None
             z = alpha
         else:
@@ -286,10 +381,14 @@ class KCLA(LayerAttnBase):
                 hist, z = self._rebuild(hist, z, dtype, acc)
             z = z + alpha
         weight = per_channel(alpha / (z + self.history_eps), d)
+        head_gate = self.head_gate
+        if q is None or head_gate is None:
+            return hist, weight, z, torch.ones_like(pooled, dtype=dtype)
         # Head gate from the projection of Q on the unit key direction.
-        score = (q * k).sum(-1) / key_norm.clamp_min(self.key_norm_eps)
+        score = (q.view(-1, self.num_heads, d) * k.view(-1, self.num_heads, d)).sum(-1) \
+            / key_norm.clamp_min(self.key_norm_eps)
         # |score| <= ||q||: safe to hand to the (possibly half-precision) head gate in the feature dtype.
-        gate = per_channel(torch.sigmoid(self.head_gate(score.to(dtype))), d)
+        gate = per_channel(torch.sigmoid(head_gate(score.to(dtype))), d)
         return hist, weight, z, gate
 
     def _attend(
@@ -297,9 +396,12 @@ class KCLA(LayerAttnBase):
             x: torch.Tensor,
             state: List[torch.Tensor],
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Add `x` to the history: the new history `A` and weight sum `Z` (float32), and the head gate
-        `[B, C, 1, 1]`. With autograd off the incoming history, owned by this forward, is updated in place."""
+        """Add `x` (its value `DW3(x)` in the RLA form) to the history: the new history `A` and weight sum `Z`
+        (float32), and the head gate `[B, C, 1, 1]`. With autograd off the incoming history, owned by this
+        forward, is updated in place."""
         hist, weight, z, gate = self._weights(x.mean((2, 3)), state, x.dtype)
+        if self.value_first:
+            x = self.v(x)
         x_acc = x.to(weight.dtype)
         weight = weight[:, :, None, None]
         if hist is None:
@@ -310,6 +412,13 @@ class KCLA(LayerAttnBase):
             hist = hist.lerp_(x_acc, weight)
         return hist, z, gate[:, :, None, None]
 
+    def _value(self, hist: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The branch's value map in `dtype`, a new tensor: `DW3(A)`, or `A` itself in the RLA form (whose
+        history aggregates values)."""
+        if self.value_first:
+            return hist.to(dtype, copy=True)
+        return self.v(hist.to(dtype))
+
     def forward_reference(
             self,
             x: torch.Tensor,
@@ -319,8 +428,12 @@ class KCLA(LayerAttnBase):
         """The reference path: `x + DropPath(ReLU(BN(gate * DW3(A))))` with `norm` and `drop_path` as modules.
         The other paths are held equal to it (see `LayerAttnBase`)."""
         hist, z, gate = self._attend(x, state)
-        value = self.v(hist.to(x.dtype))
+        value = self._value(hist, x.dtype)
         return x + self.drop_path(torch.relu(self.norm(value * gate))), [hist, z]
+
+    @torch.jit.unused
+    def tail_usable(self, pre: torch.Tensor, shortcut: torch.Tensor, state: List[torch.Tensor]) -> bool:
+        return self.fused_train and super().tail_usable(pre, shortcut, state)
 
     @torch.jit.unused
     def forward_lean(
@@ -344,7 +457,7 @@ class KCLA(LayerAttnBase):
         """Eval: `relu(BN(gate * V)) == relu((gate * scale) * V + shift)`; with autograd off in place on the
         value buffer. Equal to `forward_reference` in eval mode."""
         hist, z, gate = self._attend(x, state)
-        value = self.v(hist.to(x.dtype))
+        value = self._value(hist, x.dtype)
         scale, shift = self._fold_norm()
         gate = gate * scale[:, None, None]
         if torch.is_grad_enabled():
@@ -360,8 +473,11 @@ class KCLA(LayerAttnBase):
             shortcut: torch.Tensor,
             state: List[torch.Tensor],
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        """`forward_folded` as one fused CPU op: history update and branch, both in place."""
-        if len(state) == 0:
+        """`forward_folded` as one fused CPU op: history update and branch, both in place (the ablations the
+        kernel does not compute take `forward_folded`)."""
+        if not self.fused_eval:
+            return self.forward_folded(x, shortcut, state)
+        if len(state) == 0 or self.restart:
             hist, z = torch.empty_like(x), None
         else:
             hist, z = state[0], state[1]

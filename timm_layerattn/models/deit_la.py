@@ -14,7 +14,7 @@ is the tokens after `num_prefix_tokens`, shaped by the patch embedding's actual 
 token the defaults compute what the official modules compute, so official checkpoints convert and match.
 The maths and every decision: docs/design/vit_layer_attention.md.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Tuple, Type, Union
 
@@ -33,7 +33,9 @@ from ..families import Family, ModelArg, pretrained_cfg, register_family
 from ..layers import native
 from ..layers._checks import check_bool, check_choice, check_divisor, check_int, check_rate, divisors
 from ..layers.factory import LayerAttnCfg, create_layer_attn
+from ..layers.kcla import KCLAVariant
 from ..layers.vit_la import GridCell, MRLABaseTokens, MRLALightTokens
+from . import resnet_la
 from ._builder import build_model, register_trunk
 from ._contract import check_image
 
@@ -53,11 +55,13 @@ class TokenAttnCfg:
             #vit-mrlab-reset); 0 never resets after block 0.
         prefix_norm: MRLA: add the normalised block output to the prefix tokens, as the official modules do
             (#vit-prefix-quirk); KCLA leaves prefix tokens alone.
+        kcla: KCLA: the Table V ablations (`KCLAVariant`; `cross_stage` stays True: one stage).
     """
     type: str
     head_dim: int = 16
     reset_every: int = 4
     prefix_norm: bool = True
+    kcla: KCLAVariant = field(default_factory=KCLAVariant)
 
     def __post_init__(self):
         owner = 'TokenAttnCfg'
@@ -65,6 +69,8 @@ class TokenAttnCfg:
         check_int(owner, 'head_dim', self.head_dim)
         check_int(owner, 'reset_every', self.reset_every, minimum=0)
         check_bool(owner, 'prefix_norm', self.prefix_norm)
+        if not isinstance(self.kcla, KCLAVariant) or not self.kcla.cross_stage:
+            raise ValueError(f'{owner}: kcla must be a KCLAVariant with cross_stage=True, got {self.kcla!r}')
 
 
 @dataclass(frozen=True)
@@ -89,8 +95,8 @@ class TokenAttention(LayerStrategy):
             return MRLABaseTokens(site.out_chs, a.head_dim, reset, num_prefix_tokens, a.prefix_norm, norm_layer, **dd)
         # KCLA: the ResNet cell unchanged (BatchNorm over the grid), one history through all blocks (#vit-kcla).
         cell = create_layer_attn(
-            LayerAttnCfg('kcla', a.head_dim, rebuild_blocks=(0,)), site.out_chs, site.prev_chs, site.block_idx,
-            1, drop_path, norm_layer=nn.BatchNorm2d, **dd)
+            LayerAttnCfg('kcla', a.head_dim, rebuild_blocks=(0,), kcla=a.kcla), site.out_chs, site.prev_chs,
+            site.block_idx, 1, drop_path, norm_layer=nn.BatchNorm2d, **dd)
         return GridCell(cell, num_prefix_tokens)
 
 
@@ -421,6 +427,12 @@ def _check_head_dim(variant: str, head_dim: Any, arch: DeiTLACfg) -> None:
                   f'channels per head: the embedding width {arch.embed_dim} must be divisible into heads')
 
 
+def _check_cross_stage(variant: str, value: Any, arch: DeiTLACfg) -> None:
+    if not check_bool(variant, 'cross_stage', value):
+        raise ValueError(f'{variant}: cross_stage must be True (a ViT has one stage and one width: its KCLA '
+                         f'history runs through every block), got {value!r}')
+
+
 def _is(*types: str):
     return lambda arch: arch.strategy.attn.type in types
 
@@ -429,6 +441,10 @@ def _is(*types: str):
 HEAD_DIM = ModelArg('head_dim', path='strategy.attn.head_dim', check=_check_head_dim)
 RESET_EVERY = ModelArg('reset_every', path='strategy.attn.reset_every', takes=_is('mrla_base'))
 PREFIX_NORM = ModelArg('prefix_norm', path='strategy.attn.prefix_norm', takes=_is('mrla_light', 'mrla_base'))
+# KCLA's Table V ablations, as on the ResNets (docs/design/layer_attention.md#la-kcla-ablations).
+KCLA_ARGS = tuple(a if a.name != 'cross_stage' else
+                  ModelArg('cross_stage', check=_check_cross_stage, apply=lambda arch, value: arch)
+                  for a in resnet_la.KCLA_ARGS)
 
 
 def _deit(embed_dim: int, num_heads: int, kind: str) -> DeiTLACfg:
@@ -466,7 +482,7 @@ FAMILIES = {
     'mrla_base': Family('deit_mrla_base', 'DeiT + MRLA-base', card='deit_mrla_b',
                         rules=deit_mrla.RULES['deit_mrla_base'], args=(HEAD_DIM, RESET_EVERY, PREFIX_NORM)),
     'kcla': Family('deit_kcla', 'DeiT + KCLA', card='deit_kcla', rules=deit_mrla.RULES['deit_kcla'],
-                   args=(HEAD_DIM,)),
+                   args=(*KCLA_ARGS, HEAD_DIM)),
 }
 for _name, _arch in model_cfgs.items():
     register_family(FAMILIES[_arch.strategy.attn.type], {_name: _arch}, module=__name__)

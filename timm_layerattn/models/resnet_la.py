@@ -25,10 +25,13 @@ from ..core.units import Dd
 from ..families import Family, ModelArg, imagenet_cfg, register_family
 from ..layers import LayerAttnCfg, create_layer_attn
 from ..layers._checks import check_divisor, divisors, fmt_ints
+from ..layers.kcla import KCLAVariant
 from ._builder import build_model
 from .resnet_trunk import ResNetLA, ResNetLACfg
 
-__all__ = ['BlockAttention', 'checkpoint_filter_fn', 'LA_FAMILIES', 'HEAD_DIM', 'layer_attn_of']
+__all__ = [
+    'BlockAttention', 'checkpoint_filter_fn', 'LA_FAMILIES', 'HEAD_DIM', 'KCLA_ARGS', 'kcla_arg', 'layer_attn_of',
+]
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,7 @@ def check_head_dim(owner: str, head_dim: int, attn: LayerAttnCfg, widths: Tuple[
     """Every block must split into whole heads and, for KCLA, every stage's incoming history (a different
     width) into as many groups as the stage's blocks have heads."""
     transitions = [(a, b) for a, b in zip(widths[:-1], widths[1:]) if a != b] \
-        if attn.type == 'kcla' and 0 in attn.rebuild_blocks else []
+        if attn.carries_across_stages else []
     valid = [d for d in divisors(math.gcd(*widths)) if all(a % (b // d) == 0 for a, b in transitions)]
     why = f'channels per head: every block width {fmt_ints(widths)} must be divisible into heads'
     if transitions:
@@ -81,8 +84,20 @@ def _check_head_dim_arg(variant: str, head_dim: Any, arch: ResNetLACfg) -> None:
 HEAD_DIM = ModelArg('head_dim', path='strategy.attn.head_dim', check=_check_head_dim_arg)
 
 
+def kcla_arg(name: str) -> ModelArg:
+    """The model kwarg of `KCLAVariant` field `name` (KCLA's Table V ablations), for any architecture whose
+    `strategy.attn.kcla` is a `KCLAVariant` (docs/design/layer_attention.md#la-kcla-ablations)."""
+    return ModelArg(name, path=f'strategy.attn.kcla.{name}',
+                    check=lambda variant, value, arch: KCLAVariant.check_field(variant, name, value))
+
+
+# Before `head_dim`, whose check depends on `cross_stage`.
+KCLA_ARGS = tuple(kcla_arg(name) for name in ('temperatures', 'key_exp', 'head_attn', 'form', 'cross_stage'))
+
+
 def _la_family(kind: str, title: str, card: str) -> Family:
-    return Family(kind, title, card=card, rules=kcla_mrla.RULES[kind], args=(HEAD_DIM,))
+    args = (*KCLA_ARGS, HEAD_DIM) if kind == 'kcla' else (HEAD_DIM,)
+    return Family(kind, title, card=card, rules=kcla_mrla.RULES[kind], args=args)
 
 
 # The layer-attention families, by `LayerAttnCfg.type` (the CIFAR module registers its variants too).
