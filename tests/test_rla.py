@@ -2,9 +2,6 @@
 published layout, tests/_official_rla.py) converted strictly and run against the official forward, the
 stream's placement, and the family's kwargs and refusals. The `#rla-...` anchors are sections of
 docs/design/rla.md."""
-import subprocess
-import sys
-
 import pytest
 import timm
 import torch
@@ -14,6 +11,7 @@ from timm_layerattn import convert_official
 from timm_layerattn._utils.errors import UserError
 from timm_layerattn.checkpoints import read_raw
 from timm_layerattn.checkpoints.rla import RULES
+from timm_layerattn.cli import main as cli_main
 from timm_layerattn.convert import convert_official_with_report
 from timm_layerattn.pretrained import PretrainedWeightsError
 
@@ -143,9 +141,7 @@ def test_published_file_converts_with_one_command_and_loads_as_it_is(tmp_path):
     sd = official_state_dict(50, seed=4)
     src, dst = tmp_path / 'resnet50_rla_2283.pth.tar', tmp_path / 'resnet50_rla.safetensors'
     torch.save(training_checkpoint(sd), src)
-    run = subprocess.run([sys.executable, '-m', 'timm_layerattn.cli', 'convert', str(src), str(dst),
-                          '--model', 'resnet50_rla'], capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
+    assert cli_main(['convert', str(src), str(dst), '--model', 'resnet50_rla']) == 0
     x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(5))
     ref = official_forward(sd, x)
     for file in (dst, src):
@@ -205,3 +201,19 @@ def test_bad_rla_channel_is_a_one_line_error(value):
 def test_rla_channel_is_refused_by_other_families():
     with pytest.raises(TypeError, match='rla_channel'):
         timm.create_model('resnet50_kcla', rla_channel=16, device='meta')
+
+
+@pytest.mark.slow
+def test_exports_to_onnx_at_odd_sizes(tmp_path):
+    """The stream's rounding-up pool exports as an ONNX AveragePool over valid pixels: onnxruntime matches at an
+    even and at an odd size (#rla-quirk-odd-sizes)."""
+    ort = pytest.importorskip('onnxruntime')
+    from timm_layerattn.hub import export_onnx
+    model, _ = _converted('resnet50_rla')
+    result = export_onnx(model, tmp_path / 'm.onnx', input_size=(3, 64, 64))
+    assert all(c.max_rel_err <= 1e-4 for c in result.checks)
+    x = torch.randn(2, 3, 72, 88)
+    with torch.no_grad():
+        ref = model(x)
+    got = ort.InferenceSession(str(tmp_path / 'm.onnx')).run(None, {'input0': x.numpy()})[0]
+    assert _rel(torch.from_numpy(got), ref) <= 1e-4

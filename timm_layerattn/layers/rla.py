@@ -82,10 +82,11 @@ class RLAUpdate(nn.Module):
     def forward(self, x: torch.Tensor, shortcut: torch.Tensor, state: State) -> Tuple[torch.Tensor, State]:
         h, w_out, w_rec = state[0], state[1], state[2]
         if self.pool > 1:
-            h = F.avg_pool2d(h, self.pool, self.pool, ceil_mode=True)
-        y = F.conv2d(x, w_out)
-        h = F.conv2d(torch.tanh(self.bn(y + h)), w_rec, padding=1)
-        return x, [h, w_out, w_rec]
+            h = F.avg_pool2d(h, self.pool, self.pool, ceil_mode=True, count_include_pad=False)
+        y = F.conv2d(x, w_out).add_(h)  # in place on the conv's own output (its backward does not read it)
+        h = F.conv2d(torch.tanh(self.bn(y)), w_rec, padding=1)
+        # A traced stage's output is its last node (timm's fx feature extractor): end on `x` (a view, no copy).
+        return x.view_as(x), [h, w_out, w_rec]
 
 
 class RLANeck(nn.Module):
