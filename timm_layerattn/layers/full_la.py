@@ -173,47 +173,24 @@ class FullLayerAttn(nn.Module):
             pooled, gaps, self.query.weight, self.key.weight, self.head_dim, self.linear, self.flat_heads).to(x.dtype)
         return self._attend(maps, weights), [gaps] + maps
 
-    def _can_fold_norm(self) -> bool:
-        norm = self.norm
-        return not norm.training and type(norm) is nn.BatchNorm2d and norm.running_var is not None
-
     def _attend(self, maps: List[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
         """`x + DropPath(act(BN(Wv(sum_l a_l x_l))))` (or without `x +`): the weighted sum of the raw maps, then
-        the one depth-wise conv (#fla-linearity). In eval the BatchNorm is folded into the conv."""
+        the one depth-wise conv (#fla-linearity)."""
         w = weights.repeat_interleave(self.head_dim, dim=-1)[:, :, :, None, None]  # [B, T, C, 1, 1]
         s = maps[0] * w[:, 0]
         for l in range(1, len(maps)):
             s = s.addcmul_(maps[l], w[:, l])  # `s` is this block's own buffer: in place under autograd too
-        x = maps[-1]
-        if self._can_fold_norm():
-            scale, shift = self._fold_norm()
-            o = depthwise_conv3x3(s, self.value.weight * scale.view(-1, 1, 1, 1))
-            if torch.is_grad_enabled():
-                o = o + shift.view(-1, 1, 1)
-                if self.act:
-                    o = torch.relu(o)
-                return x + o if self.residual else o
-            o = o.add_(shift.view(-1, 1, 1))
-            if self.act:
-                o = o.relu_()
-            return o.add_(x) if self.residual else o
-        o = self.norm(self.value(s))
-        if self.act:
-            o = torch.relu(o)
-        return x + self.drop_path(o) if self.residual else o
+        return self._tail(maps[-1], self.norm(self.value(s)))
 
-    def _fold_norm(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Per-channel `(scale, shift)` of the eval-mode BatchNorm."""
-        norm = self.norm
-        mean, var = norm.running_mean, norm.running_var
-        assert mean is not None and var is not None
-        scale = torch.rsqrt(var + norm.eps)
-        if norm.weight is not None:
-            scale = scale * norm.weight
-        shift = -mean * scale
-        if norm.bias is not None:
-            shift = shift + norm.bias
-        return scale, shift
+    def _tail(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """`x + DropPath(act(o))` or `act(o)`; without autograd in place on `o` (never on the cached `x`)."""
+        if torch.is_grad_enabled():
+            if self.act:
+                o = torch.relu(o)
+            return x + self.drop_path(o) if self.residual else o
+        if self.act:
+            o = o.relu_()
+        return self.drop_path(o).add_(x) if self.residual else o
 
 
 class FlatHeadLayerAttn(FullLayerAttn):
@@ -232,10 +209,7 @@ class FlatHeadLayerAttn(FullLayerAttn):
         stacked = torch.stack(maps, dim=1).reshape(b * t, c, h, w)
         values = depthwise_conv3x3(stacked, self.value.weight).reshape(b * g, t, self.head_dim * h * w)
         o = torch.bmm(weights.reshape(b * g, 1, t), values).reshape(b, c, h, w)
-        o = self.norm(o)
-        if self.act:
-            o = torch.relu(o)
-        return x + self.drop_path(o) if self.residual else o
+        return self._tail(x, self.norm(o))
 
 
 def create_full_la(cfg: FullLACfg, channels: int, first_in_stage: bool, drop_path: float,
