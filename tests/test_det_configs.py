@@ -35,9 +35,23 @@ LAYER_ATTN = {
 # The plain timm ResNet whose ImageNet weights start each arch's trunk: MRLA-B nets have the deep stem of
 # timm's `resnet50c` / `resnet101c`, the others the stem of `resnet50` / `resnet101`.
 TRUNK_STEM = {'kcla': '', 'mrlal': '', 'mrlab': 'c', 'as-stages': ''}
+# config-name detector -> (MMDetection model type, the layer-attention parts shipped with it, SGD lr at batch 16).
+# RetinaNet: MRLA's recipe (lr 0.01), for the families of the KCLA / MRLA papers.
+DETECTORS = {
+    'faster-rcnn': ('FasterRCNN', tuple(LAYER_ATTN), 0.02),
+    'mask-rcnn': ('MaskRCNN', tuple(LAYER_ATTN), 0.02),
+    'retinanet': ('RetinaNet', ('kcla', 'mrlal', 'mrlab'), 0.01),
+}
 EXPECTED = sorted(
-    f'{det}-rcnn_r{depth}-{part}_fpn_1x_coco.py'
-    for det in ('faster', 'mask') for part, (_, depths, _) in LAYER_ATTN.items() for depth in depths)
+    f'{det}_r{depth}-{part}_fpn_1x_coco.py'
+    for det, (_, parts, _) in DETECTORS.items() for part in parts for depth in LAYER_ATTN[part][1])
+
+
+def parse(name: str):
+    """`(detector, depth, part)` of a config name, e.g. ('mask-rcnn', '101', 'as-stages')."""
+    det, rest = name.split('_r', 1)
+    depth, part = rest.split('_', 1)[0].split('-', 1)
+    return det, depth, part
 
 
 def test_exactly_the_expected_configs_ship():
@@ -54,10 +68,10 @@ def test_configs_state_the_shared_part_once(name):
     it (and not left behind as a key of its own); R101 configs: their R50 config, with arch and trunk only."""
     assert base_fragments() == ['layer_attn_backbone.py']
     text = (CONFIG_DIR / name).read_text()
-    det, depth = name.split('-rcnn')[0], name.split('_')[1][1:].split('-', 1)[0]
+    det, depth, _ = parse(name)
     if depth == '50':
         assert "'./_base_/layer_attn_backbone.py']" in text and "_base_.pop('layer_attn_backbone')" in text
-        assert f"'mmdet::{det}_rcnn/{det}-rcnn_r50_fpn_1x_coco.py'" in text
+        assert f"'mmdet::{det.replace('-', '_')}/{det}_r50_fpn_1x_coco.py'" in text
     else:
         assert f"_base_ = './{name.replace('_r101-', '_r50-')}'" in text
         assert "type='LayerAttnResNet'" not in text and 'drop_path_rate' not in text
@@ -67,12 +81,12 @@ def test_configs_state_the_shared_part_once(name):
 @pytest.mark.parametrize('name', EXPECTED)
 def test_config_resolves_to_the_paper_recipe(name):
     cfg = Config.fromfile(str(CONFIG_DIR / name))
-    det = name.split('-rcnn')[0]
-    depth, part = name.split('_')[1][1:].split('-', 1)
+    det, depth, part = parse(name)
+    model_type, _, lr = DETECTORS[det]
     suffix, _, drop_path_rate = LAYER_ATTN[part]
     arch = f'resnet{depth}_{suffix}'
     assert cfg.custom_imports == dict(imports=['timm_layerattn.det'], allow_failed_imports=False)
-    assert cfg.model.type == {'faster': 'FasterRCNN', 'mask': 'MaskRCNN'}[det]
+    assert cfg.model.type == model_type
     bb = cfg.model.backbone
     assert bb.type == 'LayerAttnResNet' and bb.arch == arch
     assert 'depth' not in bb and 'num_stages' not in bb  # `_delete_` dropped mmdet's ResNet arguments
@@ -83,14 +97,14 @@ def test_config_resolves_to_the_paper_recipe(name):
     assert bb.init_cfg == dict(type='TimmTrunk', checkpoint=f'{trunk}.{default.tag}')
     assert default.hf_hub_id == f'timm/{trunk}.{default.tag}'
     assert cfg.model.neck.in_channels == [256, 512, 1024, 2048]
-    # 1x schedule, SGD at 0.02 for batch 16, scaled to the real batch by the linear rule.
-    assert cfg.optim_wrapper.optimizer == dict(type='SGD', lr=0.02, momentum=0.9, weight_decay=0.0001)
+    # 1x schedule, SGD at 0.02 (RetinaNet 0.01) for batch 16, scaled to the real batch by the linear rule.
+    assert cfg.optim_wrapper.optimizer == dict(type='SGD', lr=lr, momentum=0.9, weight_decay=0.0001)
     assert cfg.auto_scale_lr == dict(enable=True, base_batch_size=16)
     assert cfg.train_cfg.max_epochs == 12 and cfg.train_dataloader.batch_size == 2
     warmup, steps = cfg.param_scheduler
     assert (warmup.type, warmup.start_factor, warmup.end) == ('LinearLR', 0.001, 500)
     assert (steps.type, steps.milestones, steps.gamma) == ('MultiStepLR', [8, 11], 0.1)
-    assert ('segm' in cfg.val_evaluator.metric) == (det == 'mask')
+    assert ('segm' in cfg.val_evaluator.metric) == (det == 'mask-rcnn')
     header = (CONFIG_DIR / name).read_text().split('\n\n')[0]
     assert 'Paper' in header and 'This config' in header
     weights = header[header.index('# Weights:'):]
@@ -98,8 +112,38 @@ def test_config_resolves_to_the_paper_recipe(name):
     assert f'--cfg-options model.backbone.init_cfg.checkpoint=/path/to/{trunk}.safetensors' in weights
     assert '--cfg-options model.backbone.init_cfg.type=Pretrained model.backbone.init_cfg.checkpoint=PATH' in weights
     assert 'checkpoints/' not in (CONFIG_DIR / name).read_text()
-    if suffix == 'kcla':  # the paper's lr values as written, next to what the linear rule gives
+    if suffix == 'kcla' and det != 'retinanet':  # the paper's lr values as written, next to the linear rule's
         assert ('0.1' in header) if depth == '50' else ('0.05' in header)
+    if det == 'retinanet':
+        prose = ' '.join(line.lstrip('# ') for line in header.splitlines())
+        assert 'retinanet_r50mrlal_fpn_1x_coco.py' in prose and 'lr 0.01 for total batch 16' in prose
+
+
+@pytest.mark.parametrize('depth', [50, 101])
+def test_retinanet_is_mrlas_official_detector(depth):
+    """The RetinaNet configs resolve to the official MRLA RetinaNet (joyfang1106/MRLA
+    `configs/_base_/models/retinanet_r50mrlal_fpn.py`): its neck, head, anchors, losses, assigner and test
+    settings, for every family."""
+    for part in DETECTORS['retinanet'][1]:
+        m = Config.fromfile(str(CONFIG_DIR / f'retinanet_r{depth}-{part}_fpn_1x_coco.py')).model
+        assert (m.neck.type, m.neck.out_channels, m.neck.start_level, m.neck.add_extra_convs, m.neck.num_outs) == \
+            ('FPN', 256, 1, 'on_input', 5)
+        h = m.bbox_head
+        assert (h.type, h.num_classes, h.in_channels, h.stacked_convs, h.feat_channels) == \
+            ('RetinaHead', 80, 256, 4, 256)
+        a = h.anchor_generator
+        assert (a.octave_base_scale, a.scales_per_octave, a.ratios, a.strides) == \
+            (4, 3, [0.5, 1.0, 2.0], [8, 16, 32, 64, 128])
+        assert h.bbox_coder == dict(type='DeltaXYWHBBoxCoder', target_means=[.0, .0, .0, .0],
+                                    target_stds=[1.0, 1.0, 1.0, 1.0])
+        assert h.loss_cls == dict(type='FocalLoss', use_sigmoid=True, gamma=2.0, alpha=0.25, loss_weight=1.0)
+        assert h.loss_bbox == dict(type='L1Loss', loss_weight=1.0)
+        t = m.train_cfg
+        assert (t.assigner.type, t.assigner.pos_iou_thr, t.assigner.neg_iou_thr, t.assigner.min_pos_iou,
+                t.assigner.ignore_iof_thr) == ('MaxIoUAssigner', 0.5, 0.4, 0, -1)
+        assert (t.allowed_border, t.pos_weight) == (-1, -1)
+        assert m.test_cfg == dict(nms_pre=1000, min_bbox_size=0, score_thr=0.05,
+                                  nms=dict(type='nms', iou_threshold=0.5), max_per_img=100)
 
 
 @pytest.mark.parametrize('part', sorted(LAYER_ATTN))
@@ -136,8 +180,14 @@ def test_config_builds_its_detector(name, trunk_cache, monkeypatch):
     model = MODELS.build(cfg.model)
     assert model.backbone.arch == cfg.model.backbone.arch
     assert model.backbone.out_channels == cfg.model.neck.in_channels
-    assert model.backbone.strides == list(cfg.model.roi_head.bbox_roi_extractor.featmap_strides)
-    assert model.with_mask == name.startswith('mask')
+    if 'roi_head' in cfg.model:
+        assert model.backbone.strides == list(cfg.model.roi_head.bbox_roi_extractor.featmap_strides)
+    else:  # RetinaNet: FPN from stage 2 (stride 8), two extra levels
+        start = cfg.model.neck.start_level
+        strides = model.backbone.strides[start:]
+        assert strides + [strides[-1] * 2, strides[-1] * 4] == cfg.model.bbox_head.anchor_generator.strides
+    assert type(model).__name__ == DETECTORS[parse(name)[0]][0]
+    assert getattr(model, 'with_mask', False) == name.startswith('mask')
     assert model.backbone._trunk_init.weights.path.startswith(str(trunk_cache))
 
 

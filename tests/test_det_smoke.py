@@ -58,6 +58,22 @@ def test_faster_rcnn_smoke_as_shipped(capsys, tmp_root):
     assert list(tmp_root.iterdir()) == []
 
 
+def test_retinanet_smoke_as_shipped(capsys, tmp_root):
+    """A one-stage detector (no RPN or RoI head: `det-smoke` tunes only what the config has) through the command."""
+    rc, out, err = _smoke(capsys, 'retinanet_r50-kcla_fpn_1x_coco.py', '--iters', '1')
+    assert rc == 0, err
+    assert 'RetinaNet, backbone LayerAttnResNet resnet50_kcla, trunk init: random' in out
+    losses = _losses(out)
+    assert len(losses) == 1 and set(losses[0]) == {'loss', 'loss_cls', 'loss_bbox'}, out
+    assert all(math.isfinite(v) for v in losses[0].values()) and losses[0]['loss_cls'] > 0
+    for split in ('val', 'test'):
+        metrics = _metrics(out, split)
+        assert {'coco/bbox_mAP', 'coco/bbox_mAP_50'} <= set(metrics) and 'coco/segm_mAP' not in metrics
+        assert all(-1 <= v <= 1 for v in metrics.values()), metrics
+    assert out.splitlines()[-1].startswith('ok: retinanet_r50-kcla_fpn_1x_coco.py trained 1 iterations')
+    assert list(tmp_root.iterdir()) == []
+
+
 def test_mask_rcnn_smoke_with_a_local_imagenet_trunk(capsys, tmp_root, tmp_path):
     """--pretrained keeps the config's TimmTrunk init; --cfg-options points it at a local timm resnet50 file."""
     trunk = save_state_dict(timm.create_model('resnet50').state_dict(), tmp_path / 'resnet50.safetensors')
