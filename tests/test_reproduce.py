@@ -184,7 +184,7 @@ def test_tiny_grid_trains_skips_finished_runs_and_aggregates(tmp_path, capsys):
     out = tmp_path / 'rep'
     rc, stdout, err = _cli(capsys, 'reproduce', *GRID, '--seeds', '2', *TINY, '-o', out)
     assert rc == 0, err
-    assert '2 runs (1 dataset x 1 cells x 2 seeds); 0 finished earlier, 2 to train' in stdout
+    assert '2 runs (1 dataset x 1 cell x 2 seeds); 0 finished earlier, 2 to train' in stdout
     lines = [l for l in stdout.splitlines() if l.startswith('[')]
     assert [l.split(':')[0] for l in lines] == ['[1/2] digits ResNet d20 seed 42'] * 2 + [
         '[2/2] digits ResNet d20 seed 43'] * 2
@@ -207,16 +207,18 @@ def test_tiny_grid_trains_skips_finished_runs_and_aggregates(tmp_path, capsys):
     stamps = {p: p.stat().st_mtime_ns for p in out.glob('runs/*/*/*/*')}
     rc, stdout, err = _cli(capsys, 'reproduce', *GRID, '--seeds', '3', *TINY, '-o', out)
     assert rc == 0, err
-    assert '3 runs (1 dataset x 1 cells x 3 seeds); 2 finished earlier, 1 to train' in stdout
-    assert [l.split(':')[0] for l in stdout.splitlines() if l.startswith('[')] == ['[1/1] digits ResNet d20 seed 44'] * 2
+    assert '3 runs (1 dataset x 1 cell x 3 seeds); 2 finished earlier, 1 to train' in stdout
+    trained = [l.split(':')[0] for l in stdout.splitlines() if l.startswith('[')]
+    assert trained == ['[1/1] digits ResNet d20 seed 44'] * 2
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
     assert next(csv.DictReader(open(out / 'results.csv')))['n'] == '3'
 
     # Other settings into the same folder are refused (nothing trains), unless --overwrite.
     rc, _, err = _cli(capsys, 'reproduce', *GRID, '--seeds', '1', *TINY, '--epochs', '2', '-o', out)
     assert rc == 2 and err.count('\n') == 1
-    assert err.endswith('1 run in --output has other settings (runs/digits/resnet-d20/seed42: epochs 1 there, 2 now, '
-                        "decay_milestones [1, 1] there, [1, 2] now); --overwrite redoes it, or choose another --output\n")
+    assert err.endswith('1 run in --output has other settings (runs/digits/resnet-d20/seed42: epochs 1 there, 2 '
+                        'now, decay_milestones [1, 1] there, [1, 2] now); --overwrite redoes it, or choose another '
+                        '--output\n')
     # --collect trains nothing and writes the results again.
     (out / 'results.md').unlink()
     rc, stdout, err = _cli(capsys, 'reproduce', *GRID, '--seeds', '3', *TINY, '-o', out, '--collect')
@@ -249,7 +251,6 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
 
 
 def test_submitit_local_executor_runs_a_job(tmp_path, capsys):
-    pytest.importorskip('submitit')  # the `test` extra installs it
     out = tmp_path / 'rep'
     rc, stdout, err = _cli(capsys, 'reproduce', *GRID, '--seeds', '1', *TINY, '-o', out, '--launcher', 'submitit',
                            '--slurm-cluster', 'local', '--slurm-time', '10', '--slurm-gpus', '0')
@@ -319,3 +320,29 @@ def test_unregistered_models_and_missing_launcher_are_named(tmp_path, capsys, mo
     rc, _, err = _cli(capsys, 'reproduce', *GRID, '-o', tmp_path / 'r', '--launcher', 'submitit')
     assert rc == 2 and 'needs submitit: pip install "timm-layerattn[slurm]"' in err
     assert not (tmp_path / 'r').exists()
+
+
+def test_quick_preset_and_dry_run(tmp_path, capsys):
+    rc, out, err = _cli(capsys, 'reproduce', 'kcla-table1', '--quick', '--dry-run', '-o', tmp_path / 'r')
+    assert rc == 0, err
+    assert out.splitlines()[0].startswith('timm-layerattn reproduce kcla-table1: 8 runs (1 dataset x 8 cells x 1 '
+                                          'seed); 0 finished earlier, 8 to train')
+    assert out.splitlines()[-1].split() == ['new', 'runs/digits/kcla-d20/seed42', 'cifar_resnet20_kcla']
+    # Flags given win over the preset; a dry run writes nothing.
+    rc, out, err = _cli(capsys, 'reproduce', 'kcla-table1', '--quick', '--seeds', '2', '--depths', '56', '--shard',
+                        '2/3', '--dry-run', '-o', tmp_path / 'r')
+    assert rc == 0, err
+    assert '16 runs (1 dataset x 8 cells x 2 seeds, shard 2/3: 5 of them)' in out
+    assert [l.split()[1] for l in out.splitlines()[1:]] == [
+        'runs/digits/resnet-d56/seed43', 'runs/digits/dia-d56/seed42', 'runs/digits/la-d56/seed43',
+        'runs/digits/mrlab-d56/seed42', 'runs/digits/dynlal-d56/seed43']
+    assert not (tmp_path / 'r').exists()
+
+
+def test_submitit_job_requeues_itself_with_its_arguments():
+    """Timed out or preempted on SLURM, the job is resubmitted with the same run, which then resumes."""
+    from timm_layerattn.tools.reproduce.launch import RunJob
+    run = plan_runs(TABLES['kcla-table1'], ['digits'], [20], ['resnet'], [1])[0]
+    job = RunJob()
+    delayed = job.checkpoint(run, Settings('kcla-cifar'), '/out', False)
+    assert delayed.function is job and delayed.args == (run, Settings('kcla-cifar'), '/out', False)

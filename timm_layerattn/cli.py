@@ -26,7 +26,7 @@ COMMANDS = {
     'det-configs': ('timm_layerattn.tools.det_configs', 'path of the MMDetection configs, or a copy of them'),
     'det-smoke': ('timm_layerattn.tools.det_smoke', 'smoke test of a detection config: 2 iters + COCO eval, tiny data'),
     'kernels': ('timm_layerattn.tools.kernels', 'build the fused CPU inference kernels now and say where they are'),
-    'reproduce': ('timm_layerattn.tools.reproduce', 'rerun a paper\'s table: models x depths x seeds, mean +- SD in results.md'),
+    'reproduce': ('timm_layerattn.tools.reproduce', 'rerun a paper\'s table (models x depths x seeds): mean +- SD'),
 }
 
 

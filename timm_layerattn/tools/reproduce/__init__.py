@@ -213,9 +213,10 @@ def run(args: argparse.Namespace) -> int:
                         f'or choose another --output')
     done = [r for r in runs if states[r][0] == 'done']
     todo = [r for r in runs if states[r][0] != 'done']
+    cells = len({(r.depth, r.row) for r in grid})
     shard = f', shard {args.shard[0]}/{args.shard[1]}: {len(runs)} of them' if args.shard else ''
     print(f'timm-layerattn reproduce {table.name}: {len(grid)} runs ({len(datasets)} dataset'
-          f'{"s" if len(datasets) > 1 else ""} x {len({(r.depth, r.row) for r in grid})} cells x {len(seeds)} seed'
+          f'{"s" if len(datasets) > 1 else ""} x {cells} cell{"s" if cells > 1 else ""} x {len(seeds)} seed'
           f'{"s" if len(seeds) > 1 else ""}{shard}); {len(done)} finished earlier, '
           f'{0 if args.collect else len(todo)} to train -> {out}', flush=True)
     if args.dry_run:

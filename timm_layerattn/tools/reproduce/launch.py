@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from ..._utils.errors import UserError, first_line
 from .runs import Run, Settings, execute
 
-__all__ = ['run_locally', 'run_submitit', 'SUBMITIT_CLUSTERS', 'result_line', 'duration']
+__all__ = ['RunJob', 'run_locally', 'run_submitit', 'SUBMITIT_CLUSTERS', 'result_line', 'duration']
 
 SUBMITIT_CLUSTERS = ('slurm', 'local', 'debug')
 
@@ -65,6 +65,18 @@ def run_locally(runs: Sequence[Run], settings: Settings, out_dir: Path, overwrit
     return failed
 
 
+class RunJob:
+    """`execute` as a submitit job that SLURM may time out or preempt: submitit then requeues it (up to three
+    times), and the requeued job resumes the run from its last checkpoint (`execute` picks up where it stopped)."""
+
+    def __call__(self, run: Run, settings: Settings, out_dir: str, overwrite: bool = False) -> Dict[str, Any]:
+        return execute(run, settings, out_dir, overwrite)
+
+    def checkpoint(self, *args: Any, **kwargs: Any):
+        from submitit.helpers import DelayedSubmission  # in the job, where submitit runs us
+        return DelayedSubmission(self, *args, **kwargs)
+
+
 def add_slurm_arguments(parser: argparse.ArgumentParser) -> None:
     from ..._utils.args import float_arg, int_arg
     g = parser.add_argument_group('submitit launcher (--launcher submitit; each run one job of a job array)')
@@ -115,7 +127,7 @@ def run_submitit(runs: Sequence[Run], settings: Settings, out_dir: Path, overwri
         slurm_account=args.slurm_account, slurm_qos=args.slurm_qos, slurm_constraint=args.slurm_constraint,
         slurm_array_parallelism=args.slurm_array_parallelism)
     n = len(runs)
-    jobs = executor.map_array(execute, list(runs), [settings] * n, [str(out_dir)] * n, [overwrite] * n)
+    jobs = executor.map_array(RunJob(), list(runs), [settings] * n, [str(out_dir)] * n, [overwrite] * n)
     by_job = {job.job_id: (i, run) for i, (job, run) in enumerate(zip(jobs, runs), 1)}
     say(f'submitted {n} job{"s" if n != 1 else ""} to {args.slurm_cluster} (ids {jobs[0].job_id}'
         + (f' ... {jobs[-1].job_id}' if n > 1 else '') + f'); logs in {out_dir / "submitit"}')
