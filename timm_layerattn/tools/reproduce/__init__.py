@@ -183,6 +183,10 @@ def _check_train_args(runs, settings, open_data: bool) -> None:
             create_datasets(args)
 
 
+def _count(n: int, noun: str) -> str:
+    return f'{n} {noun}{"s" if n != 1 else ""}'
+
+
 def run(args: argparse.Namespace) -> int:
     from .launch import check_submitit, run_locally, run_submitit
     from .report import collect, results_markdown, write_reports
@@ -215,9 +219,8 @@ def run(args: argparse.Namespace) -> int:
     todo = [r for r in runs if states[r][0] != 'done']
     cells = len({(r.depth, r.row) for r in grid})
     shard = f', shard {args.shard[0]}/{args.shard[1]}: {len(runs)} of them' if args.shard else ''
-    print(f'timm-layerattn reproduce {table.name}: {len(grid)} runs ({len(datasets)} dataset'
-          f'{"s" if len(datasets) > 1 else ""} x {cells} cell{"s" if cells > 1 else ""} x {len(seeds)} seed'
-          f'{"s" if len(seeds) > 1 else ""}{shard}); {len(done)} finished earlier, '
+    print(f'timm-layerattn reproduce {table.name}: {_count(len(grid), "run")} ({_count(len(datasets), "dataset")} x '
+          f'{_count(cells, "cell")} x {_count(len(seeds), "seed")}{shard}); {len(done)} finished earlier, '
           f'{0 if args.collect else len(todo)} to train -> {out}', flush=True)
     if args.dry_run:
         for r in runs:

@@ -133,8 +133,10 @@ def results_csv(table: Table, cells: Sequence[Cell], metric: str) -> str:
 
 
 def _settings_text(table: Table, settings: Settings, metric: str) -> str:
-    length = (f'shortened to {settings.epochs} epochs (warm-up and lr decays scaled to the same fractions)'
-              if settings.epochs is not None else 'as the paper trains')
+    length = 'as the paper trains'
+    if settings.epochs is not None:
+        length = (f'shortened to {settings.epochs} epoch{"s" if settings.epochs > 1 else ""} (warm-up and lr decays '
+                  f'scaled to the same fractions)')
     extra = [f'{n.replace("_", " ")} {getattr(settings, n)}' for n in ('batch_size', 'train_samples', 'val_samples')
              if getattr(settings, n) is not None]
     what = {'top1': 'top-1 accuracy', 'error': 'top-1 error'}[table.metric]
