@@ -126,14 +126,15 @@ class DynamicLALight(nn.Module):
         check_bool(type(self).__name__, 'batch_coupled_gate', batch_coupled_gate)
         self.mrla = MRLALight(channels, head_dim, drop_path, norm_layer, device=device, dtype=dtype)
         self.batch_coupled_gate = batch_coupled_gate
+        self.dsu_state = DSU_STATE  # TorchScript reads no module-level ints
 
     def forward(self, x: torch.Tensor, shortcut: torch.Tensor, state: List[torch.Tensor]
                 ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        weights = state[2:DSU_STATE]
+        weights = state[2:self.dsu_state]
         h, c = dsu_step(x.mean((2, 3)), state[0], state[1], weights)
         h0, c0 = _gate_state(h, c, self.batch_coupled_gate)
         gate = dsu_step(shortcut.mean((2, 3)), h0, c0, weights)[0]
-        refreshed = torch.addcmul(depthwise_conv3x3(shortcut, state[DSU_STATE]), shortcut, gate[:, :, None, None])
+        refreshed = torch.addcmul(depthwise_conv3x3(shortcut, state[self.dsu_state]), shortcut, gate[:, :, None, None])
         x, _ = self.mrla(x, refreshed, [])
         return x, [h, c] + state[2:]
 
@@ -166,6 +167,7 @@ class DynamicLABase(nn.Module):
         check_bool(type(self).__name__, 'batch_coupled_gate', batch_coupled_gate)
         self.mrla = MRLABase(channels, head_dim, True, drop_path, norm_layer, device=device, dtype=dtype)
         self.batch_coupled_gate = batch_coupled_gate
+        self.dsu_state = DSU_STATE
 
     def _weights(
             self,
@@ -180,21 +182,21 @@ class DynamicLABase(nn.Module):
         """
         mrla = self.mrla
         g, d = mrla.num_heads, mrla.head_dim
-        weights = state[2:DSU_STATE]
+        weights = state[2:self.dsu_state]
         h, c = dsu_step(pooled, state[0], state[1], weights)
         q, k = mrla._query_key(pooled)
         k = k.unsqueeze(1)
         ones = torch.ones_like(k)
         earlier: List[torch.Tensor] = []
-        if len(state) > DSU_STATE:
-            keys, vpool, scale = state[DSU_STATE], state[DSU_STATE + 1], state[DSU_STATE + 2]
+        if len(state) > self.dsu_state:
+            keys, vpool, scale = state[self.dsu_state], state[self.dsu_state + 1], state[self.dsu_state + 2]
             t = keys.shape[1]
             h0, c0 = _gate_state(h, c, self.batch_coupled_gate)
             gates = dsu_step(torch.cat([keys, vpool], dim=1), h0.unsqueeze(1), c0.unsqueeze(1), weights)[0]
             gk, gv = gates[:, :t], gates[:, t:]
             vpool, scale = vpool * gv, scale * gv
             keys = torch.cat([keys * gk, k], dim=1)
-            earlier = state[DSU_STATE + 3:]
+            earlier = state[self.dsu_state + 3:]
             value_scale = torch.cat([scale, ones], dim=1)
         else:
             keys, vpool, scale, value_scale = k, k[:, :0], k[:, :0], ones
@@ -202,34 +204,30 @@ class DynamicLABase(nn.Module):
         attn = per_channel(scores.softmax(dim=1), d) * value_scale
         return attn, [h, c] + weights + [keys, vpool, scale], earlier
 
-    @staticmethod
-    def _append(head: List[torch.Tensor], earlier: List[torch.Tensor], value: torch.Tensor) -> List[torch.Tensor]:
+    def _append(self, head: List[torch.Tensor], earlier: List[torch.Tensor], value: torch.Tensor) -> List[torch.Tensor]:
         """The next block's state: this block's pooled value (scale 1) appended to the cache, then every value."""
-        keys, vpool, scale = head[DSU_STATE], head[DSU_STATE + 1], head[DSU_STATE + 2]
+        keys, vpool, scale = head[self.dsu_state], head[self.dsu_state + 1], head[self.dsu_state + 2]
         pooled = value.mean((2, 3)).unsqueeze(1).to(keys.dtype)
         vpool = torch.cat([vpool, pooled], dim=1)
         scale = torch.cat([scale, torch.ones_like(pooled)], dim=1)
-        return head[:DSU_STATE + 1] + [vpool, scale] + earlier + [value]
+        return head[:self.dsu_state + 1] + [vpool, scale] + earlier + [value]
 
     def forward(self, x: torch.Tensor, shortcut: torch.Tensor, state: List[torch.Tensor]
                 ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         mrla = self.mrla
         attn, head, earlier = self._weights(x.mean((2, 3)), state)
         value = mrla.v(x)
-        if mrla._can_fold_norm():
-            # Eval: relu(BN(S)) == relu(scale * S + shift), the norm's scale merged into the weights.
-            norm_scale, shift = mrla._fold_norm()
-            out = _weighted_sum(value, earlier, (attn * norm_scale).to(value.dtype)).add_(shift[:, None, None])
-            x = x + torch.relu(out) if torch.is_grad_enabled() else x.add_(out.relu_())
-        else:
-            out = _weighted_sum(value, earlier, attn.to(value.dtype))
-            x = x + mrla.drop_path(torch.relu(mrla.norm(out)))
-        return x, self._append(head, earlier, value)
+        out = torch.relu(mrla.norm(_weighted_sum(value, earlier, attn.to(value.dtype))))
+        state = self._append(head, earlier, value)  # before `x`: timm's fx features take a stage's last node
+        # Without autograd in eval mode the block output is this forward's own: the branch is added in place. The
+        # norm runs as a module (no folding into the weights): the same ops traced by fx as run in eager.
+        x = x.add_(out) if not (torch.is_grad_enabled() or self.training) else x + mrla.drop_path(out)
+        return x, state
 
     @torch.jit.unused
     def tail_usable(self, pre: torch.Tensor, shortcut: torch.Tensor, state: List[torch.Tensor]) -> bool:
         """Whether the block may hand its tail to `forward_tail` (MRLA-base's memory-lean training path)."""
-        return self.mrla.tail_usable(pre, shortcut, state[DSU_STATE + 3:])
+        return self.mrla.tail_usable(pre, shortcut, state[self.dsu_state + 3:])
 
     @torch.jit.unused
     def forward_tail(
