@@ -90,7 +90,8 @@ _ARGS = (
     ModelArg('head_dim', 'strategy.head_dim', check=lambda v, x, a: check_head_dim(v, x, a.block_widths())),
     ModelArg('dsu_reduction', 'strategy.dsu_reduction',
              check=lambda v, x, a: check_dsu_reduction(v, x, a.block_widths())),
-    ModelArg('batch_coupled_gate', 'strategy.batch_coupled_gate', check=lambda v, x, a: check_bool(v, 'batch_coupled_gate', x)),
+    ModelArg('batch_coupled_gate', 'strategy.batch_coupled_gate',
+             check=lambda v, x, a: check_bool(v, 'batch_coupled_gate', x)),
 )
 
 # CIFAR (bgx666/KCLA cifar/models/cifar/dla_{l,b}.py): head dim 16, DSU reduction 4. ImageNet
