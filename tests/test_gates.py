@@ -63,6 +63,16 @@ def test_eca_kernel_sizes_follow_the_official_rule():
     assert kernels == {1: 3, 2: 5, 3: 5}
 
 
+def test_eca_gate_equals_timm_eca_module():
+    from timm.layers import EcaModule
+    gate = EcaGate(128)
+    timm_eca = EcaModule(128)
+    timm_eca.load_state_dict(gate.eca.state_dict())
+    x = torch.randn(2, 128, 5, 5)
+    torch.testing.assert_close(gate(x, [])[0], timm_eca(x))
+    assert gate(x[:0], [])[0].shape == (0, 128, 5, 5)  # where timm's `view(B, 1, -1)` cannot
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Parity with the official forward (#cg-maths), conversion reports and refusals (#cg-conversion)
 # ---------------------------------------------------------------------------------------------------------------

@@ -58,7 +58,8 @@ class SEGate(nn.Module):
 
 
 class EcaGate(nn.Module):
-    """ECA of a residual branch: timm's `EcaModule(C)` (adaptive kernel, sigmoid gate) as a pre-residual module."""
+    """ECA of a residual branch: timm's `EcaModule(C)` (adaptive kernel, sigmoid gate; `eca.conv` holds the
+    filter) as a pre-residual module."""
 
     def __init__(self, chs: int, device=None, dtype=None):
         super().__init__()
@@ -66,7 +67,9 @@ class EcaGate(nn.Module):
         self.eca = EcaModule(chs, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, state: State) -> Tuple[torch.Tensor, State]:
-        return self.eca(x), state
+        # `EcaModule.forward`'s maths with explicit shapes: its `view(B, 1, -1)` fails on an empty batch.
+        gate = self.eca.gate(self.eca.conv(x.mean((2, 3)).unsqueeze(1))).squeeze(1)
+        return x * gate[:, :, None, None], state
 
 
 class _CellMlp(nn.Module):
