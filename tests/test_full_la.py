@@ -208,3 +208,15 @@ def test_bad_module_arguments():
         FullLayerAttn(30, head_dim=8)
     with pytest.raises(TypeError, match="FullLayerAttn: linear must be True or False, got 1"):
         FullLayerAttn(32, linear=1)
+
+
+@pytest.mark.parametrize('name', ['cifar_resnet110_linla', 'cifar_resnet110_la'])
+def test_untrained_deep_nets_are_finite(name):
+    """The linear nets start their branch BatchNorm at zero (#fla-init): with the official init the untrained
+    deep linear nets overflow in eval."""
+    torch.manual_seed(0)
+    model = timm.create_model(name).eval()
+    norms = [m.norm.weight for m in model.modules() if isinstance(m, FullLayerAttn)]
+    assert all(bool((w == 0).all()) == name.endswith('linla') for w in norms)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randn(2, 3, 32, 32))).all()

@@ -49,6 +49,8 @@ class FullLACfg:
         act: ReLU after the BatchNorm.
         head_layout: 'per_head' (head h reads channels h*d..h*d+d-1 of every cached layer) or 'flat' (the eq. 4
             code's `view` of the flattened `[T, C]` cache, docs/design/full_layer_attention.md#fla-flat-heads).
+        zero_init_norm: Start the branch BatchNorm's weight at zero (official: one), so that an untrained deep
+            net with the unnormalised linear attention does not overflow (docs/design/full_layer_attention.md#fla-init).
     """
     type: str
     head_dim: int
@@ -56,6 +58,7 @@ class FullLACfg:
     residual: bool = True
     act: bool = True
     head_layout: str = 'per_head'
+    zero_init_norm: bool = False
 
     def __post_init__(self):
         owner = 'FullLACfg'
@@ -65,6 +68,7 @@ class FullLACfg:
         check_bool(owner, 'residual', self.residual)
         check_bool(owner, 'act', self.act)
         check_choice(owner, 'head_layout', self.head_layout, HEAD_LAYOUTS)
+        check_bool(owner, 'zero_init_norm', self.zero_init_norm)
 
 
 @torch.fx.wrap  # one graph node that dispatches as in eager (fused channel convs): fx reproduces eager bit for bit

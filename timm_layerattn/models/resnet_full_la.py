@@ -18,11 +18,11 @@ import torch.nn as nn
 from timm.models import generate_default_cfgs, register_model
 
 from ..checkpoints import full_la as full_la_rules
-from ..core.strategy import BlockSite, LayerStrategy, TrunkCfg
+from ..core.strategy import BlockSite, LayerStrategy, Trunk, TrunkCfg
 from ..core.units import Dd
 from ..families import Family, ModelArg, cifar_cfg, imagenet_cfg, register_family
 from ..layers._checks import check_choice, check_divisor, divisors, fmt_ints
-from ..layers.full_la import HEAD_LAYOUTS, FullLACfg, create_full_la
+from ..layers.full_la import HEAD_LAYOUTS, FullLACfg, FullLayerAttn, create_full_la
 from ._builder import build_model
 from .cifar_resnet_la import CIFAR_DEFAULT_MEAN, CIFAR_DEFAULT_STD
 from .resnet_trunk import ResNetLA, ResNetLACfg
@@ -42,6 +42,12 @@ class FullLayerAttention(LayerStrategy):
         # Without the attention residual (eq. 4) there is no branch of its own: `drop_path_rate` is then timm's
         # stochastic depth of the trunk residuals (docs/design/full_layer_attention.md#fla-eq4).
         return self.attn.drop_path if self.attn.residual else None
+
+    def init_weights(self, model: Trunk) -> None:
+        if self.attn.zero_init_norm:
+            for m in model.modules():
+                if isinstance(m, FullLayerAttn):
+                    nn.init.zeros_(m.norm.weight)
 
     def block_attn(self, site: BlockSite, drop_path: float, norm_layer: Type[nn.Module], dd: Dd) -> Optional[nn.Module]:
         return create_full_la(self.attn, site.out_chs, site.block_idx == 0, drop_path, norm_layer=norm_layer, **dd)
@@ -73,7 +79,8 @@ HEAD_LAYOUT = ModelArg(
 
 def _cifar(depth: int, kind: str) -> ResNetLACfg:
     n = (depth - 2) // 9
-    attn = FullLACfg(kind, head_dim=16 if kind == 'full_la' else 8, act=kind == 'full_la')
+    linear = kind == 'linear_la'
+    attn = FullLACfg(kind, head_dim=8 if linear else 16, act=not linear, zero_init_norm=linear)
     return ResNetLACfg(layers=(n, n, n), channels=(16, 32, 64), stem_type='cifar', stem_width=16,
                        strategy=FullLayerAttention(attn), zero_init_last=False)
 
