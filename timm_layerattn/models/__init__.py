@@ -11,6 +11,10 @@ from .cnntention import *
 from .gradattn import *
 from .efficientnet_la import *
 from .deit_la import *
+from .cifar_resnet_gates import *
+from .resnet_dynamic_la import *
+from .resnet_full_la import *
+from .resnet_rla import *
 from ..families import families as _families
 
 
