@@ -78,7 +78,7 @@ def _params(depths: Tuple[int, ...], c10: Tuple[Optional[float], ...], c100: Tup
 _D = (20, 56, 110)
 # `--quick`: a smoke run of the whole pipeline on the digits in minutes (batch 32: more steps than the papers' 128
 # in few epochs), not numbers to set beside the paper's.
-_QUICK_CIFAR = dict(epochs=5, seeds=1, depths=(20,), batch_size=32)
+_QUICK_CIFAR = dict(epochs=5, seeds=1, depths=(20,), batch_size=32, train_samples=720)
 
 # KCLA paper, Table I: CIFAR-10 / CIFAR-100 with the layer-attention papers' bottleneck ResNet-20/56/110. The
 # paper reports Layer Att and MRLA-B at depths 20 and 56 only (their cost grows with depth).
@@ -113,7 +113,7 @@ def _ablation(key: str, label: str, **kwargs) -> Row:
 KCLA_TABLE5 = Table(
     name='kcla-table5', title='KCLA paper, Table V: KCLA ablations, ResNet-56, CIFAR-100',
     recipe='kcla-cifar', datasets=('torch/cifar100',), depths=(56,),
-    quick=dict(epochs=5, seeds=1, batch_size=32, train_samples=512),
+    quick=dict(epochs=3, seeds=1, batch_size=32, train_samples=480),
     rows=(
         _ablation('base', 'Base (h=16)'),
         _ablation('a-same', '(a) same temperature', temperatures='equal'),
