@@ -26,9 +26,10 @@ Before timing, each official model is checked against ours (``--no-check`` skips
 it): its parameter count must equal our model's (or differ by exactly the official parameters that never run,
 which the converter reports as dropped), and with its weights made non-trivial (every parameter perturbed,
 BatchNorm statistics calibrated) and converted by ``timm_layerattn.convert_official``, our model built with
-default arguments must give the same eval logits (batch 2, the trunk's input size, max |difference| relative to
-the official logits' largest magnitude, ``--tol`` 1e-4). A failed check stops the run: the rows would not time the
-same model.
+default arguments (DLA: ``batch_coupled_gate=True``, the official batched forward) must give the same eval logits
+(batch 2, the trunk's input size, max |difference| relative to the official logits' largest magnitude, ``--tol``
+1e-4). A failed check stops the run: the rows would not time the same model. The timed rows are our models with
+their defaults.
 """
 import argparse
 import os
@@ -96,8 +97,10 @@ def make_non_trivial(model: nn.Module, seed: int, size: int) -> None:
 def check_pair(ours: str, official_model: nn.Module, tol: float) -> Tuple[bool, str]:
     """(ok, one-line report): parameter counts and eval logits of ``ours`` holding the official weights."""
     import timm
+    from official import official_entry
     from timm_layerattn.convert import convert_official_with_report
-    model = timm.create_model(ours)
+    parity_kwargs = official_entry(ours).parity_kwargs
+    model = timm.create_model(ours, **parity_kwargs)
     size = model.pretrained_cfg['input_size'][-1]
     make_non_trivial(official_model, seed=0, size=size)
     official_sd = official_model.state_dict()
@@ -116,7 +119,8 @@ def check_pair(ours: str, official_model: nn.Module, tol: float) -> Tuple[bool, 
     never_run = f' - {dropped:,} never run' if dropped else ''
     line = (f'params {n_ours:,} (ours) / {n_official:,} (official{never_run})'
             f'{"" if n_ours == n_official - dropped else " DIFFER"}; '
-            f'eval logits max rel diff {rel:.1e} (batch {CHECK_BATCH}, {size}², tol {tol:g})')
+            f'eval logits max rel diff {rel:.1e} (batch {CHECK_BATCH}, {size}², tol {tol:g}'
+            f'{"".join(f", ours with {k}={v!r}" for k, v in parity_kwargs.items())})')
     return ok, line
 
 

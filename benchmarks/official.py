@@ -167,6 +167,8 @@ class OfficialEntry:
     loader: str = 'file'
     siblings: Tuple[str, ...] = ()  # plain top-level modules the file imports from its own folder ('timm032')
     cuda_in_forward: bool = False  # the forward calls ``.cuda()``: wrapped so that it runs on CPU (docstring)
+    # kwargs of our model that reproduce this official model's batched outputs where our default departs from them
+    parity_kwargs: Dict[str, Any] = field(default_factory=dict)
 
 
 def _build_table() -> Dict[str, OfficialEntry]:
@@ -237,6 +239,11 @@ def _build_trunk_table() -> Dict[str, OfficialEntry]:
 OFFICIAL_TRUNK_MODELS: Dict[str, OfficialEntry] = _build_trunk_table()
 
 
+# DLA's gate step reads the batch's first sample's state for every sample; ours is per sample unless asked
+# (docs/design/dynamic_layer_attention.md#dyn-batch-coupling), so the batched comparison builds ours coupled.
+_DLA_PARITY = {'batch_coupled_gate': True}
+
+
 def _build_baseline_table() -> Dict[str, OfficialEntry]:
     table: Dict[str, OfficialEntry] = {}
     cifar = 'cifar/models/cifar/'
@@ -252,11 +259,12 @@ def _build_baseline_table() -> Dict[str, OfficialEntry]:
         for suffix, (file, builder, family, cuda) in kcla_repo.items():
             table[f'cifar_resnet{depth}_{suffix}'] = OfficialEntry(
                 'kcla', cifar + file, builder, family, dict(depth=depth, block_name='Bottleneck'),
-                dict(num_classes=10), cuda_in_forward=cuda)
+                dict(num_classes=10), cuda_in_forward=cuda,
+                parity_kwargs=_DLA_PARITY if family.startswith('dyn') else {})
     for depth in (50, 101):
         table[f'resnet{depth}_dynlal'] = OfficialEntry(
             'dla', 'image_classification/imagenet/models/resnet_dla_l.py', f'resnet{depth}_dla_l', 'dynlal',
-            models_pkg='image_classification/imagenet/models', cuda_in_forward=True)
+            models_pkg='image_classification/imagenet/models', cuda_in_forward=True, parity_kwargs=_DLA_PARITY)
         table[f'resnet{depth}_rla'] = OfficialEntry(
             'rla', 'models/resnet_rla.py', f'rla_resnet{depth}', 'rla', loader='package')
     table['resnet50_la'] = OfficialEntry(

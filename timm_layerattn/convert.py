@@ -45,12 +45,14 @@ PathLike = Union[str, os.PathLike]
 # ---------------------------------------------------------------------------------------------------------------
 
 def detect_official_family(state_dict: Mapping[str, Any]) -> Optional[str]:
-    """Which official code wrote `state_dict`: 'kcla', 'mrla_light', 'mrla_base', 'dla', 'cnntention' or None.
+    """Which official code wrote `state_dict` (an official layout's name, e.g. 'kcla', 'mrla_light', 'mrla_base',
+    'cnntention', the baselines' layouts), or None.
 
     None means the keys are in this package's (= timm / torchvision) layout, which is also the layout of
-    the official plain CIFAR ResNets. Asks every registered family's checkpoint rules (`official_layout`);
-    'dla' (dynamic layer attention, not part of this package) is one of the layouts only recognised to be
-    refused (`checkpoints.rules.UNSUPPORTED_LAYOUTS`).
+    the official plain CIFAR ResNets. Asks every registered family's checkpoint rules (`official_layout`), after
+    the layouts only recognised to be refused (`checkpoints.rules.UNSUPPORTED_LAYOUTS`). Where several official
+    codes write the same keys (the KCLA repository's CIFAR MRLA-base, full and linear layer attention), this names
+    the first claimant; `convert_official` lets the target's family claim the file.
     """
     unsupported = unsupported_layout(state_dict)
     return unsupported.name if unsupported is not None else official_layout(state_dict)
