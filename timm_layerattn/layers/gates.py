@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from timm.layers import EcaModule
 
 from ._checks import check_int
+from ._common import eca_channel_conv
 
 __all__ = ['SEGate', 'EcaGate', 'DIACell', 'DIAGate', 'dia_cell_step']
 
@@ -67,8 +68,9 @@ class EcaGate(nn.Module):
         self.eca = EcaModule(chs, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, state: State) -> Tuple[torch.Tensor, State]:
-        # `EcaModule.forward`'s maths with explicit shapes: its `view(B, 1, -1)` fails on an empty batch.
-        gate = self.eca.gate(self.eca.conv(x.mean((2, 3)).unsqueeze(1))).squeeze(1)
+        # `EcaModule.forward`'s maths with explicit shapes (its `view(B, 1, -1)` fails on an empty batch), the
+        # channel conv through the package's (a oneDNN conv1d on `[B, 1, C]` costs more than the block's BN).
+        gate = self.eca.gate(eca_channel_conv(x.mean((2, 3)), self.eca.conv.weight).squeeze(1))
         return x * gate[:, :, None, None], state
 
 
