@@ -158,8 +158,9 @@ def test_published_tags_point_at_the_authors_files_and_never_download():
     assert '1V9Iv0KbN1O92ll8rcf45kLkD9EOA9VCE' in ' '.join(
         timm.create_model('resnet101_rla', device='meta').pretrained_cfg['notes'])
     assert cfg['interpolation'] == 'bilinear' and cfg['crop_pct'] == 0.875  # Resize(256) + CenterCrop(224)
-    with pytest.raises(PretrainedWeightsError):
-        timm.create_model('resnet50_rla', pretrained=True)
+    with pytest.raises(PretrainedWeightsError, match=r"rlanet_in1k' .*\(Published by the RLA-Net authors .*"
+                                                   r"1cetP1SdOiwznLxlBUaHG8Q8c4RIwToWW"):
+        timm.create_model('resnet50_rla', pretrained=True)  # the error says where the weights are
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ shapes that do not fit) raises a `CheckpointError` subclass naming the file and 
 """
 import dataclasses
 import logging
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 from timm.models import PretrainedCfg, get_pretrained_cfg, is_model, split_model_name_tag
 from timm.models import _registry
@@ -31,12 +31,13 @@ _logger = logging.getLogger(__name__)
 _SOURCE_FIELDS = ('hf_hub_id', 'file', 'url')
 
 
-def no_weights_message(variant: str, tag: Optional[str] = None) -> str:
-    """The user-facing explanation of how to load weights into `variant` when its tag has none."""
+def no_weights_message(variant: str, tag: Optional[str] = None, notes: Sequence[str] = ()) -> str:
+    """The user-facing explanation of how to load weights into `variant` when its tag has none; `notes` (the
+    pretrained cfg's) say where weights published off the Hub are."""
     name = f'{variant}.{tag}' if tag else variant
+    where = ' '.join(notes) if notes else 'none have been published for this architecture yet'
     return (
-        f"No pretrained weights exist for '{name}' in timm_layerattn's registry (none have been published for "
-        f"this architecture yet). Load weights with one of: "
+        f"No pretrained weights exist for '{name}' in timm_layerattn's registry ({where}). Load weights with one of: "
         f"timm.create_model('hf-hub:<org>/<repo>', pretrained=True) for an exported Hub repo; "
         f"timm.create_model('local-dir:/path/to/exported_folder', pretrained=True) for a folder written by "
         f"`timm-layerattn export`; "
@@ -80,7 +81,7 @@ def check_pretrained_source(
     """
     load_from, location, cfg = resolve_pretrained_source(variant, pretrained_cfg, pretrained_cfg_overlay)
     if not load_from:
-        raise PretrainedWeightsError(no_weights_message(variant, cfg.get('tag')))
+        raise PretrainedWeightsError(no_weights_message(variant, cfg.get('tag'), tuple(cfg.get('notes') or ())))
     return load_from, location, cfg
 
 
