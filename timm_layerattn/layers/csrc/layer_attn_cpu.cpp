@@ -41,17 +41,9 @@ at::Tensor mrla_light_(at::Tensor x, const at::Tensor& shortcut, const at::Tenso
   const float* LT = lambda_t.const_data_ptr<float>();
 
   const std::vector<float> pooled = plane_means(X, B * C, hw);
-  std::vector<float> gate_scale(B * C), shortcut_scale(C), q(C), k(C);
+  const std::vector<float> gate_scale = light_gates(pooled, B, C, q_weight, k_weight, head_dim, attn_scale, NS);
+  std::vector<float> shortcut_scale(C);
   for (int64_t c = 0; c < C; ++c) shortcut_scale[c] = LT[c] * NS[c];
-  for (int64_t b = 0; b < B; ++b) {
-    query_key(pooled, b, C, q_weight, k_weight, q.data(), k.data());
-    for (int64_t c0 = 0; c0 < C; c0 += head_dim) {
-      float dot = 0.f;
-      for (int64_t c = c0; c < c0 + head_dim; ++c) dot += q[c] * k[c];
-      const float gate = sigmoid(dot * static_cast<float>(attn_scale));
-      for (int64_t c = c0; c < c0 + head_dim; ++c) gate_scale[b * C + c] = gate * NS[c];
-    }
-  }
 
   const float* R = shortcut.const_data_ptr<float>();
   const float* K = v_weight.const_data_ptr<float>();
@@ -168,27 +160,9 @@ at::Tensor mrla_base_(at::Tensor x, at::Tensor value, at::TensorList values, con
 
   const std::vector<float> pooled = plane_means(X, B * C, hw);
   at::Tensor keys_new = at::empty({B, T, C}, x.options());
-  float* KN = keys_new.data_ptr<float>();
-  const float* KO = keys ? keys->const_data_ptr<float>() : nullptr;
-  std::vector<float> weights(B * T * C), q(C), scores(T);
-  for (int64_t b = 0; b < B; ++b) {
-    float* keys_b = KN + b * T * C;
-    if (KO) std::memcpy(keys_b, KO + b * (T - 1) * C, (T - 1) * C * sizeof(float));
-    query_key(pooled, b, C, q_weight, k_weight, q.data(), keys_b + (T - 1) * C);
-    for (int64_t c0 = 0; c0 < C; c0 += head_dim) {
-      float top = -INFINITY;
-      for (int64_t j = 0; j < T; ++j) {
-        float dot = 0.f;
-        for (int64_t c = c0; c < c0 + head_dim; ++c) dot += q[c] * keys_b[j * C + c];
-        scores[j] = dot * static_cast<float>(attn_scale);
-        top = std::max(top, scores[j]);
-      }
-      float total = 0.f;
-      for (int64_t j = 0; j < T; ++j) total += (scores[j] = std::exp(scores[j] - top));
-      for (int64_t j = 0; j < T; ++j)
-        for (int64_t c = c0; c < c0 + head_dim; ++c) weights[(b * T + j) * C + c] = scores[j] / total * NS[c];
-    }
-  }
+  const std::vector<float> weights =
+      cache_weights(pooled, B, T, C, keys ? keys->const_data_ptr<float>() : nullptr, keys_new.data_ptr<float>(),
+                    q_weight, k_weight, head_dim, attn_scale, NS);
 
   std::vector<const float*> earlier;
   for (const auto& v : values) earlier.push_back(v.const_data_ptr<float>());

@@ -26,9 +26,9 @@ using namespace layer_attn;
 namespace {
 
 // The checks both ops share: token layout, grid, LayerNorm and ECA weights.
-void check_tokens(const at::Tensor& x, int64_t num_prefix, int64_t grid_h, int64_t grid_w, const at::Tensor& norm_weight,
-                  const at::Tensor& norm_bias, const at::Tensor& v_weight, const at::Tensor& q_weight,
-                  const at::Tensor& k_weight, int64_t head_dim) {
+void check_tokens(const at::Tensor& x, int64_t num_prefix, int64_t grid_h, int64_t grid_w,
+                  const at::Tensor& norm_weight, const at::Tensor& norm_bias, const at::Tensor& v_weight,
+                  const at::Tensor& q_weight, const at::Tensor& k_weight, int64_t head_dim) {
   TORCH_CHECK(x.dim() == 3, "x must be a 3-D [B, N, C] token tensor, got ", x.dim(), "-D");
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, "x must be a float32 CPU tensor");
   TORCH_CHECK(x.is_contiguous(), "x must be contiguous");
@@ -191,16 +191,7 @@ at::Tensor mrla_light_tokens(const at::Tensor& x, const at::Tensor& shortcut, co
   layer_norm_tokens(x, norm_weight, norm_bias, norm_eps, y);
 
   const std::vector<float> pooled = grid_means(y, num_prefix);
-  std::vector<float> gate(B * C), q(C), k(C);
-  for (int64_t b = 0; b < B; ++b) {
-    query_key(pooled, b, C, q_weight, k_weight, q.data(), k.data());
-    for (int64_t c0 = 0; c0 < C; c0 += head_dim) {
-      float dot = 0.f;
-      for (int64_t c = c0; c < c0 + head_dim; ++c) dot += q[c] * k[c];
-      const float g = sigmoid(dot * static_cast<float>(attn_scale));
-      for (int64_t c = c0; c < c0 + head_dim; ++c) gate[b * C + c] = g;
-    }
-  }
+  const std::vector<float> gate = light_gates(pooled, B, C, q_weight, k_weight, head_dim, attn_scale, nullptr);
 
   const std::vector<float> taps = taps_by_channel(v_weight);
   const float* X = x.const_data_ptr<float>();
@@ -256,27 +247,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mrla_base_tokens(
   layer_norm_tokens(x, norm_weight, norm_bias, norm_eps, y);
 
   const std::vector<float> pooled = grid_means(y, num_prefix);
-  float* KN = keys_new.data_ptr<float>();
-  const float* KO = keys ? keys->const_data_ptr<float>() : nullptr;
-  std::vector<float> weights(B * T * C), q(C), scores(T);
-  for (int64_t b = 0; b < B; ++b) {
-    float* keys_b = KN + b * T * C;
-    if (KO) std::memcpy(keys_b, KO + b * (T - 1) * C, (T - 1) * C * sizeof(float));
-    query_key(pooled, b, C, q_weight, k_weight, q.data(), keys_b + (T - 1) * C);
-    for (int64_t c0 = 0; c0 < C; c0 += head_dim) {
-      float top = -INFINITY;
-      for (int64_t j = 0; j < T; ++j) {
-        float dot = 0.f;
-        for (int64_t c = c0; c < c0 + head_dim; ++c) dot += q[c] * keys_b[j * C + c];
-        scores[j] = dot * static_cast<float>(attn_scale);
-        top = std::max(top, scores[j]);
-      }
-      float total = 0.f;
-      for (int64_t j = 0; j < T; ++j) total += (scores[j] = std::exp(scores[j] - top));
-      for (int64_t j = 0; j < T; ++j)
-        for (int64_t c = c0; c < c0 + head_dim; ++c) weights[(b * T + j) * C + c] = scores[j] / total;
-    }
-  }
+  const std::vector<float> weights =
+      cache_weights(pooled, B, T, C, keys ? keys->const_data_ptr<float>() : nullptr, keys_new.data_ptr<float>(),
+                    q_weight, k_weight, head_dim, attn_scale, nullptr);
 
   std::vector<const float*> earlier;
   for (const auto& v : values) earlier.push_back(v.const_data_ptr<float>());

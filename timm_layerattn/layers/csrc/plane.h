@@ -85,6 +85,54 @@ inline void query_key(const std::vector<float>& pooled, int64_t b, int64_t C, co
 
 inline float sigmoid(float v) { return 1.f / (1.f + std::exp(-v)); }
 
+// MRLA-light's head gates of every sample, per channel: gate[b * C + c] = sigmoid(<Q_h, K_h> * attn_scale) *
+// scale[c] (scale: a folded norm's, or null for 1), with Q, K the ECA convs of the pooled descriptor.
+inline std::vector<float> light_gates(const std::vector<float>& pooled, int64_t B, int64_t C,
+                                      const at::Tensor& q_weight, const at::Tensor& k_weight, int64_t head_dim,
+                                      double attn_scale, const float* scale) {
+  std::vector<float> gate(B * C), q(C), k(C);
+  for (int64_t b = 0; b < B; ++b) {
+    query_key(pooled, b, C, q_weight, k_weight, q.data(), k.data());
+    for (int64_t c0 = 0; c0 < C; c0 += head_dim) {
+      float dot = 0.f;
+      for (int64_t c = c0; c < c0 + head_dim; ++c) dot += q[c] * k[c];
+      const float g = sigmoid(dot * static_cast<float>(attn_scale));
+      for (int64_t c = c0; c < c0 + head_dim; ++c) gate[b * C + c] = g * (scale ? scale[c] : 1.f);
+    }
+  }
+  return gate;
+}
+
+// MRLA-base's cache step on the per-sample descriptors: `keys_new` [B, T, C] receives the earlier keys
+// (`keys_old`, [B, T-1, C], null when T = 1) followed by each sample's key K_t, and
+// weights[(b * T + j) * C + c] = softmax_j(<Q_h, K_{j,h}> * attn_scale) * scale[c] (scale: null for 1).
+inline std::vector<float> cache_weights(const std::vector<float>& pooled, int64_t B, int64_t T, int64_t C,
+                                        const float* keys_old, float* keys_new, const at::Tensor& q_weight,
+                                        const at::Tensor& k_weight, int64_t head_dim, double attn_scale,
+                                        const float* scale) {
+  std::vector<float> weights(B * T * C), q(C), scores(T);
+  for (int64_t b = 0; b < B; ++b) {
+    float* keys_b = keys_new + b * T * C;
+    if (keys_old) std::memcpy(keys_b, keys_old + b * (T - 1) * C, (T - 1) * C * sizeof(float));
+    query_key(pooled, b, C, q_weight, k_weight, q.data(), keys_b + (T - 1) * C);
+    for (int64_t c0 = 0; c0 < C; c0 += head_dim) {
+      float top = -INFINITY;
+      for (int64_t j = 0; j < T; ++j) {
+        float dot = 0.f;
+        for (int64_t c = c0; c < c0 + head_dim; ++c) dot += q[c] * keys_b[j * C + c];
+        scores[j] = dot * static_cast<float>(attn_scale);
+        top = std::max(top, scores[j]);
+      }
+      float total = 0.f;
+      for (int64_t j = 0; j < T; ++j) total += (scores[j] = std::exp(scores[j] - top));
+      for (int64_t j = 0; j < T; ++j)
+        for (int64_t c = c0; c < c0 + head_dim; ++c)
+          weights[(b * T + j) * C + c] = scores[j] / total * (scale ? scale[c] : 1.f);
+    }
+  }
+  return weights;
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Depth-wise 3x3 on one plane
 
