@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from .._utils.errors import UserError
 from .io import unwrap_checkpoint
-from .rules import CheckpointRules, Remapped, rename_key
+from .rules import KindRules, Remapped, rename_key
 
 __all__ = ['KEY_RULES', 'official_type', 'remap_keys', 'native_kind', 'DeiTLayerAttnRules', 'RULES']
 
@@ -59,23 +59,17 @@ def native_kind(keys: Sequence[str]) -> Optional[str]:
     return next((kind for kind, pattern in _NATIVE_KINDS if pattern.search(text)), None)
 
 
-class DeiTLayerAttnRules(CheckpointRules):
+class DeiTLayerAttnRules(KindRules):
     """The rules of one DeiT layer-attention family ('deit_mrla_light', 'deit_mrla_base', 'deit_kcla').
 
     MRLA files of the official code convert; KCLA has no official ViT code, so its rules only name its layout.
     """
+    detect_official = staticmethod(official_type)
+    detect_native = staticmethod(native_kind)
 
     def __init__(self, kind: str, converts: bool):
-        self.kind = kind
+        super().__init__(kind)
         self.converts = converts
-
-    def official_type(self, state_dict: Mapping[str, Any]) -> Optional[str]:
-        found = official_type(state_dict)
-        return found if found == self.kind else None
-
-    def native_kind(self, keys: Sequence[str]) -> Optional[str]:
-        found = native_kind(keys)
-        return found if found == self.kind else None
 
     def check_source(self, state_dict: Mapping[str, Any], arch: str, cfg: Any) -> Dict[str, Any]:
         """An official file of the distilled DeiT (a `dist_token`) has a second head the registered models lack;

@@ -11,7 +11,7 @@ import re
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .._utils.errors import UserError
-from .rules import CheckpointRules, Remapped, rename_key
+from .rules import KindRules, Remapped, rename_key
 
 __all__ = ['KEY_RULES', 'UNUSED', 'official_type', 'remap', 'native_kind', 'DynamicLARules', 'RULES']
 
@@ -72,20 +72,11 @@ def _dsu_reduction(state_dict: Mapping[str, Any], key: str) -> Optional[int]:
     return w.shape[1] // w.shape[0] if w is not None and getattr(w, 'ndim', 0) == 2 and w.shape[0] else None
 
 
-class DynamicLARules(CheckpointRules):
+class DynamicLARules(KindRules):
     """The rules of one DLA form ('dynamic_la_light' or 'dynamic_la_base')."""
     converts = True
-
-    def __init__(self, kind: str):
-        self.kind = kind
-
-    def official_type(self, state_dict: Mapping[str, Any]) -> Optional[str]:
-        found = official_type(state_dict)
-        return found if found == self.kind else None
-
-    def native_kind(self, keys: Sequence[str]) -> Optional[str]:
-        found = native_kind(keys)
-        return found if found == self.kind else None
+    detect_official = staticmethod(official_type)
+    detect_native = staticmethod(native_kind)
 
     def check_source(self, state_dict: Mapping[str, Any], arch: str, cfg: Any) -> Dict[str, Any]:
         """The DSU's hidden width is fixed by the architecture (`dsu_reduction`): one that differs is refused

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from .._utils.errors import UserError
 from .io import unwrap_checkpoint
-from .rules import CheckpointRules, Remapped, rename_key
+from .rules import KindRules, Remapped, rename_key
 
 __all__ = ['KEY_RULES', 'SE_SKIP_CHS', 'official_type', 'remap', 'native_kind', 'GateRules', 'RULES']
 
@@ -109,20 +109,11 @@ def native_kind(keys: Sequence[str]) -> Optional[str]:
     return next((kind for kind, pattern in _NATIVE.items() if pattern.search(text)), None)
 
 
-class GateRules(CheckpointRules):
+class GateRules(KindRules):
     """The rules of one gate family ('se', 'eca', 'dianet')."""
     converts = True
-
-    def __init__(self, kind: str):
-        self.kind = kind
-
-    def official_type(self, state_dict: Mapping[str, Any]) -> Optional[str]:
-        found = official_type(state_dict)
-        return found if found == self.kind else None
-
-    def native_kind(self, keys: Sequence[str]) -> Optional[str]:
-        found = native_kind(keys)
-        return found if found == self.kind else None
+    detect_official = staticmethod(official_type)
+    detect_native = staticmethod(native_kind)
 
     def check_source(self, state_dict: Mapping[str, Any], arch: str, cfg: Any) -> Dict[str, Any]:
         """A checkpoint in this package's layout must hold the family's gate keys (a plain ResNet's would

@@ -29,7 +29,7 @@ from ..families import families
 from .io import unwrap_checkpoint
 
 __all__ = [
-    'CheckpointRules', 'Remapped', 'UnsupportedLayout', 'UNSUPPORTED_LAYOUTS', 'unsupported_layout',
+    'CheckpointRules', 'KindRules', 'Remapped', 'UnsupportedLayout', 'UNSUPPORTED_LAYOUTS', 'unsupported_layout',
     'registered_rules', 'official_layout', 'convertible_modules', 'rename_key',
 ]
 
@@ -109,6 +109,23 @@ class CheckpointRules:
         if self.official_type(state_dict) is None:
             return state_dict
         return self.remap(state_dict, model.state_dict()).state_dict
+
+
+class KindRules(CheckpointRules):
+    """The rules of one of several families whose layouts one module's detectors tell apart: `detect_official`
+    (an official state dict -> its kind or None) and `detect_native` (this package's key names -> its kind or
+    None), set as static methods by the subclass. Each object claims only what names its own `kind`."""
+    detect_official: Any = None
+    detect_native: Any = None
+
+    def __init__(self, kind: str):
+        self.kind = kind
+
+    def official_type(self, state_dict: Mapping[str, Any]) -> Optional[str]:
+        return self.kind if self.detect_official(state_dict) == self.kind else None
+
+    def native_kind(self, keys: Sequence[str]) -> Optional[str]:
+        return self.kind if self.detect_native(keys) == self.kind else None
 
 
 @dataclass(frozen=True)
