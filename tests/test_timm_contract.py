@@ -275,9 +275,10 @@ def test_fx_feature_extraction(name):
     assert all(p.grad is not None for p in fx.parameters())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=2)
 def _reference(name: str):
-    """`(eval model, input, eager output)`, built once per worker: a model's checks share its xdist group.
+    """`(eval model, input, eager output)`, built once per worker: a model's checks share its xdist group, which
+    runs them one after the other, so the last two models suffice (all of them would hold gigabytes per worker).
 
     32 px is the smallest size every registered net takes (GradAttn's minimum is 28); the eager output may come
     from the fused CPU kernels, TorchScript, compile and export run PyTorch ops (other rounding).
