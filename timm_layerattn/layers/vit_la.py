@@ -142,8 +142,9 @@ class MRLALightTokens(_TokenLayerAttn):
             grid_h: int,
             grid_w: int,
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        if not torch.jit.is_scripting() and self._fused(x, shortcut):
-            return self._forward_fused(x, shortcut, grid_h, grid_w), state
+        if not torch.jit.is_scripting():  # a block TorchScript skips (it cannot compile `_fused`'s *tensors)
+            if self._fused(x, shortcut):
+                return self._forward_fused(x, shortcut, grid_h, grid_w), state
         prefix, grid = split_grid(self.norm(x), self.num_prefix_tokens, grid_h, grid_w)
         q, k = self._query_key(grid)
         gate = per_channel(torch.sigmoid((q * k).sum(-1) * self.scale), self.head_dim).to(grid.dtype)
