@@ -263,6 +263,19 @@ def test_cli_export_refuses_missing_ema_and_other_archs(tmp_path, capsys, monkey
         assert not (tmp_path / 'o').exists()
 
 
+def test_cli_export_refuses_other_kcla_temperatures_in_one_line(tmp_path, capsys):
+    """A checkpoint whose keys and shapes fit but whose fixed KCLA temperatures are not the model's: a user error
+    that names the key and the `temperatures` to build with, nothing written."""
+    model = _trained_like()
+    equal = {k: (torch.ones_like(v) if k.endswith('norm_d') else v) for k, v in model.state_dict().items()}
+    torch.save({'state_dict': equal}, tmp_path / 'equal.pth')
+    rc, _, err = _cli(capsys, 'export', NAME, '--checkpoint', tmp_path / 'equal.pth', '--out', tmp_path / 'o')
+    assert rc == 2 and 'internal error' not in err, err
+    assert "norm_d: the checkpoint's KCLA temperatures are not this model's" in err
+    assert "build it with temperatures='equal'" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / 'o').exists()
+
+
 @pytest.mark.parametrize('trunk_prefix', ['model.', ''])
 def test_cli_export_detector_checkpoint(tmp_path, capsys, trunk_prefix):
     """An MMDetection checkpoint: the `backbone.` part (under `model.` for our LayerAttnResNet), no classifier."""

@@ -201,5 +201,9 @@ def load_model_from_checkpoint(
     except (TypeError, ValueError) as e:  # the constructors' checks of their arguments
         raise UserError(f'cannot build {arch} with {kwargs}: {e}') from None
     check_state_dict(state_dict, model.state_dict(), what=f"'{arch}'")
-    model.load_state_dict(state_dict, strict=True)
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:  # keys and shapes match (checked above): a module refused a value (KCLA's norm_d)
+        detail = str(e).splitlines()[-1].strip()
+        raise UserError(f"the checkpoint does not fit '{arch}': {detail}") from None
     return model.eval(), note

@@ -307,10 +307,12 @@ class KCLA(LayerAttnBase):
         if isinstance(value, torch.Tensor) and value.numel() == own.numel() and not (value.is_meta or own.is_meta):
             value = value.detach().reshape(-1).float().cpu()
             if not torch.allclose(value, own.detach().float().cpu(), rtol=1e-6, atol=0.):
-                theirs = 'equal' if torch.equal(value, torch.ones_like(value)) else 'log_uniform'
+                modes = [m for m in ('log_uniform', 'equal')
+                         if torch.allclose(value, kcla_temperatures(value.numel(), 'cpu', m), rtol=1e-6, atol=0.)]
+                fix = f'build it with temperatures={modes[0]!r}' if modes else 'they are neither KCLA setting'
                 error_msgs.append(
                     f"{prefix}norm_d: the checkpoint's KCLA temperatures are not this model's "
-                    f"(temperatures={self.temperatures!r}); build it with temperatures={theirs!r}")
+                    f"(temperatures={self.temperatures!r}); {fix}")
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
