@@ -101,7 +101,17 @@ class DynamicSharingUnit(nn.Module):
         return x, [zeros, zeros] + self.weights()
 
 
-class DynamicLALight(nn.Module):
+class _DSUBranch(nn.Module):
+    """What DLA-light and DLA-base share: the gate-step rule and where the DSU's tensors end in the state."""
+
+    def __init__(self, batch_coupled_gate: bool):
+        super().__init__()
+        check_bool(type(self).__name__, 'batch_coupled_gate', batch_coupled_gate)
+        self.batch_coupled_gate = batch_coupled_gate
+        self.dsu_state = DSU_STATE  # TorchScript reads no module-level ints
+
+
+class DynamicLALight(_DSUBranch):
     """DLA-light on a block's output: MRLA-light (`mrla`) with the shortcut refreshed by the stage's DSU.
 
     `(x, shortcut, state) -> (x, state)`, state `[h, c, *DSU weights, excite weight]`:
@@ -122,11 +132,8 @@ class DynamicLALight(nn.Module):
             device=None,
             dtype=None,
     ):
-        super().__init__()
-        check_bool(type(self).__name__, 'batch_coupled_gate', batch_coupled_gate)
+        super().__init__(batch_coupled_gate)
         self.mrla = MRLALight(channels, head_dim, drop_path, norm_layer, device=device, dtype=dtype)
-        self.batch_coupled_gate = batch_coupled_gate
-        self.dsu_state = DSU_STATE  # TorchScript reads no module-level ints
 
     def forward(self, x: torch.Tensor, shortcut: torch.Tensor, state: List[torch.Tensor]
                 ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
@@ -139,7 +146,7 @@ class DynamicLALight(nn.Module):
         return x, [h, c] + state[2:]
 
 
-class DynamicLABase(nn.Module):
+class DynamicLABase(_DSUBranch):
     """DLA-base on a block's output: MRLA-base (`mrla`) over the stage's cache, re-weighted by the stage's DSU.
 
     `(x, shortcut, state) -> (x, state)`. State: `[h, c, *DSU weights]` at a stage's first block, then
@@ -163,11 +170,8 @@ class DynamicLABase(nn.Module):
             device=None,
             dtype=None,
     ):
-        super().__init__()
-        check_bool(type(self).__name__, 'batch_coupled_gate', batch_coupled_gate)
+        super().__init__(batch_coupled_gate)
         self.mrla = MRLABase(channels, head_dim, True, drop_path, norm_layer, device=device, dtype=dtype)
-        self.batch_coupled_gate = batch_coupled_gate
-        self.dsu_state = DSU_STATE
 
     def _weights(
             self,
