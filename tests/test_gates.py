@@ -1,6 +1,9 @@
 """SE / ECA / DIANet CIFAR baselines: parameter counts against the official code, parity with the official forward
 after `convert_official` (tests/_official_gates.py), DIANet's carried state, the converter's reports and refusals,
 and argument errors. The `#cg-...` anchors are sections of docs/design/channel_gates.md."""
+import contextlib
+import copy
+
 import pytest
 import timm
 import torch
@@ -8,9 +11,12 @@ import torch
 from timm_layerattn import convert_official
 from timm_layerattn._utils.errors import UserError
 from timm_layerattn.convert import convert_official_with_report, detect_official_family
-from timm_layerattn.layers.gates import DIACell, EcaGate, SEGate
+from timm_layerattn.layers import lean, native
+from timm_layerattn.layers.gates import DIACell, DIAGate, EcaGate, SEGate
 from timm_layerattn.models.cifar_resnet_gates import ChannelGates
+from timm_layerattn.tools.bench import activation_bytes
 
+from _layer_attn import assert_close_scaled, randomize_norms
 from _official import materialize, numel
 from _official_gates import (
     OFFICIAL_PARAMS, never_run_se_keys, official_gate_forward, official_gate_shapes)
@@ -197,6 +203,144 @@ def test_dianet_grad_checkpointing_gives_the_same_gradients():
     assert all(g is not None for g in grads[1].values())
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The fused tail (#cg-fused-tail): last BatchNorm, gate, residual add and ReLU on the CPU kernels
+# ---------------------------------------------------------------------------------------------------------------
+
+GATED = ['cifar_resnet20_se', 'cifar_resnet20_eca', 'cifar_resnet20_dia']
+
+
+def _step(model: torch.nn.Module, x: torch.Tensor):
+    """Output, input and parameter gradients of a fixed loss, and the state dict (running statistics), float64."""
+    torch.manual_seed(3)  # drop path draws
+    model.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    out = model(x)
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    grads = {n: p.grad.double() for n, p in model.named_parameters() if p.grad is not None}
+    return out.detach().double(), x.grad.double(), grads, {k: v.double() for k, v in model.state_dict().items()}
+
+
+def _error(a, b) -> float:
+    """Largest error of a `_step` against `b`: output and input gradient on their scales, parameter gradients on
+    the scale of all of them, running statistics absolute."""
+    err = max(((a[i] - b[i]).abs().max() / b[i].abs().max()).item() for i in (0, 1))
+    assert a[2].keys() == b[2].keys()
+    scale = max(g.abs().max().item() for g in b[2].values())
+    err = max(err, max((a[2][k] - b[2][k]).abs().max().item() for k in b[2]) / scale)
+    return max(err, max((a[3][k] - b[3][k]).abs().max().item() for k in b[3]))
+
+
+def _gated_model(name: str, drop_path: float = 0.) -> torch.nn.Module:
+    model = randomize_norms(timm.create_model(name, drop_path_rate=drop_path))
+    with torch.no_grad():  # DIANet: non-trivial cell biases, so that h and c move away from their start
+        for n, p in model.named_parameters():
+            if p.ndim == 1 and 'attn_in' in n:
+                p.normal_(0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize('name', GATED)
+@pytest.mark.parametrize('mode', ['train', 'train_drop_path', 'frozen_norms'])
+def test_fused_tail_training_matches_float64_truth(ops, name, mode):
+    """The fused tail in float32 is as close to the float64 plain path as the plain float32 path is: outputs,
+    input and parameter gradients (the gate's, DIANet's cell through the carried state), running statistics."""
+    model = _gated_model(name, 0.2 if mode == 'train_drop_path' else 0.).train()
+    if mode == 'frozen_norms':  # detection-style: every BatchNorm on its running statistics
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.eval()
+    x = torch.randn(3, 3, 16, 16)
+    with lean.disabled(), native.disabled():
+        truth = _step(copy.deepcopy(model).double(), x.double())
+        plain = _error(_step(copy.deepcopy(model), x), truth)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fused = _error(_step(copy.deepcopy(model), x), truth)
+    calls = {e.key: e.count for e in prof.key_averages()}
+    gates = sum(isinstance(m, (SEGate, EcaGate, DIAGate)) for m in model.modules())
+    assert calls.get('timm_layerattn::tail_grad_sums') == calls.get('timm_layerattn::norm_backward_planes') == gates
+    assert fused <= max(2e-5, 3 * plain), f'fused tail: error {fused:.3g}, plain float32 path {plain:.3g}'
+
+
+@pytest.mark.parametrize('name', GATED)
+def test_fused_tail_inference_equals_the_modules(ops, name):
+    """Inference (eval, autograd off) runs the fused tail and gives the modules' output."""
+    model = _gated_model(name).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        got = model(x)
+    with torch.no_grad(), native.disabled():
+        ref = model(x)
+    assert {e.key: e.count for e in prof.key_averages()}.get('timm_layerattn::tail_forward', 0) > 0
+    assert_close_scaled(got, ref, 1e-5)
+
+
+@pytest.mark.parametrize('name', GATED)
+def test_fused_tail_second_derivatives_equal_the_plain_path(ops, name):
+    """A gradient penalty (`create_graph=True`) replays `GatedTail`'s reference maths: the same parameter
+    gradients as the plain path."""
+    model = _gated_model(name).train()
+    out = []
+    for context in (contextlib.nullcontext, native.disabled):
+        m = copy.deepcopy(model)
+        x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)).requires_grad_()
+        with context():
+            y = m(x)
+            assert ('GatedTailBackward' in _node_names(y)) == (context is contextlib.nullcontext)
+            g, = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+            g.square().sum().backward()
+        out.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+    assert_close_scaled(out[0], out[1], 1e-4)
+
+
+def _node_names(out: torch.Tensor):
+    seen, todo = set(), [out.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            todo.extend(n for n, _ in node.next_functions)
+    return {type(n).__name__ for n in seen}
+
+
+@pytest.mark.parametrize('name', GATED)
+def test_fused_tail_keeps_less_for_backward_and_nothing_on_ctx(ops, name):
+    """Autograd keeps fewer bytes than with the modules (the normalised branch of each gated block is not kept:
+    about 0.89x at this size), and only in `ctx.saved_tensors`."""
+    model = timm.create_model(name).train()
+    x = torch.randn(4, 3, 32, 32)
+    fused = activation_bytes(model, x)
+    with lean.disabled():
+        plain = activation_bytes(model, x)
+    assert fused < 0.93 * plain, (fused, plain)
+    out = model(x)
+    seen, todo = set(), [out.grad_fn]
+    nodes = []
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        todo.extend(n for n, _ in node.next_functions)
+        if type(node).__name__ == 'GatedTailBackward':
+            nodes.append(node)
+    assert nodes
+    for node in nodes:
+        assert not any(isinstance(v, torch.Tensor) for v in vars(node).values())
+
+
+def test_fused_tail_is_off_where_the_kernels_cannot_run(ops):
+    """channels_last maps, float64 and `TIMM_LAYERATTN_LEAN=0` keep the modules (and their results)."""
+    model = _gated_model('cifar_resnet20_se').train()
+    x = torch.randn(2, 3, 16, 16)
+    assert 'GatedTailBackward' in _node_names(model(x))
+    assert 'GatedTailBackward' not in _node_names(copy.deepcopy(model).double()(x.double()))
+    cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    assert 'GatedTailBackward' not in _node_names(cl(x.contiguous(memory_format=torch.channels_last)))
+    with lean.disabled():
+        assert 'GatedTailBackward' not in _node_names(model(x))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -16,13 +16,14 @@ unit starts the stage's carried state as `[h, c, *cell weights]`, and each gate 
 it finds there (`dia_cell_step`) and hands `[h', c', *cell weights]` on. The maths, placement and every decision
 are in docs/design/channel_gates.md.
 """
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import EcaModule
 
+from . import lean, native
 from ._checks import check_int
 from ._common import eca_channel_conv
 
@@ -40,7 +41,51 @@ def _check_reduced(owner: str, chs: int, reduction: int) -> None:
                          f'squeeze), got {chs!r}')
 
 
-class SEGate(nn.Module):
+class _PlaneGate(nn.Module):
+    """A gate `g [B, C]` of the pooled residual branch that scales it per (sample, channel): `x * g`.
+
+    Subclasses define the gate as a function of explicit tensors, `gate(pooled, state, weights) -> (g, head)`
+    (`head` replaces the first entries of the carried state), and name their `weights`. The block hands its whole
+    tail (last BatchNorm, gate, residual add, ReLU) to `forward_tail` where the fused CPU kernels run: one pass
+    for the norm's statistics and the pooled branch, one for the output, and in training the memory-lean
+    `GatedTail` Function; everywhere else the block runs `forward`.
+    """
+
+    def gate_weights(self) -> List[torch.Tensor]:
+        raise NotImplementedError
+
+    def gate(self, pooled: torch.Tensor, state: State, weights: List[torch.Tensor]) -> Tuple[torch.Tensor, State]:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, state: State) -> Tuple[torch.Tensor, State]:
+        g, head = self.gate(x.mean((2, 3)), state, self.gate_weights())
+        return x * g[:, :, None, None], head + state[len(head):]
+
+    @torch.jit.unused
+    def tail_usable(self, pre: torch.Tensor, shortcut: torch.Tensor, state: State) -> bool:
+        """Whether `forward_tail` can run: the fused kernels, in inference or on the lean training path."""
+        if native.usable(pre, shortcut):
+            return True
+        return lean.usable(pre, shortcut) and native.trainable(pre, shortcut)
+
+    @torch.jit.unused
+    def forward_tail(self, pre: torch.Tensor, norm: nn.BatchNorm2d, shortcut: torch.Tensor,
+                     keep: Optional[torch.Tensor], state: State) -> Tuple[torch.Tensor, State]:
+        """`relu(norm(pre) * gate * keep + shortcut)` and the new state, on the fused kernels."""
+        weights = self.gate_weights()
+        if torch.is_grad_enabled():
+            return lean.gated_tail(pre, norm, shortcut, keep, self.gate, state, weights)
+        moments = native.plane_moments(pre)
+        _, _, scale, shift = lean.fused_norm(norm, pre, moments, None)
+        pooled = (moments[0] / (pre.shape[2] * pre.shape[3])).to(pre.dtype) * scale + shift
+        g, head = self.gate(pooled, state, weights)
+        if keep is not None:
+            g = g * keep[:, None]
+        x, _ = native.tail_forward(pre, shortcut, scale * g, shift * g)
+        return x, head + state[len(head):]
+
+
+class SEGate(_PlaneGate):
     """Squeeze-and-excitation of a residual branch (the official CIFAR `SELayer`, bias-free linears).
 
     Linears keep PyTorch's default init (the official one: the trunk's init touches only convs and norms).
@@ -53,12 +98,15 @@ class SEGate(nn.Module):
         self.fc1 = nn.Linear(chs, chs // reduction, bias=False, **dd)
         self.fc2 = nn.Linear(chs // reduction, chs, bias=False, **dd)
 
-    def forward(self, x: torch.Tensor, state: State) -> Tuple[torch.Tensor, State]:
-        gate = torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean((2, 3))))))
-        return x * gate[:, :, None, None], state
+    def gate_weights(self) -> List[torch.Tensor]:
+        return [self.fc1.weight, self.fc2.weight]
+
+    def gate(self, pooled: torch.Tensor, state: State, weights: List[torch.Tensor]) -> Tuple[torch.Tensor, State]:
+        head: State = []
+        return torch.sigmoid(F.linear(F.relu(F.linear(pooled, weights[0])), weights[1])), head
 
 
-class EcaGate(nn.Module):
+class EcaGate(_PlaneGate):
     """ECA of a residual branch: timm's `EcaModule(C)` (adaptive kernel, sigmoid gate; `eca.conv` holds the
     filter) as a pre-residual module."""
 
@@ -67,11 +115,14 @@ class EcaGate(nn.Module):
         check_int('EcaGate', 'chs', chs)
         self.eca = EcaModule(chs, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, state: State) -> Tuple[torch.Tensor, State]:
+    def gate_weights(self) -> List[torch.Tensor]:
+        return [self.eca.conv.weight]
+
+    def gate(self, pooled: torch.Tensor, state: State, weights: List[torch.Tensor]) -> Tuple[torch.Tensor, State]:
         # `EcaModule.forward`'s maths with explicit shapes (its `view(B, 1, -1)` fails on an empty batch), the
         # channel conv through the package's (a oneDNN conv1d on `[B, 1, C]` costs more than the block's BN).
-        gate = self.eca.gate(eca_channel_conv(x.mean((2, 3)), self.eca.conv.weight).squeeze(1))
-        return x * gate[:, :, None, None], state
+        head: State = []
+        return self.eca.gate(eca_channel_conv(pooled, weights[0]).squeeze(1)), head
 
 
 class _CellMlp(nn.Module):
@@ -124,12 +175,15 @@ class DIACell(nn.Module):
         return x, [zeros, zeros] + self.ih.tensors() + self.hh.tensors()
 
 
-class DIAGate(nn.Module):
+class DIAGate(_PlaneGate):
     """DIANet's gate of one block: steps the stage's cell (`dia_cell_step`) on GAP(branch) and scales the branch
     by the new hidden state. No parameters of its own: the cell's weights come with the state `[h, c, *weights]`
     that the stage's `DIACell` started."""
 
-    def forward(self, x: torch.Tensor, state: State) -> Tuple[torch.Tensor, State]:
-        weights = state[2:]
-        h, c = dia_cell_step(x.mean((2, 3)), state[0], state[1], weights)
-        return x * h[:, :, None, None], [h, c] + weights
+    def gate_weights(self) -> List[torch.Tensor]:
+        none: List[torch.Tensor] = []
+        return none
+
+    def gate(self, pooled: torch.Tensor, state: State, weights: List[torch.Tensor]) -> Tuple[torch.Tensor, State]:
+        h, c = dia_cell_step(pooled, state[0], state[1], state[2:])
+        return h, [h, c]

@@ -57,7 +57,7 @@ __all__ = [
     'ENV', 'mode', 'active', 'usable', 'disabled', 'forced', 'drop_path_keep', 'norm_stats', 'fused_norm',
     'norm_affine', 'plane_affine', 'norm_backward', 'weight_or_ones', 'affine_grads', 'dense', 'per_sample',
     'tail_output', 'tail_reference', 'norm_reference', 'must_replay', 'replay', 'Tail', 'block_tail', 'BlockTail',
-    'ChannelConv',
+    'GatedTail', 'gated_tail', 'ChannelConv',
 ]
 
 ENV = 'TIMM_LAYERATTN_LEAN'
@@ -450,6 +450,101 @@ class BlockTail(torch.autograd.Function):
         g_norm = g_short if keep is None else g_short * per_sample(keep, g_short)
         g_pre, g_w, g_b = norm_backward(norm, g_norm, pre, mean, invstd, ctx.batch_stats, needs[:1] + needs[2:4])
         return g_pre, g_short if needs[1] else None, g_w, g_b, None, None
+
+
+class GatedTail(torch.autograd.Function):
+    """`x = relu(norm(pre) * gate * keep + shortcut)` with a channel gate `gate, head = gate_fn(mean(norm(pre)),
+    state, weights)` (SE, ECA, DIANet: `gates.py`), keeping `pre` and `shortcut` only, on the fused kernels.
+
+    The gate reads the pooled norm output, so the norm's statistics come first (one pass for the plane moments,
+    which also give the pooled output), then the gate on `[B, C]` tensors, then one pass for `x`. Backward runs
+    the gate's backward between the kernels' two passes: the first yields the shortcut's gradient and the gate's,
+    the gate (recomputed on its `[B, C]` inputs, differentiated with autograd) the pooled output's, and the second
+    pass folds both into one BatchNorm backward. Outputs `(x, *head)`: `head` replaces the first entries of the
+    carried state (DIANet's `h`, `c`); the rest passes through outside the Function.
+    """
+
+    @staticmethod
+    def forward(ctx, pre, shortcut, weight, bias, norm, keep, gate_fn, n_state, *inputs):
+        ctx.set_materialize_grads(False)
+        with torch.autocast(pre.device.type, enabled=False):
+            moments = native.plane_moments(pre)
+            mean, invstd, scale, shift = fused_norm(norm, pre, moments, None)
+            plane_mean = (moments[0] / (pre.shape[2] * pre.shape[3])).to(pre.dtype)
+            gate, head = gate_fn(plane_mean * scale + shift, list(inputs[:n_state]), list(inputs[n_state:]))
+            gain = gate if keep is None else gate * keep.to(gate.dtype)[:, None]
+            x, _ = native.tail_forward(pre, shortcut, scale * gain, shift * gain)
+        ctx.norm, ctx.gate_fn, ctx.n_state = norm, gate_fn, n_state
+        ctx.batch_stats = _uses_batch_stats(norm)
+        ctx.save_for_backward(pre, shortcut, weight, bias, keep, mean, invstd, scale, shift, plane_mean, gain, *inputs)
+        return (x, *head)
+
+    @staticmethod
+    def reference(pre, shortcut, weight, bias, *inputs, norm, keep, gate_fn, n_state):
+        """The forward's outputs in differentiable PyTorch ops, without side effects."""
+        scale, shift = norm_reference(norm, pre, weight, bias, None)
+        y = pre * _map(scale, pre) + _map(shift, pre)
+        gate, head = gate_fn(y.mean((2, 3)), list(inputs[:n_state]), list(inputs[n_state:]))
+        if keep is not None:
+            gate = gate * keep.to(gate.dtype)[:, None]
+        return (torch.relu(y * _map(gate, y) + shortcut), *head)
+
+    @staticmethod
+    def backward(ctx, grad_x, *grad_head):
+        saved = ctx.saved_tensors
+        pre, shortcut, weight, bias, keep, mean, invstd, scale, shift, plane_mean, gain = saved[:11]
+        inputs = saved[11:]
+        needs = ctx.needs_input_grad
+        if grad_x is None and all(g is None for g in grad_head):
+            return (None,) * len(needs)
+        if must_replay():
+            kw = dict(norm=ctx.norm, keep=keep, gate_fn=ctx.gate_fn, n_state=ctx.n_state)
+            g = replay(lambda *t: GatedTail.reference(*t, **kw), [pre, shortcut, weight, bias, *inputs],
+                       [grad_x, *grad_head], needs[:4] + needs[8:])
+            return (*g[:4], None, None, None, None, *g[4:])
+        g_short, sums = native.tail_grad_sums(
+            pre, shortcut, scale * gain, shift * gain, grad_x=dense(grad_x), grad_pooled=None)
+        # the gate's gradient, sum over each plane of g_short * norm(pre), from the sums of g_short and g_short * pre
+        grad_gate = scale.double() * sums[1] + shift.double() * sums[0]
+        if keep is not None:
+            grad_gate = grad_gate * keep.double()[:, None]
+        n = ctx.n_state
+        with torch.enable_grad(), torch.autocast(pre.device.type, enabled=False):
+            pooled = (plane_mean * scale + shift).requires_grad_()
+            leaves = [t.detach().requires_grad_(t.requires_grad) for t in inputs]
+            gate, head = ctx.gate_fn(pooled, leaves[:n], leaves[n:])
+        outs, out_grads = [gate], [grad_gate.to(gate.dtype)]
+        outs += [t for t, g in zip(head, grad_head) if g is not None and t.requires_grad]
+        out_grads += [g for t, g in zip(head, grad_head) if g is not None and t.requires_grad]
+        wanted = [pooled] + [t for t in leaves if t.requires_grad]
+        found = torch.autograd.grad(outs, wanted, out_grads, allow_unused=True)
+        grad_pooled = found[0] if found[0] is not None else torch.zeros_like(pooled)
+        by_leaf = {id(t): g for t, g in zip(wanted[1:], found[1:])}
+        # the norm output's gradient is g_short * gain + grad_pooled / HW: its plane sums, and those times pre
+        gp = grad_pooled.double()
+        norm_sums = torch.stack([gain.double() * sums[0] + gp, gain.double() * sums[1] + gp * plane_mean.double()])
+        g_pre, g_w, g_b = native.norm_backward_planes(
+            g_short, pre, sums=norm_sums, gain=gain.contiguous(),
+            offset=(grad_pooled / (pre.shape[2] * pre.shape[3])).contiguous(), mean=mean, invstd=invstd,
+            norm_weight=weight_or_ones(ctx.norm, mean), batch_stats=ctx.batch_stats)
+        g_w, g_b = affine_grads(ctx.norm, g_w, g_b)
+        return (g_pre, g_short if needs[1] else None, g_w, g_b, None, None, None, None,
+                *[by_leaf.get(id(t)) for t in leaves])
+
+
+def gated_tail(
+        pre: Tensor,
+        norm: nn.BatchNorm2d,
+        shortcut: Tensor,
+        keep: Optional[Tensor],
+        gate_fn: Callable[[Tensor, List[Tensor], List[Tensor]], Tuple[Tensor, List[Tensor]]],
+        state: List[Tensor],
+        weights: List[Tensor],
+) -> Tuple[Tensor, List[Tensor]]:
+    """`GatedTail` applied: the block output and the carried state with the gate's new head."""
+    outs = GatedTail.apply(pre, shortcut, norm.weight, norm.bias, norm, keep, gate_fn, len(state), *state, *weights)
+    head = list(outs[1:])
+    return outs[0], head + state[len(head):]
 
 
 class ChannelConv(torch.autograd.Function):

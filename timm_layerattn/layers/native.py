@@ -455,6 +455,28 @@ def tail_backward(
         norm_weight=norm_weight, keep=keep, batch_stats=batch_stats)
 
 
+def tail_grad_sums(
+        pre: Tensor, shortcut: Tensor, scale: Tensor, shift: Tensor, *, grad_x: Optional[Tensor],
+        grad_pooled: Optional[Tensor],
+) -> Tuple[Tensor, Tensor]:
+    """The tail's first backward pass: `g = (grad_x + grad_pooled / HW) * [x > 0]` (the shortcut's gradient) and
+    the per-plane sums `[2, B, C]` (float64) of `g` and of `g * pre`."""
+    return torch.ops.timm_layerattn.tail_grad_sums(
+        pre, shortcut, scale, shift, grad_x=grad_x, grad_pooled=grad_pooled)
+
+
+def norm_backward_planes(
+        g: Tensor, u: Tensor, *, sums: Tensor, gain: Tensor, offset: Optional[Tensor], mean: Tensor, invstd: Tensor,
+        norm_weight: Tensor, batch_stats: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients `(u, norm weight, norm bias)` of a BatchNorm whose output gradient is `g * gain + offset`
+    (per-plane `gain`, `offset` `[B, C]`), given the per-plane sums `[2, B, C]` (float64) of that gradient and of
+    it times `u`."""
+    return torch.ops.timm_layerattn.norm_backward_planes(
+        g, u, sums=sums, gain=gain, offset=offset, mean=mean, invstd=invstd, norm_weight=norm_weight,
+        batch_stats=batch_stats)
+
+
 def affine_residual_(out: Tensor, *, x: Tensor, a: Tensor, b: Tensor, relu: bool) -> Tensor:
     """`out <- x + act(out * a + b)` in place, per-plane `a`, `b` `[B, C]`, act ReLU or identity."""
     return torch.ops.timm_layerattn.affine_residual_(out, x=x, a=a, b=b, relu=relu)

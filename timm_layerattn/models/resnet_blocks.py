@@ -87,18 +87,21 @@ class LABlock(nn.Module):
 
     @torch.jit.unused
     def _lean_tail(self, pre: torch.Tensor, shortcut: torch.Tensor, state: State) -> Optional[Tuple[torch.Tensor, State]]:
-        """Hand the block's tail (last BatchNorm, residual add, ReLU) and its attention to the attention module's
-        memory-lean training path (`forward_tail`), where it applies; None otherwise."""
-        attn = self.attn
-        if not (self.residual and self.attn_pre is None and attn is not None and hasattr(attn, 'forward_tail')):
+        """Hand the block's tail (last BatchNorm, residual add, ReLU) to the one module around it that has a fused
+        path for it (`forward_tail`): the attention after the tail (its memory-lean training path) or a gate before
+        the residual add (inference and training); None where neither applies."""
+        if not self.residual or (self.attn_pre is not None and self.attn is not None):
+            return None
+        owner = self.attn if self.attn_pre is None else self.attn_pre
+        if owner is None or not hasattr(owner, 'forward_tail'):
             return None
         norm, act = self.last_norm_act()
-        if not (type(norm) is nn.BatchNorm2d and type(act) is nn.ReLU and attn.tail_usable(pre, shortcut, state)):
+        if not (type(norm) is nn.BatchNorm2d and type(act) is nn.ReLU and owner.tail_usable(pre, shortcut, state)):
             return None
         if self.downsample is not None:
             shortcut = self.downsample(shortcut)
         keep = drop_path_keep(self.drop_path, pre)
-        return attn.forward_tail(pre, norm, shortcut, keep, state)
+        return owner.forward_tail(pre, norm, shortcut, keep, state)
 
     def forward(self, x: torch.Tensor, state: State, shared: Shared) -> Tuple[torch.Tensor, State]:
         if self.attn_in is not None:

@@ -417,25 +417,11 @@ std::tuple<at::Tensor, at::Tensor> tail_forward(const at::Tensor& pre, const at:
   return {x, pooled};
 }
 
-// Backward of the tail x = relu(norm(pre) * keep + shortcut) (and of pooled = mean(x)). With
-// g = (grad_x + grad_pooled / HW) * [x > 0]:
-//   d shortcut = g,   d pre, d weight, d bias = BatchNorm backward of g * keep (see `norm_grad`).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tail_backward(
-    const at::Tensor& pre, const at::Tensor& shortcut, const at::Tensor& scale, const at::Tensor& shift,
-    const OptTensor& grad_x, const OptTensor& grad_pooled, const at::Tensor& mean, const at::Tensor& invstd,
-    const at::Tensor& norm_weight, const OptTensor& keep, bool batch_stats) {
-  check_4d(pre, "pre");
-  const Tail tail(pre, shortcut, scale, shift, pre);
-  const int64_t B = pre.size(0), C = pre.size(1), H = pre.size(2), W = pre.size(3), hw = H * W;
-  check_opt_map(grad_x, pre, "grad_x");
-  if (grad_pooled) check_planes(*grad_pooled, B, C, "grad_pooled");
-  const std::vector<float> k = keep_factors(keep, B);
-  const float* GX = opt_data(grad_x);
-  const float* GP = opt_data(grad_pooled);
-  at::Tensor g_short = at::empty_like(pre), g_pre = at::empty_like(pre);
-  float* GS = g_short.data_ptr<float>();
-  float* GPre = g_pre.data_ptr<float>();
-  std::vector<double> p1(B * C), p2(B * C);
+// The tail's first backward pass: g = (grad_x + grad_pooled / HW) * [x > 0] into `GS` (the shortcut's
+// gradient), and per plane A = sum g, Q = sum g * pre (the BatchNorm gradient sums before any per-plane factor).
+void tail_grad_pass(const Tail& tail, int64_t B, int64_t C, int64_t H, int64_t W, const float* GX, const float* GP,
+                    float* GS, std::vector<double>& A, std::vector<double>& Q) {
+  const int64_t hw = H * W;
   plane_loop(B, C, H, W, 0, 1, [&](int64_t p, int64_t, PlaneBuffers& buf) {
     float* x = buf.flat[0];
     tail.plane(p, hw, x);
@@ -467,24 +453,96 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tail_backward(
       a += ca;
       q += cq;
     }
-    const double kb = k[p / C];
-    p1[p] = a * kb;
-    p2[p] = q * kb;
+    A[p] = a;
+    Q[p] = q;
   });
-  NormGrad ng = norm_grad(p1, p2, B, C, hw, mean, invstd, norm_weight, batch_stats);
+}
+
+// The BatchNorm's input gradient when its output gradient is g * gain + offset (per-plane gain, offset):
+// d u = c1 * (gain * g + offset) + c2 * u + c3 (see `norm_grad`); `offset` may be null.
+void norm_input_grad(const NormGrad& ng, const float* G, const float* U, const float* gain, const float* offset,
+                     int64_t B, int64_t C, int64_t hw, float* out) {
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(hw, 1));
   at::parallel_for(0, B * C, grain, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const int64_t c = p % C;
-      const float c1 = ng.c1[c] * k[p / C], c2 = ng.c2[c], c3 = ng.c3[c];
-      const float* gs_p = GS + p * hw;
-      const float* pre_p = tail.pre + p * hw;
-      float* out = GPre + p * hw;
+      const float c1 = ng.c1[c] * gain[p], c2 = ng.c2[c];
+      const float c3 = ng.c3[c] + (offset ? ng.c1[c] * offset[p] : 0.f);
+      const float* g_p = G + p * hw;
+      const float* u_p = U + p * hw;
+      float* o = out + p * hw;
 #pragma omp simd
-      for (int64_t i = 0; i < hw; ++i) out[i] = c1 * gs_p[i] + c2 * pre_p[i] + c3;
+      for (int64_t i = 0; i < hw; ++i) o[i] = c1 * g_p[i] + c2 * u_p[i] + c3;
     }
   });
+}
+
+// Backward of the tail x = relu(norm(pre) * keep + shortcut) (and of pooled = mean(x)). With
+// g = (grad_x + grad_pooled / HW) * [x > 0]:
+//   d shortcut = g,   d pre, d weight, d bias = BatchNorm backward of g * keep (see `norm_grad`).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tail_backward(
+    const at::Tensor& pre, const at::Tensor& shortcut, const at::Tensor& scale, const at::Tensor& shift,
+    const OptTensor& grad_x, const OptTensor& grad_pooled, const at::Tensor& mean, const at::Tensor& invstd,
+    const at::Tensor& norm_weight, const OptTensor& keep, bool batch_stats) {
+  check_4d(pre, "pre");
+  const Tail tail(pre, shortcut, scale, shift, pre);
+  const int64_t B = pre.size(0), C = pre.size(1), H = pre.size(2), W = pre.size(3), hw = H * W;
+  check_opt_map(grad_x, pre, "grad_x");
+  if (grad_pooled) check_planes(*grad_pooled, B, C, "grad_pooled");
+  const std::vector<float> k = keep_factors(keep, B);
+  at::Tensor g_short = at::empty_like(pre), g_pre = at::empty_like(pre);
+  float* GS = g_short.data_ptr<float>();
+  std::vector<double> p1(B * C), p2(B * C);
+  tail_grad_pass(tail, B, C, H, W, opt_data(grad_x), opt_data(grad_pooled), GS, p1, p2);
+  std::vector<float> gain(B * C);
+  for (int64_t p = 0; p < B * C; ++p) {
+    gain[p] = k[p / C];
+    p1[p] *= gain[p];
+    p2[p] *= gain[p];
+  }
+  const NormGrad ng = norm_grad(p1, p2, B, C, hw, mean, invstd, norm_weight, batch_stats);
+  norm_input_grad(ng, GS, tail.pre, gain.data(), nullptr, B, C, hw, g_pre.data_ptr<float>());
   return {g_pre, g_short, ng.d_weight, ng.d_bias};
+}
+
+// The tail's first backward pass alone, for tails whose per-plane factor depends on the pooled norm output (a
+// channel gate): g = (grad_x + grad_pooled / HW) * [x > 0] (the shortcut's gradient) and the per-plane sums
+// [2, B, C] (float64) of g and of g * pre.
+std::tuple<at::Tensor, at::Tensor> tail_grad_sums(const at::Tensor& pre, const at::Tensor& shortcut,
+                                                  const at::Tensor& scale, const at::Tensor& shift,
+                                                  const OptTensor& grad_x, const OptTensor& grad_pooled) {
+  check_4d(pre, "pre");
+  const Tail tail(pre, shortcut, scale, shift, pre);
+  const int64_t B = pre.size(0), C = pre.size(1), H = pre.size(2), W = pre.size(3);
+  check_opt_map(grad_x, pre, "grad_x");
+  if (grad_pooled) check_planes(*grad_pooled, B, C, "grad_pooled");
+  at::Tensor g_short = at::empty_like(pre);
+  std::vector<double> a(B * C), q(B * C);
+  tail_grad_pass(tail, B, C, H, W, opt_data(grad_x), opt_data(grad_pooled), g_short.data_ptr<float>(), a, q);
+  return {g_short, moments_tensor(a, q, B, C)};
+}
+
+// BatchNorm backward for the output gradient g * gain + offset (per-plane gain, offset [B, C]; offset
+// optional), from the per-plane sums [2, B, C] (float64) of that gradient and of it times the input u:
+// gradients (u, weight, bias).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward_planes(
+    const at::Tensor& g, const at::Tensor& u, const at::Tensor& sums, const at::Tensor& gain, const OptTensor& offset,
+    const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& norm_weight, bool batch_stats) {
+  check_4d(u, "u");
+  check_map(g, u, "g");
+  const int64_t B = u.size(0), C = u.size(1), hw = u.size(2) * u.size(3);
+  check_planes(gain, B, C, "gain");
+  if (offset) check_planes(*offset, B, C, "offset");
+  TORCH_CHECK(sums.dim() == 3 && sums.size(0) == 2 && sums.size(1) == B && sums.size(2) == C &&
+              sums.scalar_type() == at::kDouble && sums.is_contiguous() && sums.device().is_cpu(),
+              "sums must be a contiguous float64 CPU tensor of shape [2, ", B, ", ", C, "]");
+  const double* S = sums.const_data_ptr<double>();
+  const std::vector<double> p1(S, S + B * C), p2(S + B * C, S + 2 * B * C);
+  const NormGrad ng = norm_grad(p1, p2, B, C, hw, mean, invstd, norm_weight, batch_stats);
+  at::Tensor g_u = at::empty_like(u);
+  norm_input_grad(ng, g.const_data_ptr<float>(), u.const_data_ptr<float>(), gain.const_data_ptr<float>(),
+                  opt_data(offset), B, C, hw, g_u.data_ptr<float>());
+  return {g_u, ng.d_weight, ng.d_bias};
 }
 
 // out <- x + act(out * a + b), in place on `out` (which holds a branch's BatchNorm input u), with the
@@ -1044,6 +1102,10 @@ TORCH_LIBRARY_FRAGMENT(timm_layerattn, m) {
   m.def("tail_backward(Tensor pre, Tensor shortcut, Tensor scale, Tensor shift, Tensor? grad_x, "
         "Tensor? grad_pooled, Tensor mean, Tensor invstd, Tensor norm_weight, Tensor? keep, bool batch_stats) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("tail_grad_sums(Tensor pre, Tensor shortcut, Tensor scale, Tensor shift, Tensor? grad_x, "
+        "Tensor? grad_pooled) -> (Tensor, Tensor)");
+  m.def("norm_backward_planes(Tensor g, Tensor u, Tensor sums, Tensor gain, Tensor? offset, Tensor mean, "
+        "Tensor invstd, Tensor norm_weight, bool batch_stats) -> (Tensor, Tensor, Tensor)");
   m.def("affine_residual_(Tensor(a!) out, Tensor x, Tensor a, Tensor b, bool relu) -> Tensor(a!)");
   m.def("kcla_train_values(Tensor x, Tensor? hist, Tensor weight, Tensor gate, Tensor v_weight) "
         "-> (Tensor, Tensor, Tensor)");
@@ -1071,6 +1133,8 @@ TORCH_LIBRARY_IMPL(timm_layerattn, CPU, m) {
   m.impl("plane_moments", plane_moments);
   m.impl("tail_forward", tail_forward);
   m.impl("tail_backward", tail_backward);
+  m.impl("tail_grad_sums", tail_grad_sums);
+  m.impl("norm_backward_planes", norm_backward_planes);
   m.impl("affine_residual_", affine_residual_);
   m.impl("kcla_train_values", kcla_train_values);
   m.impl("kcla_train_backward", kcla_train_backward);
