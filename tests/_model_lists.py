@@ -12,7 +12,10 @@ without editing a test.
   grad checkpointing, intermediates, pruning, fx training, channels_last). A variant that differs from a
   checked one only in widths or depths runs no other code; every name still gets the per-name contract
   (TorchScript, fx, compile, export, features) and timm's own test_models.py.
-* `HEAVY`: the deepest models (100 and more weight layers), marked `slow` where every name runs.
+* `HEAVY`: the deepest models (100 and more weight layers) whose module structure a shallower variant of their
+  family shares, marked `heavy` where every name runs: deselected by default (`-m heavy` runs them), as the
+  shallower variant's per-name checks run the same code. A deep model with a structure of its own (KCLA's
+  re-summary of a long stage, only in `resnet101_kcla`) stays in the default run.
 """
 import functools
 import itertools
@@ -138,6 +141,17 @@ REPRESENTATIVES = representatives()
 CODE_PATHS = code_paths()
 LAYER_ATTN = layer_attn_models()
 MODELS = CODE_PATHS
-# 100 and more weight layers (the ResNet-101 and CIFAR ResNet-110 variants): marked `slow` where every name runs.
-HEAVY = [n for n in ALL_MODELS if weight_layers(n) >= 100]
+
+
+def heavy_models() -> List[str]:
+    """100 and more weight layers (ResNet-101, CIFAR ResNet-110 variants) and a shallower variant of the same
+    family with the same structure."""
+    deep = [n for n in ALL_MODELS if weight_layers(n) >= 100]
+    by_family = _by_family()
+    shallow = {f: {structure(n) for n in names if n not in deep} for f, names in by_family.items()}
+    family = {n: f for f, names in by_family.items() for n in names}
+    return [n for n in deep if structure(n) in shallow[family[n]]]
+
+
+HEAVY = heavy_models()
 _meta_model.cache_clear()  # the lists are all that is kept

@@ -277,24 +277,24 @@ def in_timm_ci(fn: Callable) -> bool:
 
 def tests(module: ModuleType, heavy: Iterable[str] = ()) -> Dict[str, Callable]:
     """The tests of `module` that timm's CI runs and that are parametrised over our model names only; their
-    cases of the `heavy` models get the `slow` mark."""
+    cases of the `heavy` models get the `heavy` mark."""
     ours = frozenset(our_names())
     out = {}
     for name, obj in vars(module).items():
         if name.startswith('test_') and callable(obj) and in_timm_ci(obj):
             values = model_names(obj)
             if values and all(isinstance(v, str) and _arch(v) in ours for v in values):
-                out[name] = _mark_slow(obj, frozenset(heavy))
+                out[name] = _mark_heavy(obj, frozenset(heavy))
     return out
 
 
-def _mark_slow(fn: Callable, heavy: frozenset) -> Callable:
-    """`fn` with its `model_name` cases of `heavy` architectures marked `slow` (in place: the module is ours)."""
+def _mark_heavy(fn: Callable, heavy: frozenset) -> Callable:
+    """`fn` with its `model_name` cases of `heavy` architectures marked `heavy` (in place: the module is ours)."""
     marks = list(getattr(fn, 'pytestmark', []))
     for k, mark in enumerate(marks):
         if _argnames(mark) != ['model_name']:
             continue
-        values = [pytest.param(v, marks=pytest.mark.slow) if isinstance(v, str) and _arch(v) in heavy else v
+        values = [pytest.param(v, marks=pytest.mark.heavy) if isinstance(v, str) and _arch(v) in heavy else v
                   for v in mark.args[1]]
         marks[k] = pytest.mark.parametrize(mark.args[0], values, *mark.args[2:], **mark.kwargs).mark
     fn.pytestmark = marks

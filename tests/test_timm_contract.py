@@ -28,8 +28,9 @@ from _model_lists import (
     ALL_MODELS, CODE_PATHS, HEAVY, LAYER_ATTN, MODELS, REPRESENTATIVES, input_size, timm_models_of_this_package)
 
 # Every registered name: the checks of the whole contract (scripting, fx, compile, export, features); the
-# deepest models' are marked slow.
-EVERY = [pytest.param(n, marks=[pytest.mark.xdist_group(f'contract-{n}')] + [pytest.mark.slow] * (n in HEAVY))
+# deepest models' are marked heavy (run with `-m heavy`) where a shallower variant with their module structure runs
+# them by default (`_model_lists.HEAVY`).
+EVERY = [pytest.param(n, marks=[pytest.mark.xdist_group(f'contract-{n}')] + [pytest.mark.heavy] * (n in HEAVY))
          for n in ALL_MODELS]
 # The cheapest model of each layer-attention family, for the slow checks (AOT compile, channels_last kept).
 LAYER_ATTN_REPRESENTATIVES = [n for n in REPRESENTATIVES if n in LAYER_ATTN]
