@@ -14,6 +14,7 @@ The timm contract as such (script, fx, compile, export, features, pruning, ...) 
 tests (`tests/test_timm_contract.py`, `tests/test_timm_models.py`, `tests/test_bad_inputs_models.py`).
 """
 import contextlib
+import copy
 
 import pytest
 import safetensors.torch
@@ -27,7 +28,8 @@ from timm_layerattn.cli import main as cli_main
 from timm_layerattn.checkpoints.rules import official_layout
 from timm_layerattn.layers._common import eca_kernel_size
 from timm_layerattn.layers.factory import LayerAttnCfg, create_layer_attn
-from timm_layerattn.layers.vit_la import GridCell, MRLABaseTokens, MRLALightTokens
+from timm_layerattn.layers import lean
+from timm_layerattn.layers.vit_la import GridCell, MRLABaseTokens, MRLALightTokens, TokenConv
 
 from _reference_vit import mrla_base, mrla_light, official_forward, official_state_dict
 
@@ -160,11 +162,12 @@ def _randomise(module) -> None:
 
 
 def _path(fused: bool, request):
-    """Autograd on: the PyTorch ops; off: the fused token kernel (skipped without a C++ compiler)."""
+    """Autograd on, lean path off: the PyTorch ops; autograd off: the fused token kernel (skipped without a C++
+    compiler)."""
     if fused:
         request.getfixturevalue('ops')
         return torch.no_grad()
-    return contextlib.nullcontext()
+    return lean.disabled()
 
 
 def _kernel_ran(fn) -> bool:
@@ -216,10 +219,11 @@ def test_mrla_base_tokens_cache_crosses_paths(ops):
     ref_state, state = [], []
     ref = out = x
     for i, m in enumerate(mods):
-        ref, ref_state = m(ref, ref, ref_state, 3, 4)  # autograd on: PyTorch ops throughout
+        with lean.disabled():
+            ref, ref_state = m(ref, ref, ref_state, 3, 4)  # autograd on, lean path off: PyTorch ops throughout
         if i == 3:
             state = state[:1] + [v.contiguous() for v in state[1:]]  # NCHW: not the kernel's layout
-        with contextlib.nullcontext() if i == 1 else torch.no_grad():
+        with lean.disabled() if i == 1 else torch.no_grad():
             assert _kernel_ran(lambda: m(out, out, state, 3, 4)) == (i != 1 and i != 3)
             out, state = m(out, out, state, 3, 4)
         _close(out, ref)
@@ -245,6 +249,72 @@ def test_token_kernels_reject_bad_input(ops):
                                     norm_bias=m.norm.bias, norm_eps=1e-5, v_weight=m.v.weight, q_weight=m.q.weight,
                                     k_weight=m.k.weight, num_prefix=1, grid_h=3, grid_w=4, head_dim=16,
                                     attn_scale=0.25, prefix_norm=True)
+
+
+@pytest.mark.parametrize('gelu', [True, False])
+@pytest.mark.parametrize('prefix,hw', [(1, (14, 14)), (0, (3, 5)), (2, (1, 1)), (5, (2, 7))])
+def test_token_conv_training_kernels_match_float64(ops, gelu, prefix, hw):
+    """`TokenConv` (the depth-wise conv, then GELU, of the patch grid in token layout, for training): output and
+    both gradients equal the float64 conv of the grid view, to float32 rounding."""
+    y = torch.randn(3, prefix + hw[0] * hw[1], 32, requires_grad=True)
+    w = torch.randn(32, 1, 3, 3, requires_grad=True)
+    out = TokenConv.apply(y, w, prefix, *hw, gelu)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (y, w), g)
+    y64, w64 = y.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref, = TokenConv.reference(y64, w64, prefix, *hw, gelu)
+    want = torch.autograd.grad(ref, (y64, w64), g.double())
+    _close(out.double(), ref.detach())
+    for a, b in zip(got, want):
+        _close(a.double(), b)
+    assert not got[0][:, :prefix].any()  # prefix tokens do not enter the conv
+
+
+@pytest.mark.parametrize('name', ['deit_tiny_patch16_224_mrlal', 'deit_tiny_patch16_224_mrlab'])
+def test_training_takes_the_token_conv_and_matches_float64(ops, name):
+    """A training step on a non-square input runs `TokenConv` in every block and is as close to the float64 step
+    as the PyTorch-ops step is; a gradient penalty (`create_graph=True`) replays its maths to the same gradients."""
+    model = timm.create_model(name, img_size=64).train()
+    x = torch.randn(2, 3, 64, 48)
+
+    def step(m, inp, penalty=False):
+        m.zero_grad(set_to_none=True)
+        inp = inp.clone().requires_grad_()
+        out = m(inp)
+        loss = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum()
+        if penalty:
+            loss = torch.autograd.grad(loss, inp, create_graph=True)[0].square().sum()
+        loss.backward()
+        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).double().flatten()
+                          for p in m.parameters()])  # a penalty leaves the head's bias without gradient
+
+    def rel(a, b):
+        return ((a - b).abs().max() / b.abs().max()).item()
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fused = step(model, x)
+    calls = {e.key: e.count for e in prof.key_averages()}
+    assert calls.get('timm_layerattn::token_dwconv') == calls.get('timm_layerattn::token_dwconv_backward') == 12
+    with lean.disabled():
+        plain = step(copy.deepcopy(model), x)
+        truth = step(copy.deepcopy(model).double(), x.double())
+    assert rel(fused, truth) <= max(2e-5, 3 * rel(plain, truth))
+    for block in model.blocks:  # timm's fused attention has no second derivative; the eager maths has
+        block.attn.fused_attn = False
+    with lean.disabled():
+        want = step(copy.deepcopy(model), x, penalty=True)
+    assert rel(step(model, x, penalty=True), want) <= 1e-4
+
+
+def test_token_conv_kernels_reject_bad_input(ops):
+    from timm_layerattn.layers import native
+    y, w = torch.randn(2, 1 + 12, 32), torch.randn(32, 1, 3, 3)
+    with pytest.raises(RuntimeError, match='expected 1 prefix tokens \\+ a 4 x 4 grid'):
+        native.token_dwconv(y, w, num_prefix=1, grid_h=4, grid_w=4, gelu=True)
+    with pytest.raises(RuntimeError, match='v_weight'):
+        native.token_dwconv(y, w[:16], num_prefix=1, grid_h=3, grid_w=4, gelu=True)
+    with pytest.raises(RuntimeError, match='grad'):
+        native.token_dwconv_backward(torch.randn(2, 13, 32), y, w, num_prefix=1, grid_h=3, grid_w=4, gelu=False)
 
 
 def test_prefix_norm_off_leaves_prefix_tokens_alone():

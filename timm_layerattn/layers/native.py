@@ -398,6 +398,21 @@ def mrla_base_tokens(
         grid_w=grid_w, head_dim=head_dim, attn_scale=attn_scale, prefix_norm=prefix_norm)
 
 
+def token_dwconv(y: Tensor, v_weight: Tensor, *, num_prefix: int, grid_h: int, grid_w: int, gelu: bool) -> Tensor:
+    """`[B, H*W, C]`: the depth-wise 3x3 conv of the patch grid of tokens `y` `[B, P + H*W, C]` (then GELU with
+    `gelu`), in token order."""
+    return torch.ops.timm_layerattn.token_dwconv(
+        y, v_weight, num_prefix=num_prefix, grid_h=grid_h, grid_w=grid_w, gelu=gelu)
+
+
+def token_dwconv_backward(
+        grad: Tensor, y: Tensor, v_weight: Tensor, *, num_prefix: int, grid_h: int, grid_w: int, gelu: bool,
+) -> Tuple[Tensor, Tensor]:
+    """Gradients `(y, v_weight)` of `token_dwconv` for the output gradient `grad` `[B, H*W, C]`."""
+    return torch.ops.timm_layerattn.token_dwconv_backward(
+        grad, y, v_weight, num_prefix=num_prefix, grid_h=grid_h, grid_w=grid_w, gelu=gelu)
+
+
 def trainable(*tensors: Optional[Tensor]) -> bool:
     """True when the fused training kernels can run on these tensors (None entries are skipped): kernels
     enabled and built, float32 CPU tensors in contiguous layout."""

@@ -19,14 +19,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 import timm.layers
 
-from . import native
+from . import lean, native
 from ._checks import check_bool, check_int
 from ._common import ChannelConv1d, DepthwiseConv3x3, accumulation_dtype, eca_channel_conv, per_channel
 
 # LayerNorms whose forward is `F.layer_norm` (timm's subclass only picks an implementation of it).
 _PLAIN_LAYER_NORMS = (nn.LayerNorm, timm.layers.LayerNorm)
 
-__all__ = ['split_grid', 'join_grid', 'MRLALightTokens', 'MRLABaseTokens', 'GridCell']
+__all__ = ['split_grid', 'join_grid', 'TokenConv', 'MRLALightTokens', 'MRLABaseTokens', 'GridCell']
 
 
 def split_grid(x: torch.Tensor, num_prefix_tokens: int, grid_h: int, grid_w: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -42,6 +42,47 @@ def join_grid(prefix: torch.Tensor, grid: torch.Tensor, num_prefix_tokens: int) 
     """Inverse of `split_grid`: prefix tokens followed by the grid's tokens in row-major order."""
     tokens = grid.flatten(2).transpose(1, 2)
     return torch.cat([prefix, tokens.to(prefix.dtype)], dim=1) if num_prefix_tokens > 0 else tokens
+
+
+class TokenConv(torch.autograd.Function):
+    """The depth-wise 3x3 conv of the patch grid of tokens `y` `[B, P + H*W, C]`, then GELU with `gelu`, as
+    `[B, H*W, C]` tokens, on the fused CPU kernels (training; float32).
+
+    Reads and writes the token layout directly (no channels-last views, no copies) and keeps only `y`: backward
+    recomputes the conv for GELU's derivative instead of keeping its output.
+    """
+
+    @staticmethod
+    def forward(ctx, y, weight, num_prefix, grid_h, grid_w, gelu):
+        ctx.args = (num_prefix, grid_h, grid_w, gelu)
+        ctx.save_for_backward(y, weight)
+        return native.token_dwconv(y, weight, num_prefix=num_prefix, grid_h=grid_h, grid_w=grid_w, gelu=gelu)
+
+    @staticmethod
+    def reference(y, weight, num_prefix, grid_h, grid_w, gelu):
+        """The forward in differentiable PyTorch ops."""
+        out = F.conv2d(split_grid(y, num_prefix, grid_h, grid_w)[1], weight, None, 1, 1, 1, weight.shape[0])
+        return ((F.gelu(out) if gelu else out).flatten(2).transpose(1, 2),)
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, weight = ctx.saved_tensors
+        num_prefix, grid_h, grid_w, gelu = ctx.args
+        if lean.must_replay():
+            g = lean.replay(lambda *t: TokenConv.reference(*t, *ctx.args), [y, weight], [grad],
+                            ctx.needs_input_grad[:2])
+            return (*g, None, None, None, None)
+        g_y, g_w = native.token_dwconv_backward(
+            grad.contiguous(), y, weight, num_prefix=num_prefix, grid_h=grid_h, grid_w=grid_w, gelu=gelu)
+        return g_y, g_w, None, None, None, None
+
+
+def _token_conv_usable(y: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `TokenConv` runs: training with autograd in eager mode (`lean.active()`), no autocast, float32
+    contiguous CPU tokens with the fused kernels built."""
+    if not (lean.active() and y.dim() == 3 and native.trainable(y, weight)):  # CPU only: no meta device below
+        return False
+    return not torch.is_autocast_enabled('cpu')
 
 
 class _TokenLayerAttn(nn.Module):
@@ -99,6 +140,14 @@ class _TokenLayerAttn(nn.Module):
         qk = eca_channel_conv(pooled, torch.cat([self.q.weight, self.k.weight])).to(accumulation_dtype(pooled))
         return qk[:, 0].view(-1, self.num_heads, self.head_dim), qk[:, 1].view(-1, self.num_heads, self.head_dim)
 
+    def _value(self, y: torch.Tensor, grid: torch.Tensor, grid_h: int, grid_w: int, gelu: bool) -> torch.Tensor:
+        """`DW3(grid)` (then GELU with `gelu`) as `[B, H*W, C]` tokens; `grid` is the patch grid of `y`."""
+        if not torch.jit.is_scripting():  # a block TorchScript skips
+            if _token_conv_usable(y, self.v.weight):
+                return TokenConv.apply(y, self.v.weight, self.num_prefix_tokens, grid_h, grid_w, gelu)
+        value = self.v(grid)
+        return (F.gelu(value) if gelu else value).flatten(2).transpose(1, 2)
+
     def _add(self, x: torch.Tensor, prefix: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """`x` plus the branch: the patch-token part `tokens` and, with `prefix_norm`, the normalised prefix."""
         p = self.num_prefix_tokens
@@ -145,10 +194,11 @@ class MRLALightTokens(_TokenLayerAttn):
         if not torch.jit.is_scripting():  # a block TorchScript skips (it cannot compile `_fused`'s *tensors)
             if self._fused(x, shortcut):
                 return self._forward_fused(x, shortcut, grid_h, grid_w), state
-        prefix, grid = split_grid(self.norm(x), self.num_prefix_tokens, grid_h, grid_w)
+        y = self.norm(x)
+        prefix, grid = split_grid(y, self.num_prefix_tokens, grid_h, grid_w)
         q, k = self._query_key(grid)
         gate = per_channel(torch.sigmoid((q * k).sum(-1) * self.scale), self.head_dim).to(grid.dtype)
-        value = F.gelu(self.v(grid)).flatten(2).transpose(1, 2)  # [B, H*W, C]
+        value = self._value(y, grid, grid_h, grid_w, gelu=True)  # [B, H*W, C]
         prev = self.norm_prev(shortcut[:, self.num_prefix_tokens:])
         tokens = torch.addcmul(self.lambda_t * prev, value, gate.unsqueeze(1))
         return self._add(x, prefix, tokens), state
@@ -201,9 +251,11 @@ class MRLABaseTokens(_TokenLayerAttn):
             if fused is not None:
                 return fused
         g, d = self.num_heads, self.head_dim
-        prefix, grid = split_grid(self.norm(x), self.num_prefix_tokens, grid_h, grid_w)
+        y = self.norm(x)
+        prefix, grid = split_grid(y, self.num_prefix_tokens, grid_h, grid_w)
         q, k = self._query_key(grid)
-        value = self.v(grid)
+        # [B, C, H, W] view of channels-last tokens, the layout the fused inference kernel caches too
+        value = self._value(y, grid, grid_h, grid_w, gelu=False).unflatten(1, (grid_h, grid_w)).permute(0, 3, 1, 2)
         if self.reset or len(state) == 0:
             keys = k.reshape(-1, 1, self.channels)
             values = [value]

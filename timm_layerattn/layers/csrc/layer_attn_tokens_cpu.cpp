@@ -10,12 +10,17 @@
 // gate or the softmax weights, and writes the block's new tokens. The per-sample maths (pooling, ECA query
 // and key, gates, softmax) runs between the two passes, as in layer_attn_cpu.cpp.
 //
+// For training, `token_dwconv` / `token_dwconv_backward` are the value's depth-wise conv (and GELU) alone, on
+// the same token layout, for the autograd Function `TokenConv` of vit_la.py.
+//
 // Built with the other kernels by timm_layerattn/layers/native.py; the modules in
 // timm_layerattn/layers/vit_la.py compute the same results with PyTorch ops in every other case, and
 // tests/test_deit_la.py checks both paths against each other.
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <c10/util/Optional.h>
 #include <torch/library.h>
 
@@ -156,6 +161,30 @@ inline void prefix_row(const float* x, const float* y, bool prefix_norm, int64_t
   }
 }
 
+// exp(x) with only arithmetic and a bit cast (so loops over it vectorise): 2^n * p(r), r = x - n ln 2 in
+// [-ln2/2, ln2/2], p Cephes' degree-7 polynomial; within a few ulp of float32 exp on [-87, 88], clamped outside.
+inline float exp_poly(float x) {
+  x = std::min(88.f, std::max(-87.f, x));
+  const float t = std::fma(x, 1.44269504088896341f, 0.5f);
+  const int32_t ni = static_cast<int32_t>(t) - (t < 0.f ? 1 : 0);  // floor(t); std::floor would not vectorise
+  const float n = static_cast<float>(ni);
+  const float r = std::fma(n, -0.693145751953125f, std::fma(n, -1.428606765330187e-06f, x));
+  float p = 1.9875691500e-4f;
+  p = std::fma(p, r, 1.3981999507e-3f);
+  p = std::fma(p, r, 8.3334519073e-3f);
+  p = std::fma(p, r, 4.1665795894e-2f);
+  p = std::fma(p, r, 1.6666665459e-1f);
+  p = std::fma(p, r, 5.0000001201e-1f);
+  p = std::fma(p, r * r, r) + 1.f;
+  return p * __builtin_bit_cast(float, (ni + 127) << 23);
+}
+
+// d GELU / d v = Phi(v) + v * phi(v), with Phi from the same rational erf as `gelu`.
+inline float gelu_grad(float v) {
+  const float cdf = 0.5f * (1.f + erf_rational(v * 0.70710678118654752f));
+  return cdf + v * 0.39894228040143268f * exp_poly(-0.5f * v * v);
+}
+
 // Runs `token(b, n, scratch)` for every token in parallel, with C floats of per-thread scratch per slot.
 template <typename TokenFn>
 void for_each_token(int64_t B, int64_t N, int64_t C, int64_t slots, const TokenFn& token) {
@@ -282,6 +311,112 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mrla_base_tokens(
   return {out, value, keys_new};
 }
 
+// The depth-wise 3 x 3 conv (zero padding 1) of the patch grid of tokens y ([B, P + H * W, C]), optionally
+// followed by GELU, for training: out [B, H * W, C] in token order (the grid's channels-last layout).
+at::Tensor token_dwconv(const at::Tensor& y, const at::Tensor& v_weight, int64_t num_prefix, int64_t grid_h,
+                        int64_t grid_w, bool gelu_out) {
+  TORCH_CHECK(y.dim() == 3 && y.device().is_cpu() && y.scalar_type() == at::kFloat && y.is_contiguous(),
+              "y must be a contiguous float32 CPU [B, N, C] token tensor");
+  TORCH_CHECK(num_prefix >= 0 && grid_h > 0 && grid_w > 0 && y.size(1) == num_prefix + grid_h * grid_w,
+              "y has ", y.size(1), " tokens, expected ", num_prefix, " prefix tokens + a ", grid_h, " x ", grid_w,
+              " grid");
+  const int64_t B = y.size(0), N = y.size(1), C = y.size(2), hw = grid_h * grid_w;
+  check_vec(v_weight, {C, 1, 3, 3}, "v_weight");
+  at::Tensor out = at::empty({B, hw, C}, y.options());
+  if (out.numel() == 0) return out;
+  const std::vector<float> taps = taps_by_channel(v_weight);
+  const float* Y = y.const_data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  for_each_token(B, hw, C, 0, [&](int64_t b, int64_t i, float*) {
+    float* o = O + (b * hw + i) * C;
+    dw3x3_token(Y + (b * N + num_prefix) * C, taps.data(), i / grid_w, i % grid_w, grid_h, grid_w, C, o);
+    if (gelu_out) {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) o[c] = gelu(o[c]);
+    }
+  });
+  return out;
+}
+
+// Backward of `token_dwconv`: with u = DW3(grid(y)) and g = grad * GELU'(u) (or grad without GELU),
+//   d y (grid tokens) = DW3 with the taps rotated by 180 degrees of g,   d y (prefix tokens) = 0,
+//   d weight[c, tap] = sum over samples and tokens of g * the tap's neighbour of y.
+// u is recomputed token by token; the weight gradient's per-row partial sums are reduced in a fixed order, so the
+// result does not depend on the thread count.
+std::tuple<at::Tensor, at::Tensor> token_dwconv_backward(const at::Tensor& grad, const at::Tensor& y,
+                                                         const at::Tensor& v_weight, int64_t num_prefix,
+                                                         int64_t grid_h, int64_t grid_w, bool gelu_out) {
+  TORCH_CHECK(y.dim() == 3 && y.device().is_cpu() && y.scalar_type() == at::kFloat && y.is_contiguous(),
+              "y must be a contiguous float32 CPU [B, N, C] token tensor");
+  TORCH_CHECK(num_prefix >= 0 && grid_h > 0 && grid_w > 0 && y.size(1) == num_prefix + grid_h * grid_w,
+              "y has ", y.size(1), " tokens, expected ", num_prefix, " prefix tokens + a ", grid_h, " x ", grid_w,
+              " grid");
+  const int64_t B = y.size(0), N = y.size(1), C = y.size(2), hw = grid_h * grid_w;
+  check_vec(v_weight, {C, 1, 3, 3}, "v_weight");
+  check_vec(grad, {B, hw, C}, "grad");
+  at::Tensor g_y = at::zeros_like(y);
+  at::Tensor g_w = at::zeros({C, 1, 3, 3}, y.options());
+  if (g_y.numel() == 0 || hw == 0) return {g_y, g_w};
+  const std::vector<float> taps = taps_by_channel(v_weight);
+  std::vector<float> rot(9 * C);
+  for (int64_t j = 0; j < 9; ++j) std::memcpy(rot.data() + j * C, taps.data() + (8 - j) * C, C * sizeof(float));
+  const float* Y = y.const_data_ptr<float>();
+  const float* G = grad.const_data_ptr<float>();
+  // pass 1: g (the conv output's gradient) into a buffer, and the weight gradient's partial sums per grid row
+  at::Tensor g_conv = gelu_out ? at::empty({B, hw, C}, y.options()) : grad;
+  float* GC = gelu_out ? g_conv.data_ptr<float>() : nullptr;
+  const int64_t rows = B * grid_h;
+  std::vector<double> dk(rows * 9 * C, 0.);
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> u(C), acc(9 * C);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / grid_h, h = row % grid_h;
+      const float* y_b = Y + (b * N + num_prefix) * C;
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t w = 0; w < grid_w; ++w) {
+        const int64_t i = h * grid_w + w;
+        const float* g_in = G + (b * hw + i) * C;
+        const float* g_i = g_in;
+        if (gelu_out) {
+          dw3x3_token(y_b, taps.data(), h, w, grid_h, grid_w, C, u.data());
+          float* gc = GC + (b * hw + i) * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) gc[c] = g_in[c] * gelu_grad(u[c]);
+          g_i = gc;
+        }
+        for (int64_t dh = -1; dh <= 1; ++dh) {
+          const int64_t hh = h + dh;
+          if (hh < 0 || hh >= grid_h) continue;
+          for (int64_t dw = -1; dw <= 1; ++dw) {
+            const int64_t ww = w + dw;
+            if (ww < 0 || ww >= grid_w) continue;
+            const float* src = y_b + (hh * grid_w + ww) * C;
+            float* a = acc.data() + ((dh + 1) * 3 + (dw + 1)) * C;
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) a[c] += g_i[c] * src[c];
+          }
+        }
+      }
+      double* d = dk.data() + row * 9 * C;  // float sums over one row (at most grid_w terms), then double
+      for (int64_t k = 0; k < 9 * C; ++k) d[k] = acc[k];
+    }
+  });
+  // pass 2: d y of every grid token, the transposed conv of g
+  const float* GS = gelu_out ? GC : G;
+  float* GY = g_y.data_ptr<float>();
+  for_each_token(B, hw, C, 0, [&](int64_t b, int64_t i, float*) {
+    dw3x3_token(GS + b * hw * C, rot.data(), i / grid_w, i % grid_w, grid_h, grid_w, C, GY + (b * N + num_prefix + i) * C);
+  });
+  float* W = g_w.data_ptr<float>();
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t j = 0; j < 9; ++j) {
+      double t = 0.;
+      for (int64_t row = 0; row < rows; ++row) t += dk[(row * 9 + j) * C + c];
+      W[c * 9 + j] = static_cast<float>(t);
+    }
+  return {g_y, g_w};
+}
+
 TORCH_LIBRARY_FRAGMENT(timm_layerattn, m) {
   m.def("mrla_light_tokens(Tensor x, Tensor shortcut, Tensor norm_weight, Tensor norm_bias, float norm_eps, "
         "Tensor prev_weight, Tensor prev_bias, float prev_eps, Tensor v_weight, Tensor q_weight, Tensor k_weight, "
@@ -290,9 +425,14 @@ TORCH_LIBRARY_FRAGMENT(timm_layerattn, m) {
   m.def("mrla_base_tokens(Tensor x, Tensor[] values, Tensor? keys, Tensor norm_weight, Tensor norm_bias, "
         "float norm_eps, Tensor v_weight, Tensor q_weight, Tensor k_weight, int num_prefix, int grid_h, "
         "int grid_w, int head_dim, float attn_scale, bool prefix_norm) -> (Tensor, Tensor, Tensor)");
+  m.def("token_dwconv(Tensor y, Tensor v_weight, int num_prefix, int grid_h, int grid_w, bool gelu) -> Tensor");
+  m.def("token_dwconv_backward(Tensor grad, Tensor y, Tensor v_weight, int num_prefix, int grid_h, int grid_w, "
+        "bool gelu) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(timm_layerattn, CPU, m) {
   m.impl("mrla_light_tokens", mrla_light_tokens);
   m.impl("mrla_base_tokens", mrla_base_tokens);
+  m.impl("token_dwconv", token_dwconv);
+  m.impl("token_dwconv_backward", token_dwconv_backward);
 }
