@@ -18,6 +18,19 @@ from _official import kcla_norm_d, materialize, numel, official_from_model, offi
 from _reference import official_forward, ref_model_features
 
 
+def graph_nodes(out: torch.Tensor) -> List[object]:
+    """Every autograd node reachable from `out` (the lean / fused Functions' nodes are found by class name)."""
+    seen, todo, nodes = set(), [out.grad_fn], []
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        nodes.append(node)
+        todo.extend(n for n, _ in node.next_functions)
+    return nodes
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Models and inputs
 # ---------------------------------------------------------------------------------------------------------------

@@ -13,7 +13,6 @@
 The timm contract as such (script, fx, compile, export, features, pruning, ...) comes from the registry-driven
 tests (`tests/test_timm_contract.py`, `tests/test_timm_models.py`, `tests/test_bad_inputs_models.py`).
 """
-import contextlib
 import copy
 
 import pytest

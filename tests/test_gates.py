@@ -16,7 +16,7 @@ from timm_layerattn.layers.gates import DIACell, DIAGate, EcaGate, SEGate
 from timm_layerattn.models.cifar_resnet_gates import ChannelGates
 from timm_layerattn.tools.bench import activation_bytes
 
-from _layer_attn import assert_close_scaled, randomize_norms
+from _layer_attn import assert_close_scaled, graph_nodes, randomize_norms
 from _official import materialize, numel
 from _official_gates import (
     OFFICIAL_PARAMS, never_run_se_keys, official_gate_forward, official_gate_shapes)
@@ -233,6 +233,10 @@ def _error(a, b) -> float:
     return max(err, max((a[3][k] - b[3][k]).abs().max().item() for k in b[3]))
 
 
+def _node_names(out: torch.Tensor):
+    return {type(n).__name__ for n in graph_nodes(out)}
+
+
 def _gated_model(name: str, drop_path: float = 0.) -> torch.nn.Module:
     model = randomize_norms(timm.create_model(name, drop_path_rate=drop_path))
     with torch.no_grad():  # DIANet: non-trivial cell biases, so that h and c move away from their start
@@ -295,16 +299,6 @@ def test_fused_tail_second_derivatives_equal_the_plain_path(ops, name):
     assert_close_scaled(out[0], out[1], 1e-4)
 
 
-def _node_names(out: torch.Tensor):
-    seen, todo = set(), [out.grad_fn]
-    while todo:
-        node = todo.pop()
-        if node is not None and node not in seen:
-            seen.add(node)
-            todo.extend(n for n, _ in node.next_functions)
-    return {type(n).__name__ for n in seen}
-
-
 @pytest.mark.parametrize('name', GATED)
 def test_fused_tail_keeps_less_for_backward_and_nothing_on_ctx(ops, name):
     """Autograd keeps fewer bytes than with the modules (the normalised branch of each gated block is not kept:
@@ -315,17 +309,7 @@ def test_fused_tail_keeps_less_for_backward_and_nothing_on_ctx(ops, name):
     with lean.disabled():
         plain = activation_bytes(model, x)
     assert fused < 0.93 * plain, (fused, plain)
-    out = model(x)
-    seen, todo = set(), [out.grad_fn]
-    nodes = []
-    while todo:
-        node = todo.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        todo.extend(n for n, _ in node.next_functions)
-        if type(node).__name__ == 'GatedTailBackward':
-            nodes.append(node)
+    nodes = [n for n in graph_nodes(model(x)) if type(n).__name__ == 'GatedTailBackward']
     assert nodes
     for node in nodes:
         assert not any(isinstance(v, torch.Tensor) for v in vars(node).values())

@@ -23,7 +23,7 @@ from timm_layerattn.layers.kcla import KCLABranch
 from timm_layerattn.layers.lean import BlockTail, ChannelConv
 from timm_layerattn.layers.mrla import MRLABaseBranch, MRLALightBranch
 
-from _layer_attn import assert_close_scaled, randomize_norms
+from _layer_attn import assert_close_scaled, graph_nodes, randomize_norms
 from _model_lists import REPRESENTATIVES
 
 CIFAR_LA = ['cifar_resnet20_kcla', 'cifar_resnet20_mrlal', 'cifar_resnet20_mrlab']
@@ -185,7 +185,7 @@ def test_gradient_penalty_equals_plain_path(name, dtype):
         inp = x.clone().requires_grad_()
         out = m(inp)
         if lean.mode() == 'on' or (lean.mode() == 'auto' and native.available()):  # the fast path, not the plain
-            names = {type(n).__name__ for n in _graph_nodes(out)}
+            names = {type(n).__name__ for n in graph_nodes(out)}
             assert 'BlockTailBackward' in names, names
         (g,) = torch.autograd.grad(out.square().sum(), inp, create_graph=True)
         (out.sum() + g.square().sum()).backward()
@@ -196,16 +196,6 @@ def test_gradient_penalty_equals_plain_path(name, dtype):
     for k in want:
         err = (got[k] - want[k]).abs().max().item()
         assert err <= TOLERANCE[dtype] * scale, f'{k}: {err:.3g} > {TOLERANCE[dtype]:g} x {scale:.3g}'
-
-
-def _graph_nodes(out: torch.Tensor):
-    seen, todo = set(), [out.grad_fn]
-    while todo:
-        node = todo.pop()
-        if node is not None and node not in seen:
-            seen.add(node)
-            todo.extend(n for n, _ in node.next_functions)
-    return seen
 
 
 @pytest.mark.parametrize('name', CIFAR_LA)

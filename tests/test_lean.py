@@ -21,23 +21,10 @@ from timm_layerattn.layers.lean import BlockTail
 from timm_layerattn.layers.mrla import MRLABaseBranch, MRLALightBranch
 from timm_layerattn.tools.bench import activation_bytes
 
-from _layer_attn import assert_close_scaled, randomize_norms
+from _layer_attn import assert_close_scaled, graph_nodes, randomize_norms
 
 CIFAR = ['cifar_resnet20_kcla', 'cifar_resnet20_mrlal', 'cifar_resnet20_mrlab']
 LEAN_NODES = {'BlockTailBackward', 'KCLABranchBackward', 'MRLALightBranchBackward', 'MRLABaseBranchBackward'}
-
-
-def graph_nodes(out: torch.Tensor):
-    """Every autograd node reachable from `out`."""
-    seen, todo, nodes = set(), [out.grad_fn], []
-    while todo:
-        node = todo.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        nodes.append(node)
-        todo.extend(n for n, _ in node.next_functions)
-    return nodes
 
 
 def lean_node_names(out: torch.Tensor):

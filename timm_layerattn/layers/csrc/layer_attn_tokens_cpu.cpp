@@ -30,16 +30,21 @@ using namespace layer_attn;
 
 namespace {
 
-// The checks both ops share: token layout, grid, LayerNorm and ECA weights.
+// A contiguous float32 CPU [B, P + H * W, C] token tensor with P = num_prefix and an H x W grid.
+void check_grid_tokens(const at::Tensor& x, int64_t num_prefix, int64_t grid_h, int64_t grid_w, const char* name) {
+  TORCH_CHECK(x.dim() == 3, name, " must be a 3-D [B, N, C] token tensor, got ", x.dim(), "-D");
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, name, " must be a float32 CPU tensor");
+  TORCH_CHECK(x.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK(num_prefix >= 0 && grid_h > 0 && grid_w > 0 && x.size(1) == num_prefix + grid_h * grid_w,
+              name, " has ", x.size(1), " tokens, expected ", num_prefix, " prefix tokens + a ", grid_h, " x ",
+              grid_w, " grid");
+}
+
+// The checks the inference ops share: token layout, grid, LayerNorm and ECA weights.
 void check_tokens(const at::Tensor& x, int64_t num_prefix, int64_t grid_h, int64_t grid_w,
                   const at::Tensor& norm_weight, const at::Tensor& norm_bias, const at::Tensor& v_weight,
                   const at::Tensor& q_weight, const at::Tensor& k_weight, int64_t head_dim) {
-  TORCH_CHECK(x.dim() == 3, "x must be a 3-D [B, N, C] token tensor, got ", x.dim(), "-D");
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, "x must be a float32 CPU tensor");
-  TORCH_CHECK(x.is_contiguous(), "x must be contiguous");
-  TORCH_CHECK(num_prefix >= 0 && grid_h > 0 && grid_w > 0 && x.size(1) == num_prefix + grid_h * grid_w,
-              "x has ", x.size(1), " tokens, expected ", num_prefix, " prefix tokens + a ", grid_h, " x ", grid_w,
-              " grid");
+  check_grid_tokens(x, num_prefix, grid_h, grid_w, "x");
   const int64_t C = x.size(2);
   check_vec(norm_weight, {C}, "norm_weight");
   check_vec(norm_bias, {C}, "norm_bias");
@@ -108,23 +113,31 @@ std::vector<float> taps_by_channel(const at::Tensor& v_weight) {
   return t;
 }
 
-// Depth-wise 3 x 3 (zero padding 1) at patch (h, w) of sample b's normalised grid `y_b` (the grid's first
-// token), for all channels: out[c] = sum over in-grid neighbours of taps[j][c] * y[neighbour][c].
-inline void dw3x3_token(const float* y_b, const float* taps, int64_t h, int64_t w, int64_t H, int64_t W, int64_t C,
-                        float* out) {
-  std::fill(out, out + C, 0.f);
+// Calls fn(tap, n) for each in-grid neighbour n (row-major index) of patch (h, w) of an H x W grid, with tap
+// the 3 x 3 kernel position (row-major, 4 the centre) that reads it.
+template <typename Fn>
+inline void for_each_neighbour(int64_t h, int64_t w, int64_t H, int64_t W, const Fn& fn) {
   for (int64_t dh = -1; dh <= 1; ++dh) {
     const int64_t hh = h + dh;
     if (hh < 0 || hh >= H) continue;
     for (int64_t dw = -1; dw <= 1; ++dw) {
       const int64_t ww = w + dw;
-      if (ww < 0 || ww >= W) continue;
-      const float* src = y_b + (hh * W + ww) * C;
-      const float* k = taps + ((dh + 1) * 3 + (dw + 1)) * C;
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) out[c] += k[c] * src[c];
+      if (ww >= 0 && ww < W) fn((dh + 1) * 3 + (dw + 1), hh * W + ww);
     }
   }
+}
+
+// Depth-wise 3 x 3 (zero padding 1) at patch (h, w) of sample b's normalised grid `y_b` (the grid's first
+// token), for all channels: out[c] = sum over in-grid neighbours of taps[j][c] * y[neighbour][c].
+inline void dw3x3_token(const float* y_b, const float* taps, int64_t h, int64_t w, int64_t H, int64_t W, int64_t C,
+                        float* out) {
+  std::fill(out, out + C, 0.f);
+  for_each_neighbour(h, w, H, W, [&](int64_t tap, int64_t n) {
+    const float* src = y_b + n * C;
+    const float* k = taps + tap * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) out[c] += k[c] * src[c];
+  });
 }
 
 // erf as a rational function of x on [-4, 4] (clamped: erf is +-1 in float32 beyond), odd numerator of
@@ -315,11 +328,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mrla_base_tokens(
 // followed by GELU, for training: out [B, H * W, C] in token order (the grid's channels-last layout).
 at::Tensor token_dwconv(const at::Tensor& y, const at::Tensor& v_weight, int64_t num_prefix, int64_t grid_h,
                         int64_t grid_w, bool gelu_out) {
-  TORCH_CHECK(y.dim() == 3 && y.device().is_cpu() && y.scalar_type() == at::kFloat && y.is_contiguous(),
-              "y must be a contiguous float32 CPU [B, N, C] token tensor");
-  TORCH_CHECK(num_prefix >= 0 && grid_h > 0 && grid_w > 0 && y.size(1) == num_prefix + grid_h * grid_w,
-              "y has ", y.size(1), " tokens, expected ", num_prefix, " prefix tokens + a ", grid_h, " x ", grid_w,
-              " grid");
+  check_grid_tokens(y, num_prefix, grid_h, grid_w, "y");
   const int64_t B = y.size(0), N = y.size(1), C = y.size(2), hw = grid_h * grid_w;
   check_vec(v_weight, {C, 1, 3, 3}, "v_weight");
   at::Tensor out = at::empty({B, hw, C}, y.options());
@@ -346,11 +355,7 @@ at::Tensor token_dwconv(const at::Tensor& y, const at::Tensor& v_weight, int64_t
 std::tuple<at::Tensor, at::Tensor> token_dwconv_backward(const at::Tensor& grad, const at::Tensor& y,
                                                          const at::Tensor& v_weight, int64_t num_prefix,
                                                          int64_t grid_h, int64_t grid_w, bool gelu_out) {
-  TORCH_CHECK(y.dim() == 3 && y.device().is_cpu() && y.scalar_type() == at::kFloat && y.is_contiguous(),
-              "y must be a contiguous float32 CPU [B, N, C] token tensor");
-  TORCH_CHECK(num_prefix >= 0 && grid_h > 0 && grid_w > 0 && y.size(1) == num_prefix + grid_h * grid_w,
-              "y has ", y.size(1), " tokens, expected ", num_prefix, " prefix tokens + a ", grid_h, " x ", grid_w,
-              " grid");
+  check_grid_tokens(y, num_prefix, grid_h, grid_w, "y");
   const int64_t B = y.size(0), N = y.size(1), C = y.size(2), hw = grid_h * grid_w;
   check_vec(v_weight, {C, 1, 3, 3}, "v_weight");
   check_vec(grad, {B, hw, C}, "grad");
@@ -384,18 +389,12 @@ std::tuple<at::Tensor, at::Tensor> token_dwconv_backward(const at::Tensor& grad,
           for (int64_t c = 0; c < C; ++c) gc[c] = g_in[c] * gelu_grad(u[c]);
           g_i = gc;
         }
-        for (int64_t dh = -1; dh <= 1; ++dh) {
-          const int64_t hh = h + dh;
-          if (hh < 0 || hh >= grid_h) continue;
-          for (int64_t dw = -1; dw <= 1; ++dw) {
-            const int64_t ww = w + dw;
-            if (ww < 0 || ww >= grid_w) continue;
-            const float* src = y_b + (hh * grid_w + ww) * C;
-            float* a = acc.data() + ((dh + 1) * 3 + (dw + 1)) * C;
+        for_each_neighbour(h, w, grid_h, grid_w, [&](int64_t tap, int64_t n) {
+          const float* src = y_b + n * C;
+          float* a = acc.data() + tap * C;
 #pragma omp simd
-            for (int64_t c = 0; c < C; ++c) a[c] += g_i[c] * src[c];
-          }
-        }
+          for (int64_t c = 0; c < C; ++c) a[c] += g_i[c] * src[c];
+        });
       }
       double* d = dk.data() + row * 9 * C;  // float sums over one row (at most grid_w terms), then double
       for (int64_t k = 0; k < 9 * C; ++k) d[k] = acc[k];
