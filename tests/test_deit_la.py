@@ -28,7 +28,7 @@ from timm_layerattn.checkpoints.rules import official_layout
 from timm_layerattn.layers._common import eca_kernel_size
 from timm_layerattn.layers.factory import LayerAttnCfg, create_layer_attn
 from timm_layerattn.layers import lean
-from timm_layerattn.layers.vit_la import GridCell, MRLABaseTokens, MRLALightTokens, TokenConv
+from timm_layerattn.layers.vit_la import GridCell, MRLABaseTokens, MRLALightTokens, TokenCacheSum, TokenConv
 
 from _reference_vit import mrla_base, mrla_light, official_forward, official_state_dict
 
@@ -269,10 +269,28 @@ def test_token_conv_training_kernels_match_float64(ops, gelu, prefix, hw):
     assert not got[0][:, :prefix].any()  # prefix tokens do not enter the conv
 
 
+@pytest.mark.parametrize('t', [1, 2, 4])
+def test_token_cache_sum_training_kernels_match_float64(ops, t):
+    """`TokenCacheSum` (MRLA-base's weighted sum over the cached values, for training): output and the gradients
+    of the weights and of every value equal the float64 sum, to float32 rounding."""
+    weights = torch.rand(3, t, 32, requires_grad=True)
+    values = [torch.randn(3, 5, 4, 32).permute(0, 3, 1, 2).requires_grad_() for _ in range(t)]  # channels-last views
+    out = TokenCacheSum.apply(weights, *values)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, [weights, *values], g)
+    inputs = [weights.detach().double().requires_grad_()] + [v.detach().double().requires_grad_() for v in values]
+    ref, = TokenCacheSum.reference(*inputs)
+    want = torch.autograd.grad(ref, inputs, g.double())
+    _close(out.double(), ref.detach())
+    for a, b in zip(got, want):
+        _close(a.double(), b)
+
+
 @pytest.mark.parametrize('name', ['deit_tiny_patch16_224_mrlal', 'deit_tiny_patch16_224_mrlab'])
 def test_training_takes_the_token_conv_and_matches_float64(ops, name):
-    """A training step on a non-square input runs `TokenConv` in every block and is as close to the float64 step
-    as the PyTorch-ops step is; a gradient penalty (`create_graph=True`) replays its maths to the same gradients."""
+    """A training step on a non-square input runs `TokenConv` (and MRLA-base's `TokenCacheSum`) in every block and
+    is as close to the float64 step as the PyTorch-ops step is; a gradient penalty (`create_graph=True`) replays
+    their maths to the same gradients."""
     model = timm.create_model(name, img_size=64).train()
     x = torch.randn(2, 3, 64, 48)
 
@@ -294,6 +312,9 @@ def test_training_takes_the_token_conv_and_matches_float64(ops, name):
         fused = step(model, x)
     calls = {e.key: e.count for e in prof.key_averages()}
     assert calls.get('timm_layerattn::token_dwconv') == calls.get('timm_layerattn::token_dwconv_backward') == 12
+    cache_sums = 12 if name.endswith('mrlab') else None
+    assert calls.get('timm_layerattn::token_cache_sum') == calls.get('timm_layerattn::token_cache_sum_backward') \
+        == cache_sums
     with lean.disabled():
         plain = step(copy.deepcopy(model), x)
         truth = step(copy.deepcopy(model).double(), x.double())
@@ -305,7 +326,7 @@ def test_training_takes_the_token_conv_and_matches_float64(ops, name):
     assert rel(step(model, x, penalty=True), want) <= 1e-4
 
 
-def test_token_conv_kernels_reject_bad_input(ops):
+def test_token_training_kernels_reject_bad_input(ops):
     from timm_layerattn.layers import native
     y, w = torch.randn(2, 1 + 12, 32), torch.randn(32, 1, 3, 3)
     with pytest.raises(RuntimeError, match='expected 1 prefix tokens \\+ a 4 x 4 grid'):
@@ -314,6 +335,11 @@ def test_token_conv_kernels_reject_bad_input(ops):
         native.token_dwconv(y, w[:16], num_prefix=1, grid_h=3, grid_w=4, gelu=True)
     with pytest.raises(RuntimeError, match='grad'):
         native.token_dwconv_backward(torch.randn(2, 13, 32), y, w, num_prefix=1, grid_h=3, grid_w=4, gelu=False)
+    values = [torch.randn(2, 3, 4, 32)]
+    with pytest.raises(RuntimeError, match='weights'):
+        native.token_cache_sum(torch.randn(2, 2, 32), values)
+    with pytest.raises(RuntimeError, match='values must not be empty'):
+        native.token_cache_sum(torch.randn(2, 0, 32), [])
 
 
 def test_prefix_norm_off_leaves_prefix_tokens_alone():

@@ -413,6 +413,16 @@ def token_dwconv_backward(
         grad, y, v_weight, num_prefix=num_prefix, grid_h=grid_h, grid_w=grid_w, gelu=gelu)
 
 
+def token_cache_sum(weights: Tensor, values: List[Tensor]) -> Tensor:
+    """`[B, H*W, C]`: `sum_j weights[:, j] * values[j]` with weights `[B, T, C]` and values `[B, H, W, C]`."""
+    return torch.ops.timm_layerattn.token_cache_sum(weights, values)
+
+
+def token_cache_sum_backward(grad: Tensor, weights: Tensor, values: List[Tensor]) -> Tuple[Tensor, List[Tensor]]:
+    """Gradients `(weights, [values])` of `token_cache_sum` for the output gradient `grad` `[B, H*W, C]`."""
+    return torch.ops.timm_layerattn.token_cache_sum_backward(grad, weights, values)
+
+
 def trainable(*tensors: Optional[Tensor]) -> bool:
     """True when the fused training kernels can run on these tensors (None entries are skipped): kernels
     enabled and built, float32 CPU tensors in contiguous layout."""

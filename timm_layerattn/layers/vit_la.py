@@ -26,16 +26,16 @@ from ._common import ChannelConv1d, DepthwiseConv3x3, accumulation_dtype, eca_ch
 # LayerNorms whose forward is `F.layer_norm` (timm's subclass only picks an implementation of it).
 _PLAIN_LAYER_NORMS = (nn.LayerNorm, timm.layers.LayerNorm)
 
-__all__ = ['split_grid', 'join_grid', 'TokenConv', 'MRLALightTokens', 'MRLABaseTokens', 'GridCell']
+__all__ = ['split_grid', 'join_grid', 'TokenConv', 'TokenCacheSum', 'MRLALightTokens', 'MRLABaseTokens', 'GridCell']
 
 
 def split_grid(x: torch.Tensor, num_prefix_tokens: int, grid_h: int, grid_w: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """`[B, P + H*W, C]` tokens -> prefix tokens `[B, P, C]` and the patch grid `[B, C, H, W]`, a view in the
     tokens' own (channels_last) layout: the depth-wise conv takes it as it is and its output flattens back to
     tokens without a copy."""
-    prefix = x[:, :num_prefix_tokens]
-    grid = x[:, num_prefix_tokens:].reshape(x.shape[0], grid_h, grid_w, x.shape[-1]).permute(0, 3, 1, 2)
-    return prefix, grid
+    # one split, not two slices: its backward joins the two gradients, where each slice's would zero a full-size map
+    parts = x.split([num_prefix_tokens, x.shape[1] - num_prefix_tokens], dim=1)  # indexed: fx cannot unpack it
+    return parts[0], parts[1].reshape(x.shape[0], grid_h, grid_w, x.shape[-1]).permute(0, 3, 1, 2)
 
 
 def join_grid(prefix: torch.Tensor, grid: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
@@ -77,10 +77,39 @@ class TokenConv(torch.autograd.Function):
         return g_y, g_w, None, None, None, None
 
 
-def _token_conv_usable(y: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `TokenConv` runs: training with autograd in eager mode (`lean.active()`), no autocast, float32
-    contiguous CPU tokens with the fused kernels built."""
-    if not (lean.active() and y.dim() == 3 and native.trainable(y, weight)):  # CPU only: no meta device below
+class TokenCacheSum(torch.autograd.Function):
+    """MRLA-base's weighted sum over the cache, `sum_j weights[:, j] * values[j]`, as `[B, H*W, C]` tokens, on the
+    fused CPU kernels (training; float32): one pass forward, one backward, instead of a product, a sum and their
+    backward per cached value. `values` are `[B, C, H, W]` views of channels-last buffers, as the grid conv makes
+    them."""
+
+    @staticmethod
+    def forward(ctx, weights, *values):
+        ctx.save_for_backward(weights, *values)
+        return native.token_cache_sum(weights, [v.permute(0, 2, 3, 1) for v in values])
+
+    @staticmethod
+    def reference(weights, *values):
+        """The forward in differentiable PyTorch ops."""
+        out = values[0] * weights[:, 0, :, None, None]
+        for j in range(1, len(values)):
+            out = out.addcmul(values[j], weights[:, j, :, None, None])
+        return (out.flatten(2).transpose(1, 2),)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weights, *values = ctx.saved_tensors
+        if lean.must_replay():
+            return tuple(lean.replay(TokenCacheSum.reference, [weights, *values], [grad], ctx.needs_input_grad))
+        g_w, g_v = native.token_cache_sum_backward(
+            grad.contiguous(), weights, [v.permute(0, 2, 3, 1) for v in values])
+        return (g_w, *[g.permute(0, 3, 1, 2) for g in g_v])
+
+
+def _training_kernels_usable(*tensors: torch.Tensor) -> bool:
+    """Whether the training Functions on tokens (`TokenConv`, `TokenCacheSum`) run: autograd on in eager mode
+    (`lean.active()`), no autocast, float32 CPU tensors in contiguous layout with the fused kernels built."""
+    if not (lean.active() and native.trainable(*tensors)):  # CPU only: no meta device below
         return False
     return not torch.is_autocast_enabled('cpu')
 
@@ -143,7 +172,7 @@ class _TokenLayerAttn(nn.Module):
     def _value(self, y: torch.Tensor, grid: torch.Tensor, grid_h: int, grid_w: int, gelu: bool) -> torch.Tensor:
         """`DW3(grid)` (then GELU with `gelu`) as `[B, H*W, C]` tokens; `grid` is the patch grid of `y`."""
         if not torch.jit.is_scripting():  # a block TorchScript skips
-            if _token_conv_usable(y, self.v.weight):
+            if _training_kernels_usable(y, self.v.weight) and y.dim() == 3:  # (not traced: no proxy to compare)
                 return TokenConv.apply(y, self.v.weight, self.num_prefix_tokens, grid_h, grid_w, gelu)
         value = self.v(grid)
         return (F.gelu(value) if gelu else value).flatten(2).transpose(1, 2)
@@ -264,10 +293,17 @@ class MRLABaseTokens(_TokenLayerAttn):
             values = state[1:] + [value]
         scores = (q.unsqueeze(1) * keys.view(-1, keys.shape[1], g, d)).sum(-1) * self.scale
         weights = per_channel(scores.softmax(dim=1), d).to(value.dtype)  # [B, T, C]
+        return self._add(x, prefix, self._cache_sum(weights, values)), [keys] + values
+
+    def _cache_sum(self, weights: torch.Tensor, values: List[torch.Tensor]) -> torch.Tensor:
+        """`sum_j weights[:, j] * values[j]` as `[B, H*W, C]` tokens."""
+        if not torch.jit.is_scripting():  # a block TorchScript skips
+            if _training_kernels_usable(weights) and _training_kernels_usable(*[v.permute(0, 2, 3, 1) for v in values]):
+                return TokenCacheSum.apply(weights, *values)
         out = values[0] * weights[:, 0, :, None, None]
         for j in range(1, len(values)):
             out = out.addcmul(values[j], weights[:, j, :, None, None])
-        return self._add(x, prefix, out.flatten(2).transpose(1, 2)), [keys] + values
+        return out.flatten(2).transpose(1, 2)
 
     @torch.jit.unused
     def _forward_fused(

@@ -10,8 +10,9 @@
 // gate or the softmax weights, and writes the block's new tokens. The per-sample maths (pooling, ECA query
 // and key, gates, softmax) runs between the two passes, as in layer_attn_cpu.cpp.
 //
-// For training, `token_dwconv` / `token_dwconv_backward` are the value's depth-wise conv (and GELU) alone, on
-// the same token layout, for the autograd Function `TokenConv` of vit_la.py.
+// For training, `token_dwconv` / `token_dwconv_backward` are the value's depth-wise conv (and GELU) alone, and
+// `token_cache_sum` / `token_cache_sum_backward` MRLA-base's weighted sum over the cached values, on the same
+// token layout, for the autograd Functions `TokenConv` and `TokenCacheSum` of vit_la.py.
 //
 // Built with the other kernels by timm_layerattn/layers/native.py; the modules in
 // timm_layerattn/layers/vit_la.py compute the same results with PyTorch ops in every other case, and
@@ -20,7 +21,6 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
-#include <ATen/ops/zeros_like.h>
 #include <c10/util/Optional.h>
 #include <torch/library.h>
 
@@ -359,9 +359,11 @@ std::tuple<at::Tensor, at::Tensor> token_dwconv_backward(const at::Tensor& grad,
   const int64_t B = y.size(0), N = y.size(1), C = y.size(2), hw = grid_h * grid_w;
   check_vec(v_weight, {C, 1, 3, 3}, "v_weight");
   check_vec(grad, {B, hw, C}, "grad");
-  at::Tensor g_y = at::zeros_like(y);
+  at::Tensor g_y = at::empty_like(y);  // the grid rows are written below, the prefix rows are zero
   at::Tensor g_w = at::zeros({C, 1, 3, 3}, y.options());
-  if (g_y.numel() == 0 || hw == 0) return {g_y, g_w};
+  if (g_y.numel() == 0) return {g_y, g_w};
+  float* GY = g_y.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) std::fill(GY + b * N * C, GY + (b * N + num_prefix) * C, 0.f);
   const std::vector<float> taps = taps_by_channel(v_weight);
   std::vector<float> rot(9 * C);
   for (int64_t j = 0; j < 9; ++j) std::memcpy(rot.data() + j * C, taps.data() + (8 - j) * C, C * sizeof(float));
@@ -402,7 +404,6 @@ std::tuple<at::Tensor, at::Tensor> token_dwconv_backward(const at::Tensor& grad,
   });
   // pass 2: d y of every grid token, the transposed conv of g
   const float* GS = gelu_out ? GC : G;
-  float* GY = g_y.data_ptr<float>();
   for_each_token(B, hw, C, 0, [&](int64_t b, int64_t i, float*) {
     dw3x3_token(GS + b * hw * C, rot.data(), i / grid_w, i % grid_w, grid_h, grid_w, C, GY + (b * N + num_prefix + i) * C);
   });
@@ -416,6 +417,96 @@ std::tuple<at::Tensor, at::Tensor> token_dwconv_backward(const at::Tensor& grad,
   return {g_y, g_w};
 }
 
+// MRLA-base's weighted sum over the cache, for training: out[b, i, c] = sum_j weights[b, j, c] * V_j[b, i, c]
+// ([B, H * W, C] tokens), with weights [B, T, C] and the T cached values V_j [B, H, W, C] (channels-last
+// buffers, as the token grid's conv writes them).
+static void check_cache(const at::Tensor& weights, at::TensorList values) {
+  TORCH_CHECK(!values.empty(), "values must not be empty");
+  const int64_t T = static_cast<int64_t>(values.size());
+  TORCH_CHECK(values[0].dim() == 4, "values[0] must be a 4-D [B, H, W, C] map, got ", values[0].dim(), "-D");
+  const int64_t B = values[0].size(0), C = values[0].size(3);
+  check_vec(weights, {B, T, C}, "weights");
+  for (const auto& v : values) check_vec(v, values[0].sizes(), "values[j]");
+}
+
+at::Tensor token_cache_sum(const at::Tensor& weights, at::TensorList values) {
+  check_cache(weights, values);
+  const int64_t T = static_cast<int64_t>(values.size()), B = values[0].size(0), C = values[0].size(3);
+  const int64_t hw = values[0].size(1) * values[0].size(2);
+  at::Tensor out = at::empty({B, hw, C}, weights.options());
+  if (out.numel() == 0) return out;
+  std::vector<const float*> V;
+  for (const auto& v : values) V.push_back(v.const_data_ptr<float>());
+  const float* Wt = weights.const_data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  for_each_token(B, hw, C, 0, [&](int64_t b, int64_t i, float*) {
+    const int64_t r = (b * hw + i) * C;
+    float* o = O + r;
+    const float* w0 = Wt + b * T * C;
+    const float* v0 = V[0] + r;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) o[c] = w0[c] * v0[c];
+    for (int64_t j = 1; j < T; ++j) {
+      const float* w = Wt + (b * T + j) * C;
+      const float* v = V[j] + r;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) o[c] += w[c] * v[c];
+    }
+  });
+  return out;
+}
+
+// Backward of `token_cache_sum`: d V_j = weights_j * grad, d weights[b, j, c] = sum_i grad[b, i, c] * V_j[b, i, c]
+// (float sums over at most 64 tokens, then double), one (sample, value) pair per task.
+std::tuple<at::Tensor, std::vector<at::Tensor>> token_cache_sum_backward(const at::Tensor& grad,
+                                                                          const at::Tensor& weights,
+                                                                          at::TensorList values) {
+  check_cache(weights, values);
+  const int64_t T = static_cast<int64_t>(values.size()), B = values[0].size(0), C = values[0].size(3);
+  const int64_t hw = values[0].size(1) * values[0].size(2);
+  check_vec(grad, {B, hw, C}, "grad");
+  at::Tensor g_w = at::empty_like(weights);
+  std::vector<at::Tensor> g_v;
+  for (const auto& v : values) g_v.push_back(at::empty_like(v));
+  std::vector<const float*> V;
+  std::vector<float*> GV;
+  for (int64_t j = 0; j < T; ++j) {
+    V.push_back(values[j].const_data_ptr<float>());
+    GV.push_back(g_v[j].data_ptr<float>());
+  }
+  const float* G = grad.const_data_ptr<float>();
+  const float* Wt = weights.const_data_ptr<float>();
+  float* GW = g_w.data_ptr<float>();
+  at::parallel_for(0, B * T, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(C);
+    std::vector<double> sum(C);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / T, j = task % T;
+      const float* w = Wt + (b * T + j) * C;
+      std::fill(sum.begin(), sum.end(), 0.);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t i = 0; i < hw; ++i) {
+        const int64_t r = (b * hw + i) * C;
+        const float* g = G + r;
+        const float* v = V[j] + r;
+        float* gv = GV[j] + r;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          gv[c] = w[c] * g[c];
+          acc[c] += g[c] * v[c];
+        }
+        if ((i + 1) % 64 == 0 || i + 1 == hw) {
+          for (int64_t c = 0; c < C; ++c) sum[c] += acc[c];
+          std::fill(acc.begin(), acc.end(), 0.f);
+        }
+      }
+      float* gw = GW + (b * T + j) * C;
+      for (int64_t c = 0; c < C; ++c) gw[c] = static_cast<float>(sum[c]);
+    }
+  });
+  return {g_w, g_v};
+}
+
 TORCH_LIBRARY_FRAGMENT(timm_layerattn, m) {
   m.def("mrla_light_tokens(Tensor x, Tensor shortcut, Tensor norm_weight, Tensor norm_bias, float norm_eps, "
         "Tensor prev_weight, Tensor prev_bias, float prev_eps, Tensor v_weight, Tensor q_weight, Tensor k_weight, "
@@ -427,6 +518,8 @@ TORCH_LIBRARY_FRAGMENT(timm_layerattn, m) {
   m.def("token_dwconv(Tensor y, Tensor v_weight, int num_prefix, int grid_h, int grid_w, bool gelu) -> Tensor");
   m.def("token_dwconv_backward(Tensor grad, Tensor y, Tensor v_weight, int num_prefix, int grid_h, int grid_w, "
         "bool gelu) -> (Tensor, Tensor)");
+  m.def("token_cache_sum(Tensor weights, Tensor[] values) -> Tensor");
+  m.def("token_cache_sum_backward(Tensor grad, Tensor weights, Tensor[] values) -> (Tensor, Tensor[])");
 }
 
 TORCH_LIBRARY_IMPL(timm_layerattn, CPU, m) {
@@ -434,4 +527,6 @@ TORCH_LIBRARY_IMPL(timm_layerattn, CPU, m) {
   m.impl("mrla_base_tokens", mrla_base_tokens);
   m.impl("token_dwconv", token_dwconv);
   m.impl("token_dwconv_backward", token_dwconv_backward);
+  m.impl("token_cache_sum", token_cache_sum);
+  m.impl("token_cache_sum_backward", token_cache_sum_backward);
 }
