@@ -13,6 +13,9 @@ is cheap to recompute from a few tensors the network holds anyway, so the Functi
 * Each family's branch Function (`kcla.py`, `mrla.py`) takes `x` but keeps only the tail's recipe for it,
   the carried state it reads and per-channel vectors; backward recomputes `x`, the value map and the
   branch's BatchNorm input, then differentiates in one go.
+* `GatedTail` is the tail of a block whose residual branch a channel gate scales before the add (SE, ECA,
+  DIANet: `gates.py`), `x = relu(bn3(pre) * gate * keep + shortcut)`, the gate a function of the pooled
+  `bn3(pre)`; it keeps `pre` and `shortcut` as `BlockTail` does, and runs on the fused kernels only.
 
 Train-mode BatchNorm is exact: batch statistics forward, running statistics updated once per forward as
 `nn.BatchNorm2d` does (momentum or cumulative average, unbiased variance), the full batch-statistics
