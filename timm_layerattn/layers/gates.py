@@ -75,13 +75,7 @@ class _PlaneGate(nn.Module):
         weights = self.gate_weights()
         if torch.is_grad_enabled():
             return lean.gated_tail(pre, norm, shortcut, keep, self.gate, state, weights)
-        moments = native.plane_moments(pre)
-        _, _, scale, shift = lean.fused_norm(norm, pre, moments, None)
-        pooled = (moments[0] / (pre.shape[2] * pre.shape[3])).to(pre.dtype) * scale + shift
-        g, head = self.gate(pooled, state, weights)
-        if keep is not None:
-            g = g * keep[:, None]
-        x, _ = native.tail_forward(pre, shortcut, scale * g, shift * g)
+        x, head, _ = lean.gated_tail_forward(pre, norm, shortcut, keep, self.gate, state, weights)
         return x, head + state[len(head):]
 
 

@@ -60,7 +60,7 @@ __all__ = [
     'ENV', 'mode', 'active', 'usable', 'disabled', 'forced', 'drop_path_keep', 'norm_stats', 'fused_norm',
     'norm_affine', 'plane_affine', 'norm_backward', 'weight_or_ones', 'affine_grads', 'dense', 'per_sample',
     'tail_output', 'tail_reference', 'norm_reference', 'must_replay', 'replay', 'Tail', 'block_tail', 'BlockTail',
-    'GatedTail', 'gated_tail', 'ChannelConv',
+    'GatedTail', 'gated_tail', 'gated_tail_forward', 'ChannelConv',
 ]
 
 ENV = 'TIMM_LAYERATTN_LEAN'
@@ -471,12 +471,8 @@ class GatedTail(torch.autograd.Function):
     def forward(ctx, pre, shortcut, weight, bias, norm, keep, gate_fn, n_state, *inputs):
         ctx.set_materialize_grads(False)
         with torch.autocast(pre.device.type, enabled=False):
-            moments = native.plane_moments(pre)
-            mean, invstd, scale, shift = fused_norm(norm, pre, moments, None)
-            plane_mean = (moments[0] / (pre.shape[2] * pre.shape[3])).to(pre.dtype)
-            gate, head = gate_fn(plane_mean * scale + shift, list(inputs[:n_state]), list(inputs[n_state:]))
-            gain = gate if keep is None else gate * keep.to(gate.dtype)[:, None]
-            x, _ = native.tail_forward(pre, shortcut, scale * gain, shift * gain)
+            x, head, (mean, invstd, scale, shift, plane_mean, gain) = gated_tail_forward(
+                pre, norm, shortcut, keep, gate_fn, list(inputs[:n_state]), list(inputs[n_state:]))
         ctx.norm, ctx.gate_fn, ctx.n_state = norm, gate_fn, n_state
         ctx.batch_stats = _uses_batch_stats(norm)
         ctx.save_for_backward(pre, shortcut, weight, bias, keep, mean, invstd, scale, shift, plane_mean, gain, *inputs)
@@ -533,6 +529,26 @@ class GatedTail(torch.autograd.Function):
         g_w, g_b = affine_grads(ctx.norm, g_w, g_b)
         return (g_pre, g_short if needs[1] else None, g_w, g_b, None, None, None, None,
                 *[by_leaf.get(id(t)) for t in leaves])
+
+
+def gated_tail_forward(
+        pre: Tensor,
+        norm: nn.BatchNorm2d,
+        shortcut: Tensor,
+        keep: Optional[Tensor],
+        gate_fn: Callable[[Tensor, List[Tensor], List[Tensor]], Tuple[Tensor, List[Tensor]]],
+        state: List[Tensor],
+        weights: List[Tensor],
+) -> Tuple[Tensor, List[Tensor], Tuple[Tensor, ...]]:
+    """The gated tail on the fused kernels, without autograd: `(x, head, (mean, invstd, scale, shift, plane_mean,
+    gain))`, the last what `GatedTail`'s backward needs. Inference (`gates.py`) calls it directly."""
+    moments = native.plane_moments(pre)
+    mean, invstd, scale, shift = fused_norm(norm, pre, moments, None)
+    plane_mean = (moments[0] / (pre.shape[2] * pre.shape[3])).to(pre.dtype)
+    gate, head = gate_fn(plane_mean * scale + shift, state, weights)
+    gain = gate if keep is None else gate * keep.to(gate.dtype)[:, None]
+    x, _ = native.tail_forward(pre, shortcut, scale * gain, shift * gain)
+    return x, head, (mean, invstd, scale, shift, plane_mean, gain)
 
 
 def gated_tail(

@@ -298,6 +298,7 @@ class MRLABaseTokens(_TokenLayerAttn):
     def _cache_sum(self, weights: torch.Tensor, values: List[torch.Tensor]) -> torch.Tensor:
         """`sum_j weights[:, j] * values[j]` as `[B, H*W, C]` tokens."""
         if not torch.jit.is_scripting():  # a block TorchScript skips
+            # checked on `weights` first: under tracing that is False before any permute of the values is built
             if _training_kernels_usable(weights) and _training_kernels_usable(*[v.permute(0, 2, 3, 1) for v in values]):
                 return TokenCacheSum.apply(weights, *values)
         out = values[0] * weights[:, 0, :, None, None]
