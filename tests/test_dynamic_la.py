@@ -1,7 +1,10 @@
 """Dynamic layer attention (docs/design/dynamic_layer_attention.md): parameter counts against the official code,
 parity of converted official checkpoints with the official forward (tests/_official_dynamic_la.py), the DSU's
-state per stage, DLA-base's memory-lean training path against the plain one, the converter's report and refusals,
+state per stage, the memory-lean training paths against the plain one and float64, the shortcut refresh's kernel, the converter's report and refusals,
 and the kwargs' errors."""
+import copy
+from typing import List
+
 import pytest
 import timm
 import torch
@@ -11,8 +14,10 @@ from timm_layerattn import convert_official
 from timm_layerattn._utils.errors import UserError
 from timm_layerattn.checkpoints.dynamic_la import RULES
 from timm_layerattn.convert import convert_official_with_report
-from timm_layerattn.layers import DynamicSharingUnit, lean
+from timm_layerattn.layers import DynamicSharingUnit, lean, native
+from timm_layerattn.layers.dynamic_la import DynamicLABase, DynamicLALight, ShortcutRefresh, refresh_shortcut
 
+from _layer_attn import graph_nodes, randomize_norms
 from _official import materialize, numel
 from _official_dynamic_la import official_forward, official_shapes
 
@@ -127,26 +132,101 @@ def test_dsu_state_restarts_every_stage():
     torch.testing.assert_close(y, feats[1])
 
 
-@pytest.mark.parametrize('training', [True, False], ids=['train', 'eval-grad'])
-def test_dynlab_lean_path_equals_plain_path(training):
-    """DLA-base hands its block tail to MRLA-base's memory-lean autograd Function: same outputs and gradients as
-    the plain tail and module path (batch statistics and running-statistic updates included)."""
-    torch.manual_seed(0)
-    ref = timm.create_model('cifar_resnet20_dynlab', drop_path_rate=0.).train(training)
-    lean_model = timm.create_model('cifar_resnet20_dynlab', drop_path_rate=0.).train(training)
-    lean_model.load_state_dict(ref.state_dict())
-    x = torch.randn(2, 3, 16, 16)
-    with lean.disabled():
-        out_ref = ref(x)
-    with lean.forced():
-        out = lean_model(x)
-    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
-    out_ref.square().sum().backward()
+def _lean_nodes(out: torch.Tensor) -> List[str]:
+    return sorted(type(n).__name__ for n in graph_nodes(out) if type(n).__name__.endswith('Backward')
+                  and type(n).__name__ in ('BlockTailBackward', 'MRLALightBranchBackward', 'MRLABaseBranchBackward',
+                                           'ShortcutRefreshBackward'))
+
+
+def _step(model: torch.nn.Module, x: torch.Tensor):
+    """Output, parameter gradients and buffers after one step of `model` on `x` (drop path drawn from seed 1)."""
+    torch.manual_seed(1)
+    out = model(x)
     out.square().sum().backward()
-    for (n, p), q in zip(ref.named_parameters(), lean_model.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-3 * float(p.grad.abs().max()), msg=n)
-    for (n, b), c in zip(ref.named_buffers(), lean_model.buffers()):
-        torch.testing.assert_close(c, b, msg=n)
+    return out.detach(), {n: p.grad for n, p in model.named_parameters()}, dict(model.named_buffers())
+
+
+@pytest.mark.parametrize('name', ['cifar_resnet20_dynlal', 'cifar_resnet20_dynlab'])
+@pytest.mark.parametrize('mode', ['train', 'train_drop_path', 'eval-grad'])
+def test_lean_path_equals_plain_path(name, mode):
+    """Both forms hand their block tail to MRLA's memory-lean autograd Functions (DLA-light with its refreshed
+    shortcut as the map lambda scales): in float64 (PyTorch ops inside the Functions) the same outputs, gradients,
+    running statistics and drop-path draws as the plain tail and module path, with every block on the lean path."""
+    drop = 0.3 if mode == 'train_drop_path' else 0.
+    model = randomize_norms(timm.create_model(name, drop_path_rate=drop)).double().train(mode != 'eval-grad')
+    x = torch.randn(3, 3, 16, 12, dtype=torch.float64)
+    with lean.forced():
+        nodes = _lean_nodes(copy.deepcopy(model)(x))
+        got = _step(copy.deepcopy(model), x)
+    with lean.disabled():
+        ref = _step(model, x)
+    blocks = sum(isinstance(m, (DynamicLALight, DynamicLABase)) for m in model.modules())
+    branch = 'MRLALightBranchBackward' if name.endswith('dynlal') else 'MRLABaseBranchBackward'
+    assert nodes.count('BlockTailBackward') == blocks and nodes.count(branch) == blocks, nodes
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-10, atol=1e-10)
+    scale = max(float(g.abs().max()) for g in ref[1].values())  # some gradients are zero but for rounding
+    for n, g in ref[1].items():
+        torch.testing.assert_close(got[1][n], g, rtol=1e-9, atol=1e-10 * scale, msg=n)
+    for n, b in ref[2].items():
+        torch.testing.assert_close(got[2][n], b, msg=n)
+
+
+@pytest.mark.parametrize('name', ['cifar_resnet20_dynlal', 'cifar_resnet20_dynlab'])
+def test_fused_training_step_matches_float64(ops, name):
+    """Float32 with the fused kernels (the default): one training step as close to the float64 result as the plain
+    float32 path is, with DLA-light's shortcut refresh on its own kernel in every block."""
+    model = randomize_norms(timm.create_model(name)).train()
+    x = torch.randn(3, 3, 32, 32)
+    with lean.disabled():
+        truth = _step(copy.deepcopy(model).double(), x.double())
+        plain = _step(copy.deepcopy(model), x)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        got = _step(copy.deepcopy(model), x)
+    calls = {e.key: e.count for e in prof.key_averages()}
+    blocks = sum(isinstance(m, (DynamicLALight, DynamicLABase)) for m in model.modules())
+    assert calls.get('timm_layerattn::tail_forward') == blocks
+    refresh = blocks if name.endswith('dynlal') else None
+    assert calls.get('timm_layerattn::dw_scale_add') == refresh
+    assert calls.get('timm_layerattn::dw_scale_add_backward') == refresh
+
+    def error(step) -> float:
+        out = ((step[0] - truth[0].float()).abs().max() / truth[0].abs().max()).item()
+        scale = max(g.abs().max().item() for g in truth[1].values())
+        return max(out, max((step[1][n] - g.float()).abs().max().item() for n, g in truth[1].items()) / scale)
+    assert error(got) <= max(2e-5, 3 * error(plain)), (error(got), error(plain))
+
+
+def test_shortcut_refresh_kernel(ops):
+    """`r * gate + DW3(r)` and its gradients on the fused kernel equal the float64 PyTorch ops, in training (the
+    Function) and inference (the module path); gradient-of-gradient replays the PyTorch maths."""
+    g = torch.Generator().manual_seed(0)
+    r, gate, w = torch.randn(3, 5, 7, 4, generator=g), torch.rand(3, 5, generator=g), torch.randn(5, 1, 3, 3, generator=g)
+    grad = torch.randn(3, 5, 7, 4, generator=g)
+    leaves = [t.clone().requires_grad_() for t in (r, gate, w)]
+    out = ShortcutRefresh.apply(*leaves)
+    got = [out] + list(torch.autograd.grad(out, leaves, grad))
+    leaves64 = [t.double().requires_grad_() for t in (r, gate, w)]
+    with native.disabled():
+        out64 = refresh_shortcut(*leaves64)
+    ref = [out64] + list(torch.autograd.grad(out64, leaves64, grad.double()))
+
+    def penalty(fn, leaves):  # a gradient penalty: the backward's own gradient (the replayed PyTorch maths)
+        grads = torch.autograd.grad((fn(*leaves) * grad.to(leaves[0].dtype)).sum(), leaves, create_graph=True)
+        return list(torch.autograd.grad(sum(gr.square().sum() for gr in grads), leaves))
+    got += penalty(ShortcutRefresh.apply, leaves)
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        got.append(refresh_shortcut(r, gate, w))  # the module path in inference: the same op
+    assert {e.key: e.count for e in prof.key_averages()}.get('timm_layerattn::dw_scale_add') == 1
+    with native.disabled():
+        ref += penalty(refresh_shortcut, leaves64)
+    ref.append(ref[0])
+    for a, b in zip(got, ref):
+        a, b = a.detach().double(), b.detach()
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+    with pytest.raises(RuntimeError, match='m must have shape'):
+        ops.dw_scale_add(r, torch.ones(3, 4), w)
+    with pytest.raises(RuntimeError, match='grad must have shape'):
+        ops.dw_scale_add_backward(grad[:, :, :6], r, gate, w)
 
 
 def test_batch_members_are_independent_by_default():

@@ -19,8 +19,9 @@ from typing import List, Optional, Tuple, Type
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import register_notrace_function
 
-from . import lean
+from . import lean, native
 from ._checks import check_bool, check_int
 from ._common import DepthwiseConv3x3, depthwise_conv3x3, per_channel
 from .mrla import MRLABase, MRLABaseBranch, MRLALight, _weighted_sum
@@ -62,6 +63,48 @@ def _gate_state(h: torch.Tensor, c: torch.Tensor, batch_coupled: bool) -> Tuple[
     if batch_coupled:
         return h[:1], c[:1]
     return h, c
+
+
+def _refresh_reference(r: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """DLA-light's refreshed shortcut `r * gate + DW3_stage(r)` (`gate` `[B, C]`) in PyTorch ops."""
+    return torch.addcmul(depthwise_conv3x3(r, weight), r, gate[:, :, None, None])
+
+
+class ShortcutRefresh(torch.autograd.Function):
+    """`_refresh_reference` on the fused CPU kernels (float32 contiguous CPU tensors only): one pass forward, one
+    backward with the conv's transpose and weight gradient done plane by plane; keeps `r`, which the block keeps
+    anyway."""
+
+    @staticmethod
+    def forward(ctx, r, gate, weight):
+        ctx.save_for_backward(r, gate, weight)
+        return native.dw_scale_add(r, m=gate, w=weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        r, gate, weight = ctx.saved_tensors
+        if lean.must_replay():
+            return tuple(lean.replay(
+                lambda *t: (_refresh_reference(*t),), [r, gate, weight], [grad], ctx.needs_input_grad))
+        return native.dw_scale_add_backward(lean.dense(grad), r, m=gate, w=weight)
+
+
+@register_notrace_function
+def refresh_shortcut(r: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`r * gate + DW3_stage(r)` in the module path: the fused op where `native.usable` (inference), else PyTorch
+    ops. One graph node under fx, so a traced model dispatches at run time as eager does, bit for bit."""
+    if not torch.jit.is_scripting():
+        if native.usable(r, gate, weight):
+            return native.dw_scale_add(r, m=gate, w=weight)
+    return _refresh_reference(r, gate, weight)
+
+
+def _lean_refresh(r: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`r * gate + DW3_stage(r)` in the memory-lean path: the fused Function where its kernels run, else PyTorch
+    ops."""
+    if native.trainable(r, gate, weight):
+        return ShortcutRefresh.apply(r, gate, weight)
+    return _refresh_reference(r, gate, weight)
 
 
 class DynamicSharingUnit(nn.Module):
@@ -119,7 +162,8 @@ class DynamicLALight(_DSUBranch):
         h, c = DSU(GAP(x), h, c);  m = DSU(GAP(r), h, c).h;  r' = r * m + DW3_stage(r)
         out = MRLA-light(x, r') = x + DropPath(BN(gate * DW3(x) + lambda * r'))
 
-    MRLA-light runs by its own dispatch (fused kernel, folded norm, reference).
+    MRLA-light runs by its own dispatch (fused kernel, folded norm, reference); in training the block hands its
+    tail to `forward_tail` (MRLA-light's memory-lean Function).
     """
 
     def __init__(
@@ -137,12 +181,41 @@ class DynamicLALight(_DSUBranch):
 
     def forward(self, x: torch.Tensor, shortcut: torch.Tensor, state: List[torch.Tensor]
                 ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        weights = state[2:self.dsu_state]
-        h, c = dsu_step(x.mean((2, 3)), state[0], state[1], weights)
-        h0, c0 = _gate_state(h, c, self.batch_coupled_gate)
-        gate = dsu_step(shortcut.mean((2, 3)), h0, c0, weights)[0]
-        refreshed = torch.addcmul(depthwise_conv3x3(shortcut, state[self.dsu_state]), shortcut, gate[:, :, None, None])
+        h, c, gate = self._unit_steps(x.mean((2, 3)), shortcut, state)
+        refreshed = refresh_shortcut(shortcut, gate, state[self.dsu_state])
         x, _ = self.mrla(x, refreshed, [])
+        return x, [h, c] + state[2:]
+
+    def _unit_steps(self, pooled: torch.Tensor, shortcut: torch.Tensor, state: List[torch.Tensor]
+                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The unit's two steps: on the block output's descriptor `pooled` (the new `h`, `c`), then on the
+        shortcut's from that state (the refresh gate `m`)."""
+        weights = state[2:self.dsu_state]
+        h, c = dsu_step(pooled, state[0], state[1], weights)
+        h0, c0 = _gate_state(h, c, self.batch_coupled_gate)
+        return h, c, dsu_step(shortcut.mean((2, 3)), h0, c0, weights)[0]
+
+    @torch.jit.unused
+    def tail_usable(self, pre: torch.Tensor, shortcut: torch.Tensor, state: List[torch.Tensor]) -> bool:
+        """Whether the block may hand its tail to `forward_tail` (MRLA-light's memory-lean training path)."""
+        return self.mrla.tail_usable(pre, shortcut, [])
+
+    @torch.jit.unused
+    def forward_tail(
+            self,
+            pre: torch.Tensor,
+            norm: nn.BatchNorm2d,
+            shortcut: torch.Tensor,
+            keep: Optional[torch.Tensor],
+            state: List[torch.Tensor],
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Training, memory-lean: the block's tail and MRLA-light as their autograd Functions, the refreshed
+        shortcut as the map `lambda` scales; equal to the block's plain tail followed by `forward`."""
+        mrla = self.mrla
+        tail = lean.block_tail(pre, norm, shortcut, keep)
+        h, c, gate = self._unit_steps(tail.pooled, shortcut, state)
+        refreshed = _lean_refresh(shortcut, gate, state[self.dsu_state])
+        x, _ = mrla.forward_lean(tail, lean.drop_path_keep(mrla.drop_path, tail.x), [], refreshed)
         return x, [h, c] + state[2:]
 
 

@@ -23,72 +23,86 @@ __all__ = ['MRLALight', 'MRLABase']
 
 
 class MRLALightBranch(torch.autograd.Function):
-    """One MRLA-light step on the tail's output `x`: `out = x + BN(gate * DW3(x) + lambda * shortcut) * keep`.
+    """One MRLA-light step on the tail's output `x`: `out = x + BN(gate * DW3(x) + lambda * r) * keep`, `r` the
+    tail's `shortcut` or, where given, `lambda_input` (DLA-light's refreshed shortcut).
 
-    Keeps the tail's recipe for `x` (`pre`, `shortcut`, `scale`, `shift`) and per-channel vectors; backward
-    recomputes `x` and the value map (see `lean`).
+    Keeps the tail's recipe for `x` (`pre`, `shortcut`, `scale`, `shift`), `lambda_input` and per-channel
+    vectors; backward recomputes `x` and the value map (see `lean`).
     """
 
     @staticmethod
-    def forward(ctx, x, pre, shortcut, scale, shift, gate, v_weight, lambda_t, norm_weight, norm_bias, norm, keep):
+    def forward(ctx, x, pre, shortcut, scale, shift, gate, v_weight, lambda_t, norm_weight, norm_bias, norm, keep,
+                lambda_input=None):
         ctx.set_materialize_grads(False)
-        fused = native.trainable(x, pre, shortcut, scale, gate, v_weight, lambda_t)
+        r = shortcut if lambda_input is None else lambda_input
+        fused = native.trainable(x, pre, shortcut, scale, gate, v_weight, lambda_t, lambda_input)
         with torch.autocast(x.device.type, enabled=False):
             if fused:
                 u, moments = native.mrla_light_train_values(
-                    x, shortcut=shortcut, gate=gate, v_weight=v_weight, lambda_t=lambda_t)
+                    x, shortcut=r, gate=gate, v_weight=v_weight, lambda_t=lambda_t)
                 mean, invstd, a, b = lean.fused_norm(norm, u, moments, keep)
                 out = native.affine_residual_(u, x=x, a=a, b=b, relu=False)
             else:
-                u = _light_input(x, shortcut, gate, v_weight, lambda_t)
+                u = _light_input(x, r, gate, v_weight, lambda_t)
                 mean, invstd = lean.norm_stats(norm, u)
                 a, b = lean.norm_affine(norm, mean, invstd, keep)
                 out = torch.addcmul(lean._map(b, u), u, lean._map(a, u)).add_(x)
         ctx.norm, ctx.fused = norm, fused
         ctx.batch_stats = lean._uses_batch_stats(norm)
         ctx.save_for_backward(
-            pre, shortcut, scale, shift, gate, v_weight, lambda_t, mean, invstd, keep, norm_weight, norm_bias)
+            pre, shortcut, scale, shift, gate, v_weight, lambda_t, mean, invstd, keep, norm_weight, norm_bias,
+            lambda_input)
         return out
 
     @staticmethod
-    def reference(x, shortcut, gate, v_weight, lambda_t, norm_weight, norm_bias, norm, keep):
+    def reference(x, r, gate, v_weight, lambda_t, norm_weight, norm_bias, norm, keep):
         """`out` in differentiable PyTorch ops, without side effects (see `lean.replay`)."""
-        u = torch.addcmul(depthwise_conv3x3(x, v_weight) * gate[:, :, None, None], shortcut, lambda_t.to(x.dtype))
+        u = torch.addcmul(depthwise_conv3x3(x, v_weight) * gate[:, :, None, None], r, lambda_t.to(x.dtype))
         a, b = lean.norm_reference(norm, u, norm_weight, norm_bias, keep)
         return (torch.addcmul(lean._map(b, u), u, lean._map(a, u)) + x,)
 
     @staticmethod
     def backward(ctx, grad_out):
-        pre, shortcut, scale, shift, gate, v_weight, lambda_t, mean, invstd, keep, nw, nb = ctx.saved_tensors
+        pre, shortcut, scale, shift, gate, v_weight, lambda_t, mean, invstd, keep, nw, nb, lambda_input = \
+            ctx.saved_tensors
         norm = ctx.norm
         needs = ctx.needs_input_grad
         if grad_out is None:
-            return (None,) * 12
+            return (None,) * 13
+        r = shortcut if lambda_input is None else lambda_input
         if lean.must_replay():
             g = lean.replay(
                 lambda *t: MRLALightBranch.reference(*t, norm, keep),
-                [lean.tail_reference(pre, shortcut, scale, shift), shortcut, gate, v_weight, lambda_t, nw, nb],
-                [grad_out], (needs[0], needs[2]) + needs[5:10])
-            return (g[0], None, g[1], None, None, *g[2:], None, None)
+                [lean.tail_reference(pre, shortcut, scale, shift), r, gate, v_weight, lambda_t, nw, nb],
+                [grad_out], (needs[0], needs[2] if lambda_input is None else needs[12]) + needs[5:10])
+            g_short, g_lambda_input = _lambda_grads(g[1], lambda_input)
+            return (g[0], None, g_short, None, None, *g[2:], None, None, g_lambda_input)
         if ctx.fused:  # incoming gradients may be expanded or strided views: the kernels read dense maps
-            g_x, g_short, g_gate, g_v, g_lambda, g_nw, g_nb = native.mrla_light_train_backward(
+            g_x, g_r, g_gate, g_v, g_lambda, g_nw, g_nb = native.mrla_light_train_backward(
                 pre, shortcut, scale, shift, gate=gate, v_weight=v_weight, lambda_t=lambda_t, keep=keep, mean=mean,
                 invstd=invstd, norm_weight=lean.weight_or_ones(norm, mean), batch_stats=ctx.batch_stats,
-                grad_out=lean.dense(grad_out))
+                grad_out=lean.dense(grad_out), lambda_input=lambda_input)
             g_nw, g_nb = lean.affine_grads(norm, g_nw, g_nb)
         else:
             x = lean.tail_output(pre, shortcut, scale, shift)
             value = depthwise_conv3x3(x, v_weight)
-            u = torch.addcmul(value * gate[:, :, None, None], shortcut, lambda_t.to(x.dtype))
+            u = torch.addcmul(value * gate[:, :, None, None], r, lambda_t.to(x.dtype))
             g_u = grad_out if keep is None else grad_out * lean.per_sample(keep, grad_out)
             g_u, g_nw, g_nb = lean.norm_backward(
                 norm, g_u, u, mean, invstd, ctx.batch_stats, (True, needs[8], needs[9]))
             g_gate = (g_u * value).sum((2, 3))
-            g_lambda = (g_u * shortcut).sum((0, 2, 3)).view_as(lambda_t) if needs[7] else None
-            g_short = g_u * lambda_t.to(g_u.dtype)
+            g_lambda = (g_u * r).sum((0, 2, 3)).view_as(lambda_t) if needs[7] else None
+            g_r = g_u * lambda_t.to(g_u.dtype)
             g_in, g_v = depthwise_conv3x3_backward(g_u.mul_(gate[:, :, None, None]), x, v_weight, needs[6])
             g_x = g_in.add_(grad_out)
-        return g_x, None, g_short, None, None, g_gate, g_v, g_lambda, g_nw, g_nb, None, None
+        g_short, g_lambda_input = _lambda_grads(g_r, lambda_input)
+        return g_x, None, g_short, None, None, g_gate, g_v, g_lambda, g_nw, g_nb, None, None, g_lambda_input
+
+
+def _lambda_grads(g_r: Optional[torch.Tensor], lambda_input: Optional[torch.Tensor]
+                  ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The gradient of the map `lambda` scales, as `(shortcut's, lambda_input's)`: it is one of the two."""
+    return (g_r, None) if lambda_input is None else (None, g_r)
 
 
 def _light_input(x, shortcut, gate, v_weight, lambda_t):
@@ -228,11 +242,13 @@ class MRLALight(LayerAttnBase):
             tail: lean.Tail,
             keep: Optional[torch.Tensor],
             state: List[torch.Tensor],
+            lambda_input: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """`lambda_input`: the map `lambda` scales where it is not the block's shortcut (DLA-light)."""
         gate = self._gate(tail.pooled, tail.x.dtype)
         out = MRLALightBranch.apply(
             *tail.inputs, gate, self.v.weight.to(tail.x.dtype), self.lambda_t, self.norm.weight, self.norm.bias,
-            self.norm, keep)
+            self.norm, keep, lambda_input)
         return out, state
 
     def forward_folded(

@@ -49,7 +49,8 @@ __all__ = [
     'channel_conv', 'channel_conv_backward',
     'plane_moments', 'tail_forward', 'tail_backward',
     'affine_residual_', 'kcla_train_values', 'kcla_train_backward', 'mrla_light_train_values',
-    'mrla_light_train_backward', 'mrla_base_train_values', 'mrla_base_train_backward',
+    'mrla_light_train_backward', 'mrla_base_train_values', 'mrla_base_train_backward', 'dw_scale_add',
+    'dw_scale_add_backward',
 ]
 
 ENV = 'TIMM_LAYERATTN_NATIVE'
@@ -537,12 +538,24 @@ def mrla_light_train_values(
 def mrla_light_train_backward(
         pre: Tensor, shortcut: Tensor, scale: Tensor, shift: Tensor, *, gate: Tensor, v_weight: Tensor,
         lambda_t: Tensor, keep: Optional[Tensor], mean: Tensor, invstd: Tensor, norm_weight: Tensor,
-        batch_stats: bool, grad_out: Tensor,
+        batch_stats: bool, grad_out: Tensor, lambda_input: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients `(x, shortcut, gate, v_weight, lambda_t, norm weight, norm bias)` of one MRLA-light step."""
+    """Gradients `(x, r, gate, v_weight, lambda_t, norm weight, norm bias)` of one MRLA-light step, `r` the map
+    `lambda_t` scales: `lambda_input` where given (DLA-light's refreshed shortcut), else the tail's `shortcut`."""
     return torch.ops.timm_layerattn.mrla_light_train_backward(
         pre, shortcut, scale, shift, gate=gate, v_weight=v_weight, lambda_t=lambda_t, keep=keep, mean=mean,
-        invstd=invstd, norm_weight=norm_weight, batch_stats=batch_stats, grad_out=grad_out)
+        invstd=invstd, norm_weight=norm_weight, batch_stats=batch_stats, grad_out=grad_out,
+        lambda_input=lambda_input)
+
+
+def dw_scale_add(r: Tensor, *, m: Tensor, w: Tensor) -> Tensor:
+    """`DW3(r) + m * r` with a per-plane `m` `[B, C]` and depth-wise 3x3 weight `w` `[C, 1, 3, 3]`."""
+    return torch.ops.timm_layerattn.dw_scale_add(r, m=m, w=w)
+
+
+def dw_scale_add_backward(grad: Tensor, r: Tensor, *, m: Tensor, w: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients `(r, m, w)` of `dw_scale_add` for the output gradient `grad`."""
+    return torch.ops.timm_layerattn.dw_scale_add_backward(grad, r, m=m, w=w)
 
 
 def mrla_base_train_values(

@@ -808,18 +808,21 @@ std::tuple<at::Tensor, at::Tensor> mrla_light_train_values(const at::Tensor& x, 
   return {u, moments_tensor(s1, s2, B, C)};
 }
 
-// Backward of out = x + BN(gate * DW3(x) + lambda * shortcut) * keep, x recomputed from the tail:
-//   g_bn = grad_out * keep;  d u = c1 g_bn + c2 u + c3;  d gate = sum d u * V;  d lambda = sum d u * shortcut
-//   d shortcut = lambda * d u;  d x = grad_out + DW3^T(gate * d u);  d v_weight = sum (gate * d u) (x) x
-// Returns (d x, d shortcut, d gate, d v_weight, d lambda, d norm_weight, d norm_bias).
+// Backward of out = x + BN(gate * DW3(x) + lambda * r) * keep, x recomputed from the tail and r the tail's
+// shortcut or, where given, `lambda_input` (DLA-light's refreshed shortcut):
+//   g_bn = grad_out * keep;  d u = c1 g_bn + c2 u + c3;  d gate = sum d u * V;  d lambda = sum d u * r
+//   d r = lambda * d u;  d x = grad_out + DW3^T(gate * d u);  d v_weight = sum (gate * d u) (x) x
+// Returns (d x, d r, d gate, d v_weight, d lambda, d norm_weight, d norm_bias).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 mrla_light_train_backward(const at::Tensor& pre, const at::Tensor& shortcut, const at::Tensor& scale,
                           const at::Tensor& shift, const at::Tensor& gate, const at::Tensor& v_weight,
                           const at::Tensor& lambda_t, const OptTensor& keep, const at::Tensor& mean,
                           const at::Tensor& invstd, const at::Tensor& norm_weight, bool batch_stats,
-                          const at::Tensor& grad_out) {
+                          const at::Tensor& grad_out, const OptTensor& lambda_input) {
   check_4d(pre, "pre");
   const Tail tail(pre, shortcut, scale, shift, pre);
+  check_opt_map(lambda_input, pre, "lambda_input");
+  const float* R = lambda_input ? lambda_input->const_data_ptr<float>() : tail.r;
   const int64_t B = pre.size(0), C = pre.size(1), H = pre.size(2), W = pre.size(3), hw = H * W;
   check_planes(gate, B, C, "gate");
   check_weight(v_weight, C);
@@ -835,7 +838,7 @@ mrla_light_train_backward(const at::Tensor& pre, const at::Tensor& shortcut, con
     tail.plane(p, hw, xb.data);
     const Taps taps(K + c * 9);
     const float g = Gt[p], l = L[c], kb = k[p / C];
-    const float* r = tail.r + p * hw;
+    const float* r = R + p * hw;
     const float* go = GO + p * hw;
     double s = 0., q = 0.;
     for_chunks(hw, [&](int64_t i0, int64_t i1) {
@@ -865,7 +868,7 @@ mrla_light_train_backward(const at::Tensor& pre, const at::Tensor& shortcut, con
     const Taps taps_t = rotated(K + c * 9);
     const float g = Gt[p], l = L[c], kb = k[p / C];
     const float c1 = ng.c1[c], c2 = ng.c2[c], c3 = ng.c3[c];
-    const float* r = tail.r + p * hw;
+    const float* r = R + p * hw;
     const float* go = GO + p * hw;
     float* gs = GS + p * hw;
     double dg = 0., dl = 0.;
@@ -893,6 +896,69 @@ mrla_light_train_backward(const at::Tensor& pre, const at::Tensor& shortcut, con
   const auto opts = pre.options();
   return {g_x, g_short, to_planes(d_gate, B, C, opts), reduce_batch(d_k, B, C, 9, {C, 1, 3, 3}, opts),
           reduce_batch(d_lambda, B, C, 1, {C, 1, 1}, opts), ng.d_weight, ng.d_bias};
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// DLA-light's shortcut refresh
+
+// y = DW3(r) + m * r with a per-plane m [B, C].
+at::Tensor dw_scale_add(const at::Tensor& r, const at::Tensor& m, const at::Tensor& w) {
+  check_4d(r, "r");
+  const int64_t B = r.size(0), C = r.size(1), H = r.size(2), W = r.size(3), hw = H * W;
+  check_planes(m, B, C, "m");
+  check_weight(w, C);
+  at::Tensor y = at::empty_like(r);
+  const float *R = r.const_data_ptr<float>(), *M = m.const_data_ptr<float>(), *K = w.const_data_ptr<float>();
+  float* Y = y.data_ptr<float>();
+  plane_loop(B, C, H, W, 1, 0, [&](int64_t p, int64_t c, PlaneBuffers& buf) {
+    const BorderedPlane rb = buf.bordered[0];
+    std::memcpy(rb.data, R + p * hw, hw * sizeof(float));
+    const Taps taps(K + c * 9);
+    const float m_p = M[p];
+    float* y_p = Y + p * hw;
+#pragma omp simd
+    for (int64_t i = 0; i < hw; ++i) y_p[i] = std::fma(m_p, rb.data[i], rb.dw3x3(taps, i));
+  });
+  return y;
+}
+
+// Backward of `dw_scale_add`: d r = DW3^T(g) + m * g;  d m = sum g * r;  d w = sum g (x) r.
+// Returns (d r, d m, d w).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dw_scale_add_backward(const at::Tensor& grad, const at::Tensor& r,
+                                                                     const at::Tensor& m, const at::Tensor& w) {
+  check_4d(r, "r");
+  check_map(grad, r, "grad");
+  const int64_t B = r.size(0), C = r.size(1), H = r.size(2), W = r.size(3), hw = H * W;
+  check_planes(m, B, C, "m");
+  check_weight(w, C);
+  at::Tensor g_r = at::empty_like(r);
+  const float *R = r.const_data_ptr<float>(), *M = m.const_data_ptr<float>(), *K = w.const_data_ptr<float>();
+  const float* G = grad.const_data_ptr<float>();
+  float* GR = g_r.data_ptr<float>();
+  std::vector<double> d_m(B * C), d_k(B * C * 9, 0.);
+  plane_loop(B, C, H, W, 2, 0, [&](int64_t p, int64_t c, PlaneBuffers& buf) {
+    const BorderedPlane rb = buf.bordered[0];
+    const BorderedPlane gb = buf.bordered[1];
+    std::memcpy(rb.data, R + p * hw, hw * sizeof(float));
+    std::memcpy(gb.data, G + p * hw, hw * sizeof(float));
+    const Taps taps_t = rotated(K + c * 9);
+    const float m_p = M[p];
+    float* gr = GR + p * hw;
+    double dm = 0.;
+    for_chunks(hw, [&](int64_t i0, int64_t i1) {
+      float c_dm = 0.f;
+#pragma omp simd reduction(+ : c_dm)
+      for (int64_t i = i0; i < i1; ++i) {
+        c_dm += gb.data[i] * rb.data[i];
+        gr[i] = std::fma(m_p, gb.data[i], gb.dw3x3(taps_t, i));
+      }
+      dm += c_dm;
+    });
+    d_m[p] = dm;
+    dw_weight_grad(gb.data, rb, hw, d_k.data() + p * 9);
+  });
+  const auto opts = r.options();
+  return {g_r, to_planes(d_m, B, C, opts), reduce_batch(d_k, B, C, 9, {C, 1, 3, 3}, opts)};
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -1117,7 +1183,10 @@ TORCH_LIBRARY_FRAGMENT(timm_layerattn, m) {
         "-> (Tensor, Tensor)");
   m.def("mrla_light_train_backward(Tensor pre, Tensor shortcut, Tensor scale, Tensor shift, Tensor gate, "
         "Tensor v_weight, Tensor lambda_t, Tensor? keep, Tensor mean, Tensor invstd, Tensor norm_weight, "
-        "bool batch_stats, Tensor grad_out) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "bool batch_stats, Tensor grad_out, Tensor? lambda_input=None) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("dw_scale_add(Tensor r, Tensor m, Tensor w) -> Tensor");
+  m.def("dw_scale_add_backward(Tensor grad, Tensor r, Tensor m, Tensor w) -> (Tensor, Tensor, Tensor)");
   m.def("mrla_base_train_values(Tensor x, Tensor[] values, Tensor weights, Tensor v_weight) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("mrla_base_train_backward(Tensor pre, Tensor shortcut, Tensor scale, Tensor shift, Tensor[] values, "
@@ -1140,6 +1209,8 @@ TORCH_LIBRARY_IMPL(timm_layerattn, CPU, m) {
   m.impl("kcla_train_backward", kcla_train_backward);
   m.impl("mrla_light_train_values", mrla_light_train_values);
   m.impl("mrla_light_train_backward", mrla_light_train_backward);
+  m.impl("dw_scale_add", dw_scale_add);
+  m.impl("dw_scale_add_backward", dw_scale_add_backward);
   m.impl("mrla_base_train_values", mrla_base_train_values);
   m.impl("mrla_base_train_backward", mrla_base_train_backward);
 }
