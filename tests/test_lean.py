@@ -256,7 +256,8 @@ def _bn(c, training, seed):
 
 
 @pytest.mark.parametrize('training', [True, False], ids=['batch_stats', 'running_stats'])
-@pytest.mark.parametrize('function', ['tail', 'kcla', 'kcla_first', 'mrla_light', 'mrla_base', 'mrla_base_first'])
+@pytest.mark.parametrize('function', ['tail', 'kcla', 'kcla_first', 'mrla_light', 'mrla_light_lambda_input',
+                                      'mrla_base', 'mrla_base_first'])
 def test_gradcheck_float64(function, training):
     """`torch.autograd.gradcheck` of each Function (PyTorch-ops backward, the one the kernels are held to) on
     small float64 shapes, with a drop-path factor."""
@@ -293,6 +294,13 @@ def test_gradcheck_float64(function, training):
         def fn(x_, s_, g_, v_, l_, nw, nb):
             return MRLALightBranch.apply(x_, pre, s_, scale, shift, g_, v_, l_, nw, nb, norm, keep)
         args = (leaf(x), leaf(shortcut), leaf(torch.rand(B, C, **dd)), leaf(v_weight), lam, norm.weight, norm.bias)
+    elif function == 'mrla_light_lambda_input':  # DLA-light: lambda scales another map than the tail's shortcut
+        lam = leaf(torch.randn(C, 1, 1, **dd))
+
+        def fn(x_, r_, g_, v_, l_, nw, nb):
+            return MRLALightBranch.apply(x_, pre, shortcut, scale, shift, g_, v_, l_, nw, nb, norm, keep, r_)
+        args = (leaf(x), leaf(torch.randn(B, C, H, W, **dd)), leaf(torch.rand(B, C, **dd)), leaf(v_weight), lam,
+                norm.weight, norm.bias)
     else:
         earlier = [] if function == 'mrla_base_first' else [leaf(torch.randn(B, C, H, W, **dd)) for _ in range(2)]
         weights = leaf(torch.rand(B, len(earlier) + 1, C, **dd))
