@@ -17,7 +17,8 @@ import torch
 import timm_layerattn  # noqa: F401  (registers the models)
 from timm_layerattn.layers import KCLA, MRLABase, MRLALight, lean, native
 from timm_layerattn.layers.kcla import KCLABranch
-from timm_layerattn.layers.lean import BlockTail
+from timm_layerattn.layers.lean import BlockTail, NormReLU
+from timm_layerattn.models.resnet_blocks import LABlock
 from timm_layerattn.layers.mrla import MRLABaseBranch, MRLALightBranch
 from timm_layerattn.tools.bench import activation_bytes
 
@@ -497,6 +498,67 @@ def test_switches_and_fallbacks(ops, monkeypatch):
         assert not lean.usable(meta, meta)
 
 
+@pytest.mark.parametrize('variant', ['batch_stats', 'frozen', 'no_affine', 'cumulative_average'])
+def test_norm_relu_matches_float64(ops, variant):
+    """A block's inner BatchNorm + ReLU on the fused kernels (`NormReLU`): output, input / weight / bias gradients
+    and the running statistics as `relu(nn.BatchNorm2d(u))` computes them in float64 (batch or running
+    statistics, without affine parameters, with a cumulative average); a gradient of the gradient replays the
+    PyTorch maths."""
+    torch.manual_seed(0)
+    norm = randomize_norms(torch.nn.BatchNorm2d(6)).train(variant != 'frozen')
+    if variant == 'no_affine':
+        _no_affine(norm)
+    if variant == 'cumulative_average':
+        _cumulative_average(norm)
+    u = torch.randn(3, 6, 5, 7)
+    grad = torch.randn(3, 6, 5, 7)
+    ref_norm = copy.deepcopy(norm).double()
+    u64 = u.double().requires_grad_()
+    out64 = torch.relu(ref_norm(u64))
+    ref = [out64] + list(torch.autograd.grad(out64, [u64] + list(ref_norm.parameters()), grad.double()))
+    leaf = u.clone().requires_grad_()
+    out = NormReLU.apply(leaf, norm.weight, norm.bias, norm)
+    got = [out] + list(torch.autograd.grad(out, [leaf] + list(norm.parameters()), grad))
+    for a, b in zip(got, ref):
+        assert_close_scaled(a.double(), b, 1e-5)
+    for (n, b), b64 in zip(norm.named_buffers(), ref_norm.buffers()):
+        torch.testing.assert_close(b.double(), b64.double(), rtol=1e-5, atol=1e-6, msg=n)
+
+    def penalty(fn, t):
+        g = torch.autograd.grad((fn(t) * grad.to(t.dtype)).sum(), t, create_graph=True)[0]
+        return torch.autograd.grad(g.square().sum(), t)[0]
+    frozen = copy.deepcopy(norm).eval() if variant == 'frozen' else copy.deepcopy(norm)
+    frozen64 = copy.deepcopy(frozen).double()
+    got = penalty(lambda t: NormReLU.apply(t, frozen.weight, frozen.bias, frozen), u.clone().requires_grad_())
+    ref = penalty(lambda t: torch.relu(frozen64(t)), u.double().requires_grad_())
+    assert_close_scaled(got.double(), ref, 1e-4)
+
+
+@pytest.mark.parametrize('name', ['cifar_resnet20', 'cifar_resnet20_eca', 'resnet18_kcla'])
+def test_inner_norm_relus_take_the_fused_path(ops, name):
+    """Training on float32 CPU maps: every block's inner BatchNorm + ReLU (two in a bottleneck, one in a basic
+    block) runs as one fused forward op; lean path off, channels_last, frozen norms or no autograd keep the
+    modules."""
+    model = timm.create_model(name).train()
+    x = torch.randn(2, 3, 64, 64)  # no 1 x 1 maps, which are contiguous channels_last too
+    pairs = sum(len(b.inner_norm_acts()) for b in model.modules() if isinstance(b, LABlock))
+
+    def calls(m, t):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            m(t).sum().backward()
+        counts = {e.key: e.count for e in prof.key_averages()}
+        return counts.get('timm_layerattn::norm_relu_forward', 0), counts.get('timm_layerattn::norm_relu_backward', 0)
+    assert pairs and calls(model, x) == (pairs, pairs)
+    with lean.disabled():
+        assert calls(model, x) == (0, 0)
+    cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    assert calls(cl, x.contiguous(memory_format=torch.channels_last)) == (0, 0)
+    assert calls(copy.deepcopy(model).eval(), x) == (0, 0)
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        model(x)
+    assert not any(e.key == 'timm_layerattn::norm_relu_forward' for e in prof.key_averages())
+
+
 def test_batchnorm_refuses_one_value_per_channel_in_training():
     """As nn.BatchNorm2d: batch statistics of a single value are an error naming the input size."""
     model = timm.create_model('cifar_resnet20_mrlal').train()
@@ -557,6 +619,9 @@ def test_training_kernels_are_thread_count_independent(ops):
     (lambda o: o.mrla_light_train_values(torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3), torch.ones(2, 4),
                                          torch.ones(4, 1, 3, 3), torch.ones(4)), 'lambda_t must have shape'),
     (lambda o: o.plane_moments(torch.randn(2, 4, 3)), 'must be a 4-D'),
+    (lambda o: o.norm_relu_forward(torch.randn(2, 4, 3, 3), torch.ones(2, 3), torch.ones(2, 4)), 'scale must have shape'),
+    (lambda o: o.norm_relu_backward(torch.randn(2, 4, 3, 3), torch.ones(2, 4), torch.ones(2, 4), torch.randn(2, 4, 3, 2),
+                                    torch.zeros(4), torch.ones(4), torch.ones(4), True), 'grad_y must have shape'),
 ])
 def test_training_kernels_reject_bad_input_with_clear_errors(ops, call, fragment):
     with pytest.raises(RuntimeError, match=fragment):

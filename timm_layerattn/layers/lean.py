@@ -16,6 +16,9 @@ is cheap to recompute from a few tensors the network holds anyway, so the Functi
 * `GatedTail` is the tail of a block whose residual branch a channel gate scales before the add (SE, ECA,
   DIANet: `gates.py`), `x = relu(bn3(pre) * gate * keep + shortcut)`, the gate a function of the pooled
   `bn3(pre)`; it keeps `pre` and `shortcut` as `BlockTail` does, and runs on the fused kernels only.
+* `NormReLU` is a block's inner BatchNorm and ReLU after its first convs (`relu(bn1(conv1(x)))`, every
+  ResNet family, with or without attention), on the fused kernels only: two passes forward and two backward
+  instead of PyTorch's five, keeping the norm's input as BatchNorm does.
 
 Train-mode BatchNorm is exact: batch statistics forward, running statistics updated once per forward as
 `nn.BatchNorm2d` does (momentum or cumulative average, unbiased variance), the full batch-statistics
@@ -60,7 +63,7 @@ __all__ = [
     'ENV', 'mode', 'active', 'usable', 'disabled', 'forced', 'drop_path_keep', 'norm_stats', 'fused_norm',
     'norm_affine', 'plane_affine', 'norm_backward', 'weight_or_ones', 'affine_grads', 'dense', 'per_sample',
     'tail_output', 'tail_reference', 'norm_reference', 'must_replay', 'replay', 'Tail', 'block_tail', 'BlockTail',
-    'GatedTail', 'gated_tail', 'gated_tail_forward', 'ChannelConv',
+    'GatedTail', 'gated_tail', 'gated_tail_forward', 'ChannelConv', 'NormReLU', 'norm_relu_usable',
 ]
 
 ENV = 'TIMM_LAYERATTN_LEAN'
@@ -564,6 +567,48 @@ def gated_tail(
     outs = GatedTail.apply(pre, shortcut, norm.weight, norm.bias, norm, keep, gate_fn, len(state), *state, *weights)
     head = list(outs[1:])
     return outs[0], head + state[len(head):]
+
+
+class NormReLU(torch.autograd.Function):
+    """`relu(norm(u))`, a block's inner BatchNorm and ReLU, on the fused CPU kernels (float32 contiguous maps only):
+    the plane moments and the normalised, rectified output forward; backward the BatchNorm gradient sums over the
+    rectified gradient, then the input gradient, the ReLU mask recomputed from `u` in both passes. Keeps `u` and
+    per-plane vectors; the output is kept by the next conv, as with the modules."""
+
+    @staticmethod
+    def forward(ctx, u, weight, bias, norm):
+        mean, invstd, scale, shift = fused_norm(norm, u, native.plane_moments(u), None)
+        ctx.norm, ctx.batch_stats = norm, _uses_batch_stats(norm)
+        ctx.save_for_backward(u, scale, shift, mean, invstd, weight, bias)
+        return native.norm_relu_forward(u, scale=scale, shift=shift)
+
+    @staticmethod
+    def reference(u, weight, bias, norm):
+        """The output in differentiable PyTorch ops, without side effects (see `replay`)."""
+        scale, shift = norm_reference(norm, u, weight, bias, None)
+        return (torch.relu(torch.addcmul(_map(shift, u), u, _map(scale, u))),)
+
+    @staticmethod
+    def backward(ctx, grad):
+        u, scale, shift, mean, invstd, weight, bias = ctx.saved_tensors
+        norm = ctx.norm
+        if must_replay():
+            g = replay(lambda *t: NormReLU.reference(*t, norm), [u, weight, bias], [grad], ctx.needs_input_grad[:3])
+            return (*g, None)
+        g_u, g_w, g_b = native.norm_relu_backward(
+            u, scale=scale, shift=shift, grad_y=dense(grad), mean=mean, invstd=invstd,
+            norm_weight=weight_or_ones(norm, mean), batch_stats=ctx.batch_stats)
+        return (g_u, *affine_grads(norm, g_w, g_b), None)
+
+
+def norm_relu_usable(x: Tensor, pairs: Sequence[Tuple[nn.Module, nn.Module]]) -> bool:
+    """Whether a block's inner `(norm, act)` pairs run as `NormReLU` on input `x`: the lean path active and its
+    fused kernels usable on `x` (float32 contiguous CPU), every norm a plain `nn.BatchNorm2d` normalising with
+    batch statistics, every act `nn.ReLU`. A frozen norm (eval mode, e.g. detection fine-tuning) is an affine map
+    that the modules already run in two passes: it stays with them."""
+    if not (usable(x) and native.trainable(x)):
+        return False
+    return all(type(n) is nn.BatchNorm2d and _uses_batch_stats(n) and type(a) is nn.ReLU for n, a in pairs)
 
 
 class ChannelConv(torch.autograd.Function):

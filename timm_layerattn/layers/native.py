@@ -50,7 +50,7 @@ __all__ = [
     'plane_moments', 'tail_forward', 'tail_backward',
     'affine_residual_', 'kcla_train_values', 'kcla_train_backward', 'mrla_light_train_values',
     'mrla_light_train_backward', 'mrla_base_train_values', 'mrla_base_train_backward', 'dw_scale_add',
-    'dw_scale_add_backward',
+    'dw_scale_add_backward', 'norm_relu_forward', 'norm_relu_backward',
 ]
 
 ENV = 'TIMM_LAYERATTN_NATIVE'
@@ -500,6 +500,21 @@ def norm_backward_planes(
     it times `u`."""
     return torch.ops.timm_layerattn.norm_backward_planes(
         g, u, sums=sums, gain=gain, offset=offset, mean=mean, invstd=invstd, norm_weight=norm_weight,
+        batch_stats=batch_stats)
+
+
+def norm_relu_forward(u: Tensor, *, scale: Tensor, shift: Tensor) -> Tensor:
+    """`relu(u * scale + shift)` with per-plane `scale`, `shift` `[B, C]` (a BatchNorm's affine map of `u`)."""
+    return torch.ops.timm_layerattn.norm_relu_forward(u, scale=scale, shift=shift)
+
+
+def norm_relu_backward(
+        u: Tensor, *, scale: Tensor, shift: Tensor, grad_y: Tensor, mean: Tensor, invstd: Tensor,
+        norm_weight: Tensor, batch_stats: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients `(u, norm weight, norm bias)` of `relu(norm(u))` for the output gradient `grad_y`."""
+    return torch.ops.timm_layerattn.norm_relu_backward(
+        u, scale=scale, shift=shift, grad_y=grad_y, mean=mean, invstd=invstd, norm_weight=norm_weight,
         batch_stats=batch_stats)
 
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d, create_act_layer
 
 from ..core.units import Dd, Shared, State
+from ..layers import lean
 from ..layers.lean import drop_path_keep
 
 __all__ = [
@@ -67,6 +68,16 @@ class LABlock(nn.Module):
 
     def forward_convs(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    @torch.jit.unused
+    def inner_norm_acts(self) -> Tuple[Tuple[nn.Module, nn.Module], ...]:
+        """The `(norm, act)` pairs after the convs before the last, which the memory-lean path fuses."""
+        raise NotImplementedError
+
+    @torch.jit.unused
+    def _lean_convs(self, x: torch.Tensor) -> bool:
+        """Whether `forward_convs` runs its inner norms and ReLUs as `lean.NormReLU` (training, fused kernels)."""
+        return lean.norm_relu_usable(x, self.inner_norm_acts())
 
     def forward_last_norm(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -188,9 +199,18 @@ class LABottleneck(LABlock):
         self._init_tail(downsample, residual, drop_path, layer_attn, entry, pre_residual)
 
     def forward_convs(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            if self._lean_convs(x):
+                x = lean.NormReLU.apply(self.conv1(x), self.bn1.weight, self.bn1.bias, self.bn1)
+                x = lean.NormReLU.apply(self.conv2(x), self.bn2.weight, self.bn2.bias, self.bn2)
+                return self.conv3(x)
         x = self.act1(self.bn1(self.conv1(x)))
         x = self.act2(self.bn2(self.conv2(x)))
         return self.conv3(x)
+
+    @torch.jit.unused
+    def inner_norm_acts(self) -> Tuple[Tuple[nn.Module, nn.Module], ...]:
+        return (self.bn1, self.act1), (self.bn2, self.act2)
 
     def forward_last_norm(self, x: torch.Tensor) -> torch.Tensor:
         if self.bn3 is not None:
@@ -252,7 +272,14 @@ class LABasicBlock(LABlock):
         self._init_tail(downsample, residual, drop_path, layer_attn, entry, pre_residual)
 
     def forward_convs(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            if self._lean_convs(x):
+                return self.conv2(lean.NormReLU.apply(self.conv1(x), self.bn1.weight, self.bn1.bias, self.bn1))
         return self.conv2(self.act1(self.bn1(self.conv1(x))))
+
+    @torch.jit.unused
+    def inner_norm_acts(self) -> Tuple[Tuple[nn.Module, nn.Module], ...]:
+        return ((self.bn1, self.act1),)
 
     def forward_last_norm(self, x: torch.Tensor) -> torch.Tensor:
         if self.bn2 is not None:

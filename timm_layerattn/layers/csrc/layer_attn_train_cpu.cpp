@@ -545,6 +545,87 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward_planes(
   return {g_u, ng.d_weight, ng.d_bias};
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// A block's inner BatchNorm + ReLU
+
+// y = relu(u * scale + shift) with per-plane scale, shift [B, C] (the norm's affine map of u).
+at::Tensor norm_relu_forward(const at::Tensor& u, const at::Tensor& scale, const at::Tensor& shift) {
+  check_4d(u, "u");
+  const int64_t B = u.size(0), C = u.size(1), hw = u.size(2) * u.size(3);
+  check_planes(scale, B, C, "scale");
+  check_planes(shift, B, C, "shift");
+  at::Tensor y = at::empty_like(u);
+  const float *U = u.const_data_ptr<float>(), *S = scale.const_data_ptr<float>(), *T = shift.const_data_ptr<float>();
+  float* Y = y.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(hw, 1));
+  at::parallel_for(0, B * C, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const float* u_p = U + p * hw;
+      float* y_p = Y + p * hw;
+      const float s = S[p], t = T[p];
+#pragma omp simd
+      for (int64_t i = 0; i < hw; ++i) y_p[i] = std::max(std::fma(u_p[i], s, t), 0.f);
+    }
+  });
+  return y;
+}
+
+// Backward of y = relu(norm(u)): g = grad_y * [u * scale + shift > 0], then the BatchNorm backward of g (see
+// `norm_grad`). Two passes: the per-plane sums of g and g * u, then d u with g recomputed (never stored).
+// Returns (d u, d weight, d bias).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_relu_backward(
+    const at::Tensor& u, const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& grad_y,
+    const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& norm_weight, bool batch_stats) {
+  check_4d(u, "u");
+  check_map(grad_y, u, "grad_y");
+  const int64_t B = u.size(0), C = u.size(1), hw = u.size(2) * u.size(3);
+  check_planes(scale, B, C, "scale");
+  check_planes(shift, B, C, "shift");
+  const float *U = u.const_data_ptr<float>(), *S = scale.const_data_ptr<float>(), *T = shift.const_data_ptr<float>();
+  const float* G = grad_y.const_data_ptr<float>();
+  std::vector<double> p1(B * C), p2(B * C);
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(hw, 1));
+  at::parallel_for(0, B * C, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const float* u_p = U + p * hw;
+      const float* g_p = G + p * hw;
+      const float s = S[p], t = T[p];
+      double a = 0., q = 0.;
+      for_chunks(hw, [&](int64_t i0, int64_t i1) {
+        float ca = 0.f, cq = 0.f;
+#pragma omp simd reduction(+ : ca, cq)
+        for (int64_t i = i0; i < i1; ++i) {
+          const float g = std::fma(u_p[i], s, t) > 0.f ? g_p[i] : 0.f;
+          ca += g;
+          cq += g * u_p[i];
+        }
+        a += ca;
+        q += cq;
+      });
+      p1[p] = a;
+      p2[p] = q;
+    }
+  });
+  const NormGrad ng = norm_grad(p1, p2, B, C, hw, mean, invstd, norm_weight, batch_stats);
+  at::Tensor g_u = at::empty_like(u);
+  float* GU = g_u.data_ptr<float>();
+  at::parallel_for(0, B * C, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t c = p % C;
+      const float c1 = ng.c1[c], c2 = ng.c2[c], c3 = ng.c3[c], s = S[p], t = T[p];
+      const float* u_p = U + p * hw;
+      const float* g_p = G + p * hw;
+      float* o = GU + p * hw;
+#pragma omp simd
+      for (int64_t i = 0; i < hw; ++i) {
+        const float g = std::fma(u_p[i], s, t) > 0.f ? g_p[i] : 0.f;
+        o[i] = c1 * g + c2 * u_p[i] + c3;
+      }
+    }
+  });
+  return {g_u, ng.d_weight, ng.d_bias};
+}
+
 // out <- x + act(out * a + b), in place on `out` (which holds a branch's BatchNorm input u), with the
 // per-plane a, b ([B, C]) of the norm's affine map times the drop-path factor; act is ReLU or identity.
 at::Tensor affine_residual_(at::Tensor out, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
@@ -1172,6 +1253,9 @@ TORCH_LIBRARY_FRAGMENT(timm_layerattn, m) {
         "Tensor? grad_pooled) -> (Tensor, Tensor)");
   m.def("norm_backward_planes(Tensor g, Tensor u, Tensor sums, Tensor gain, Tensor? offset, Tensor mean, "
         "Tensor invstd, Tensor norm_weight, bool batch_stats) -> (Tensor, Tensor, Tensor)");
+  m.def("norm_relu_forward(Tensor u, Tensor scale, Tensor shift) -> Tensor");
+  m.def("norm_relu_backward(Tensor u, Tensor scale, Tensor shift, Tensor grad_y, Tensor mean, Tensor invstd, "
+        "Tensor norm_weight, bool batch_stats) -> (Tensor, Tensor, Tensor)");
   m.def("affine_residual_(Tensor(a!) out, Tensor x, Tensor a, Tensor b, bool relu) -> Tensor(a!)");
   m.def("kcla_train_values(Tensor x, Tensor? hist, Tensor weight, Tensor gate, Tensor v_weight) "
         "-> (Tensor, Tensor, Tensor)");
@@ -1204,6 +1288,8 @@ TORCH_LIBRARY_IMPL(timm_layerattn, CPU, m) {
   m.impl("tail_backward", tail_backward);
   m.impl("tail_grad_sums", tail_grad_sums);
   m.impl("norm_backward_planes", norm_backward_planes);
+  m.impl("norm_relu_forward", norm_relu_forward);
+  m.impl("norm_relu_backward", norm_relu_backward);
   m.impl("affine_residual_", affine_residual_);
   m.impl("kcla_train_values", kcla_train_values);
   m.impl("kcla_train_backward", kcla_train_backward);
