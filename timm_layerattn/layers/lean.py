@@ -63,7 +63,7 @@ __all__ = [
     'ENV', 'mode', 'active', 'usable', 'disabled', 'forced', 'drop_path_keep', 'norm_stats', 'fused_norm',
     'norm_affine', 'plane_affine', 'norm_backward', 'weight_or_ones', 'affine_grads', 'dense', 'per_sample',
     'tail_output', 'tail_reference', 'norm_reference', 'must_replay', 'replay', 'Tail', 'block_tail', 'BlockTail',
-    'GatedTail', 'gated_tail', 'gated_tail_forward', 'ChannelConv', 'NormReLU', 'norm_relu_usable',
+    'GatedTail', 'gated_tail', 'gated_tail_forward', 'ChannelConv', 'NormReLU', 'norm_relu', 'norm_relu_usable',
 ]
 
 ENV = 'TIMM_LAYERATTN_LEAN'
@@ -599,6 +599,11 @@ class NormReLU(torch.autograd.Function):
             u, scale=scale, shift=shift, grad_y=dense(grad), mean=mean, invstd=invstd,
             norm_weight=weight_or_ones(norm, mean), batch_stats=ctx.batch_stats)
         return (g_u, *affine_grads(norm, g_w, g_b), None)
+
+
+def norm_relu(u: Tensor, norm: nn.BatchNorm2d) -> Tensor:
+    """`relu(norm(u))` as `NormReLU`."""
+    return NormReLU.apply(u, norm.weight, norm.bias, norm)
 
 
 def norm_relu_usable(x: Tensor, pairs: Sequence[Tuple[nn.Module, nn.Module]]) -> bool:

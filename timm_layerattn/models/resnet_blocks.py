@@ -6,8 +6,9 @@ A block is a template (`LABlock`) with one tail, the same for every block type:
     -> residual add (drop path) -> activation -> attention
 
 A block type only builds its conv stack under timm's parameter names (`conv1` / `bn1` / ... ) and says which
-of its modules are the last norm and activation; the strategy's modules sit at the named places of the tail
-(`attn_in`, `attn_pre`, `attn`). A stem builds `conv1`; the trunk adds `bn1`, `act1` and the max-pool.
+of its modules are the last norm and activation and which norm / activation pairs sit between its convs (the
+memory-lean training path fuses both); the strategy's modules sit at the named places of the tail (`attn_in`,
+`attn_pre`, `attn`). A stem builds `conv1`; the trunk adds `bn1`, `act1` and the max-pool.
 """
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple, Type
@@ -45,7 +46,8 @@ class LABlock(nn.Module):
     """A residual block as a template: subclasses build the conv stack; the tail is this class's.
 
     Subclasses set `expansion` and implement `forward_convs` (input -> the last conv's output),
-    `forward_last_norm`, `forward_last_act` and `last_norm_act` (the modules the memory-lean tail runs).
+    `forward_last_norm`, `forward_last_act` and `last_norm_act` (the modules the memory-lean tail runs), and
+    `inner_norm_acts` (the pairs `forward_convs` runs as `lean.NormReLU` where `_lean_convs` allows).
     """
     expansion: int = 1
 
@@ -201,9 +203,8 @@ class LABottleneck(LABlock):
     def forward_convs(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
             if self._lean_convs(x):
-                x = lean.NormReLU.apply(self.conv1(x), self.bn1.weight, self.bn1.bias, self.bn1)
-                x = lean.NormReLU.apply(self.conv2(x), self.bn2.weight, self.bn2.bias, self.bn2)
-                return self.conv3(x)
+                x = lean.norm_relu(self.conv1(x), self.bn1)
+                return self.conv3(lean.norm_relu(self.conv2(x), self.bn2))
         x = self.act1(self.bn1(self.conv1(x)))
         x = self.act2(self.bn2(self.conv2(x)))
         return self.conv3(x)
@@ -274,7 +275,7 @@ class LABasicBlock(LABlock):
     def forward_convs(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
             if self._lean_convs(x):
-                return self.conv2(lean.NormReLU.apply(self.conv1(x), self.bn1.weight, self.bn1.bias, self.bn1))
+                return self.conv2(lean.norm_relu(self.conv1(x), self.bn1))
         return self.conv2(self.act1(self.bn1(self.conv1(x))))
 
     @torch.jit.unused
