@@ -537,8 +537,8 @@ def test_norm_relu_matches_float64(ops, variant):
 @pytest.mark.parametrize('name', ['cifar_resnet20', 'cifar_resnet20_eca', 'resnet18_kcla'])
 def test_inner_norm_relus_take_the_fused_path(ops, name):
     """Training on float32 CPU maps: every block's inner BatchNorm + ReLU (two in a bottleneck, one in a basic
-    block) runs as one fused forward op; lean path off, channels_last, frozen norms or no autograd keep the
-    modules."""
+    block) runs as one fused forward op; lean path off, channels_last, frozen norms, CPU autocast or no autograd
+    keep the modules."""
     model = timm.create_model(name).train()
     x = torch.randn(2, 3, 64, 64)  # no 1 x 1 maps, which are contiguous channels_last too
     pairs = sum(len(b.inner_norm_acts()) for b in model.modules() if isinstance(b, LABlock))
@@ -554,6 +554,8 @@ def test_inner_norm_relus_take_the_fused_path(ops, name):
     cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
     assert calls(cl, x.contiguous(memory_format=torch.channels_last)) == (0, 0)
     assert calls(copy.deepcopy(model).eval(), x) == (0, 0)
+    with torch.autocast('cpu', dtype=torch.bfloat16):  # float32 input, bfloat16 conv outputs
+        assert calls(model, x) == (0, 0)
     with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         model(x)
     assert not any(e.key == 'timm_layerattn::norm_relu_forward' for e in prof.key_averages())

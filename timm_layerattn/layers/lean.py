@@ -602,8 +602,11 @@ class NormReLU(torch.autograd.Function):
 
 
 def norm_relu(u: Tensor, norm: nn.BatchNorm2d) -> Tensor:
-    """`relu(norm(u))` as `NormReLU`."""
-    return NormReLU.apply(u, norm.weight, norm.bias, norm)
+    """`relu(norm(u))`: as `NormReLU` where its kernels take `u`, else as the modules compute it (under CPU autocast
+    a float32 block input gives half-precision conv outputs)."""
+    if native.trainable(u):
+        return NormReLU.apply(u, norm.weight, norm.bias, norm)
+    return torch.relu(norm(u))
 
 
 def norm_relu_usable(x: Tensor, pairs: Sequence[Tuple[nn.Module, nn.Module]]) -> bool:
