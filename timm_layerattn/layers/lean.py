@@ -18,7 +18,7 @@ is cheap to recompute from a few tensors the network holds anyway, so the Functi
   `bn3(pre)`; it keeps `pre` and `shortcut` as `BlockTail` does, and runs on the fused kernels only.
 * `NormReLU` is a block's inner BatchNorm and ReLU after its first convs (`relu(bn1(conv1(x)))`, every
   ResNet family, with or without attention), on the fused kernels only: two passes forward and two backward
-  instead of PyTorch's five, keeping the norm's input as BatchNorm does.
+  where the modules take three each, keeping the norm's input as BatchNorm does.
 
 Train-mode BatchNorm is exact: batch statistics forward, running statistics updated once per forward as
 `nn.BatchNorm2d` does (momentum or cumulative average, unbiased variance), the full batch-statistics
